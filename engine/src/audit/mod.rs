@@ -1,0 +1,1 @@
+//! The Merkle audit log (being written).

@@ -1,0 +1,1 @@
+//! Page encryption and key management (being written).

@@ -1,0 +1,2 @@
+//! The `fhirkeep` command-line tool.
+fn main() {}
