@@ -13,9 +13,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// The passphrase or key file does not unwrap this database's data key.
-    #[error(
-        "wrong key: the passphrase or key file does not open this database (nothing was read)"
-    )]
+    #[error("wrong key: the passphrase or key file does not open this database (nothing was read)")]
     WrongKey,
 
     /// The key file named by the caller does not exist.

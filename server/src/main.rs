@@ -1,2 +1,463 @@
-//! The `fhirkeep` command-line tool.
-fn main() {}
+//! The `fhirkeep` command-line tool: create, load, read, check and audit a database.
+
+mod import;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use fhirkeep_engine::audit::SignedTreeHead;
+use fhirkeep_engine::crypto::{KdfParams, KeySource, Keyring, create_key_file};
+use fhirkeep_engine::store::{AccessContext, HistoryQuery, Store};
+
+/// fhirkeep: an embedded, encrypted, auditable FHIR database.
+///
+/// Every command needs the database key: `--key-file FILE` or the environment variable
+/// FHIRKEEP_PASSPHRASE (never pass a passphrase on the command line: others can read it).
+#[derive(Debug, Parser)]
+#[command(name = "fhirkeep", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Key file used when none is named and no passphrase is set (the embedded default).
+const DEFAULT_KEY_FILE: &str = "fhirkeep.keyfile";
+
+#[derive(Debug, Args, Clone)]
+struct DbArgs {
+    /// Database directory.
+    #[arg(long, value_name = "DIR", default_value = "./data")]
+    db: PathBuf,
+    /// File holding the 32-byte database key (64 hex characters). Alternative: FHIRKEEP_PASSPHRASE.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// Argon2id memory in KiB when deriving a key from a passphrase (default 65536 = 64 MiB).
+    /// Lower it only for tests.
+    #[arg(long, value_name = "KIB", hide = true)]
+    kdf_memory_kib: Option<u32>,
+}
+
+impl DbArgs {
+    /// The key named on the command line, else FHIRKEEP_PASSPHRASE, else the embedded
+    /// default key file `DIR/fhirkeep.keyfile` if it exists.
+    fn key_source(&self) -> Result<KeySource> {
+        if let Some(path) = &self.key_file {
+            return Ok(KeySource::KeyFile(path.clone()));
+        }
+        match std::env::var("FHIRKEEP_PASSPHRASE") {
+            Ok(passphrase) if !passphrase.is_empty() => {
+                return Ok(KeySource::Passphrase(passphrase.into()));
+            }
+            _ => {}
+        }
+        let default = self.default_key_file();
+        if default.exists() {
+            return Ok(KeySource::KeyFile(default));
+        }
+        bail!("no key given: pass --key-file FILE or set FHIRKEEP_PASSPHRASE")
+    }
+
+    fn default_key_file(&self) -> PathBuf {
+        self.db.join(DEFAULT_KEY_FILE)
+    }
+
+    fn kdf(&self) -> KdfParams {
+        let mut kdf = KdfParams::default();
+        if let Some(kib) = self.kdf_memory_kib {
+            kdf.m_cost_kib = kib;
+            kdf.t_cost = 1;
+        }
+        kdf
+    }
+
+    fn open(&self) -> Result<Store> {
+        Ok(Store::builder(&self.db).key(self.key_source()?).open()?)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Embedded default: create ./data and its key file on first start, load the R4 samples.
+    Demo {
+        #[command(flatten)]
+        db: DbArgs,
+        /// The R4 examples package to load (default: the one shipped in testdata/).
+        #[arg(
+            long,
+            value_name = "TGZ",
+            default_value = "testdata/r4/hl7.fhir.r4.examples-4.0.1.tgz"
+        )]
+        samples: PathBuf,
+    },
+    /// Create a database (and the key file, mode 0600, if it does not exist yet).
+    Init {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Load .json (a resource or a Bundle), .ndjson files, or directories of them.
+    ///
+    /// Resources that carry an id keep it; batch and transaction Bundles are applied, other
+    /// Bundles are stored as Bundle resources. A bad line is reported with its file and line
+    /// number and does not stop the rest. Exits with status 1 if anything was rejected.
+    Import {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Files or directories to load.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// Resources per durable commit.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+    },
+    /// Print a resource: TYPE/ID or TYPE/ID/_history/VID.
+    Get {
+        #[command(flatten)]
+        db: DbArgs,
+        /// TYPE/ID or TYPE/ID/_history/VID.
+        reference: String,
+    },
+    /// Print the history Bundle of a resource (TYPE/ID), a type (TYPE) or everything (no argument).
+    History {
+        #[command(flatten)]
+        db: DbArgs,
+        /// TYPE/ID, TYPE, or nothing for the whole store.
+        reference: Option<String>,
+        /// Most entries to print.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    /// Decrypt and authenticate every page, check redb's integrity and verify the audit log.
+    Check {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Signed tree heads, verification and proofs of the Merkle audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Change the passphrase or key file (O(1): re-wraps the data key), or rotate the data key.
+    Rekey {
+        #[command(flatten)]
+        db: DbArgs,
+        /// New key file (created with mode 0600 if it does not exist).
+        #[arg(long, value_name = "FILE", conflicts_with = "rotate_data_key")]
+        new_key_file: Option<PathBuf>,
+        /// Take the new passphrase from FHIRKEEP_NEW_PASSPHRASE.
+        #[arg(long, conflicts_with_all = ["new_key_file", "rotate_data_key"])]
+        new_passphrase_from_env: bool,
+        /// Start a new data key for new page writes; old pages stay readable.
+        #[arg(long)]
+        rotate_data_key: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Print the current signed tree head as JSON (keep it: it is what later audits check against).
+    Head {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Recompute the whole tree; with --trusted-head, also check against a head kept earlier.
+    Verify {
+        #[command(flatten)]
+        db: DbArgs,
+        /// A signed tree head JSON file saved from `fhirkeep audit head`.
+        #[arg(long, value_name = "FILE")]
+        trusted_head: Option<PathBuf>,
+    },
+    /// Print an inclusion proof for a leaf, or a consistency proof between two tree sizes.
+    Prove {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Leaf sequence number to prove inclusion of.
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        leaf: Option<u64>,
+        /// Tree size for the inclusion proof (default: current size).
+        #[arg(long)]
+        size: Option<u64>,
+        /// Old tree size for a consistency proof.
+        #[arg(long, requires = "to")]
+        from: Option<u64>,
+        /// New tree size for a consistency proof.
+        #[arg(long, requires = "from")]
+        to: Option<u64>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ctx(command: &str) -> AccessContext {
+    AccessContext::local(format!("fhirkeep-cli/{command}"))
+}
+
+fn print_json(value: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Init { db } => init(&db),
+        Command::Demo { db, samples } => demo(&db, &samples),
+        Command::Import { db, paths, batch } => {
+            let store = db.open()?;
+            let summary = import::import_paths(&store, &ctx("import"), &paths, batch.max(1))?;
+            summary.print();
+            Ok(if summary.rejected == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Get { db, reference } => {
+            let store = db.open()?;
+            let parts: Vec<&str> = reference.split('/').collect();
+            let stored = match parts.as_slice() {
+                [t, id] => store.read(&ctx("get"), t, id)?,
+                [t, id, "_history", vid] => {
+                    let vid: u64 = vid.parse().context("version id must be a number")?;
+                    store.vread(&ctx("get"), t, id, vid)?
+                }
+                _ => bail!("expected TYPE/ID or TYPE/ID/_history/VID"),
+            };
+            print_json(&stored.to_json()?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::History {
+            db,
+            reference,
+            count,
+        } => {
+            let store = db.open()?;
+            let query = HistoryQuery {
+                count,
+                ..HistoryQuery::default()
+            };
+            let page = match reference
+                .as_deref()
+                .map(|r| r.split('/').collect::<Vec<_>>())
+            {
+                None => store.history_system(&ctx("history"), &query)?,
+                Some(parts) => match parts.as_slice() {
+                    [t] => store.history_type(&ctx("history"), t, &query)?,
+                    [t, id] => store.history_instance(&ctx("history"), t, id, &query)?,
+                    _ => bail!("expected TYPE/ID, TYPE, or nothing"),
+                },
+            };
+            print_json(&page.to_bundle()?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { db } => check(&db),
+        Command::Audit { command } => audit(command),
+        Command::Rekey {
+            db,
+            new_key_file,
+            new_passphrase_from_env,
+            rotate_data_key: rotate,
+        } => rekey(&db, new_key_file, new_passphrase_from_env, rotate),
+    }
+}
+
+fn init(db: &DbArgs) -> Result<ExitCode> {
+    if let Some(path) = &db.key_file {
+        if !path.exists() {
+            create_key_file(path)?;
+            eprintln!(
+                "created key file {} (mode 0600): keep it safe and apart from backups of the database",
+                path.display()
+            );
+        }
+    }
+    let store = Store::builder(&db.db)
+        .key(db.key_source()?)
+        .kdf(db.kdf())
+        .create()?;
+    eprintln!("created database in {}", store.dir().display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn demo(db: &DbArgs, samples: &Path) -> Result<ExitCode> {
+    let explicit_key = db.key_file.is_some() || std::env::var_os("FHIRKEEP_PASSPHRASE").is_some();
+    let key_file = db.default_key_file();
+    if !explicit_key && !key_file.exists() {
+        std::fs::create_dir_all(&db.db)?;
+        create_key_file(&key_file)?;
+        eprintln!(
+            "created key file {} (mode 0600).\nwarning: the key sits next to the data it protects; \
+             in production use FHIRKEEP_PASSPHRASE or a key file kept elsewhere",
+            key_file.display()
+        );
+    }
+    let store = Store::builder(&db.db)
+        .key(db.key_source()?)
+        .kdf(db.kdf())
+        .open_or_create()?;
+    let ctx = ctx("demo");
+    let already = store
+        .history_system(
+            &ctx,
+            &HistoryQuery {
+                count: Some(1),
+                ..HistoryQuery::default()
+            },
+        )?
+        .entries
+        .len();
+    if already == 0 {
+        if samples.exists() {
+            let started = std::time::Instant::now();
+            let summary = import::import_tgz(&store, &ctx, samples)?;
+            summary.print();
+            eprintln!(
+                "loaded the R4 examples in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        } else {
+            eprintln!(
+                "sample data {} not found: run from the project root",
+                samples.display()
+            );
+        }
+    } else {
+        eprintln!(
+            "database in {} already has data; nothing loaded",
+            db.db.display()
+        );
+    }
+    let head = store.audit_head()?;
+    println!(
+        "database: {} (audit log: {} leaves)",
+        db.db.display(),
+        head.size
+    );
+    println!("try:  cargo run --release --bin fhirkeep -- get Patient/example");
+    println!("      cargo run --release --bin fhirkeep -- history Patient/example");
+    println!("      cargo run --release --bin fhirkeep -- check");
+    println!("      cargo run --release --bin fhirkeep -- audit head");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(db: &DbArgs) -> Result<ExitCode> {
+    match Store::check(&db.db, db.key_source()?) {
+        Ok(report) => {
+            println!(
+                "ok: {} page blocks authenticated ({} never written), redb integrity ok, audit log of {} leaves verified",
+                report.pages.page_blocks, report.pages.zero_blocks, report.audit.leaves
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            eprintln!("check FAILED: {error}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn audit(command: AuditCommand) -> Result<ExitCode> {
+    match command {
+        AuditCommand::Head { db } => {
+            let head = db.open()?.audit_head()?;
+            println!("{}", head.to_json());
+        }
+        AuditCommand::Verify { db, trusted_head } => {
+            let store = db.open()?;
+            let report = match store.verify_audit() {
+                Ok(report) => report,
+                Err(error) => {
+                    eprintln!("audit verification FAILED: {error}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            if let Some(path) = trusted_head {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let trusted = SignedTreeHead::from_json(&text)?;
+                if let Err(error) = store.verify_audit_against(&trusted) {
+                    eprintln!(
+                        "audit verification FAILED against {}: {error}",
+                        path.display()
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+                println!("consistent with the trusted head of size {}", trusted.size);
+            }
+            println!("ok: audit log of {} leaves verified", report.leaves);
+        }
+        AuditCommand::Prove {
+            db,
+            leaf,
+            size,
+            from,
+            to,
+        } => {
+            let store = db.open()?;
+            match (leaf, from, to) {
+                (Some(leaf), _, _) => {
+                    let head = store.audit_head()?;
+                    let size = size.unwrap_or(head.size);
+                    let proof = store.prove_inclusion(leaf, size)?;
+                    println!("{}", serde_json::to_string_pretty(&proof)?);
+                }
+                (None, Some(from), Some(to)) => {
+                    let proof = store.prove_consistency(from, to)?;
+                    println!("{}", serde_json::to_string_pretty(&proof)?);
+                }
+                _ => bail!("give --leaf N [--size S], or --from OLD --to NEW"),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rekey(
+    db: &DbArgs,
+    new_key_file: Option<PathBuf>,
+    new_passphrase_from_env: bool,
+    rotate: bool,
+) -> Result<ExitCode> {
+    let old = db.key_source()?;
+    if rotate {
+        let id = Keyring::rotate_data_key(&db.db, &old)?;
+        eprintln!("data key {id} is now active for new page writes");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let new = match (new_key_file, new_passphrase_from_env) {
+        (Some(path), _) => {
+            ensure_key_file(&path)?;
+            KeySource::KeyFile(path)
+        }
+        (None, true) => match std::env::var("FHIRKEEP_NEW_PASSPHRASE") {
+            Ok(p) if !p.is_empty() => KeySource::Passphrase(p.into()),
+            _ => bail!("FHIRKEEP_NEW_PASSPHRASE is not set"),
+        },
+        (None, false) => bail!(
+            "say what to change: --new-key-file FILE, --new-passphrase-from-env, or --rotate-data-key"
+        ),
+    };
+    Keyring::change_key(&db.db, &old, &new, db.kdf())?;
+    eprintln!(
+        "the data key is now wrapped by the new key; the old key no longer opens the database"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ensure_key_file(path: &Path) -> Result<()> {
+    if !path.exists() {
+        create_key_file(path)?;
+        eprintln!("created key file {} (mode 0600)", path.display());
+    }
+    Ok(())
+}

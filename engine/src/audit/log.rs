@@ -1,0 +1,1009 @@
+//! The audit log stored in redb: appending leaves, signing tree heads, proofs, and full verification.
+//!
+//! Four tables live in the same (page-encrypted) database as the data, so a write's leaf commits
+//! or rolls back with the write:
+//!
+//! * `audit_leaves`: `u64` seq → encoded [`AuditLeaf`] (see [`super::leaf`]).
+//! * `audit_nodes`: `(u8 level, u64 index)` → 32-byte hash of the complete subtree
+//!   `[index·2^level, (index+1)·2^level)` (the Go `sumdb/tlog` stored hashes).
+//! * `audit_heads`: `u64` size → stored [`SignedTreeHead`] (145 bytes, see [`super::head`]).
+//! * `audit_meta`: `&str` → bytes; `"signing_key"` holds the 32-byte Ed25519 seed that signs heads.
+//!
+//! Appending leaf `n` writes the leaf and `1 + trailing_ones(n)` nodes (under two on average).
+//! Roots and proofs read `O(log n)` nodes. [`verify_log`] trusts no stored node: it recomputes
+//! everything from the leaf bytes and checks every stored node and signed head against that.
+//! Error messages name sequence numbers and sizes, never leaf content.
+
+use ed25519_dalek::SigningKey;
+use redb::{
+    ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::head::{ConsistencyProof, InclusionProof, SignedTreeHead};
+use super::leaf::{AuditLeaf, AuditRecord, hex32};
+use super::merkle::{
+    Hash, NodeSource, consistency_proof, empty_root, inclusion_proof, leaf_hash, node_hash,
+    nodes_to_store_on_append, root,
+};
+use crate::{Error, Result};
+
+/// Leaves: seq → encoded leaf.
+pub(crate) const LEAVES: TableDefinition<'static, u64, &'static [u8]> =
+    TableDefinition::new("audit_leaves");
+/// Stored complete-subtree hashes: (level, index) → hash.
+pub(crate) const NODES: TableDefinition<'static, (u8, u64), [u8; 32]> =
+    TableDefinition::new("audit_nodes");
+/// Signed tree heads: size → encoded head.
+pub(crate) const HEADS: TableDefinition<'static, u64, &'static [u8]> =
+    TableDefinition::new("audit_heads");
+/// Log metadata (the signing key).
+pub(crate) const META: TableDefinition<'static, &'static str, &'static [u8]> =
+    TableDefinition::new("audit_meta");
+
+/// Key of the Ed25519 signing key seed in [`META`].
+const SIGNING_KEY: &str = "signing_key";
+
+/// What [`verify_log`] checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// Number of leaves, all decoded and hashed.
+    pub leaves: u64,
+    /// Number of stored nodes recomputed and compared.
+    pub nodes: u64,
+    /// Number of signed heads whose signature and root were checked.
+    pub heads: u64,
+    /// The recomputed root of the whole log.
+    #[serde(with = "hex32")]
+    pub root: Hash,
+    /// The audit public key every head was signed with.
+    #[serde(with = "hex32")]
+    pub public_key: [u8; 32],
+    /// The stored head of the largest size, if any.
+    pub latest_head: Option<SignedTreeHead>,
+}
+
+fn storage(e: impl std::fmt::Display) -> Error {
+    Error::Storage(format!("audit log: {e}"))
+}
+
+fn fail(msg: impl Into<String>) -> Error {
+    Error::AuditVerification(msg.into())
+}
+
+fn open_err(name: &str, e: redb::TableError) -> Error {
+    match e {
+        redb::TableError::TableDoesNotExist(_) => fail(format!(
+            "audit table {name} is missing: the audit log was removed or never initialized"
+        )),
+        e => storage(e),
+    }
+}
+
+/// A transaction the audit log can be read through: redb's read or write transaction.
+pub(crate) trait AuditTxn {
+    /// The opened leaves table.
+    type Leaves<'t>: ReadableTable<u64, &'static [u8]>
+    where
+        Self: 't;
+    /// The opened nodes table.
+    type Nodes<'t>: ReadableTable<(u8, u64), [u8; 32]>
+    where
+        Self: 't;
+    /// The opened heads table.
+    type Heads<'t>: ReadableTable<u64, &'static [u8]>
+    where
+        Self: 't;
+    /// The opened metadata table.
+    type Meta<'t>: ReadableTable<&'static str, &'static [u8]>
+    where
+        Self: 't;
+
+    /// Opens `audit_leaves`.
+    fn leaves(&self) -> Result<Self::Leaves<'_>>;
+    /// Opens `audit_nodes`.
+    fn nodes(&self) -> Result<Self::Nodes<'_>>;
+    /// Opens `audit_heads`.
+    fn heads(&self) -> Result<Self::Heads<'_>>;
+    /// Opens `audit_meta`.
+    fn meta(&self) -> Result<Self::Meta<'_>>;
+}
+
+impl AuditTxn for ReadTransaction {
+    type Leaves<'t> = redb::ReadOnlyTable<u64, &'static [u8]>;
+    type Nodes<'t> = redb::ReadOnlyTable<(u8, u64), [u8; 32]>;
+    type Heads<'t> = redb::ReadOnlyTable<u64, &'static [u8]>;
+    type Meta<'t> = redb::ReadOnlyTable<&'static str, &'static [u8]>;
+
+    fn leaves(&self) -> Result<Self::Leaves<'_>> {
+        self.open_table(LEAVES)
+            .map_err(|e| open_err("audit_leaves", e))
+    }
+    fn nodes(&self) -> Result<Self::Nodes<'_>> {
+        self.open_table(NODES)
+            .map_err(|e| open_err("audit_nodes", e))
+    }
+    fn heads(&self) -> Result<Self::Heads<'_>> {
+        self.open_table(HEADS)
+            .map_err(|e| open_err("audit_heads", e))
+    }
+    fn meta(&self) -> Result<Self::Meta<'_>> {
+        self.open_table(META).map_err(|e| open_err("audit_meta", e))
+    }
+}
+
+impl AuditTxn for WriteTransaction {
+    type Leaves<'t> = redb::Table<'t, u64, &'static [u8]>;
+    type Nodes<'t> = redb::Table<'t, (u8, u64), [u8; 32]>;
+    type Heads<'t> = redb::Table<'t, u64, &'static [u8]>;
+    type Meta<'t> = redb::Table<'t, &'static str, &'static [u8]>;
+
+    fn leaves(&self) -> Result<Self::Leaves<'_>> {
+        self.open_table(LEAVES)
+            .map_err(|e| open_err("audit_leaves", e))
+    }
+    fn nodes(&self) -> Result<Self::Nodes<'_>> {
+        self.open_table(NODES)
+            .map_err(|e| open_err("audit_nodes", e))
+    }
+    fn heads(&self) -> Result<Self::Heads<'_>> {
+        self.open_table(HEADS)
+            .map_err(|e| open_err("audit_heads", e))
+    }
+    fn meta(&self) -> Result<Self::Meta<'_>> {
+        self.open_table(META).map_err(|e| open_err("audit_meta", e))
+    }
+}
+
+/// Stored nodes read through an opened nodes table.
+struct TableNodes<'a, T>(&'a T);
+
+impl<T: ReadableTable<(u8, u64), [u8; 32]>> NodeSource for TableNodes<'_, T> {
+    fn node(&self, level: u8, index: u64) -> Result<Hash> {
+        match self.0.get((level, index)).map_err(storage)? {
+            Some(h) => Ok(h.value()),
+            None => Err(Error::Corrupted(format!(
+                "audit node (level {level}, index {index}) is missing"
+            ))),
+        }
+    }
+}
+
+/// Number of leaves: one past the last stored seq.
+fn leaf_count<T: ReadableTable<u64, &'static [u8]>>(leaves: &T) -> Result<u64> {
+    match leaves.last().map_err(storage)? {
+        None => Ok(0),
+        Some((k, _)) => k
+            .value()
+            .checked_add(1)
+            .ok_or_else(|| Error::Corrupted("audit log is full".to_owned())),
+    }
+}
+
+/// Creates the audit tables and a fresh signing key if they do not exist yet.
+pub(crate) fn initialize(txn: &WriteTransaction) -> Result<()> {
+    txn.open_table(LEAVES).map_err(storage)?;
+    txn.open_table(NODES).map_err(storage)?;
+    txn.open_table(HEADS).map_err(storage)?;
+    let mut meta = txn.open_table(META).map_err(storage)?;
+    if meta.get(SIGNING_KEY).map_err(storage)?.is_none() {
+        let mut seed = Zeroizing::new([0u8; 32]);
+        getrandom::fill(seed.as_mut())
+            .map_err(|e| storage(format!("cannot get random bytes for the signing key: {e}")))?;
+        meta.insert(SIGNING_KEY, seed.as_slice()).map_err(storage)?;
+    }
+    Ok(())
+}
+
+/// Appends `record` as the next leaf; returns its seq.
+///
+/// Call it inside the write transaction of the operation it records, with no audit table open.
+pub(crate) fn append(txn: &WriteTransaction, record: AuditRecord) -> Result<u64> {
+    record.check_limits()?;
+    let mut leaves = txn.open_table(LEAVES).map_err(storage)?;
+    let mut nodes = txn.open_table(NODES).map_err(storage)?;
+    let seq = leaf_count(&leaves)?;
+    let bytes = AuditLeaf { seq, record }.encode();
+    let new_nodes = nodes_to_store_on_append(seq, leaf_hash(&bytes), &TableNodes(&nodes))?;
+    leaves.insert(seq, bytes.as_slice()).map_err(storage)?;
+    for (level, index, hash) in new_nodes {
+        nodes.insert((level, index), hash).map_err(storage)?;
+    }
+    Ok(seq)
+}
+
+/// Loads the signing key (the seed is zeroized when dropped; `SigningKey` zeroizes itself).
+fn signing_key<M: ReadableTable<&'static str, &'static [u8]>>(meta: &M) -> Result<SigningKey> {
+    let guard = meta
+        .get(SIGNING_KEY)
+        .map_err(storage)?
+        .ok_or_else(|| Error::Corrupted("the audit signing key is missing".to_owned()))?;
+    let mut seed = Zeroizing::new([0u8; 32]);
+    let stored = guard.value();
+    if stored.len() != 32 {
+        return Err(Error::Corrupted(
+            "the audit signing key is damaged".to_owned(),
+        ));
+    }
+    seed.copy_from_slice(stored);
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// Signs the current size and root and stores the head; if a head of this size is already
+/// stored, returns it instead.
+pub(crate) fn sign_head(txn: &WriteTransaction, time_micros: i64) -> Result<SignedTreeHead> {
+    let (size, current_root) = {
+        let leaves = txn.open_table(LEAVES).map_err(storage)?;
+        let nodes = txn.open_table(NODES).map_err(storage)?;
+        let size = leaf_count(&leaves)?;
+        (size, root(size, &TableNodes(&nodes))?)
+    };
+    let mut heads = txn.open_table(HEADS).map_err(storage)?;
+    if let Some(stored) = heads.get(size).map_err(storage)? {
+        let head = SignedTreeHead::decode(stored.value())?;
+        if head.size != size || head.root != current_root {
+            return Err(fail(format!(
+                "the stored tree head of size {size} does not match the log"
+            )));
+        }
+        return Ok(head);
+    }
+    let key = {
+        let meta = txn.open_table(META).map_err(storage)?;
+        signing_key(&meta)?
+    };
+    let head = SignedTreeHead::sign(&key, size, current_root, time_micros);
+    heads
+        .insert(size, head.encode().as_slice())
+        .map_err(storage)?;
+    Ok(head)
+}
+
+/// Number of leaves in the log.
+pub(crate) fn size(txn: &impl AuditTxn) -> Result<u64> {
+    leaf_count(&txn.leaves()?)
+}
+
+/// The root of the first `size` leaves, from stored nodes.
+#[cfg(test)]
+pub(crate) fn root_at(txn: &impl AuditTxn, size: u64) -> Result<Hash> {
+    let n = self::size(txn)?;
+    if size > n {
+        return Err(Error::InvalidProofRequest(format!(
+            "tree size {size} is larger than the log's {n} leaves"
+        )));
+    }
+    root(size, &TableNodes(&txn.nodes()?))
+}
+
+/// The stored head of the largest size, if any.
+pub(crate) fn latest_head(txn: &impl AuditTxn) -> Result<Option<SignedTreeHead>> {
+    match txn.heads()?.last().map_err(storage)? {
+        None => Ok(None),
+        Some((_, v)) => SignedTreeHead::decode(v.value()).map(Some),
+    }
+}
+
+/// The stored head of exactly `size` leaves, if one was signed.
+pub(crate) fn head_at(txn: &impl AuditTxn, size: u64) -> Result<Option<SignedTreeHead>> {
+    match txn.heads()?.get(size).map_err(storage)? {
+        None => Ok(None),
+        Some(v) => SignedTreeHead::decode(v.value()).map(Some),
+    }
+}
+
+/// The leaf with this seq, if it exists.
+pub(crate) fn leaf(txn: &impl AuditTxn, seq: u64) -> Result<Option<AuditLeaf>> {
+    match txn.leaves()?.get(seq).map_err(storage)? {
+        None => Ok(None),
+        Some(v) => {
+            let leaf = AuditLeaf::decode(v.value())?;
+            if leaf.seq != seq {
+                return Err(Error::Corrupted(format!(
+                    "audit leaf stored at {seq} claims seq {}",
+                    leaf.seq
+                )));
+            }
+            Ok(Some(leaf))
+        }
+    }
+}
+
+/// Proof that leaf `seq` is in the tree of `size` leaves; its leaf hash is computed from the
+/// stored leaf bytes.
+pub(crate) fn prove_inclusion(txn: &impl AuditTxn, seq: u64, size: u64) -> Result<InclusionProof> {
+    let leaves = txn.leaves()?;
+    let n = leaf_count(&leaves)?;
+    if size > n {
+        return Err(Error::InvalidProofRequest(format!(
+            "tree size {size} is larger than the log's {n} leaves"
+        )));
+    }
+    if seq >= size {
+        return Err(Error::InvalidProofRequest(format!(
+            "leaf {seq} is not in a tree of {size} leaves"
+        )));
+    }
+    let leaf_hash = match leaves.get(seq).map_err(storage)? {
+        Some(v) => leaf_hash(v.value()),
+        None => return Err(Error::Corrupted(format!("audit leaf {seq} is missing"))),
+    };
+    let path = inclusion_proof(seq, size, &TableNodes(&txn.nodes()?))?;
+    Ok(InclusionProof {
+        leaf_index: seq,
+        tree_size: size,
+        leaf_hash,
+        path,
+    })
+}
+
+/// Proof that the tree of `old` leaves is a prefix of the tree of `new` leaves.
+pub(crate) fn prove_consistency(
+    txn: &impl AuditTxn,
+    old: u64,
+    new: u64,
+) -> Result<ConsistencyProof> {
+    let n = size(txn)?;
+    if new > n {
+        return Err(Error::InvalidProofRequest(format!(
+            "tree size {new} is larger than the log's {n} leaves"
+        )));
+    }
+    let path = consistency_proof(old, new, &TableNodes(&txn.nodes()?))?;
+    Ok(ConsistencyProof {
+        old_size: old,
+        new_size: new,
+        path,
+    })
+}
+
+/// The Ed25519 public key that signs this log's heads.
+pub(crate) fn public_key(txn: &impl AuditTxn) -> Result<[u8; 32]> {
+    Ok(signing_key(&txn.meta()?)?.verifying_key().to_bytes())
+}
+
+/// The right edge of a tree being rebuilt from its leaves: the complete subtrees that make up
+/// the first `n` leaves, largest first.
+#[derive(Default)]
+struct Frontier {
+    stack: Vec<(u8, Hash)>,
+    n: u64,
+}
+
+impl Frontier {
+    /// Adds the next leaf; returns the nodes this completes, as `nodes_to_store_on_append` does.
+    fn push(&mut self, leaf: Hash, out: &mut Vec<(u8, u64, Hash)>) {
+        out.clear();
+        let mut hash = leaf;
+        let mut level = 0u8;
+        let mut index = self.n;
+        out.push((0, index, hash));
+        while index & 1 == 1 {
+            match self.stack.pop() {
+                Some((_, left)) => hash = node_hash(&left, &hash),
+                // Unreachable: an odd index always has a left sibling on the stack.
+                None => break,
+            }
+            level += 1;
+            index >>= 1;
+            out.push((level, index, hash));
+        }
+        self.stack.push((level, hash));
+        self.n += 1;
+    }
+
+    fn root(&self) -> Hash {
+        let mut parts = self.stack.iter().rev();
+        match parts.next() {
+            None => empty_root(),
+            Some(&(_, last)) => parts.fold(last, |acc, (_, left)| node_hash(left, &acc)),
+        }
+    }
+}
+
+/// Reads leaves `0..limit` (all if `None`) in order, checking that seqs are contiguous, that every
+/// leaf decodes and carries its own seq, and calls `each` with the frontier after every leaf.
+fn replay<L: ReadableTable<u64, &'static [u8]>>(
+    leaves: &L,
+    limit: Option<u64>,
+    mut each: impl FnMut(&Frontier, &[(u8, u64, Hash)]) -> Result<()>,
+) -> Result<Frontier> {
+    let mut frontier = Frontier::default();
+    let mut produced = Vec::with_capacity(65);
+    for entry in leaves.range(0u64..).map_err(storage)? {
+        if limit.is_some_and(|l| frontier.n >= l) {
+            break;
+        }
+        let (k, v) = entry.map_err(storage)?;
+        let key = k.value();
+        let expected = frontier.n;
+        if key != expected {
+            return Err(fail(format!(
+                "audit leaf {expected} is missing (the next stored leaf is {key}): leaves were deleted"
+            )));
+        }
+        let bytes = v.value();
+        let leaf = AuditLeaf::decode(bytes)
+            .map_err(|_| fail(format!("audit leaf {key} is damaged and cannot be decoded")))?;
+        if leaf.seq != key {
+            return Err(fail(format!(
+                "audit leaf stored at {key} carries seq {}: leaves were moved or reordered",
+                leaf.seq
+            )));
+        }
+        frontier.push(leaf_hash(bytes), &mut produced);
+        each(&frontier, &produced)?;
+    }
+    Ok(frontier)
+}
+
+/// Checks one stored head: key/size agreement, signature, signing key, and root.
+fn check_head(
+    key: u64,
+    bytes: &[u8],
+    public_key: &[u8; 32],
+    root: &Hash,
+) -> Result<SignedTreeHead> {
+    let head = SignedTreeHead::decode(bytes)
+        .map_err(|_| fail(format!("the tree head of size {key} is damaged")))?;
+    if head.size != key {
+        return Err(fail(format!(
+            "the tree head stored for size {key} claims size {}",
+            head.size
+        )));
+    }
+    head.verify_with_key(public_key)?;
+    if &head.root != root {
+        return Err(fail(format!(
+            "the signed tree head of size {key} does not match the leaves: leaves below {key} were altered"
+        )));
+    }
+    Ok(head)
+}
+
+/// Verifies the whole log from scratch: every leaf, every stored node, every signed head.
+pub(crate) fn verify_log(txn: &impl AuditTxn) -> Result<VerifyReport> {
+    let public_key = public_key(txn)?;
+    let leaves = txn.leaves()?;
+    let nodes = txn.nodes()?;
+    let heads_table = txn.heads()?;
+    let mut heads = heads_table.range(0u64..).map_err(storage)?.peekable();
+    let mut heads_checked = 0u64;
+    let mut nodes_checked = 0u64;
+    let mut latest_head = None;
+
+    // Checks every stored head of size `n` against the frontier's root.
+    let mut check_heads_at =
+        |n: u64, root: &Hash, latest: &mut Option<SignedTreeHead>, count: &mut u64| -> Result<()> {
+            while let Some(entry) = heads.peek() {
+                let key = match entry {
+                    Ok((k, _)) => k.value(),
+                    Err(e) => return Err(storage(e)),
+                };
+                if key != n {
+                    break;
+                }
+                if let Some(Ok((_, v))) = heads.next() {
+                    *latest = Some(check_head(key, v.value(), &public_key, root)?);
+                    *count += 1;
+                }
+            }
+            Ok(())
+        };
+
+    check_heads_at(0, &empty_root(), &mut latest_head, &mut heads_checked)?;
+    let frontier = replay(&leaves, None, |frontier, produced| {
+        for &(level, index, hash) in produced {
+            match nodes.get((level, index)).map_err(storage)? {
+                Some(stored) if stored.value() == hash => nodes_checked += 1,
+                Some(_) => {
+                    return Err(fail(format!(
+                        "stored audit node (level {level}, index {index}) does not match the leaves"
+                    )));
+                }
+                None => {
+                    return Err(fail(format!(
+                        "stored audit node (level {level}, index {index}) is missing"
+                    )));
+                }
+            }
+        }
+        check_heads_at(
+            frontier.n,
+            &frontier.root(),
+            &mut latest_head,
+            &mut heads_checked,
+        )
+    })?;
+    let n = frontier.n;
+    if let Some(entry) = heads.next() {
+        let (k, _) = entry.map_err(storage)?;
+        return Err(fail(format!(
+            "a signed tree head covers {} leaves but the log has only {n}: leaves were deleted",
+            k.value()
+        )));
+    }
+    let stored_nodes = nodes.len().map_err(storage)?;
+    if stored_nodes != nodes_checked {
+        return Err(fail(format!(
+            "the log has {} stored audit nodes but its {n} leaves make {nodes_checked}",
+            stored_nodes
+        )));
+    }
+    Ok(VerifyReport {
+        leaves: n,
+        nodes: nodes_checked,
+        heads: heads_checked,
+        root: frontier.root(),
+        public_key,
+        latest_head,
+    })
+}
+
+/// Checks the log against a head an auditor kept from earlier: the head must be signed by this
+/// log's key, and the first `trusted.size` leaves (recomputed from their bytes) must still have
+/// its root.
+pub(crate) fn verify_against_trusted_head(
+    txn: &impl AuditTxn,
+    trusted: &SignedTreeHead,
+) -> Result<()> {
+    trusted.verify()?;
+    let key = public_key(txn)?;
+    if trusted.public_key != key {
+        return Err(fail(
+            "the trusted tree head was signed by a different key than this log's audit key",
+        ));
+    }
+    let leaves = txn.leaves()?;
+    let frontier = replay(&leaves, Some(trusted.size), |_, _| Ok(()))?;
+    if frontier.n < trusted.size {
+        return Err(fail(format!(
+            "the trusted tree head covers {} leaves but the log has only {}: leaves were removed or the database was rolled back",
+            trusted.size, frontier.n
+        )));
+    }
+    if frontier.root() != trusted.root {
+        return Err(fail(format!(
+            "the log's first {} leaves no longer match the trusted tree head: the log was rewritten",
+            trusted.size
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::leaf::{AuditAction, AuditActor, AuditOutcome};
+    use crate::audit::merkle::{verify_consistency, verify_inclusion};
+    use redb::{Database, ReadableDatabase};
+
+    fn record(i: u64) -> AuditRecord {
+        AuditRecord {
+            time_micros: 1_700_000_000_000_000 + i as i64,
+            actor: AuditActor {
+                subject: format!("user{}", i % 3),
+                client: "test".into(),
+                source: "local".into(),
+            },
+            request_id: format!("req-{i}"),
+            action: if i.is_multiple_of(2) {
+                AuditAction::Create
+            } else {
+                AuditAction::Read
+            },
+            resource_type: Some("Patient".into()),
+            id: Some(format!("p{i}")),
+            version: Some(1),
+            outcome: AuditOutcome::Success,
+            content_hash: Some([i as u8; 32]),
+            query_hash: None,
+        }
+    }
+
+    fn new_db() -> (tempfile::NamedTempFile, Database) {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let db = Database::create(file.path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        initialize(&txn).unwrap();
+        txn.commit().unwrap();
+        (file, db)
+    }
+
+    /// Appends leaves until the log has `count`, in batches of `batch`, signing a head after
+    /// each batch.
+    fn fill(db: &Database, count: u64, batch: u64) -> Vec<SignedTreeHead> {
+        let mut heads = Vec::new();
+        let mut i = size(&db.begin_read().unwrap()).unwrap();
+        while i < count {
+            let txn = db.begin_write().unwrap();
+            for _ in 0..batch.min(count - i) {
+                assert_eq!(append(&txn, record(i)).unwrap(), i);
+                i += 1;
+            }
+            heads.push(sign_head(&txn, i as i64).unwrap());
+            txn.commit().unwrap();
+        }
+        heads
+    }
+
+    fn write<R>(db: &Database, f: impl FnOnce(&WriteTransaction) -> R) -> R {
+        let txn = db.begin_write().unwrap();
+        let r = f(&txn);
+        txn.commit().unwrap();
+        r
+    }
+
+    #[test]
+    fn empty_log() {
+        let (_f, db) = new_db();
+        let r = db.begin_read().unwrap();
+        assert_eq!(size(&r).unwrap(), 0);
+        assert_eq!(latest_head(&r).unwrap(), None);
+        let report = verify_log(&r).unwrap();
+        assert_eq!(report.leaves, 0);
+        assert_eq!(report.root, empty_root());
+        drop(r);
+        let head = write(&db, |t| sign_head(t, 5).unwrap());
+        assert_eq!(head.size, 0);
+        assert_eq!(head.root, empty_root());
+        head.verify().unwrap();
+        let r = db.begin_read().unwrap();
+        assert_eq!(verify_log(&r).unwrap().heads, 1);
+    }
+
+    #[test]
+    fn initialize_is_idempotent_and_keeps_the_key() {
+        let (_f, db) = new_db();
+        let k1 = public_key(&db.begin_read().unwrap()).unwrap();
+        write(&db, |t| initialize(t).unwrap());
+        let k2 = public_key(&db.begin_read().unwrap()).unwrap();
+        assert_eq!(k1, k2);
+        let (_g, db2) = new_db();
+        assert_ne!(k1, public_key(&db2.begin_read().unwrap()).unwrap());
+    }
+
+    #[test]
+    fn uninitialized_read_is_an_error_not_a_panic() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let db = Database::create(file.path()).unwrap();
+        let r = db.begin_read().unwrap();
+        assert!(size(&r).is_err());
+        assert!(verify_log(&r).is_err());
+    }
+
+    #[test]
+    fn appends_proofs_and_heads_verify() {
+        let (_f, db) = new_db();
+        let heads = fill(&db, 77, 10);
+        let r = db.begin_read().unwrap();
+        assert_eq!(size(&r).unwrap(), 77);
+        let report = verify_log(&r).unwrap();
+        assert_eq!(report.leaves, 77);
+        assert_eq!(report.heads, heads.len() as u64);
+        assert_eq!(report.latest_head.as_ref(), heads.last());
+        assert_eq!(report.root, root_at(&r, 77).unwrap());
+        let pk = public_key(&r).unwrap();
+        assert_eq!(latest_head(&r).unwrap().as_ref(), heads.last());
+        for head in &heads {
+            head.verify_with_key(&pk).unwrap();
+            assert_eq!(head_at(&r, head.size).unwrap().as_ref(), Some(head));
+            assert_eq!(root_at(&r, head.size).unwrap(), head.root);
+            for seq in (0..head.size).step_by(3) {
+                let p = prove_inclusion(&r, seq, head.size).unwrap();
+                p.verify(head).unwrap();
+                let l = leaf(&r, seq).unwrap().unwrap();
+                assert_eq!(l.seq, seq);
+                assert_eq!(l.hash(), p.leaf_hash);
+                assert_eq!(l.record, record(seq));
+            }
+            verify_against_trusted_head(&r, head).unwrap();
+        }
+        for old in &heads {
+            for new in &heads {
+                if old.size <= new.size {
+                    let c = prove_consistency(&r, old.size, new.size).unwrap();
+                    c.verify(old, new).unwrap();
+                    verify_consistency(old.size, new.size, &old.root, &new.root, &c.path).unwrap();
+                } else {
+                    assert!(prove_consistency(&r, old.size, new.size).is_err());
+                }
+            }
+        }
+        // Mismatched heads fail.
+        let p = prove_inclusion(&r, 3, 20).unwrap();
+        assert!(p.verify(&heads[2]).is_err());
+        let c = prove_consistency(&r, 10, 30).unwrap();
+        assert!(c.verify(&heads[0], &heads[3]).is_err());
+        // Bad requests.
+        assert!(matches!(
+            prove_inclusion(&r, 0, 78),
+            Err(Error::InvalidProofRequest(_))
+        ));
+        assert!(matches!(
+            prove_inclusion(&r, 20, 20),
+            Err(Error::InvalidProofRequest(_))
+        ));
+        assert!(matches!(
+            prove_consistency(&r, 1, 78),
+            Err(Error::InvalidProofRequest(_))
+        ));
+        assert!(matches!(
+            root_at(&r, 78),
+            Err(Error::InvalidProofRequest(_))
+        ));
+        assert_eq!(leaf(&r, 77).unwrap(), None);
+        assert_eq!(head_at(&r, 5).unwrap(), None);
+    }
+
+    #[test]
+    fn sign_head_twice_returns_the_stored_head() {
+        let (_f, db) = new_db();
+        fill(&db, 5, 5);
+        let h1 = write(&db, |t| sign_head(t, 100).unwrap());
+        let h2 = write(&db, |t| sign_head(t, 200).unwrap());
+        assert_eq!(h1, h2);
+        assert_eq!(h1.time_micros, 5);
+        let r = db.begin_read().unwrap();
+        assert_eq!(verify_log(&r).unwrap().heads, 1);
+    }
+
+    #[test]
+    fn reads_work_inside_a_write_transaction() {
+        let (_f, db) = new_db();
+        fill(&db, 12, 12);
+        write(&db, |t| {
+            append(t, record(12)).unwrap();
+            assert_eq!(size(t).unwrap(), 13);
+            let h = sign_head(t, 1).unwrap();
+            prove_inclusion(t, 12, 13).unwrap().verify(&h).unwrap();
+            verify_log(t).unwrap();
+        });
+        // An aborted transaction leaves no leaf behind.
+        let t = db.begin_write().unwrap();
+        append(&t, record(13)).unwrap();
+        t.abort().unwrap();
+        assert_eq!(size(&db.begin_read().unwrap()).unwrap(), 13);
+    }
+
+    #[test]
+    fn overlong_record_is_rejected() {
+        let (_f, db) = new_db();
+        let mut rec = record(0);
+        rec.request_id = "x".repeat(crate::audit::leaf::MAX_FIELD_LEN + 1);
+        let t = db.begin_write().unwrap();
+        assert!(append(&t, rec).is_err());
+    }
+
+    fn expect_audit_failure(db: &Database, needle: &str) {
+        let r = db.begin_read().unwrap();
+        match verify_log(&r) {
+            Err(Error::AuditVerification(msg)) => {
+                assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}")
+            }
+            other => panic!("expected an audit failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tamper_leaf_bytes() {
+        let (_f, db) = new_db();
+        let heads = fill(&db, 40, 10);
+        write(&db, |t| {
+            let mut leaves = t.open_table(LEAVES).unwrap();
+            let mut l = AuditLeaf::decode(leaves.get(17).unwrap().unwrap().value()).unwrap();
+            l.record.outcome = AuditOutcome::Denied;
+            leaves.insert(17, l.encode().as_slice()).unwrap();
+        });
+        expect_audit_failure(&db, "(level 0, index 17)");
+        let r = db.begin_read().unwrap();
+        assert!(verify_against_trusted_head(&r, &heads[1]).is_err());
+        assert!(verify_against_trusted_head(&r, &heads[3]).is_err());
+        // A head below the edit still verifies.
+        verify_against_trusted_head(&r, &heads[0]).unwrap();
+    }
+
+    #[test]
+    fn tamper_leaf_and_nodes_consistently_is_caught_by_heads() {
+        // An attacker who rewrites a leaf and recomputes every stored node is caught by the
+        // signed heads (and by an auditor's earlier head).
+        let (_f, db) = new_db();
+        let heads = fill(&db, 40, 10);
+        write(&db, |t| {
+            let mut leaves = t.open_table(LEAVES).unwrap();
+            let mut l = AuditLeaf::decode(leaves.get(5).unwrap().unwrap().value()).unwrap();
+            l.record.request_id = "forged".into();
+            leaves.insert(5, l.encode().as_slice()).unwrap();
+            drop(leaves);
+            t.delete_table(NODES).unwrap();
+            let leaves = t.open_table(LEAVES).unwrap();
+            let mut nodes = t.open_table(NODES).unwrap();
+            for i in 0..40u64 {
+                let h = leaf_hash(leaves.get(i).unwrap().unwrap().value());
+                for (lv, ix, hh) in nodes_to_store_on_append(i, h, &TableNodes(&nodes)).unwrap() {
+                    nodes.insert((lv, ix), hh).unwrap();
+                }
+            }
+        });
+        expect_audit_failure(&db, "signed tree head of size 10");
+        let r = db.begin_read().unwrap();
+        assert!(verify_against_trusted_head(&r, &heads[0]).is_err());
+    }
+
+    #[test]
+    fn tamper_delete_leaf() {
+        let (_f, db) = new_db();
+        let heads = fill(&db, 30, 10);
+        write(&db, |t| {
+            t.open_table(LEAVES).unwrap().remove(12).unwrap();
+        });
+        expect_audit_failure(&db, "leaf 12 is missing");
+        let r = db.begin_read().unwrap();
+        assert!(verify_against_trusted_head(&r, &heads[1]).is_err());
+        verify_against_trusted_head(&r, &heads[0]).unwrap();
+    }
+
+    #[test]
+    fn tamper_truncate_log() {
+        let (_f, db) = new_db();
+        let heads = fill(&db, 30, 10);
+        write(&db, |t| {
+            let mut leaves = t.open_table(LEAVES).unwrap();
+            for i in 25..30u64 {
+                leaves.remove(i).unwrap();
+            }
+        });
+        // The head of size 30 is now beyond the log.
+        expect_audit_failure(&db, "covers 30 leaves");
+        let r = db.begin_read().unwrap();
+        assert!(verify_against_trusted_head(&r, &heads[2]).is_err());
+    }
+
+    #[test]
+    fn tamper_swap_leaves() {
+        let (_f, db) = new_db();
+        let heads = fill(&db, 30, 10);
+        write(&db, |t| {
+            let mut leaves = t.open_table(LEAVES).unwrap();
+            let a = leaves.get(3).unwrap().unwrap().value().to_vec();
+            let b = leaves.get(8).unwrap().unwrap().value().to_vec();
+            leaves.insert(3, b.as_slice()).unwrap();
+            leaves.insert(8, a.as_slice()).unwrap();
+        });
+        expect_audit_failure(&db, "stored at 3");
+        let r = db.begin_read().unwrap();
+        assert!(verify_against_trusted_head(&r, &heads[0]).is_err());
+    }
+
+    #[test]
+    fn tamper_stored_node() {
+        let (_f, db) = new_db();
+        fill(&db, 30, 10);
+        write(&db, |t| {
+            t.open_table(NODES)
+                .unwrap()
+                .insert((2, 3), [9u8; 32])
+                .unwrap();
+        });
+        expect_audit_failure(&db, "(level 2, index 3)");
+        // Extra nodes are reported too.
+        let (_g, db2) = new_db();
+        fill(&db2, 30, 10);
+        write(&db2, |t| {
+            t.open_table(NODES)
+                .unwrap()
+                .insert((9, 9), [9u8; 32])
+                .unwrap();
+        });
+        expect_audit_failure(&db2, "stored audit nodes");
+    }
+
+    #[test]
+    fn tamper_head() {
+        let (_f, db) = new_db();
+        fill(&db, 30, 10);
+        // Altered root (signature no longer matches).
+        write(&db, |t| {
+            let mut heads = t.open_table(HEADS).unwrap();
+            let mut h = SignedTreeHead::decode(heads.get(20).unwrap().unwrap().value()).unwrap();
+            h.root[0] ^= 1;
+            heads.insert(20, h.encode().as_slice()).unwrap();
+        });
+        expect_audit_failure(&db, "size 20");
+
+        // A head re-signed with another key.
+        let (_g, db2) = new_db();
+        fill(&db2, 30, 10);
+        write(&db2, |t| {
+            let mut heads = t.open_table(HEADS).unwrap();
+            let h = SignedTreeHead::decode(heads.get(20).unwrap().unwrap().value()).unwrap();
+            let forged = SignedTreeHead::sign(&SigningKey::from_bytes(&[1; 32]), 20, h.root, 0);
+            heads.insert(20, forged.encode().as_slice()).unwrap();
+        });
+        expect_audit_failure(&db2, "not the trusted key");
+
+        // Damaged head bytes, and a head moved to another size.
+        let (_h, db3) = new_db();
+        fill(&db3, 30, 10);
+        write(&db3, |t| {
+            let mut heads = t.open_table(HEADS).unwrap();
+            heads.insert(10, &[1u8, 2, 3][..]).unwrap();
+        });
+        expect_audit_failure(&db3, "size 10 is damaged");
+        let (_i, db4) = new_db();
+        fill(&db4, 30, 10);
+        write(&db4, |t| {
+            let mut heads = t.open_table(HEADS).unwrap();
+            let v = heads.get(10).unwrap().unwrap().value().to_vec();
+            heads.insert(11, v.as_slice()).unwrap();
+        });
+        expect_audit_failure(&db4, "claims size 10");
+    }
+
+    #[test]
+    fn trusted_head_from_another_log_is_rejected() {
+        let (_f, db) = new_db();
+        fill(&db, 10, 10);
+        let (_g, other) = new_db();
+        let foreign = fill(&other, 10, 10);
+        let r = db.begin_read().unwrap();
+        assert!(verify_against_trusted_head(&r, &foreign[0]).is_err());
+        // A trusted head beyond the log (rollback).
+        let h = fill(&other, 30, 20).pop().unwrap();
+        assert_eq!(h.size, 30);
+        // Roll back `other` by removing leaves past 10: its trusted head of 30 no longer verifies.
+        write(&other, |t| {
+            let mut leaves = t.open_table(LEAVES).unwrap();
+            for i in 10..30u64 {
+                leaves.remove(i).unwrap();
+            }
+        });
+        let r3 = other.begin_read().unwrap();
+        assert!(matches!(
+            verify_against_trusted_head(&r3, &h),
+            Err(Error::AuditVerification(m)) if m.contains("rolled back")
+        ));
+    }
+
+    #[test]
+    fn frontier_matches_stored_nodes() {
+        let (_f, db) = new_db();
+        fill(&db, 100, 33);
+        let r = db.begin_read().unwrap();
+        let leaves = r.leaves().unwrap();
+        let nodes = r.nodes().unwrap();
+        let src = TableNodes(&nodes);
+        replay(&leaves, None, |fr, produced| {
+            assert_eq!(fr.root(), root(fr.n, &src).unwrap());
+            for &(l, i, h) in produced {
+                assert_eq!(src.node(l, i).unwrap(), h);
+            }
+            Ok(())
+        })
+        .unwrap();
+        let p = inclusion_proof(50, 100, &src).unwrap();
+        let h = leaf_hash(leaves.get(50).unwrap().unwrap().value());
+        verify_inclusion(&h, 50, 100, &p, &root(100, &src).unwrap()).unwrap();
+    }
+
+    /// Sanity run: 100k leaves in batches of 1000. `cargo test -- --ignored append_100k`.
+    #[test]
+    #[ignore]
+    fn append_100k() {
+        let (_f, db) = new_db();
+        let start = std::time::Instant::now();
+        fill(&db, 100_000, 1000);
+        let appended = start.elapsed();
+        let r = db.begin_read().unwrap();
+        let start = std::time::Instant::now();
+        let report = verify_log(&r).unwrap();
+        eprintln!(
+            "appended 100k leaves in {appended:?}, verified {} leaves / {} nodes / {} heads in {:?}",
+            report.leaves,
+            report.nodes,
+            report.heads,
+            start.elapsed()
+        );
+    }
+}

@@ -1,0 +1,1224 @@
+//! [`EncryptedBackend`]: a redb [`StorageBackend`] that stores every logical page as an
+//! AES-256-GCM block (format in [`super::page`]), plus [`verify_file`] for offline checks.
+//!
+//! # Page 0 (redb's header) and crash safety
+//!
+//! redb keeps two commit slots inside the 320-byte header at offset 0 and relies on
+//! single-byte writes being atomic there. One AEAD block would turn a torn header write into
+//! the loss of both slots, so logical page 0 is stored twice (copies A and B), each with a
+//! sequence number in its plaintext:
+//!
+//! * the plaintext of page 0 is kept in memory; reads of page 0 never touch the disk;
+//! * after each `sync_data`, the copy written last is durable. Every header write until the
+//!   next `sync_data` goes to the *other* copy, with sequence number + 1. A torn write can
+//!   therefore only damage a copy that holds no durable state;
+//! * on open the file is synced once (so what is read is durable), both copies are
+//!   authenticated and the one with the higher sequence number wins. If neither
+//!   authenticates the open fails with [`Error::Corrupted`] (unless a copy is all zeros,
+//!   i.e. the database was never initialized).
+//!
+//! # Errors
+//!
+//! Failures are returned as `io::Error`s wrapping [`crate::Error`] (see
+//! [`super::error_from_io`]): "page N failed authentication" for a block that does not
+//! authenticate, [`Error::NonceBudgetExhausted`] when the active key is used up. Messages
+//! never contain page contents.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::ops::Bound;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use redb::{BackendError, StorageBackend};
+use zeroize::Zeroizing;
+
+use super::keys::Keyring;
+use super::page::{
+    self, HEADER_A_INDEX, HEADER_A_OFFSET, HEADER_B_INDEX, HEADER_B_OFFSET, HEADER_BLOCK_SIZE,
+    HEADER_PLAIN_SIZE, PAGE_BLOCK_SIZE, PAGE_SIZE, PAGES_OFFSET, PREAMBLE_SIZE, SealError,
+};
+use super::to_io;
+use crate::{Error, Result};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// Largest logical length accepted (4 PiB), far below where physical offsets could overflow.
+const MAX_LOGICAL_LEN: u64 = 1 << 52;
+
+/// One of the two physical copies of logical page 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderSlot {
+    /// Copy A, at physical offset 64.
+    A,
+    /// Copy B, at physical offset 4200.
+    B,
+}
+
+impl HeaderSlot {
+    fn other(self) -> HeaderSlot {
+        match self {
+            HeaderSlot::A => HeaderSlot::B,
+            HeaderSlot::B => HeaderSlot::A,
+        }
+    }
+    fn offset(self) -> u64 {
+        match self {
+            HeaderSlot::A => HEADER_A_OFFSET,
+            HeaderSlot::B => HEADER_B_OFFSET,
+        }
+    }
+    fn index(self) -> u64 {
+        match self {
+            HeaderSlot::A => HEADER_A_INDEX,
+            HeaderSlot::B => HEADER_B_INDEX,
+        }
+    }
+}
+
+/// State of one header copy as found on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderCopyStatus {
+    /// It authenticates and carries this sequence number.
+    Valid {
+        /// Sequence number (higher = newer).
+        sequence: u64,
+    },
+    /// All zeros: never written.
+    Zero,
+    /// It does not authenticate (torn write, damage or tampering).
+    Failed,
+    /// The file is too short to hold it.
+    Missing,
+}
+
+struct HeaderState {
+    page0: Zeroizing<Vec<u8>>,
+    /// Highest sequence number read or written.
+    seq: u64,
+    /// Copy holding the newest durable header.
+    durable: HeaderSlot,
+    /// Copy written since the last `sync_data`, if any.
+    pending: Option<HeaderSlot>,
+}
+
+impl HeaderState {
+    fn empty() -> Self {
+        HeaderState {
+            page0: Zeroizing::new(vec![0u8; PAGE_SIZE]),
+            seq: 0,
+            durable: HeaderSlot::A,
+            pending: None,
+        }
+    }
+}
+
+/// A redb storage backend that encrypts and authenticates every page it stores in `inner`.
+pub struct EncryptedBackend<B> {
+    inner: B,
+    keyring: Arc<Keyring>,
+    header: Mutex<HeaderState>,
+}
+
+impl<B: fmt::Debug> fmt::Debug for EncryptedBackend<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncryptedBackend")
+            .field("inner", &self.inner)
+            .field("db_id", &hex::encode(self.keyring.db_id()))
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn corrupted(msg: impl Into<String>) -> io::Error {
+    to_io(Error::Corrupted(msg.into()))
+}
+
+fn auth_failed(page: u64) -> io::Error {
+    corrupted(format!("page {page} failed authentication"))
+}
+
+fn seal_err(e: SealError) -> io::Error {
+    match e {
+        SealError::Random => io::Error::other("random number generator failed"),
+        SealError::Internal => io::Error::other("internal error while encrypting a page"),
+    }
+}
+
+/// Authenticates a header copy; on success `plain` holds `sequence ‖ page 0`.
+fn decode_header_copy(
+    keyring: &Keyring,
+    slot: HeaderSlot,
+    block: &[u8],
+    plain: &mut [u8],
+) -> HeaderCopyStatus {
+    if block.len() != HEADER_BLOCK_SIZE {
+        return HeaderCopyStatus::Missing;
+    }
+    if page::is_zero_block(block) {
+        return HeaderCopyStatus::Zero;
+    }
+    if page::open_into(keyring, slot.index(), block, plain) {
+        let mut s = [0u8; 8];
+        s.copy_from_slice(&plain[..8]);
+        HeaderCopyStatus::Valid {
+            sequence: u64::from_le_bytes(s),
+        }
+    } else {
+        HeaderCopyStatus::Failed
+    }
+}
+
+fn newest(a: HeaderCopyStatus, b: HeaderCopyStatus) -> Option<(HeaderSlot, u64)> {
+    match (a, b) {
+        (HeaderCopyStatus::Valid { sequence: sa }, HeaderCopyStatus::Valid { sequence: sb }) => {
+            if sb > sa {
+                Some((HeaderSlot::B, sb))
+            } else {
+                Some((HeaderSlot::A, sa))
+            }
+        }
+        (HeaderCopyStatus::Valid { sequence }, _) => Some((HeaderSlot::A, sequence)),
+        (_, HeaderCopyStatus::Valid { sequence }) => Some((HeaderSlot::B, sequence)),
+        _ => None,
+    }
+}
+
+impl<B: StorageBackend> EncryptedBackend<B> {
+    /// Wraps `inner`. An empty `inner` gets a preamble for `keyring`'s database; otherwise the
+    /// preamble, the file length and the header copies are checked.
+    ///
+    /// Errors: [`Error::Corrupted`] for a file of another database, a truncated file, or
+    /// when neither header copy authenticates; [`Error::Io`] for I/O failures.
+    pub fn new(inner: B, keyring: Arc<Keyring>) -> Result<Self> {
+        let state = Self::load_state(&inner, &keyring)?;
+        Ok(EncryptedBackend {
+            inner,
+            keyring,
+            header: Mutex::new(state),
+        })
+    }
+
+    fn load_state(inner: &B, keyring: &Keyring) -> Result<HeaderState> {
+        let db_id = keyring.db_id();
+        let plen = inner.len()?;
+        if plen == 0 {
+            inner.write(0, &page::encode_preamble(&db_id))?;
+            return Ok(HeaderState::empty());
+        }
+        if plen < PREAMBLE_SIZE as u64 {
+            return Err(Error::Corrupted(
+                "the data file is truncated (shorter than its preamble)".into(),
+            ));
+        }
+        let mut pre = [0u8; PREAMBLE_SIZE];
+        inner.read(0, &mut pre)?;
+        if let Some(problem) = page::check_preamble(&pre, &db_id) {
+            return Err(Error::Corrupted(problem));
+        }
+        let Some(logical) = page::logical_len(plen) else {
+            return Err(Error::Corrupted(format!(
+                "the data file length {plen} is not a whole number of blocks: it was truncated or extended"
+            )));
+        };
+        if logical == 0 {
+            return Ok(HeaderState::empty());
+        }
+        // Make what we are about to read durable, so that choosing a header copy and writing
+        // to the other one can never lose the last durable header.
+        let _ = inner.sync_data();
+        let mut blocks = vec![0u8; 2 * HEADER_BLOCK_SIZE];
+        inner.read(HEADER_A_OFFSET, &mut blocks)?;
+        let mut plain_a = Zeroizing::new(vec![0u8; HEADER_PLAIN_SIZE]);
+        let mut plain_b = Zeroizing::new(vec![0u8; HEADER_PLAIN_SIZE]);
+        let (block_a, block_b) = blocks.split_at(HEADER_BLOCK_SIZE);
+        let a = decode_header_copy(keyring, HeaderSlot::A, block_a, &mut plain_a);
+        let b = decode_header_copy(keyring, HeaderSlot::B, block_b, &mut plain_b);
+        Ok(match newest(a, b) {
+            Some((slot, seq)) => {
+                let plain = if slot == HeaderSlot::A {
+                    &plain_a
+                } else {
+                    &plain_b
+                };
+                HeaderState {
+                    page0: Zeroizing::new(plain[8..].to_vec()),
+                    seq,
+                    durable: slot,
+                    pending: None,
+                }
+            }
+            None if a == HeaderCopyStatus::Zero => HeaderState::empty(),
+            None if b == HeaderCopyStatus::Zero => HeaderState {
+                durable: HeaderSlot::B,
+                ..HeaderState::empty()
+            },
+            None => {
+                return Err(Error::Corrupted(
+                    "both copies of the database header (page 0) failed authentication".into(),
+                ));
+            }
+        })
+    }
+
+    /// The wrapped backend.
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
+    /// The keyring pages are encrypted with.
+    pub fn keyring(&self) -> &Arc<Keyring> {
+        &self.keyring
+    }
+
+    /// The header copy holding the newest durable header, and the newest sequence number.
+    pub fn header_position(&self) -> (HeaderSlot, u64) {
+        let st = lock(&self.header);
+        (st.durable, st.seq)
+    }
+
+    fn write_page0(&self, st: &mut HeaderState, new_page0: &[u8]) -> io::Result<()> {
+        let target = st.durable.other();
+        let seq = st
+            .seq
+            .checked_add(1)
+            .ok_or_else(|| corrupted("header sequence overflow"))?;
+        let key_id = self.keyring.consume_nonces(1).map_err(to_io)?;
+        let mut plain = Zeroizing::new([0u8; HEADER_PLAIN_SIZE]);
+        plain[..8].copy_from_slice(&seq.to_le_bytes());
+        plain[8..].copy_from_slice(new_page0);
+        let mut block = [0u8; HEADER_BLOCK_SIZE];
+        page::seal_into(
+            &self.keyring,
+            key_id,
+            target.index(),
+            &plain[..],
+            &mut block,
+        )
+        .map_err(seal_err)?;
+        self.inner.write(target.offset(), &block)?;
+        st.seq = seq;
+        st.pending = Some(target);
+        st.page0.copy_from_slice(new_page0);
+        Ok(())
+    }
+
+    /// Reads logical bytes `[off, off + out.len())`, all in pages ≥ 1.
+    fn read_pages(&self, off: u64, out: &mut [u8]) -> io::Result<()> {
+        let end = off + out.len() as u64;
+        let first = off / PAGE;
+        let last = (end - 1) / PAGE;
+        let n = usize::try_from(last - first + 1).map_err(io::Error::other)?;
+        let mut buf = Zeroizing::new(vec![0u8; n * PAGE_BLOCK_SIZE]);
+        self.inner.read(page::page_block_offset(first), &mut buf)?;
+        for (k, blk) in buf.chunks_exact_mut(PAGE_BLOCK_SIZE).enumerate() {
+            let pg = first + k as u64;
+            let page_start = pg * PAGE;
+            let lo = off.max(page_start);
+            let hi = end.min(page_start + PAGE);
+            let dst = &mut out[(lo - off) as usize..(hi - off) as usize];
+            if page::is_zero_block(blk) {
+                dst.fill(0);
+                continue;
+            }
+            let ok = if hi - lo == PAGE {
+                page::open_into(&self.keyring, pg, blk, dst)
+            } else if page::open_in_place(&self.keyring, pg, blk) {
+                let a = page::BLOCK_OVERHEAD + (lo - page_start) as usize;
+                let b = page::BLOCK_OVERHEAD + (hi - page_start) as usize;
+                dst.copy_from_slice(&blk[a..b]);
+                true
+            } else {
+                false
+            };
+            if !ok {
+                out.fill(0);
+                return Err(auth_failed(pg));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes logical bytes `[off, off + data.len())`, all in pages ≥ 1.
+    fn write_pages(&self, off: u64, data: &[u8]) -> io::Result<()> {
+        let end = off + data.len() as u64;
+        let first = off / PAGE;
+        let last = (end - 1) / PAGE;
+        let n = last - first + 1;
+        let key_id = self.keyring.consume_nonces(n).map_err(to_io)?;
+        let n = usize::try_from(n).map_err(io::Error::other)?;
+        let mut buf = Zeroizing::new(vec![0u8; n * PAGE_BLOCK_SIZE]);
+        let mut physical_len = None;
+        for (k, blk) in buf.chunks_exact_mut(PAGE_BLOCK_SIZE).enumerate() {
+            let pg = first + k as u64;
+            let page_start = pg * PAGE;
+            let lo = off.max(page_start);
+            let hi = end.min(page_start + PAGE);
+            let src = &data[(lo - off) as usize..(hi - off) as usize];
+            if hi - lo == PAGE {
+                page::seal_into(&self.keyring, key_id, pg, src, blk).map_err(seal_err)?;
+                continue;
+            }
+            // Partial page (redb never does this for pages >= 1): read, modify, re-encrypt.
+            let block_off = page::page_block_offset(pg);
+            let plen = match physical_len {
+                Some(l) => l,
+                None => {
+                    let l = self.inner.len()?;
+                    physical_len = Some(l);
+                    l
+                }
+            };
+            if block_off + PAGE_BLOCK_SIZE as u64 <= plen {
+                self.inner.read(block_off, blk)?;
+                if page::is_zero_block(blk) {
+                    // Already a zero page.
+                } else if !page::open_in_place(&self.keyring, pg, blk) {
+                    return Err(auth_failed(pg));
+                }
+            }
+            let a = page::BLOCK_OVERHEAD + (lo - page_start) as usize;
+            let b = page::BLOCK_OVERHEAD + (hi - page_start) as usize;
+            blk[a..b].copy_from_slice(src);
+            page::seal_in_place(&self.keyring, key_id, pg, blk).map_err(seal_err)?;
+        }
+        self.inner.write(page::page_block_offset(first), &buf)
+    }
+}
+
+impl<B: StorageBackend> StorageBackend for EncryptedBackend<B> {
+    fn len(&self) -> io::Result<u64> {
+        let plen = self.inner.len()?;
+        if plen == 0 {
+            return Ok(0);
+        }
+        page::logical_len(plen).ok_or_else(|| {
+            corrupted(format!(
+                "the data file length {plen} is not a whole number of blocks"
+            ))
+        })
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let end = offset
+            .checked_add(out.len() as u64)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "read range overflows"))?;
+        // Pages >= 1: reading past the end fails in `inner` (blocks map monotonically).
+        // Page 0 lives in memory, so check the length for it explicitly.
+        if end > MAX_LOGICAL_LEN || (offset < PAGE && self.len()? < end.min(PAGE)) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of the database",
+            ));
+        }
+        let mut pos = 0usize;
+        let mut off = offset;
+        if off < PAGE {
+            let n = (end.min(PAGE) - off) as usize;
+            let st = lock(&self.header);
+            out[..n].copy_from_slice(&st.page0[off as usize..off as usize + n]);
+            pos = n;
+            off += n as u64;
+        }
+        if off < end {
+            self.read_pages(off, &mut out[pos..])?;
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if !len.is_multiple_of(PAGE) || len > MAX_LOGICAL_LEN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "length must be a multiple of the 4096-byte page size and at most 2^52 bytes",
+            ));
+        }
+        let mut st = lock(&self.header);
+        self.inner.set_len(page::physical_len(len))?;
+        if len == 0 {
+            st.page0.fill(0);
+            st.durable = HeaderSlot::A;
+            st.pending = None;
+        }
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        let mut st = lock(&self.header);
+        self.inner.sync_data()?;
+        if let Some(slot) = st.pending.take() {
+            st.durable = slot;
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= MAX_LOGICAL_LEN)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "write range too large"))?;
+        let mut pos = 0usize;
+        let mut off = offset;
+        if off < PAGE {
+            let n = (end.min(PAGE) - off) as usize;
+            let mut st = lock(&self.header);
+            let mut new_page0 = Zeroizing::new([0u8; PAGE_SIZE]);
+            new_page0.copy_from_slice(&st.page0);
+            new_page0[off as usize..off as usize + n].copy_from_slice(&data[..n]);
+            self.write_page0(&mut st, &new_page0[..])?;
+            pos = n;
+            off += n as u64;
+        }
+        if off < end {
+            self.write_pages(off, &data[pos..])?;
+        }
+        Ok(())
+    }
+
+    fn close(&self) -> io::Result<()> {
+        self.inner.close()
+    }
+
+    fn try_lock_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> std::result::Result<bool, BackendError> {
+        self.inner.try_lock_range(start, end)
+    }
+
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> std::result::Result<bool, BackendError> {
+        self.inner.try_lock_shared_range(start, end)
+    }
+
+    fn lock_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> std::result::Result<(), BackendError> {
+        self.inner.lock_range(start, end)
+    }
+
+    fn lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> std::result::Result<(), BackendError> {
+        self.inner.lock_shared_range(start, end)
+    }
+
+    fn unlock_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> std::result::Result<(), BackendError> {
+        self.inner.unlock_range(start, end)
+    }
+
+    fn query_lock_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> std::result::Result<bool, BackendError> {
+        self.inner.query_lock_range(start, end)
+    }
+}
+
+/// Result of [`verify_file`]: what authenticated and what did not.
+#[derive(Clone, Debug, Default)]
+pub struct FileReport {
+    /// Physical file length in bytes.
+    pub physical_len: u64,
+    /// Logical (redb) length in bytes implied by the whole blocks present.
+    pub logical_len: u64,
+    /// Page blocks examined (logical pages ≥ 1; header copies not included).
+    pub page_blocks: u64,
+    /// Page blocks that are all zeros (never written; read as zero pages).
+    pub zero_blocks: u64,
+    /// Logical page numbers whose blocks failed authentication.
+    pub failed_pages: Vec<u64>,
+    /// Authenticated page blocks per data key id (header copies included).
+    pub blocks_by_key: BTreeMap<u32, u64>,
+    /// Status of header copies A and B.
+    pub header_copies: [Option<HeaderCopyStatus>; 2],
+    /// The copy a reader would use (the newest that authenticates).
+    pub current_header: Option<HeaderSlot>,
+    /// Structural problems (bad preamble, length not a whole number of blocks, no usable
+    /// header). Empty for a healthy file.
+    pub problems: Vec<String>,
+    /// Conditions that are expected after a crash (e.g. one torn header copy) and harmless.
+    pub warnings: Vec<String>,
+}
+
+impl FileReport {
+    /// True when nothing failed authentication and the structure is sound.
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty() && self.failed_pages.is_empty()
+    }
+}
+
+/// Opens the data file at `path` read-only and authenticates every block with `keyring`.
+///
+/// Returns `Err` only for I/O failures opening or reading the file; everything found wrong
+/// with the contents is listed in the [`FileReport`].
+pub fn verify_file(path: &Path, keyring: &Keyring) -> Result<FileReport> {
+    let file = File::open(path)?;
+    let plen = file.metadata()?.len();
+    let mut report = FileReport {
+        physical_len: plen,
+        ..FileReport::default()
+    };
+    if plen == 0 {
+        return Ok(report);
+    }
+    if plen < PREAMBLE_SIZE as u64 {
+        report
+            .problems
+            .push("the file is truncated (shorter than its preamble)".into());
+        return Ok(report);
+    }
+    let mut pre = [0u8; PREAMBLE_SIZE];
+    file.read_exact_at(&mut pre, 0)?;
+    if let Some(problem) = page::check_preamble(&pre, &keyring.db_id()) {
+        let foreign = pre[..8] != page::MAGIC[..];
+        report.problems.push(problem);
+        if foreign {
+            return Ok(report);
+        }
+    }
+    if page::logical_len(plen).is_none() {
+        report.problems.push(format!(
+            "the file length {plen} is not a whole number of blocks: it was truncated or extended"
+        ));
+    }
+    if plen < PAGES_OFFSET {
+        if plen > PREAMBLE_SIZE as u64 {
+            report.header_copies = [Some(HeaderCopyStatus::Missing); 2];
+        }
+        return Ok(report);
+    }
+    let mut block = vec![0u8; HEADER_BLOCK_SIZE];
+    let mut plain = Zeroizing::new(vec![0u8; HEADER_PLAIN_SIZE]);
+    let mut statuses = [HeaderCopyStatus::Missing; 2];
+    for (i, slot) in [HeaderSlot::A, HeaderSlot::B].into_iter().enumerate() {
+        file.read_exact_at(&mut block, slot.offset())?;
+        statuses[i] = decode_header_copy(keyring, slot, &block, &mut plain);
+        if let HeaderCopyStatus::Valid { .. } = statuses[i]
+            && let Some(id) = page::block_key_id(&block)
+        {
+            *report.blocks_by_key.entry(id).or_default() += 1;
+        }
+    }
+    report.header_copies = [Some(statuses[0]), Some(statuses[1])];
+    report.current_header = newest(statuses[0], statuses[1]).map(|(slot, _)| slot);
+    match (report.current_header, statuses) {
+        (None, [HeaderCopyStatus::Zero, HeaderCopyStatus::Zero]) => {}
+        (None, _) => report
+            .problems
+            .push("both copies of the database header (page 0) failed authentication".into()),
+        (Some(_), [HeaderCopyStatus::Failed, _] | [_, HeaderCopyStatus::Failed]) => report
+            .warnings
+            .push("one header copy does not authenticate (expected after a crash during a header write)".into()),
+        _ => {}
+    }
+
+    let whole_blocks = (plen - PAGES_OFFSET) / PAGE_BLOCK_SIZE as u64;
+    report.logical_len = (whole_blocks + 1) * PAGE;
+    const CHUNK: u64 = 256;
+    let mut buf = vec![0u8; CHUNK as usize * PAGE_BLOCK_SIZE];
+    let mut out = Zeroizing::new(vec![0u8; PAGE_SIZE]);
+    let mut next = 0u64;
+    while next < whole_blocks {
+        let count = CHUNK.min(whole_blocks - next);
+        let bytes = &mut buf[..count as usize * PAGE_BLOCK_SIZE];
+        file.read_exact_at(bytes, PAGES_OFFSET + next * PAGE_BLOCK_SIZE as u64)?;
+        for (k, blk) in bytes.chunks_exact(PAGE_BLOCK_SIZE).enumerate() {
+            let pg = next + k as u64 + 1;
+            report.page_blocks += 1;
+            if page::is_zero_block(blk) {
+                report.zero_blocks += 1;
+            } else if page::open_into(keyring, pg, blk, &mut out) {
+                if let Some(id) = page::block_key_id(blk) {
+                    *report.blocks_by_key.entry(id).or_default() += 1;
+                }
+            } else {
+                report.failed_pages.push(pg);
+            }
+        }
+        next += count;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::KdfParams;
+    use crate::crypto::keys::KeySource;
+    use crate::crypto::{create_key_file, error_from_io};
+    use redb::backends::FileBackend;
+    use redb::{Database, ReadableDatabase, ReadableTableMetadata, TableDefinition};
+    use std::fs::OpenOptions;
+    use std::path::PathBuf;
+
+    const TABLE: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("t");
+
+    fn pass(s: &str) -> KeySource {
+        KeySource::Passphrase(Zeroizing::new(s.to_string()))
+    }
+
+    fn keyring(dir: &Path) -> Arc<Keyring> {
+        Keyring::create(dir, &pass("pw"), KdfParams::fast_insecure()).unwrap()
+    }
+
+    fn backend(path: &Path, k: &Arc<Keyring>) -> Result<EncryptedBackend<FileBackend>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let fb = FileBackend::new(file).map_err(|e| Error::Storage(e.to_string()))?;
+        EncryptedBackend::new(fb, k.clone())
+    }
+
+    fn open_db(path: &Path, k: &Arc<Keyring>) -> std::result::Result<Database, redb::Error> {
+        let b = backend(path, k).map_err(|e| redb::Error::Io(to_io(e)))?;
+        Ok(redb::Builder::new().create_with_backend(b)?)
+    }
+
+    /// The engine error inside a redb error, if any.
+    fn engine_err(e: impl Into<redb::Error>) -> Option<Error> {
+        match e.into() {
+            redb::Error::Io(io) => match error_from_io(io) {
+                Error::Io(_) => None,
+                other => Some(other),
+            },
+            _ => None,
+        }
+    }
+
+    fn value(i: u64) -> Vec<u8> {
+        let len = if i.is_multiple_of(50) {
+            20_000 + (i as usize * 37) % 60_000
+        } else {
+            (i as usize * 13) % 300
+        };
+        let mut v = format!("value-{i}-").into_bytes();
+        v.resize(len.max(v.len()), (i % 251) as u8);
+        v
+    }
+
+    fn fill(db: &Database, range: std::ops::Range<u64>) {
+        let mut txn = db.begin_write().unwrap();
+        txn.set_two_phase_commit(true);
+        {
+            let mut t = txn.open_table(TABLE).unwrap();
+            for i in range {
+                t.insert(i, value(i).as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+
+    /// Reads every entry; Ok only if everything read back equals `value(i)` for `expected`.
+    fn read_all(db: &Database) -> std::result::Result<Vec<(u64, Vec<u8>)>, redb::Error> {
+        let txn = db.begin_read()?;
+        let t = txn.open_table(TABLE)?;
+        let mut out = Vec::new();
+        for item in t.range::<u64>(..)? {
+            let (k, v) = item?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn expected(range: std::ops::Range<u64>) -> Vec<(u64, Vec<u8>)> {
+        range.map(|i| (i, value(i))).collect()
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        k: Arc<Keyring>,
+    }
+
+    fn fixture(n: u64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keyring(dir.path());
+        let path = dir.path().join("data.fhk");
+        let db = open_db(&path, &k).unwrap();
+        fill(&db, 0..n);
+        drop(db);
+        Fixture { _dir: dir, path, k }
+    }
+
+    /// Indices of page blocks that are not all zeros.
+    fn nonzero_pages(path: &Path) -> Vec<u64> {
+        let bytes = std::fs::read(path).unwrap();
+        let n = (bytes.len() as u64 - PAGES_OFFSET) / PAGE_BLOCK_SIZE as u64;
+        (1..=n)
+            .filter(|&p| {
+                let off = page::page_block_offset(p) as usize;
+                !page::is_zero_block(&bytes[off..off + PAGE_BLOCK_SIZE])
+            })
+            .collect()
+    }
+
+    /// Opening and reading either fails or returns exactly the expected data; returns
+    /// whether it failed.
+    fn open_and_read_fails(path: &Path, k: &Arc<Keyring>, n: u64) -> bool {
+        let db = match open_db(path, k) {
+            Ok(db) => db,
+            Err(_) => return true,
+        };
+        match read_all(&db) {
+            Ok(data) => {
+                assert_eq!(
+                    data,
+                    expected(0..n),
+                    "wrong data returned instead of an error"
+                );
+                false
+            }
+            Err(_) => true,
+        }
+    }
+
+    #[test]
+    fn redb_roundtrip_many_entries_and_big_values() {
+        let f = fixture(1500);
+        let db = open_db(&f.path, &f.k).unwrap();
+        fill(&db, 1500..2000);
+        {
+            let mut txn = db.begin_write().unwrap();
+            txn.set_two_phase_commit(true);
+            {
+                let mut t = txn.open_table(TABLE).unwrap();
+                for i in 0..100 {
+                    t.remove(i * 20).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        drop(db);
+        let k2 = Keyring::open(f.path.parent().unwrap(), &pass("pw")).unwrap();
+        let db = open_db(&f.path, &k2).unwrap();
+        let got = read_all(&db).unwrap();
+        let want: Vec<_> = expected(0..2000)
+            .into_iter()
+            .filter(|(i, _)| !(i % 20 == 0 && *i < 2000))
+            .collect();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want);
+        {
+            let txn = db.begin_read().unwrap();
+            assert_eq!(txn.open_table(TABLE).unwrap().len().unwrap(), 1900);
+        }
+        drop(db);
+        let report = verify_file(&f.path, &f.k).unwrap();
+        assert!(report.is_ok(), "{report:?}");
+        assert!(report.page_blocks > 50);
+        assert!(report.current_header.is_some());
+        assert!(report.failed_pages.is_empty());
+        assert_eq!(
+            report.logical_len,
+            page::logical_len(report.physical_len).unwrap()
+        );
+    }
+
+    #[test]
+    fn file_of_another_database_is_rejected() {
+        let f = fixture(10);
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = keyring(other_dir.path());
+        let err = backend(&f.path, &other).unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupted(m) if m.contains("another database")),
+            "{err:?}"
+        );
+        let report = verify_file(&f.path, &other).unwrap();
+        assert!(!report.is_ok());
+        assert!(report.current_header.is_none());
+        assert_eq!(
+            report.failed_pages.len() as u64,
+            report.page_blocks - report.zero_blocks
+        );
+
+        // Even with the preamble's db_id rewritten, the blocks do not authenticate.
+        let mut bytes = std::fs::read(&f.path).unwrap();
+        bytes[..PREAMBLE_SIZE].copy_from_slice(&page::encode_preamble(&other.db_id()));
+        std::fs::write(&f.path, &bytes).unwrap();
+        let err = backend(&f.path, &other).unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupted(m) if m.contains("header")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn flipped_byte_in_page_block_is_detected() {
+        let f = fixture(600);
+        let good = std::fs::read(&f.path).unwrap();
+        let pages = nonzero_pages(&f.path);
+        assert!(pages.len() > 10);
+        let mut failures = 0;
+        let step = (pages.len() / 12).max(1);
+        for (n, &pg) in pages.iter().step_by(step).enumerate() {
+            let mut bad = good.clone();
+            // Alternate between key id, nonce, tag and ciphertext bytes.
+            let within = [0usize, 7, 20, 40, 2000, PAGE_BLOCK_SIZE - 1][n % 6];
+            bad[page::page_block_offset(pg) as usize + within] ^= 0x10;
+            std::fs::write(&f.path, &bad).unwrap();
+            let report = verify_file(&f.path, &f.k).unwrap();
+            assert_eq!(report.failed_pages, vec![pg]);
+            assert!(!report.is_ok());
+            // Direct read of that page fails with the authentication error, not data.
+            let b = backend(&f.path, &f.k).unwrap();
+            let mut out = vec![0u8; PAGE_SIZE];
+            let e = b.read(pg * PAGE, &mut out).unwrap_err();
+            assert!(
+                matches!(error_from_io(e), Error::Corrupted(m) if m == format!("page {pg} failed authentication"))
+            );
+            assert!(out.iter().all(|&x| x == 0));
+            drop(b);
+            if open_and_read_fails(&f.path, &f.k, 600) {
+                failures += 1;
+            }
+        }
+        assert!(failures > 0, "no corrupted page was ever read by redb");
+        std::fs::write(&f.path, &good).unwrap();
+        assert!(!open_and_read_fails(&f.path, &f.k, 600));
+    }
+
+    #[test]
+    fn swapped_page_blocks_are_detected() {
+        let f = fixture(600);
+        let good = std::fs::read(&f.path).unwrap();
+        let pages = nonzero_pages(&f.path);
+        let mut failures = 0;
+        for w in pages.windows(2).step_by((pages.len() / 8).max(1)) {
+            let (p, q) = (w[0], w[1]);
+            let (a, b) = (
+                page::page_block_offset(p) as usize,
+                page::page_block_offset(q) as usize,
+            );
+            let mut bad = good.clone();
+            let block_p = good[a..a + PAGE_BLOCK_SIZE].to_vec();
+            bad.copy_within(b..b + PAGE_BLOCK_SIZE, a);
+            bad[b..b + PAGE_BLOCK_SIZE].copy_from_slice(&block_p);
+            std::fs::write(&f.path, &bad).unwrap();
+            let report = verify_file(&f.path, &f.k).unwrap();
+            assert_eq!(report.failed_pages, vec![p, q]);
+            if open_and_read_fails(&f.path, &f.k, 600) {
+                failures += 1;
+            }
+        }
+        assert!(failures > 0);
+        // Swapping the two header copies is detected too.
+        let mut bad = good.clone();
+        let (a, b) = (HEADER_A_OFFSET as usize, HEADER_B_OFFSET as usize);
+        let copy_a = good[a..a + HEADER_BLOCK_SIZE].to_vec();
+        bad.copy_within(b..b + HEADER_BLOCK_SIZE, a);
+        bad[b..b + HEADER_BLOCK_SIZE].copy_from_slice(&copy_a);
+        std::fs::write(&f.path, &bad).unwrap();
+        let err = backend(&f.path, &f.k).unwrap_err();
+        assert!(matches!(err, Error::Corrupted(_)));
+        let report = verify_file(&f.path, &f.k).unwrap();
+        assert_eq!(
+            report.header_copies,
+            [
+                Some(HeaderCopyStatus::Failed),
+                Some(HeaderCopyStatus::Failed)
+            ]
+        );
+        assert!(!report.is_ok());
+    }
+
+    #[test]
+    fn truncated_file_is_detected() {
+        let f = fixture(600);
+        let good = std::fs::read(&f.path).unwrap();
+        // Not a whole number of blocks.
+        for cut in [1usize, 100, PAGE_BLOCK_SIZE - 1] {
+            std::fs::write(&f.path, &good[..good.len() - cut]).unwrap();
+            assert!(matches!(backend(&f.path, &f.k), Err(Error::Corrupted(_))));
+            let report = verify_file(&f.path, &f.k).unwrap();
+            assert!(!report.is_ok());
+            assert!(report.problems.iter().any(|p| p.contains("whole number")));
+        }
+        for short in [10usize, 64 + 100, PAGES_OFFSET as usize - 1] {
+            std::fs::write(&f.path, &good[..short]).unwrap();
+            assert!(backend(&f.path, &f.k).is_err());
+            assert!(!verify_file(&f.path, &f.k).unwrap().is_ok());
+        }
+        // Whole blocks cut off: the data that lived there can no longer be read.
+        let keep = page::physical_len(good.len() as u64 / 2 / 4096 * 4096) as usize;
+        let keep = keep.min(good.len());
+        std::fs::write(&f.path, &good[..keep]).unwrap();
+        assert!(open_and_read_fails(&f.path, &f.k, 600));
+    }
+
+    #[test]
+    fn no_plaintext_in_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keyring(dir.path());
+        let path = dir.path().join("data.fhk");
+        let canary = "CANARY-7f3a9c";
+        let db = open_db(&path, &k).unwrap();
+        let mut txn = db.begin_write().unwrap();
+        txn.set_two_phase_commit(true);
+        {
+            let mut t = txn.open_table(TABLE).unwrap();
+            for i in 0..300u64 {
+                let v = format!("{{\"resourceType\":\"Patient\",\"name\":\"{canary}-{i}\"}}")
+                    .repeat(1 + (i as usize % 40));
+                t.insert(i, v.as_bytes()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        drop(db);
+        let bytes = std::fs::read(&path).unwrap();
+        let utf16: Vec<u8> = canary
+            .encode_utf16()
+            .flat_map(|c| c.to_le_bytes())
+            .collect();
+        use base64::Engine as _;
+        let mut needles = vec![canary.as_bytes().to_vec(), utf16, b"resourceType".to_vec()];
+        // base64 of the canary at all three alignments.
+        for shift in 0..3 {
+            let s = format!("{}{canary}", "x".repeat(shift));
+            let enc = base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+            let skip = (shift * 4).div_ceil(3) + 1;
+            needles.push(enc.as_bytes()[skip..enc.len() - 4].to_vec());
+        }
+        for needle in &needles {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_slice()),
+                "plaintext found in file"
+            );
+        }
+        // The table name is not visible either.
+        assert!(!bytes.windows(4).any(|w| w == b"redb"));
+    }
+
+    #[test]
+    fn header_copies_alternate_after_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keyring(dir.path());
+        let path = dir.path().join("d");
+        let b = backend(&path, &k).unwrap();
+        assert_eq!(b.len().unwrap(), 0);
+        b.set_len(8 * 4096).unwrap();
+        assert_eq!(b.len().unwrap(), 8 * 4096);
+        let mut out = vec![1u8; 8 * 4096];
+        b.read(0, &mut out).unwrap();
+        assert!(out.iter().all(|&x| x == 0), "new space reads as zeros");
+        assert_eq!(b.header_position(), (HeaderSlot::A, 0));
+        b.write(0, b"first").unwrap();
+        assert_eq!(b.header_position(), (HeaderSlot::A, 1)); // B pending
+        b.write(5, b"-more").unwrap();
+        b.sync_data().unwrap();
+        assert_eq!(b.header_position(), (HeaderSlot::B, 2));
+        b.write(0, b"third").unwrap();
+        b.sync_data().unwrap();
+        assert_eq!(b.header_position(), (HeaderSlot::A, 3));
+        drop(b);
+        let b = backend(&path, &k).unwrap();
+        assert_eq!(b.header_position(), (HeaderSlot::A, 3));
+        let mut head = [0u8; 10];
+        b.read(0, &mut head).unwrap();
+        assert_eq!(&head, b"third-more");
+        let r = verify_file(&path, &k).unwrap();
+        assert_eq!(
+            r.header_copies,
+            [
+                Some(HeaderCopyStatus::Valid { sequence: 3 }),
+                Some(HeaderCopyStatus::Valid { sequence: 2 })
+            ]
+        );
+        assert_eq!(r.zero_blocks, 7);
+        assert!(r.is_ok());
+    }
+
+    #[test]
+    fn unaligned_reads_and_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keyring(dir.path());
+        let b = backend(&dir.path().join("d"), &k).unwrap();
+        b.set_len(6 * 4096).unwrap();
+        let mut model = vec![0u8; 6 * 4096];
+        let mut rng = crate::crypto::crash_backend::TestRng(42);
+        for _ in 0..200 {
+            let off = rng.below(6 * 4096) as usize;
+            let len = 1 + rng.below((6 * 4096 - off) as u64) as usize;
+            if rng.below(2) == 0 {
+                let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+                b.write(off as u64, &data).unwrap();
+                model[off..off + len].copy_from_slice(&data);
+            } else {
+                let mut out = vec![0u8; len];
+                b.read(off as u64, &mut out).unwrap();
+                assert_eq!(out, model[off..off + len]);
+            }
+        }
+        let mut all = vec![0u8; 6 * 4096];
+        b.read(0, &mut all).unwrap();
+        assert_eq!(all, model);
+        let mut over = [0u8; 2];
+        assert!(b.read(6 * 4096 - 1, &mut over).is_err());
+        assert!(b.set_len(100).is_err());
+        b.set_len(2 * 4096).unwrap();
+        b.set_len(3 * 4096).unwrap();
+        let mut p2 = vec![1u8; 4096];
+        b.read(2 * 4096, &mut p2).unwrap();
+        assert!(p2.iter().all(|&x| x == 0));
+        // Absurd offsets are errors, not panics or overflows.
+        assert!(b.write(u64::MAX - 10, b"abc").is_err());
+        assert!(b.write(1 << 60, b"abc").is_err());
+        assert!(b.read(u64::MAX - 1, &mut [0u8; 4]).is_err());
+        assert!(b.read(1 << 60, &mut [0u8; 4]).is_err());
+        assert!(b.set_len(!4095).is_err());
+        b.set_len(0).unwrap();
+        assert!(b.read(0, &mut [0u8; 9]).is_err());
+    }
+
+    mod damaged_images {
+        use super::*;
+        use crate::crypto::crash_backend::CrashBackend;
+        use proptest::prelude::*;
+        use std::sync::OnceLock;
+
+        const PAGES: u64 = 6;
+
+        /// (key dir, keyring, clean image, logical contents)
+        type Clean = (tempfile::TempDir, Arc<Keyring>, Vec<u8>, Vec<u8>);
+
+        fn clean() -> &'static Clean {
+            static CLEAN: OnceLock<Clean> = OnceLock::new();
+            CLEAN.get_or_init(|| {
+                let dir = tempfile::tempdir().unwrap();
+                let k = keyring(dir.path());
+                let disk = CrashBackend::new();
+                let b = EncryptedBackend::new(disk.clone(), k.clone()).unwrap();
+                b.set_len(PAGES * PAGE).unwrap();
+                let data: Vec<u8> = (0..PAGES * PAGE).map(|i| (i % 253) as u8 + 1).collect();
+                b.write(0, &data).unwrap();
+                b.sync_data().unwrap();
+                // Leave page 5 as a zero block.
+                b.set_len(5 * PAGE).unwrap();
+                b.set_len(PAGES * PAGE).unwrap();
+                b.sync_data().unwrap();
+                let mut logical = data;
+                logical[5 * PAGE_SIZE..].fill(0);
+                drop(b);
+                (dir, k, disk.live_image(), logical)
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+            #[test]
+            fn damaged_file_never_panics_or_returns_wrong_pages(
+                flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..4),
+                cut in proptest::option::of(any::<prop::sample::Index>()),
+            ) {
+                let (_dir, k, image, logical) = clean();
+                let mut bad = image.clone();
+                for (idx, x) in &flips {
+                    let i = idx.index(bad.len());
+                    bad[i] ^= x;
+                }
+                if let Some(c) = cut {
+                    bad.truncate(c.index(bad.len()));
+                }
+                let Ok(b) = EncryptedBackend::new(CrashBackend::from_image(bad), k.clone()) else {
+                    return Ok(());
+                };
+                let Ok(len) = b.len() else { return Ok(()) };
+                let mut page = vec![0u8; PAGE_SIZE];
+                for pg in 1..len / PAGE {
+                    if b.read(pg * PAGE, &mut page).is_ok() {
+                        let start = pg as usize * PAGE_SIZE;
+                        prop_assert_eq!(&page[..], &logical[start..start + PAGE_SIZE]);
+                    } else {
+                        prop_assert!(page.iter().all(|&x| x == 0));
+                    }
+                }
+                let _ = b.read(0, &mut page);
+            }
+        }
+    }
+
+    #[test]
+    fn nonce_budget_exhaustion_surfaces_through_redb() {
+        let f = fixture(10);
+        let db = open_db(&f.path, &f.k).unwrap();
+        f.k.set_nonce_limit_for_tests(f.k.writes_used() + 5);
+        let mut txn = db.begin_write().unwrap();
+        txn.set_two_phase_commit(true);
+        let res = (|| -> std::result::Result<(), redb::Error> {
+            {
+                let mut t = txn.open_table(TABLE)?;
+                for i in 100..400u64 {
+                    t.insert(i, value(i * 50).as_slice())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        let err = res.unwrap_err();
+        assert!(matches!(
+            engine_err(err),
+            Some(Error::NonceBudgetExhausted { key_id: 1, .. })
+        ),);
+    }
+
+    #[test]
+    fn rotated_and_rekeyed_database_stays_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let kf = dir.path().join("key");
+        create_key_file(&kf).unwrap();
+        let src = KeySource::KeyFile(kf);
+        let dbdir = dir.path().join("db");
+        let path = dbdir.join("data.fhk");
+        {
+            let k = Keyring::create(&dbdir, &src, KdfParams::fast_insecure()).unwrap();
+            let db = open_db(&path, &k).unwrap();
+            fill(&db, 0..300);
+        }
+        assert_eq!(Keyring::rotate_data_key(&dbdir, &src).unwrap(), 2);
+        {
+            let k = Keyring::open(&dbdir, &src).unwrap();
+            assert_eq!(k.active_key_id(), 2);
+            let db = open_db(&path, &k).unwrap();
+            fill(&db, 300..400);
+            assert_eq!(read_all(&db).unwrap(), expected(0..400));
+            drop(db);
+            let r = verify_file(&path, &k).unwrap();
+            assert!(r.is_ok());
+            assert!(r.blocks_by_key.get(&1).is_some_and(|&n| n > 0), "{r:?}");
+            assert!(r.blocks_by_key.get(&2).is_some_and(|&n| n > 0), "{r:?}");
+        }
+        Keyring::change_key(&dbdir, &src, &pass("new pass"), KdfParams::fast_insecure()).unwrap();
+        assert!(matches!(Keyring::open(&dbdir, &src), Err(Error::WrongKey)));
+        let k = Keyring::open(&dbdir, &pass("new pass")).unwrap();
+        let db = open_db(&path, &k).unwrap();
+        assert_eq!(read_all(&db).unwrap(), expected(0..400));
+    }
+}

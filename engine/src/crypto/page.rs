@@ -1,0 +1,338 @@
+//! The physical format of an encrypted database file: preamble, the two copies of redb's
+//! header page, and one AES-256-GCM block per 4 KiB logical page.
+//!
+//! # Layout (format version 1, all integers little-endian)
+//!
+//! ```text
+//! offset                        size   content
+//! 0                             64     preamble (plaintext, nothing secret)
+//! 64                            4136   header copy A  (logical page 0, pseudo-index 2^64-2)
+//! 4200                          4136   header copy B  (logical page 0, pseudo-index 2^64-1)
+//! 8336 + (i-1)*4128             4128   block of logical page i, for i >= 1
+//! ```
+//!
+//! A file of logical length `L` (a multiple of 4096) is `64` bytes long if `L = 0`, else
+//! `8336 + (L/4096 - 1) * 4128` bytes. Any other length is reported as truncated/corrupted.
+//!
+//! ## Preamble (64 bytes)
+//!
+//! | offset | len | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `FHKPAGE\0` |
+//! | 8 | 2 | format version, u16 = 1 |
+//! | 10 | 2 | reserved, 0 |
+//! | 12 | 4 | logical page size, u32 = 4096 |
+//! | 16 | 4 | page block size, u32 = 4128 |
+//! | 20 | 4 | header block size, u32 = 4136 |
+//! | 24 | 16 | `db_id` (must equal the key header's) |
+//! | 40 | 8 | reserved, 0 |
+//! | 48 | 16 | first 16 bytes of BLAKE3(bytes 0..48) |
+//!
+//! ## Block (page block 4128 bytes, header block 4136 bytes)
+//!
+//! | offset | len | field |
+//! |---|---|---|
+//! | 0 | 4 | `key_id`, u32 (≥ 1): data key that encrypted the block |
+//! | 4 | 12 | random 96-bit nonce, fresh for every write |
+//! | 16 | 16 | GCM tag |
+//! | 32 | 4096 (page) / 4104 (header) | ciphertext |
+//!
+//! Header-copy plaintext is `sequence u64 ‖ logical page 0 (4096 bytes)`.
+//!
+//! AAD (30 bytes) = `db_id [16] ‖ format version u16 ‖ block index u64 ‖ key_id u32`, where the
+//! block index is the logical page number for page blocks and 2^64−2 / 2^64−1 for header
+//! copies A / B. A block moved to another position, another file, or relabelled with
+//! another key id fails authentication.
+//!
+//! ## Zero blocks
+//!
+//! redb requires space added by `set_len` to read as zeros, and growing the file yields
+//! all-zero physical blocks. An all-zero block (it can never be a real encrypted block,
+//! whose `key_id` is ≥ 1) therefore reads as a zero page. This reveals which pages were never
+//! written. A used block that an attacker zeroes reads as zeros, which redb's page checksums
+//! (stored in the parent page, itself authenticated) reject.
+
+use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::AeadInOut;
+use aes_gcm::aead::inout::InOutBuf;
+
+use super::keys::Keyring;
+
+/// Logical page size (redb's page size).
+pub const PAGE_SIZE: usize = 4096;
+/// Bytes in front of each ciphertext: key id, nonce, tag.
+pub const BLOCK_OVERHEAD: usize = 32;
+/// Physical size of a page block.
+pub const PAGE_BLOCK_SIZE: usize = PAGE_SIZE + BLOCK_OVERHEAD;
+/// Plaintext size of a header copy: sequence number + page 0.
+pub const HEADER_PLAIN_SIZE: usize = 8 + PAGE_SIZE;
+/// Physical size of a header copy block.
+pub const HEADER_BLOCK_SIZE: usize = HEADER_PLAIN_SIZE + BLOCK_OVERHEAD;
+/// Size of the plaintext preamble.
+pub const PREAMBLE_SIZE: usize = 64;
+/// Physical offset of header copy A.
+pub const HEADER_A_OFFSET: u64 = PREAMBLE_SIZE as u64;
+/// Physical offset of header copy B.
+pub const HEADER_B_OFFSET: u64 = HEADER_A_OFFSET + HEADER_BLOCK_SIZE as u64;
+/// Physical offset of the block of logical page 1.
+pub const PAGES_OFFSET: u64 = HEADER_B_OFFSET + HEADER_BLOCK_SIZE as u64;
+/// Physical format version.
+pub const FORMAT_VERSION: u16 = 1;
+/// Magic bytes at offset 0.
+pub const MAGIC: &[u8; 8] = b"FHKPAGE\0";
+/// Pseudo block index of header copy A in the AAD.
+pub const HEADER_A_INDEX: u64 = u64::MAX - 1;
+/// Pseudo block index of header copy B in the AAD.
+pub const HEADER_B_INDEX: u64 = u64::MAX;
+
+/// Physical offset of the block holding logical page `page` (≥ 1).
+pub fn page_block_offset(page: u64) -> u64 {
+    PAGES_OFFSET + (page - 1) * PAGE_BLOCK_SIZE as u64
+}
+
+/// Physical length for a logical length (a multiple of 4096).
+pub fn physical_len(logical: u64) -> u64 {
+    if logical == 0 {
+        PREAMBLE_SIZE as u64
+    } else {
+        page_block_offset(logical / PAGE_SIZE as u64)
+    }
+}
+
+/// Logical length for a physical length, or `None` if it is not a valid block boundary.
+pub fn logical_len(physical: u64) -> Option<u64> {
+    if physical == PREAMBLE_SIZE as u64 {
+        return Some(0);
+    }
+    let rest = physical.checked_sub(PAGES_OFFSET)?;
+    if !rest.is_multiple_of(PAGE_BLOCK_SIZE as u64) {
+        return None;
+    }
+    Some((rest / PAGE_BLOCK_SIZE as u64 + 1) * PAGE_SIZE as u64)
+}
+
+/// Builds the preamble for a database id.
+pub fn encode_preamble(db_id: &[u8; 16]) -> [u8; PREAMBLE_SIZE] {
+    let mut p = [0u8; PREAMBLE_SIZE];
+    p[..8].copy_from_slice(MAGIC);
+    p[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    p[12..16].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+    p[16..20].copy_from_slice(&(PAGE_BLOCK_SIZE as u32).to_le_bytes());
+    p[20..24].copy_from_slice(&(HEADER_BLOCK_SIZE as u32).to_le_bytes());
+    p[24..40].copy_from_slice(db_id);
+    let sum = blake3::hash(&p[..48]);
+    p[48..64].copy_from_slice(&sum.as_bytes()[..16]);
+    p
+}
+
+/// Checks a preamble; returns a description of the problem, or `None` if it is valid for
+/// `db_id`. Descriptions contain no data.
+pub fn check_preamble(p: &[u8], db_id: &[u8; 16]) -> Option<String> {
+    if p.len() != PREAMBLE_SIZE || &p[..8] != MAGIC {
+        return Some("not an encrypted fhirkeep data file (bad magic)".into());
+    }
+    let sum = blake3::hash(&p[..48]);
+    if sum.as_bytes()[..16] != p[48..64] {
+        return Some("the file preamble is damaged".into());
+    }
+    let version = u16::from_le_bytes([p[8], p[9]]);
+    if version != FORMAT_VERSION {
+        return Some(format!("unsupported data file format version {version}"));
+    }
+    let expected = encode_preamble(db_id);
+    if p[10..24] != expected[10..24] || p[40..48] != expected[40..48] {
+        return Some("the file preamble has unsupported parameters".into());
+    }
+    if p[24..40] != expected[24..40] {
+        return Some(
+            "the data file belongs to another database (database id differs from the key header)"
+                .into(),
+        );
+    }
+    None
+}
+
+fn aad(db_id: &[u8; 16], index: u64, key_id: u32) -> [u8; 30] {
+    let mut a = [0u8; 30];
+    a[..16].copy_from_slice(db_id);
+    a[16..18].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    a[18..26].copy_from_slice(&index.to_le_bytes());
+    a[26..30].copy_from_slice(&key_id.to_le_bytes());
+    a
+}
+
+/// Whether a physical block is all zeros (never written).
+pub fn is_zero_block(block: &[u8]) -> bool {
+    block.iter().all(|&b| b == 0)
+}
+
+/// Why a block could not be encrypted.
+#[derive(Debug)]
+pub(crate) enum SealError {
+    /// The random number generator failed.
+    Random,
+    /// Internal error (unknown key id, AEAD length limits).
+    Internal,
+}
+
+/// Encrypts `plain` into `block` (`block.len() == plain.len() + 32`) with a fresh random
+/// nonce. The caller must already have counted the encryption with
+/// [`Keyring::consume_nonces`].
+pub(crate) fn seal_into(
+    keyring: &Keyring,
+    key_id: u32,
+    index: u64,
+    plain: &[u8],
+    block: &mut [u8],
+) -> Result<(), SealError> {
+    let cipher: &Aes256Gcm = keyring.cipher(key_id).ok_or(SealError::Internal)?;
+    if block.len() != plain.len() + BLOCK_OVERHEAD {
+        return Err(SealError::Internal);
+    }
+    let (head, body) = block.split_at_mut(BLOCK_OVERHEAD);
+    head[..4].copy_from_slice(&key_id.to_le_bytes());
+    getrandom::fill(&mut head[4..16]).map_err(|_| SealError::Random)?;
+    let mut nonce = [0u8; 12];
+    nonce.copy_from_slice(&head[4..16]);
+    let buf = InOutBuf::new(plain, body).map_err(|_| SealError::Internal)?;
+    let tag = cipher
+        .encrypt_inout_detached(&nonce.into(), &aad(&keyring.db_id(), index, key_id), buf)
+        .map_err(|_| SealError::Internal)?;
+    head[16..32].copy_from_slice(&tag);
+    Ok(())
+}
+
+/// Encrypts `block[32..]` in place (the plaintext is already there).
+pub(crate) fn seal_in_place(
+    keyring: &Keyring,
+    key_id: u32,
+    index: u64,
+    block: &mut [u8],
+) -> Result<(), SealError> {
+    let cipher: &Aes256Gcm = keyring.cipher(key_id).ok_or(SealError::Internal)?;
+    if block.len() < BLOCK_OVERHEAD {
+        return Err(SealError::Internal);
+    }
+    let (head, body) = block.split_at_mut(BLOCK_OVERHEAD);
+    head[..4].copy_from_slice(&key_id.to_le_bytes());
+    getrandom::fill(&mut head[4..16]).map_err(|_| SealError::Random)?;
+    let mut nonce = [0u8; 12];
+    nonce.copy_from_slice(&head[4..16]);
+    let tag = cipher
+        .encrypt_inout_detached(
+            &nonce.into(),
+            &aad(&keyring.db_id(), index, key_id),
+            body.into(),
+        )
+        .map_err(|_| SealError::Internal)?;
+    head[16..32].copy_from_slice(&tag);
+    Ok(())
+}
+
+/// Decrypts `block` into `out` (`out.len() == block.len() - 32`). Returns false (and zeroes
+/// `out`) if the block does not authenticate at position `index`.
+#[must_use]
+pub(crate) fn open_into(keyring: &Keyring, index: u64, block: &[u8], out: &mut [u8]) -> bool {
+    let ok = open_into_inner(keyring, index, block, out);
+    if !ok {
+        out.fill(0);
+    }
+    ok
+}
+
+fn open_into_inner(keyring: &Keyring, index: u64, block: &[u8], out: &mut [u8]) -> bool {
+    if block.len() != out.len() + BLOCK_OVERHEAD {
+        return false;
+    }
+    let (head, body) = block.split_at(BLOCK_OVERHEAD);
+    let key_id = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    let Some(cipher) = keyring.cipher(key_id) else {
+        return false;
+    };
+    let mut nonce = [0u8; 12];
+    nonce.copy_from_slice(&head[4..16]);
+    let mut tag = [0u8; 16];
+    tag.copy_from_slice(&head[16..32]);
+    let Ok(buf) = InOutBuf::new(body, out) else {
+        return false;
+    };
+    cipher
+        .decrypt_inout_detached(
+            &nonce.into(),
+            &aad(&keyring.db_id(), index, key_id),
+            buf,
+            &tag.into(),
+        )
+        .is_ok()
+}
+
+/// Decrypts `block[32..]` in place. On failure the plaintext area is zeroed.
+#[must_use]
+pub(crate) fn open_in_place(keyring: &Keyring, index: u64, block: &mut [u8]) -> bool {
+    if block.len() < BLOCK_OVERHEAD {
+        return false;
+    }
+    let (head, body) = block.split_at_mut(BLOCK_OVERHEAD);
+    let key_id = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    let ok = match keyring.cipher(key_id) {
+        Some(cipher) => {
+            let mut nonce = [0u8; 12];
+            nonce.copy_from_slice(&head[4..16]);
+            let mut tag = [0u8; 16];
+            tag.copy_from_slice(&head[16..32]);
+            cipher
+                .decrypt_inout_detached(
+                    &nonce.into(),
+                    &aad(&keyring.db_id(), index, key_id),
+                    body.into(),
+                    &tag.into(),
+                )
+                .is_ok()
+        }
+        None => false,
+    };
+    if !ok {
+        body.fill(0);
+    }
+    ok
+}
+
+/// The key id a (non-zero) block names.
+pub(crate) fn block_key_id(block: &[u8]) -> Option<u32> {
+    let b = block.get(..4)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn length_mapping_roundtrips() {
+        assert_eq!(physical_len(0), 64);
+        assert_eq!(logical_len(64), Some(0));
+        assert_eq!(physical_len(4096), PAGES_OFFSET);
+        assert_eq!(PAGES_OFFSET, 8336);
+        for pages in 1..50u64 {
+            let l = pages * 4096;
+            assert_eq!(logical_len(physical_len(l)), Some(l));
+            assert_eq!(logical_len(physical_len(l) + 1), None);
+            assert_eq!(logical_len(physical_len(l) - 1), None);
+        }
+        assert_eq!(logical_len(0), None);
+        assert_eq!(logical_len(100), None);
+    }
+
+    #[test]
+    fn preamble_checks() {
+        let id = [7u8; 16];
+        let p = encode_preamble(&id);
+        assert!(check_preamble(&p, &id).is_none());
+        assert!(check_preamble(&p, &[8u8; 16]).is_some());
+        for i in 0..PREAMBLE_SIZE {
+            let mut bad = p;
+            bad[i] ^= 0x40;
+            assert!(check_preamble(&bad, &id).is_some(), "byte {i}");
+        }
+    }
+}

@@ -1,0 +1,913 @@
+//! The resource store: opening a database, reads, history, and the audit of every access.
+//!
+//! A [`Store`] owns one encrypted redb file (`DIR/fhirkeep.redb`) and its key header
+//! (`DIR/fhirkeep.keys`). Writes go through a [`WriteTxn`]; every operation, read or write,
+//! appends a leaf to the Merkle audit log. A write's leaves commit in the write's own
+//! transaction. Read leaves are either made durable before the data is returned
+//! ([`ReadAudit::Durable`]) or group-committed ([`ReadAudit::GroupCommit`]): buffered in
+//! memory and committed by the next write or by a background flush at most `max_delay`
+//! later. A crash can lose the read leaves of that window, never a write's leaf.
+
+mod history;
+mod record;
+mod redb_error;
+mod txn;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use redb::{ReadableDatabase, ReadableTable, StorageBackend};
+use serde_json::Value;
+
+use crate::audit::{
+    self, AuditAction, AuditActor, AuditOutcome, AuditRecord, ConsistencyProof, InclusionProof,
+    SignedTreeHead, VerifyReport,
+};
+use crate::crypto::{EncryptedBackend, FileReport, KdfParams, KeySource, Keyring};
+use crate::resource::{check_id, check_resource_type};
+use crate::{Error, Result};
+
+pub use history::{HistoryPage, HistoryQuery};
+pub use record::VersionKind;
+use record::{VERSIONS, VersionRecord};
+pub use txn::{DeleteOutcome, UpdateOutcome, WriteTxn};
+
+/// File name of the encrypted redb database inside a database directory.
+pub const DATABASE_FILE: &str = "fhirkeep.redb";
+
+/// Who is asking, from where, under which request: recorded in every audit leaf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessContext {
+    /// The authenticated user or system (e.g. a token's `sub`).
+    pub subject: String,
+    /// The client application (e.g. a token's `client_id`, or the CLI command).
+    pub client: String,
+    /// Network source address, or `local` for in-process callers.
+    pub source: String,
+    /// Request id correlating the leaf with logs.
+    pub request_id: String,
+}
+
+impl AccessContext {
+    /// A context for an authenticated caller.
+    pub fn new(
+        subject: impl Into<String>,
+        client: impl Into<String>,
+        source: impl Into<String>,
+        request_id: impl Into<String>,
+    ) -> Self {
+        AccessContext {
+            subject: subject.into(),
+            client: client.into(),
+            source: source.into(),
+            request_id: request_id.into(),
+        }
+    }
+
+    /// A context for a local, in-process tool (CLI, embedding application) with a fresh request id.
+    pub fn local(client: impl Into<String>) -> Self {
+        let subject = std::env::var("USER").unwrap_or_else(|_| "local".into());
+        AccessContext::new(subject, client, "local", uuid::Uuid::new_v4().to_string())
+    }
+
+    fn actor(&self) -> AuditActor {
+        AuditActor {
+            subject: self.subject.clone(),
+            client: self.client.clone(),
+            source: self.source.clone(),
+        }
+    }
+}
+
+/// How reads are audited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadAudit {
+    /// Each read's leaf is committed durably before the read returns data (one fsync per read).
+    Durable,
+    /// Read leaves are buffered and committed together, at most `max_delay` after the read.
+    GroupCommit {
+        /// Longest time a read leaf waits in memory; the crash-loss window.
+        max_delay: Duration,
+    },
+}
+
+impl Default for ReadAudit {
+    fn default() -> Self {
+        ReadAudit::GroupCommit {
+            max_delay: Duration::from_millis(200),
+        }
+    }
+}
+
+/// One stored version of a resource, as readers get it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResource {
+    /// The resource type.
+    pub resource_type: String,
+    /// The logical id.
+    pub id: String,
+    /// The version id (1, 2, ...).
+    pub version: u64,
+    /// When this version was written (engine clock, strictly increasing per database).
+    pub last_updated: DateTime<Utc>,
+    /// How this version came to be.
+    pub kind: VersionKind,
+    /// blake3 of [`Self::json_bytes`], as recorded in the audit log.
+    pub content_hash: [u8; 32],
+    body: Vec<u8>,
+}
+
+impl StoredResource {
+    /// The resource JSON, with `id` and `meta` set by the engine; empty for a deletion.
+    pub fn json_bytes(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// The resource JSON parsed; `Value::Null` for a deletion.
+    pub fn to_json(&self) -> Result<Value> {
+        if self.body.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&self.body)
+            .map_err(|_| Error::Corrupted("stored resource is not valid JSON".into()))
+    }
+
+    /// Whether this version is a deletion tombstone.
+    pub fn is_deleted(&self) -> bool {
+        self.kind == VersionKind::Deleted
+    }
+
+    /// `meta.lastUpdated` as FHIR instant text.
+    pub fn last_updated_text(&self) -> String {
+        format_instant(self.last_updated)
+    }
+
+    fn from_record(
+        resource_type: &str,
+        id: &str,
+        version: u64,
+        record: &VersionRecord<'_>,
+    ) -> Result<Self> {
+        Ok(StoredResource {
+            resource_type: resource_type.to_owned(),
+            id: id.to_owned(),
+            version,
+            last_updated: micros_to_datetime(record.last_updated_micros)?,
+            kind: record.kind,
+            content_hash: record.content_hash,
+            body: record.body()?,
+        })
+    }
+}
+
+/// What `fhirkeep check` found.
+#[derive(Debug, Clone)]
+pub struct CheckReport {
+    /// Page-level authentication of the whole file.
+    pub pages: FileReport,
+    /// redb's own structural and checksum check.
+    pub redb_integrity_ok: bool,
+    /// The audit log recomputed from its leaves.
+    pub audit: VerifyReport,
+}
+
+/// Configures and opens a [`Store`].
+#[derive(Debug)]
+pub struct StoreBuilder {
+    dir: PathBuf,
+    key: Option<KeySource>,
+    kdf: KdfParams,
+    cache_size: usize,
+    read_audit: ReadAudit,
+}
+
+impl StoreBuilder {
+    /// Where the key comes from: a passphrase or a key file.
+    pub fn key(mut self, key: KeySource) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Argon2id parameters used when a database is created with a passphrase.
+    pub fn kdf(mut self, kdf: KdfParams) -> Self {
+        self.kdf = kdf;
+        self
+    }
+
+    /// Bytes of decrypted pages kept in memory (default 256 MiB).
+    pub fn cache_size(mut self, bytes: usize) -> Self {
+        self.cache_size = bytes;
+        self
+    }
+
+    /// How reads are audited (default: group commit within 200 ms).
+    pub fn read_audit(mut self, mode: ReadAudit) -> Self {
+        self.read_audit = mode;
+        self
+    }
+
+    fn key_source(&self) -> Result<&KeySource> {
+        self.key.as_ref().ok_or(Error::NoKeySource)
+    }
+
+    /// Creates a new database in the directory (created if missing). Fails if one exists.
+    pub fn create(self) -> Result<Store> {
+        std::fs::create_dir_all(&self.dir)?;
+        let path = self.dir.join(DATABASE_FILE);
+        if path.exists() {
+            return Err(Error::AlreadyExists(self.dir.clone()));
+        }
+        let keyring = Keyring::create(&self.dir, self.key_source()?, self.kdf)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        restrict_permissions(&path)?;
+        let backend = redb::backends::FileBackend::new(file)?;
+        self.finish(backend, keyring)
+    }
+
+    /// Opens an existing database. A wrong key fails here, before any page is read.
+    pub fn open(self) -> Result<Store> {
+        let path = self.dir.join(DATABASE_FILE);
+        let keyring = Keyring::open(&self.dir, self.key_source()?)?;
+        if !path.exists() {
+            return Err(Error::DatabaseNotFound(self.dir.clone()));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let backend = redb::backends::FileBackend::new(file)?;
+        self.finish(backend, keyring)
+    }
+
+    /// Opens the database if it exists, creates it otherwise.
+    pub fn open_or_create(self) -> Result<Store> {
+        if self.dir.join(DATABASE_FILE).exists() {
+            self.open()
+        } else {
+            self.create()
+        }
+    }
+
+    /// Opens or creates over a caller-supplied physical backend (crash and fault tests).
+    #[cfg(test)]
+    pub(crate) fn open_on_backend<B: StorageBackend>(
+        self,
+        backend: B,
+        keyring: Arc<Keyring>,
+    ) -> Result<Store> {
+        self.finish(backend, keyring)
+    }
+
+    fn finish<B: StorageBackend>(self, backend: B, keyring: Arc<Keyring>) -> Result<Store> {
+        let encrypted = EncryptedBackend::new(backend, Arc::clone(&keyring))?;
+        let db = redb::Builder::new()
+            .set_cache_size(self.cache_size)
+            .create_with_backend(encrypted)?;
+        let inner = Arc::new(Inner {
+            db,
+            dir: self.dir,
+            read_audit: self.read_audit,
+            pending_reads: Mutex::new(Vec::new()),
+            clock: AtomicI64::new(0),
+            _counters: CounterGuard(keyring),
+        });
+        inner.initialize()?;
+        // Refused writes are always buffered (their transaction may still be open), so the
+        // flusher runs in both read-audit modes.
+        let max_delay = match self.read_audit {
+            ReadAudit::GroupCommit { max_delay } => max_delay,
+            ReadAudit::Durable => Duration::from_millis(200),
+        };
+        let flusher = Some(Flusher::start(&inner, max_delay));
+        Ok(Store { inner, flusher })
+    }
+}
+
+/// Persists the nonce counters after the database (declared before it) has closed.
+#[derive(Debug)]
+struct CounterGuard(Arc<Keyring>);
+
+impl Drop for CounterGuard {
+    fn drop(&mut self) {
+        // Best effort: on failure the next open starts from the reserved high-water mark,
+        // which only wastes nonce budget.
+        let _ = self.0.persist_counters();
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    db: redb::Database,
+    dir: PathBuf,
+    read_audit: ReadAudit,
+    pending_reads: Mutex<Vec<AuditRecord>>,
+    /// Last timestamp handed out, in µs since the epoch; loaded from the store on open.
+    clock: AtomicI64,
+    _counters: CounterGuard,
+}
+
+/// An open fhirkeep database.
+#[derive(Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+    flusher: Option<Flusher>,
+}
+
+impl Store {
+    /// Starts configuring a store in `dir`.
+    pub fn builder(dir: impl Into<PathBuf>) -> StoreBuilder {
+        StoreBuilder {
+            dir: dir.into(),
+            key: None,
+            kdf: KdfParams::default(),
+            cache_size: 256 << 20,
+            read_audit: ReadAudit::default(),
+        }
+    }
+
+    /// The database directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Begins a write transaction: every write in it commits atomically, with its audit leaves.
+    pub fn begin_write(&self, ctx: &AccessContext) -> Result<WriteTxn<'_>> {
+        WriteTxn::begin(self, ctx.clone())
+    }
+
+    /// Runs `body` in one write transaction and commits it if `body` succeeds.
+    pub fn write<T>(
+        &self,
+        ctx: &AccessContext,
+        body: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut txn = self.begin_write(ctx)?;
+        let value = body(&mut txn)?;
+        txn.commit()?;
+        Ok(value)
+    }
+
+    /// Creates a resource with a server-assigned id.
+    pub fn create(&self, ctx: &AccessContext, resource: Value) -> Result<StoredResource> {
+        self.write(ctx, |txn| txn.create(resource))
+    }
+
+    /// Updates (or creates with the client's id) a resource, optionally only if the current
+    /// version is `expected_version`.
+    pub fn update(
+        &self,
+        ctx: &AccessContext,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+        expected_version: Option<u64>,
+    ) -> Result<UpdateOutcome> {
+        self.write(ctx, |txn| {
+            txn.update(resource_type, id, resource, expected_version)
+        })
+    }
+
+    /// Deletes a resource by writing a tombstone version.
+    pub fn delete(
+        &self,
+        ctx: &AccessContext,
+        resource_type: &str,
+        id: &str,
+        expected_version: Option<u64>,
+    ) -> Result<DeleteOutcome> {
+        self.write(ctx, |txn| txn.delete(resource_type, id, expected_version))
+    }
+
+    /// Reads the current version. A deleted resource is [`Error::Gone`].
+    pub fn read(
+        &self,
+        ctx: &AccessContext,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<StoredResource> {
+        let result = self.lookup(resource_type, id, Lookup::Current);
+        self.audit_access(ctx, AuditAction::Read, resource_type, id, &result)?;
+        result
+    }
+
+    /// Reads one version. A tombstone version reads as [`Error::Gone`].
+    pub fn vread(
+        &self,
+        ctx: &AccessContext,
+        resource_type: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<StoredResource> {
+        let result = self.lookup(resource_type, id, Lookup::Version(version));
+        self.audit_access(ctx, AuditAction::VRead, resource_type, id, &result)?;
+        result
+    }
+
+    /// Reads the version that was current at `instant` (point-in-time read).
+    pub fn read_as_of(
+        &self,
+        ctx: &AccessContext,
+        resource_type: &str,
+        id: &str,
+        instant: DateTime<Utc>,
+    ) -> Result<StoredResource> {
+        let result = self.lookup(resource_type, id, Lookup::AsOf(instant.timestamp_micros()));
+        self.audit_access(
+            ctx,
+            AuditAction::PointInTimeRead,
+            resource_type,
+            id,
+            &result,
+        )?;
+        result
+    }
+
+    fn lookup(&self, resource_type: &str, id: &str, which: Lookup) -> Result<StoredResource> {
+        check_resource_type(resource_type)?;
+        check_id(id)?;
+        let txn = self.inner.db.begin_read()?;
+        let versions = txn.open_table(VERSIONS)?;
+        let found = find_version(&versions, resource_type, id, which)?;
+        let (version, stored) = found.ok_or(Error::NotFound)?;
+        if stored.is_deleted() {
+            return Err(Error::Gone { version });
+        }
+        Ok(stored)
+    }
+
+    /// Records an access made by a layer above the engine (e.g. a search, whose parameters are
+    /// passed as a hash). Follows the read-audit mode.
+    pub fn record_access(&self, ctx: &AccessContext, record: AccessRecord) -> Result<()> {
+        let leaf = AuditRecord {
+            time_micros: now_micros(),
+            actor: ctx.actor(),
+            request_id: ctx.request_id.clone(),
+            action: record.action,
+            resource_type: record.resource_type,
+            id: record.id,
+            version: record.version,
+            outcome: record.outcome,
+            content_hash: None,
+            query_hash: record.query_hash,
+        };
+        self.inner.enqueue_read_leaf(leaf)
+    }
+
+    fn audit_access(
+        &self,
+        ctx: &AccessContext,
+        action: AuditAction,
+        resource_type: &str,
+        id: &str,
+        result: &Result<StoredResource>,
+    ) -> Result<()> {
+        let well_formed =
+            crate::resource::is_resource_type(resource_type) && crate::resource::is_valid_id(id);
+        let (version, content_hash) = match result {
+            Ok(stored) => (Some(stored.version), Some(stored.content_hash)),
+            Err(Error::Gone { version }) => (Some(*version), None),
+            Err(_) => (None, None),
+        };
+        let leaf = AuditRecord {
+            time_micros: now_micros(),
+            actor: ctx.actor(),
+            request_id: ctx.request_id.clone(),
+            action,
+            resource_type: well_formed.then(|| resource_type.to_owned()),
+            id: well_formed.then(|| id.to_owned()),
+            version,
+            outcome: outcome_of(result),
+            content_hash,
+            query_hash: None,
+        };
+        self.inner.enqueue_read_leaf(leaf)
+    }
+
+    /// Commits buffered read leaves now.
+    pub fn flush_audit(&self) -> Result<()> {
+        self.inner.flush_pending()
+    }
+
+    /// The newest stored signed tree head, without signing a new one.
+    pub fn latest_audit_head(&self) -> Result<Option<SignedTreeHead>> {
+        let txn = self.inner.db.begin_read()?;
+        audit::log::latest_head(&txn)
+    }
+
+    /// The newest signed tree head, signing a fresh one if leaves were added since.
+    pub fn audit_head(&self) -> Result<SignedTreeHead> {
+        self.flush_audit()?;
+        let txn = self.inner.begin_write_txn()?;
+        let head = audit::log::sign_head(&txn, self.inner.tick())?;
+        txn.commit()?;
+        Ok(head)
+    }
+
+    /// Number of leaves in the audit log (after flushing buffered read leaves).
+    pub fn audit_size(&self) -> Result<u64> {
+        self.flush_audit()?;
+        let txn = self.inner.db.begin_read()?;
+        audit::log::size(&txn)
+    }
+
+    /// The audit leaf with sequence number `seq`.
+    pub fn audit_leaf(&self, seq: u64) -> Result<audit::AuditLeaf> {
+        let txn = self.inner.db.begin_read()?;
+        audit::log::leaf(&txn, seq)?.ok_or(Error::NotFound)
+    }
+
+    /// The signed head stored for exactly `size` leaves, if one was signed at that size.
+    pub fn audit_head_at(&self, size: u64) -> Result<Option<SignedTreeHead>> {
+        let txn = self.inner.db.begin_read()?;
+        audit::log::head_at(&txn, size)
+    }
+
+    /// Proof that leaf `seq` is in the tree of `size` leaves.
+    pub fn prove_inclusion(&self, seq: u64, size: u64) -> Result<InclusionProof> {
+        let txn = self.inner.db.begin_read()?;
+        audit::log::prove_inclusion(&txn, seq, size)
+    }
+
+    /// Proof that the tree of `old_size` leaves is a prefix of the tree of `new_size` leaves.
+    pub fn prove_consistency(&self, old_size: u64, new_size: u64) -> Result<ConsistencyProof> {
+        let txn = self.inner.db.begin_read()?;
+        audit::log::prove_consistency(&txn, old_size, new_size)
+    }
+
+    /// Recomputes the whole audit tree from its leaves and checks every stored head.
+    pub fn verify_audit(&self) -> Result<VerifyReport> {
+        self.flush_audit()?;
+        let txn = self.inner.db.begin_read()?;
+        audit::log::verify_log(&txn)
+    }
+
+    /// Checks the current log against a head an auditor kept from earlier.
+    pub fn verify_audit_against(&self, trusted: &SignedTreeHead) -> Result<()> {
+        self.flush_audit()?;
+        let txn = self.inner.db.begin_read()?;
+        audit::log::verify_against_trusted_head(&txn, trusted)
+    }
+
+    /// Authenticates every page, runs redb's integrity check and verifies the audit log.
+    ///
+    /// Opens the database exclusively; the first fault found is returned as an error.
+    pub fn check(dir: impl Into<PathBuf>, key: KeySource) -> Result<CheckReport> {
+        let dir = dir.into();
+        let keyring = Keyring::open(&dir, &key)?;
+        let path = dir.join(DATABASE_FILE);
+        if !path.exists() {
+            return Err(Error::DatabaseNotFound(dir));
+        }
+        let pages = crate::crypto::verify_file(&path, &keyring)?;
+        drop(keyring);
+        if !pages.is_ok() {
+            let mut faults = pages.problems.clone();
+            if !pages.failed_pages.is_empty() {
+                let shown: Vec<String> = pages
+                    .failed_pages
+                    .iter()
+                    .take(20)
+                    .map(u64::to_string)
+                    .collect();
+                faults.push(format!(
+                    "{} page(s) failed authentication: {}{}",
+                    pages.failed_pages.len(),
+                    shown.join(", "),
+                    if pages.failed_pages.len() > 20 {
+                        ", ..."
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            return Err(Error::Corrupted(faults.join("; ")));
+        }
+        let store = Store::builder(&dir)
+            .key(key)
+            .read_audit(ReadAudit::Durable)
+            .open()?;
+        let audit = store.verify_audit()?;
+        let mut store = store;
+        let redb_integrity_ok = store.check_redb_integrity()?;
+        if !redb_integrity_ok {
+            return Err(Error::Corrupted(
+                "redb integrity check failed (checksums or tree structure)".into(),
+            ));
+        }
+        Ok(CheckReport {
+            pages,
+            redb_integrity_ok,
+            audit,
+        })
+    }
+
+    fn check_redb_integrity(&mut self) -> Result<bool> {
+        if let Some(flusher) = self.flusher.take() {
+            flusher.stop();
+        }
+        self.inner.flush_pending()?;
+        let inner = Arc::get_mut(&mut self.inner).ok_or_else(|| {
+            Error::Storage("integrity check needs exclusive access to the store".into())
+        })?;
+        Ok(inner.db.check_integrity()?)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(flusher) = self.flusher.take() {
+            flusher.stop();
+        }
+        // Best effort on close: a failure here loses at most the buffered read leaves,
+        // which is the documented group-commit window.
+        let _ = self.inner.flush_pending();
+    }
+}
+
+/// An access to record in the audit log on behalf of a higher layer.
+#[derive(Debug, Clone)]
+pub struct AccessRecord {
+    /// What was done.
+    pub action: AuditAction,
+    /// The resource type concerned, if any.
+    pub resource_type: Option<String>,
+    /// The resource id concerned, if any.
+    pub id: Option<String>,
+    /// The version concerned, if any.
+    pub version: Option<u64>,
+    /// How it ended.
+    pub outcome: AuditOutcome,
+    /// blake3 of the normalized query (never the query itself: it may hold PHI).
+    pub query_hash: Option<[u8; 32]>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Lookup {
+    Current,
+    Version(u64),
+    AsOf(i64),
+}
+
+fn find_version(
+    versions: &impl ReadableTable<(&'static str, &'static str, u64), &'static [u8]>,
+    resource_type: &str,
+    id: &str,
+    which: Lookup,
+) -> Result<Option<(u64, StoredResource)>> {
+    let decode = |version: u64, bytes: &[u8]| -> Result<(u64, StoredResource)> {
+        let record = VersionRecord::decode(bytes)?;
+        Ok((
+            version,
+            StoredResource::from_record(resource_type, id, version, &record)?,
+        ))
+    };
+    match which {
+        Lookup::Version(version) => match versions.get((resource_type, id, version))? {
+            Some(guard) => decode(version, guard.value()).map(Some),
+            None => Ok(None),
+        },
+        Lookup::Current => {
+            let mut range =
+                versions.range((resource_type, id, 0)..=(resource_type, id, u64::MAX))?;
+            match range.next_back() {
+                Some(entry) => {
+                    let (key, value) = entry?;
+                    decode(key.value().2, value.value()).map(Some)
+                }
+                None => Ok(None),
+            }
+        }
+        Lookup::AsOf(micros) => {
+            let range = versions.range((resource_type, id, 0)..=(resource_type, id, u64::MAX))?;
+            for entry in range.rev() {
+                let (key, value) = entry?;
+                let record = VersionRecord::decode(value.value())?;
+                if record.last_updated_micros <= micros {
+                    let version = key.value().2;
+                    return Ok(Some((
+                        version,
+                        StoredResource::from_record(resource_type, id, version, &record)?,
+                    )));
+                }
+            }
+            Ok(None)
+        }
+    }
+}
+
+fn outcome_of<T>(result: &Result<T>) -> AuditOutcome {
+    match result {
+        Ok(_) => AuditOutcome::Success,
+        Err(Error::NotFound) => AuditOutcome::NotFound,
+        Err(Error::Gone { .. }) => AuditOutcome::Gone,
+        Err(Error::VersionConflict { .. }) => AuditOutcome::Conflict,
+        Err(Error::InvalidResource(_) | Error::InvalidId | Error::UnknownResourceType(_)) => {
+            AuditOutcome::Invalid
+        }
+        Err(_) => AuditOutcome::Error,
+    }
+}
+
+impl Inner {
+    fn initialize(&self) -> Result<()> {
+        let txn = self.begin_write_txn()?;
+        {
+            let mut meta = txn.open_table(record::META)?;
+            let format = meta
+                .get(record::META_FORMAT)?
+                .map(|guard| guard.value().to_vec());
+            match format {
+                None => {
+                    meta.insert(
+                        record::META_FORMAT,
+                        &record::FORMAT_VERSION.to_le_bytes()[..],
+                    )?;
+                }
+                Some(bytes) => {
+                    let found = <[u8; 4]>::try_from(bytes.as_slice())
+                        .map(u32::from_le_bytes)
+                        .map_err(|_| Error::Corrupted("format marker is malformed".into()))?;
+                    if found != record::FORMAT_VERSION {
+                        return Err(Error::Storage(format!(
+                            "database format {found} is not supported by this build (expects {})",
+                            record::FORMAT_VERSION
+                        )));
+                    }
+                }
+            }
+            let clock = match meta.get(record::META_CLOCK)? {
+                Some(guard) => <[u8; 8]>::try_from(guard.value())
+                    .map(i64::from_le_bytes)
+                    .map_err(|_| Error::Corrupted("clock is malformed".into()))?,
+                None => 0,
+            };
+            self.clock.store(clock, Ordering::SeqCst);
+            txn.open_table(VERSIONS)?;
+            txn.open_table(record::CHANGES)?;
+            txn.open_table(record::TYPE_CHANGES)?;
+        }
+        audit::log::initialize(&txn)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// A durable, two-phase write transaction (see docs/design.md on why 2PC).
+    fn begin_write_txn(&self) -> Result<redb::WriteTransaction> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::Immediate)?;
+        txn.set_two_phase_commit(true);
+        Ok(txn)
+    }
+
+    /// Next timestamp: wall clock, but never equal to or before the previous one.
+    fn tick(&self) -> i64 {
+        let now = now_micros();
+        let mut previous = self.clock.load(Ordering::SeqCst);
+        loop {
+            let next = now.max(previous + 1);
+            match self
+                .clock
+                .compare_exchange(previous, next, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return next,
+                Err(actual) => previous = actual,
+            }
+        }
+    }
+
+    fn enqueue_read_leaf(&self, leaf: AuditRecord) -> Result<()> {
+        match self.read_audit {
+            ReadAudit::Durable => {
+                let txn = self.begin_write_txn()?;
+                self.append_pending(&txn)?;
+                audit::log::append(&txn, leaf)?;
+                audit::log::sign_head(&txn, self.tick())?;
+                txn.commit()?;
+                Ok(())
+            }
+            ReadAudit::GroupCommit { .. } => {
+                lock(&self.pending_reads).push(leaf);
+                Ok(())
+            }
+        }
+    }
+
+    /// Buffers the leaf of a refused write; it commits with the next commit or flush.
+    fn enqueue_failed_write_leaf(&self, leaf: AuditRecord) {
+        lock(&self.pending_reads).push(leaf);
+    }
+
+    /// Moves buffered read leaves into `txn`. If `txn` does not commit they are lost, which
+    /// only happens on an error the caller sees.
+    fn append_pending(&self, txn: &redb::WriteTransaction) -> Result<()> {
+        let pending = std::mem::take(&mut *lock(&self.pending_reads));
+        for leaf in pending {
+            audit::log::append(txn, leaf)?;
+        }
+        Ok(())
+    }
+
+    fn flush_pending(&self) -> Result<()> {
+        if lock(&self.pending_reads).is_empty() {
+            return Ok(());
+        }
+        let txn = self.begin_write_txn()?;
+        self.append_pending(&txn)?;
+        audit::log::sign_head(&txn, self.tick())?;
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// Background thread that commits buffered read leaves every `max_delay`.
+#[derive(Debug)]
+struct Flusher {
+    shared: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl Flusher {
+    fn start(inner: &Arc<Inner>, max_delay: Duration) -> Flusher {
+        let weak: Weak<Inner> = Arc::downgrade(inner);
+        let shared = Arc::new((Mutex::new(false), Condvar::new()));
+        let stopped = Arc::new(AtomicBool::new(false));
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("fhirkeep-audit-flush".into())
+            .spawn(move || {
+                let (stop, wake) = &*thread_shared;
+                loop {
+                    let guard = lock(stop);
+                    let (guard, _) = wake
+                        .wait_timeout(guard, max_delay)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if *guard {
+                        return;
+                    }
+                    drop(guard);
+                    let Some(inner) = weak.upgrade() else { return };
+                    // A failed flush keeps nothing buffered twice; the next write or flush
+                    // reports the storage error to a caller.
+                    let _ = inner.flush_pending();
+                }
+            })
+            .ok();
+        Flusher {
+            shared,
+            thread,
+            stopped,
+        }
+    }
+
+    fn stop(mut self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        let (stop, wake) = &*self.shared;
+        *lock(stop) = true;
+        wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub(crate) fn now_micros() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+pub(crate) fn micros_to_datetime(micros: i64) -> Result<DateTime<Utc>> {
+    Utc.timestamp_micros(micros)
+        .single()
+        .ok_or_else(|| Error::Corrupted("timestamp out of range".into()))
+}
+
+/// FHIR `instant` text with microseconds, always UTC (`Z`).
+pub fn format_instant(instant: DateTime<Utc>) -> String {
+    instant.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn restrict_permissions(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

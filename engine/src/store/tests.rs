@@ -1,0 +1,517 @@
+//! Store behaviour at its API boundary: versions, history, point-in-time reads, audit leaves.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+use super::*;
+use crate::audit::AuditOutcome;
+use crate::crypto::create_key_file;
+
+/// One helper per boundary: a fresh store on a real file in a temp dir, keyed by a key file.
+pub(crate) fn temp_store(read_audit: ReadAudit) -> (TempDir, Store) {
+    let dir = TempDir::new().unwrap();
+    let store = open_store(dir.path(), read_audit);
+    (dir, store)
+}
+
+pub(crate) fn key_for(dir: &Path) -> KeySource {
+    let key = dir.join("test.key");
+    if !key.exists() {
+        create_key_file(&key).unwrap();
+    }
+    KeySource::KeyFile(key)
+}
+
+pub(crate) fn open_store(dir: &Path, read_audit: ReadAudit) -> Store {
+    Store::builder(dir.join("db"))
+        .key(key_for(dir))
+        .read_audit(read_audit)
+        .cache_size(8 << 20)
+        .open_or_create()
+        .unwrap()
+}
+
+fn ctx() -> AccessContext {
+    AccessContext::new("tester", "unit-test", "local", "req-1")
+}
+
+fn patient(family: &str) -> Value {
+    json!({"resourceType": "Patient", "name": [{"family": family}], "birthDate": "1970-01-01"})
+}
+
+#[test]
+fn create_assigns_unguessable_id_and_meta() {
+    let (_dir, store) = temp_store(ReadAudit::Durable);
+    let a = store.create(&ctx(), patient("A")).unwrap();
+    let b = store.create(&ctx(), patient("B")).unwrap();
+    assert_ne!(a.id, b.id);
+    assert!(crate::resource::is_valid_id(&a.id));
+    assert!(a.id.len() >= 32, "ids must carry enough randomness");
+    assert_eq!(a.version, 1);
+    let json = a.to_json().unwrap();
+    assert_eq!(json["id"], a.id.as_str());
+    assert_eq!(json["meta"]["versionId"], "1");
+    assert_eq!(json["meta"]["lastUpdated"], a.last_updated_text().as_str());
+    assert_eq!(json["name"][0]["family"], "A");
+}
+
+#[test]
+fn update_delete_and_versions() {
+    let (_dir, store) = temp_store(ReadAudit::Durable);
+    let c = ctx();
+    let created = store
+        .update(&c, "Patient", "p1", patient("One"), None)
+        .unwrap();
+    assert!(created.created);
+    assert_eq!(created.resource.version, 1);
+    let updated = store
+        .update(&c, "Patient", "p1", patient("Two"), Some(1))
+        .unwrap();
+    assert!(!updated.created);
+    assert_eq!(updated.resource.version, 2);
+
+    let conflict = store
+        .update(&c, "Patient", "p1", patient("Three"), Some(1))
+        .unwrap_err();
+    assert!(
+        matches!(
+            conflict,
+            Error::VersionConflict {
+                expected: 1,
+                current: 2
+            }
+        ),
+        "{conflict}"
+    );
+
+    assert_eq!(
+        store.read(&c, "Patient", "p1").unwrap().to_json().unwrap()["name"][0]["family"],
+        "Two"
+    );
+    assert_eq!(
+        store
+            .vread(&c, "Patient", "p1", 1)
+            .unwrap()
+            .to_json()
+            .unwrap()["name"][0]["family"],
+        "One"
+    );
+
+    let deleted = store.delete(&c, "Patient", "p1", None).unwrap();
+    assert_eq!(
+        deleted,
+        DeleteOutcome {
+            version: 3,
+            already_deleted: false
+        }
+    );
+    assert!(matches!(
+        store.read(&c, "Patient", "p1"),
+        Err(Error::Gone { version: 3 })
+    ));
+    assert!(matches!(
+        store.vread(&c, "Patient", "p1", 3),
+        Err(Error::Gone { version: 3 })
+    ));
+    assert_eq!(store.vread(&c, "Patient", "p1", 2).unwrap().version, 2);
+    let again = store.delete(&c, "Patient", "p1", None).unwrap();
+    assert!(again.already_deleted);
+
+    // Updating a deleted resource re-creates it as a new version.
+    let recreated = store
+        .update(&c, "Patient", "p1", patient("Four"), None)
+        .unwrap();
+    assert!(recreated.created);
+    assert_eq!(recreated.resource.version, 4);
+
+    assert!(matches!(
+        store.read(&c, "Patient", "nope"),
+        Err(Error::NotFound)
+    ));
+    assert!(matches!(
+        store.vread(&c, "Patient", "p1", 99),
+        Err(Error::NotFound)
+    ));
+    assert!(matches!(
+        store.delete(&c, "Patient", "nope", None),
+        Err(Error::NotFound)
+    ));
+}
+
+#[test]
+fn bad_input_is_a_typed_error_and_writes_nothing() {
+    let (_dir, store) = temp_store(ReadAudit::Durable);
+    let c = ctx();
+    let cases: Vec<(Box<dyn Fn() -> Result<()>>, &str)> = vec![
+        (
+            Box::new(|| store.create(&c, json!("text")).map(drop)),
+            "invalid-resource",
+        ),
+        (
+            Box::new(|| store.create(&c, json!({"resourceType": "Nope"})).map(drop)),
+            "unknown-resource-type",
+        ),
+        (
+            Box::new(|| {
+                store
+                    .update(&c, "Patient", "bad id!", patient("x"), None)
+                    .map(drop)
+            }),
+            "invalid-id",
+        ),
+        (
+            Box::new(|| {
+                store
+                    .update(
+                        &c,
+                        "Patient",
+                        "p",
+                        json!({"resourceType": "Observation"}),
+                        None,
+                    )
+                    .map(drop)
+            }),
+            "invalid-resource",
+        ),
+        (
+            Box::new(|| {
+                store
+                    .update(
+                        &c,
+                        "Patient",
+                        "p",
+                        json!({"resourceType": "Patient", "id": "q"}),
+                        None,
+                    )
+                    .map(drop)
+            }),
+            "invalid-resource",
+        ),
+        (
+            Box::new(|| store.read(&c, "Nope", "x").map(drop)),
+            "unknown-resource-type",
+        ),
+        (
+            Box::new(|| store.read(&c, "Patient", "").map(drop)),
+            "invalid-id",
+        ),
+    ];
+    for (call, kind) in cases {
+        assert_eq!(call().unwrap_err().kind_name(), kind);
+    }
+    let page = store.history_system(&c, &HistoryQuery::default()).unwrap();
+    assert!(page.entries.is_empty());
+}
+
+#[test]
+fn transaction_is_all_or_nothing() {
+    let (_dir, store) = temp_store(ReadAudit::Durable);
+    let c = ctx();
+    let result = store.write(&c, |txn| {
+        txn.update("Patient", "a", patient("A"), None)?;
+        txn.update("Patient", "b", patient("B"), None)?;
+        // Sees its own writes.
+        assert_eq!(txn.read("Patient", "a")?.version, 1);
+        txn.update("Patient", "a", patient("A2"), Some(7))?;
+        Ok(())
+    });
+    assert!(matches!(result, Err(Error::VersionConflict { .. })));
+    assert!(matches!(
+        store.read(&c, "Patient", "a"),
+        Err(Error::NotFound)
+    ));
+    assert!(matches!(
+        store.read(&c, "Patient", "b"),
+        Err(Error::NotFound)
+    ));
+
+    store
+        .write(&c, |txn| {
+            txn.update("Patient", "a", patient("A"), None)?;
+            txn.update("Patient", "b", patient("B"), None)?;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(store.read(&c, "Patient", "a").unwrap().version, 1);
+    assert_eq!(store.read(&c, "Patient", "b").unwrap().version, 1);
+}
+
+#[test]
+fn history_since_at_count_and_cursor() {
+    let (_dir, store) = temp_store(ReadAudit::Durable);
+    let c = ctx();
+    let mut stamps = Vec::new();
+    for i in 0..5 {
+        let outcome = store
+            .update(&c, "Patient", "h", patient(&format!("v{i}")), None)
+            .unwrap();
+        stamps.push(outcome.resource.last_updated);
+        store
+            .update(
+                &c,
+                "Observation",
+                &format!("o{i}"),
+                json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}}),
+                None,
+            )
+            .unwrap();
+    }
+    store.delete(&c, "Patient", "h", None).unwrap();
+
+    let all = store
+        .history_instance(&c, "Patient", "h", &HistoryQuery::default())
+        .unwrap();
+    let versions: Vec<u64> = all.entries.iter().map(|e| e.version).collect();
+    assert_eq!(versions, vec![6, 5, 4, 3, 2, 1]);
+    assert!(all.entries[0].is_deleted());
+
+    let since = HistoryQuery {
+        since: Some(stamps[3]),
+        ..Default::default()
+    };
+    let recent: Vec<u64> = store
+        .history_instance(&c, "Patient", "h", &since)
+        .unwrap()
+        .entries
+        .iter()
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(recent, vec![6, 5, 4]);
+
+    let at = HistoryQuery {
+        at: Some(stamps[2]),
+        ..Default::default()
+    };
+    let current_then: Vec<u64> = store
+        .history_instance(&c, "Patient", "h", &at)
+        .unwrap()
+        .entries
+        .iter()
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(current_then, vec![3]);
+
+    let mut query = HistoryQuery {
+        count: Some(4),
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    loop {
+        let page = store.history_system(&c, &query).unwrap();
+        assert!(page.entries.len() <= 4);
+        seen.extend(
+            page.entries
+                .iter()
+                .map(|e| (e.resource_type.clone(), e.id.clone(), e.version)),
+        );
+        match page.next {
+            Some(cursor) => query.cursor = Some(cursor),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 11);
+    assert_eq!(seen[0], ("Patient".to_string(), "h".to_string(), 6));
+
+    let types = store
+        .history_type(&c, "Observation", &HistoryQuery::default())
+        .unwrap();
+    assert_eq!(types.entries.len(), 5);
+    assert!(
+        types
+            .entries
+            .iter()
+            .all(|e| e.resource_type == "Observation")
+    );
+    assert_eq!(types.entries[0].id, "o4");
+
+    let bundle = all.to_bundle().unwrap();
+    assert_eq!(bundle["type"], "history");
+    assert_eq!(bundle["entry"][0]["request"]["method"], "DELETE");
+    assert!(bundle["entry"][0].get("resource").is_none());
+    assert_eq!(bundle["entry"][5]["request"]["method"], "PUT");
+    assert_eq!(bundle["entry"][5]["resource"]["meta"]["versionId"], "1");
+}
+
+#[test]
+fn point_in_time_read() {
+    let (_dir, store) = temp_store(ReadAudit::Durable);
+    let c = ctx();
+    let v1 = store
+        .update(&c, "Patient", "t", patient("First"), None)
+        .unwrap()
+        .resource;
+    let v2 = store
+        .update(&c, "Patient", "t", patient("Second"), None)
+        .unwrap()
+        .resource;
+    let gone = store.delete(&c, "Patient", "t", None).unwrap();
+    let before = v1.last_updated - chrono::Duration::microseconds(1);
+    assert!(matches!(
+        store.read_as_of(&c, "Patient", "t", before),
+        Err(Error::NotFound)
+    ));
+    assert_eq!(
+        store
+            .read_as_of(&c, "Patient", "t", v1.last_updated)
+            .unwrap()
+            .version,
+        1
+    );
+    assert_eq!(
+        store
+            .read_as_of(&c, "Patient", "t", v2.last_updated)
+            .unwrap()
+            .version,
+        2
+    );
+    assert!(matches!(
+        store.read_as_of(&c, "Patient", "t", Utc::now() + chrono::Duration::seconds(5)),
+        Err(Error::Gone { version }) if version == gone.version
+    ));
+}
+
+#[test]
+fn every_write_has_exactly_one_leaf_and_reads_are_audited() {
+    for mode in [ReadAudit::Durable, ReadAudit::default()] {
+        let (_dir, store) = temp_store(mode);
+        let c = ctx();
+        let start = store.audit_size().unwrap();
+        let created = store.create(&c, patient("Leaf")).unwrap();
+        store
+            .write(&c, |txn| {
+                txn.update("Patient", "x", patient("X"), None)?;
+                txn.update("Patient", "y", patient("Y"), None)?;
+                Ok(())
+            })
+            .unwrap();
+        let _ = store.read(&c, "Patient", &created.id).unwrap();
+        let _ = store.read(&c, "Patient", "missing");
+        let _ = store.update(&c, "Patient", "x", patient("X"), Some(9));
+        let size = store.audit_size().unwrap();
+        assert_eq!(
+            size - start,
+            6,
+            "{mode:?}: 3 writes + 2 reads + 1 refused write"
+        );
+
+        let leaves: Vec<_> = (start..size)
+            .map(|seq| store.audit_leaf(seq).unwrap())
+            .collect();
+        let writes: Vec<_> = leaves
+            .iter()
+            .filter(|l| {
+                matches!(l.record.action, AuditAction::Create | AuditAction::Update)
+                    && l.record.outcome == AuditOutcome::Success
+            })
+            .collect();
+        assert_eq!(writes.len(), 3);
+        let created_leaf = writes
+            .iter()
+            .find(|l| l.record.id.as_deref() == Some(created.id.as_str()))
+            .unwrap();
+        assert_eq!(created_leaf.record.content_hash, Some(created.content_hash));
+        assert_eq!(created_leaf.record.actor.subject, "tester");
+        assert_eq!(created_leaf.record.request_id, "req-1");
+        assert!(
+            leaves.iter().any(|l| l.record.action == AuditAction::Read
+                && l.record.outcome == AuditOutcome::NotFound)
+        );
+        assert!(
+            leaves
+                .iter()
+                .any(|l| l.record.outcome == AuditOutcome::Conflict)
+        );
+        store.verify_audit().unwrap();
+    }
+}
+
+#[test]
+fn audit_head_and_proofs_verify_without_the_database() {
+    let (_dir, store) = temp_store(ReadAudit::Durable);
+    let c = ctx();
+    for i in 0..10 {
+        store
+            .update(&c, "Patient", &format!("p{i}"), patient("P"), None)
+            .unwrap();
+    }
+    let old = store.audit_head().unwrap();
+    for i in 10..17 {
+        store
+            .update(&c, "Patient", &format!("p{i}"), patient("P"), None)
+            .unwrap();
+    }
+    let new = store.audit_head().unwrap();
+    assert!(new.size > old.size);
+    new.verify().unwrap();
+    let inclusion = store.prove_inclusion(3, new.size).unwrap();
+    inclusion.verify(&new).unwrap();
+    let consistency = store.prove_consistency(old.size, new.size).unwrap();
+    consistency.verify(&old, &new).unwrap();
+    store.verify_audit_against(&old).unwrap();
+}
+
+#[test]
+fn reopen_keeps_everything_and_clock_moves_forward() {
+    let dir = TempDir::new().unwrap();
+    let c = ctx();
+    let first = {
+        let store = open_store(dir.path(), ReadAudit::default());
+        let first = store
+            .update(&c, "Patient", "keep", patient("Kept"), None)
+            .unwrap();
+        let _ = store.read(&c, "Patient", "keep").unwrap();
+        first
+    };
+    let store = open_store(dir.path(), ReadAudit::default());
+    let read = store.read(&c, "Patient", "keep").unwrap();
+    assert_eq!(read, first.resource);
+    let second = store
+        .update(&c, "Patient", "keep", patient("Again"), None)
+        .unwrap();
+    assert!(second.resource.last_updated > first.resource.last_updated);
+    // The group-committed read leaf from the first session was flushed on close.
+    let size = store.audit_size().unwrap();
+    let actions: Vec<_> = (0..size)
+        .map(|s| store.audit_leaf(s).unwrap().record.action)
+        .collect();
+    assert!(actions.contains(&AuditAction::Read));
+    store.verify_audit().unwrap();
+}
+
+#[test]
+fn check_passes_on_a_healthy_database() {
+    let dir = TempDir::new().unwrap();
+    {
+        let store = open_store(dir.path(), ReadAudit::default());
+        for i in 0..50 {
+            store
+                .update(&ctx(), "Patient", &format!("c{i}"), patient("C"), None)
+                .unwrap();
+        }
+    }
+    let report = Store::check(dir.path().join("db"), key_for(dir.path())).unwrap();
+    assert!(report.redb_integrity_ok);
+    assert!(report.audit.leaves >= 50);
+}
+
+#[test]
+fn wrong_key_fails_at_open() {
+    let dir = TempDir::new().unwrap();
+    drop(open_store(dir.path(), ReadAudit::default()));
+    let other = dir.path().join("other.key");
+    create_key_file(&other).unwrap();
+    let err = Store::builder(dir.path().join("db"))
+        .key(KeySource::KeyFile(other))
+        .open()
+        .unwrap_err();
+    assert!(matches!(err, Error::WrongKey), "{err}");
+    let missing = Store::builder(dir.path().join("db"))
+        .key(KeySource::KeyFile(dir.path().join("absent.key")))
+        .open()
+        .unwrap_err();
+    assert!(matches!(missing, Error::KeyFileMissing { .. }), "{missing}");
+    let no_key = Store::builder(dir.path().join("db")).open().unwrap_err();
+    assert!(matches!(no_key, Error::NoKeySource));
+}

@@ -1,0 +1,369 @@
+//! Write transactions: several creates, updates and deletes that commit atomically.
+
+use redb::ReadableTable;
+use serde_json::Value;
+
+use super::record::{
+    CHANGES, Change, MAX_BODY, META, META_CLOCK, TYPE_CHANGES, VERSIONS, VersionKind, encode_record,
+};
+use super::{
+    AccessContext, Lookup, Store, StoredResource, find_version, format_instant, micros_to_datetime,
+    outcome_of,
+};
+use crate::audit::{self, AuditAction, AuditRecord};
+use crate::resource::{check_id, check_resource_type, inspect, stamp};
+use crate::{Error, Result};
+
+/// The result of an update.
+#[derive(Debug, Clone)]
+pub struct UpdateOutcome {
+    /// The version written.
+    pub resource: StoredResource,
+    /// True when the update created the resource (update-as-create, or re-creation after delete).
+    pub created: bool,
+}
+
+/// The result of a delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeleteOutcome {
+    /// Version id of the tombstone.
+    pub version: u64,
+    /// True when the resource was already deleted (no new version was written).
+    pub already_deleted: bool,
+}
+
+/// A write transaction. Nothing is visible to others, nor durable, until [`WriteTxn::commit`];
+/// dropping it aborts every write in it (and their audit leaves).
+pub struct WriteTxn<'s> {
+    store: &'s Store,
+    txn: redb::WriteTransaction,
+    ctx: AccessContext,
+    next_change: u64,
+    last_micros: i64,
+    writes: usize,
+}
+
+impl std::fmt::Debug for WriteTxn<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteTxn")
+            .field("writes", &self.writes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'s> WriteTxn<'s> {
+    pub(super) fn begin(store: &'s Store, ctx: AccessContext) -> Result<Self> {
+        let txn = store.inner.begin_write_txn()?;
+        let next_change = {
+            let changes = txn.open_table(CHANGES)?;
+            let last = changes.last()?.map(|(key, _)| key.value());
+            last.map_or(1, |seq| seq + 1)
+        };
+        Ok(WriteTxn {
+            store,
+            txn,
+            ctx,
+            next_change,
+            last_micros: 0,
+            writes: 0,
+        })
+    }
+
+    /// Creates a resource with a new random id (any `id` in the body is replaced).
+    pub fn create(&mut self, resource: Value) -> Result<StoredResource> {
+        let result = self.create_inner(resource);
+        self.audit_failure(AuditAction::Create, &result, None)?;
+        result
+    }
+
+    fn create_inner(&mut self, mut resource: Value) -> Result<StoredResource> {
+        let resource_type = inspect(&resource)?.resource_type.to_owned();
+        let id = uuid::Uuid::new_v4().to_string();
+        self.put(
+            &resource_type,
+            &id,
+            1,
+            VersionKind::Created,
+            Some(&mut resource),
+            AuditAction::Create,
+        )
+    }
+
+    /// Updates a resource, or creates it with the caller's id when it does not exist.
+    ///
+    /// With `expected_version`, the write happens only if that is the current version
+    /// (otherwise [`Error::VersionConflict`]; for a resource that does not exist the current
+    /// version is reported as 0).
+    pub fn update(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+        expected_version: Option<u64>,
+    ) -> Result<UpdateOutcome> {
+        let result = self.update_inner(resource_type, id, resource, expected_version);
+        let target = Some((resource_type, id));
+        self.audit_failure(AuditAction::Update, &result, target)?;
+        result
+    }
+
+    fn update_inner(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        mut resource: Value,
+        expected_version: Option<u64>,
+    ) -> Result<UpdateOutcome> {
+        check_resource_type(resource_type)?;
+        check_id(id)?;
+        let head = inspect(&resource)?;
+        if head.resource_type != resource_type {
+            return Err(Error::InvalidResource(
+                "resourceType in the body does not match the type being updated".into(),
+            ));
+        }
+        if head.id.is_some_and(|body_id| body_id != id) {
+            return Err(Error::InvalidResource(
+                "id in the body does not match the id being updated".into(),
+            ));
+        }
+        let current = self.current(resource_type, id)?;
+        let current_version = current.as_ref().map_or(0, |c| c.version);
+        if let Some(expected) = expected_version {
+            if expected != current_version {
+                return Err(Error::VersionConflict {
+                    expected,
+                    current: current_version,
+                });
+            }
+        }
+        let created = current.as_ref().is_none_or(StoredResource::is_deleted);
+        let kind = if created {
+            VersionKind::CreatedWithId
+        } else {
+            VersionKind::Updated
+        };
+        let stored = self.put(
+            resource_type,
+            id,
+            current_version + 1,
+            kind,
+            Some(&mut resource),
+            if created {
+                AuditAction::Create
+            } else {
+                AuditAction::Update
+            },
+        )?;
+        Ok(UpdateOutcome {
+            resource: stored,
+            created,
+        })
+    }
+
+    /// Deletes a resource (a tombstone version; history keeps every earlier version).
+    pub fn delete(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        expected_version: Option<u64>,
+    ) -> Result<DeleteOutcome> {
+        let result = self.delete_inner(resource_type, id, expected_version);
+        self.audit_failure(AuditAction::Delete, &result, Some((resource_type, id)))?;
+        result
+    }
+
+    fn delete_inner(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        expected_version: Option<u64>,
+    ) -> Result<DeleteOutcome> {
+        check_resource_type(resource_type)?;
+        check_id(id)?;
+        let current = self.current(resource_type, id)?.ok_or(Error::NotFound)?;
+        if let Some(expected) = expected_version {
+            if expected != current.version {
+                return Err(Error::VersionConflict {
+                    expected,
+                    current: current.version,
+                });
+            }
+        }
+        if current.is_deleted() {
+            return Ok(DeleteOutcome {
+                version: current.version,
+                already_deleted: true,
+            });
+        }
+        let stored = self.put(
+            resource_type,
+            id,
+            current.version + 1,
+            VersionKind::Deleted,
+            None,
+            AuditAction::Delete,
+        )?;
+        Ok(DeleteOutcome {
+            version: stored.version,
+            already_deleted: false,
+        })
+    }
+
+    /// Reads the current version as this transaction sees it (including its own writes).
+    /// Not audited separately: the transaction's writes are.
+    pub fn read(&self, resource_type: &str, id: &str) -> Result<StoredResource> {
+        check_resource_type(resource_type)?;
+        check_id(id)?;
+        let stored = self.current(resource_type, id)?.ok_or(Error::NotFound)?;
+        if stored.is_deleted() {
+            return Err(Error::Gone {
+                version: stored.version,
+            });
+        }
+        Ok(stored)
+    }
+
+    fn current(&self, resource_type: &str, id: &str) -> Result<Option<StoredResource>> {
+        let versions = self.txn.open_table(VERSIONS)?;
+        Ok(find_version(&versions, resource_type, id, Lookup::Current)?.map(|(_, s)| s))
+    }
+
+    /// Writes one version, its change rows and its audit leaf.
+    fn put(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        version: u64,
+        kind: VersionKind,
+        resource: Option<&mut Value>,
+        action: AuditAction,
+    ) -> Result<StoredResource> {
+        let micros = self.store.inner.tick();
+        let last_updated = micros_to_datetime(micros)?;
+        let body = match resource {
+            Some(resource) => {
+                stamp(resource, id, version, &format_instant(last_updated));
+                serde_json::to_vec(resource)
+                    .map_err(|_| Error::InvalidResource("resource cannot be serialized".into()))?
+            }
+            None => Vec::new(),
+        };
+        if body.len() > MAX_BODY {
+            return Err(Error::InvalidResource(format!(
+                "resource is larger than {} MiB",
+                MAX_BODY >> 20
+            )));
+        }
+        let content_hash = *blake3::hash(&body).as_bytes();
+        let change_seq = self.next_change;
+        let record = encode_record(kind, micros, change_seq, &content_hash, &body)?;
+        {
+            let mut versions = self.txn.open_table(VERSIONS)?;
+            versions.insert((resource_type, id, version), record.as_slice())?;
+            let mut changes = self.txn.open_table(CHANGES)?;
+            let change = Change {
+                resource_type: resource_type.to_owned(),
+                id: id.to_owned(),
+                version,
+                last_updated_micros: micros,
+            };
+            changes.insert(change_seq, change.encode().as_slice())?;
+            let mut type_changes = self.txn.open_table(TYPE_CHANGES)?;
+            type_changes.insert((resource_type, change_seq), ())?;
+        }
+        audit::log::append(
+            &self.txn,
+            AuditRecord {
+                time_micros: micros,
+                actor: self.ctx.actor(),
+                request_id: self.ctx.request_id.clone(),
+                action,
+                resource_type: Some(resource_type.to_owned()),
+                id: Some(id.to_owned()),
+                version: Some(version),
+                outcome: crate::audit::AuditOutcome::Success,
+                content_hash: Some(content_hash),
+                query_hash: None,
+            },
+        )?;
+        self.next_change += 1;
+        self.last_micros = micros;
+        self.writes += 1;
+        Ok(StoredResource {
+            resource_type: resource_type.to_owned(),
+            id: id.to_owned(),
+            version,
+            last_updated,
+            kind,
+            content_hash,
+            body,
+        })
+    }
+
+    /// A refused write is audited outside this transaction, so the record survives an abort.
+    fn audit_failure<T>(
+        &self,
+        action: AuditAction,
+        result: &Result<T>,
+        target: Option<(&str, &str)>,
+    ) -> Result<()> {
+        if result.is_ok() {
+            return Ok(());
+        }
+        let (resource_type, id) = match target {
+            Some((t, i))
+                if crate::resource::is_resource_type(t) && crate::resource::is_valid_id(i) =>
+            {
+                (Some(t.to_owned()), Some(i.to_owned()))
+            }
+            _ => (None, None),
+        };
+        let version = match result {
+            Err(Error::VersionConflict { current, .. }) => Some(*current),
+            _ => None,
+        };
+        self.store.inner.enqueue_failed_write_leaf(AuditRecord {
+            time_micros: super::now_micros(),
+            actor: self.ctx.actor(),
+            request_id: self.ctx.request_id.clone(),
+            action,
+            resource_type,
+            id,
+            version,
+            outcome: outcome_of(result),
+            content_hash: None,
+            query_hash: None,
+        });
+        Ok(())
+    }
+
+    /// Number of versions written so far in this transaction.
+    pub fn write_count(&self) -> usize {
+        self.writes
+    }
+
+    /// Commits every write and its audit leaves durably, together with buffered read leaves,
+    /// and signs a new tree head.
+    pub fn commit(self) -> Result<()> {
+        self.store.inner.append_pending(&self.txn)?;
+        {
+            let mut meta = self.txn.open_table(META)?;
+            let clock = self
+                .store
+                .inner
+                .clock
+                .load(std::sync::atomic::Ordering::SeqCst);
+            meta.insert(META_CLOCK, &clock.to_le_bytes()[..])?;
+        }
+        audit::log::sign_head(&self.txn, self.store.inner.tick())?;
+        self.txn.commit()?;
+        Ok(())
+    }
+
+    /// Discards every write of this transaction.
+    pub fn abort(self) -> Result<()> {
+        self.txn.abort()?;
+        Ok(())
+    }
+}
