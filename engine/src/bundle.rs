@@ -59,7 +59,7 @@ fn parse_entry(index: usize, entry: &Value) -> Result<Entry> {
         Some("PUT") => Method::Put,
         Some(other) => {
             return Err(Error::InvalidResource(format!(
-                "entry {index}: request method {other:?} is not supported when importing"
+                "request method {other:?} is not supported here (reads belong to the query layer)"
             )));
         }
         None => {
@@ -73,13 +73,11 @@ fn parse_entry(index: usize, entry: &Value) -> Result<Entry> {
         .and_then(Value::as_str)
         .ok_or_else(|| Error::InvalidResource(format!("entry {index} has no request.url")))?;
     if url.contains('?') {
-        return Err(Error::InvalidResource(format!(
-            "entry {index}: conditional requests are not supported by the engine"
-        )));
+        return Err(Error::InvalidResource(
+            "conditional requests are not supported by the engine yet".to_string(),
+        ));
     }
-    let mut parts = url.trim_start_matches('/').split('/');
-    let resource_type = parts.next().unwrap_or_default().to_owned();
-    let id = parts.next().map(str::to_owned);
+    let (resource_type, id) = split_request_url(url);
     let resource = entry.get("resource").cloned();
     if method != Method::Delete && resource.is_none() {
         return Err(Error::InvalidResource(format!(
@@ -102,6 +100,25 @@ fn parse_entry(index: usize, entry: &Value) -> Result<Entry> {
             .and_then(Value::as_str)
             .map(str::to_owned),
     })
+}
+
+/// `Type`, `Type/id`, or an absolute URL ending in one of them (`http://server/fhir/Type/id`).
+fn split_request_url(url: &str) -> (String, Option<String>) {
+    let path = match url.find("://") {
+        Some(scheme_end) => {
+            let after = &url[scheme_end + 3..];
+            let segments: Vec<&str> = after.split('/').skip(1).collect();
+            let start = segments
+                .iter()
+                .rposition(|s| crate::resource::is_resource_type(s))
+                .unwrap_or(0);
+            segments[start..].join("/")
+        }
+        None => url.trim_start_matches('/').to_owned(),
+    };
+    let mut parts = path.split('/');
+    let resource_type = parts.next().unwrap_or_default().to_owned();
+    (resource_type, parts.next().map(str::to_owned))
 }
 
 fn entries(bundle: &Value) -> Result<Vec<Value>> {
@@ -226,13 +243,13 @@ fn rewrite_references(value: &mut Value, rewrites: &HashMap<String, String>) {
     match value {
         Value::Object(map) => {
             for (key, child) in map.iter_mut() {
-                if key == "reference" {
-                    if let Value::String(reference) = child {
-                        if let Some(target) = rewrites.get(reference.as_str()) {
-                            *reference = target.clone();
-                        }
-                        continue;
+                if key == "reference"
+                    && let Value::String(reference) = child
+                {
+                    if let Some(target) = rewrites.get(reference.as_str()) {
+                        *reference = target.clone();
                     }
+                    continue;
                 }
                 rewrite_references(child, rewrites);
             }
@@ -254,6 +271,23 @@ mod tests {
 
     fn ctx() -> AccessContext {
         AccessContext::new("t", "bundle-test", "local", "r")
+    }
+
+    #[test]
+    fn request_urls_may_be_absolute() {
+        assert_eq!(split_request_url("Patient"), ("Patient".into(), None));
+        assert_eq!(
+            split_request_url("/Patient/1"),
+            ("Patient".into(), Some("1".into()))
+        );
+        assert_eq!(
+            split_request_url("http://example.org/fhir/Patient/1"),
+            ("Patient".into(), Some("1".into()))
+        );
+        assert_eq!(
+            split_request_url("https://h/Observation"),
+            ("Observation".into(), None)
+        );
     }
 
     #[test]

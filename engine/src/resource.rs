@@ -71,10 +71,10 @@ pub(crate) fn inspect(value: &Value) -> Result<ResourceHead<'_>> {
         }
         Some(_) => return Err(Error::InvalidResource("id must be a string".into())),
     };
-    if let Some(meta) = object.get("meta") {
-        if !meta.is_object() {
-            return Err(Error::InvalidResource("meta must be a JSON object".into()));
-        }
+    if let Some(meta) = object.get("meta")
+        && !meta.is_object()
+    {
+        return Err(Error::InvalidResource("meta must be a JSON object".into()));
     }
     Ok(ResourceHead { resource_type, id })
 }

@@ -8,8 +8,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use fhirkeep_engine::audit::SignedTreeHead;
+use fhirkeep_engine::audit::{AuditAction, AuditOutcome};
 use fhirkeep_engine::crypto::{KdfParams, KeySource, Keyring, create_key_file};
-use fhirkeep_engine::store::{AccessContext, HistoryQuery, Store};
+use fhirkeep_engine::store::{AccessContext, AccessRecord, HistoryQuery, Store};
 
 /// fhirkeep: an embedded, encrypted, auditable FHIR database.
 ///
@@ -272,14 +273,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn init(db: &DbArgs) -> Result<ExitCode> {
-    if let Some(path) = &db.key_file {
-        if !path.exists() {
-            create_key_file(path)?;
-            eprintln!(
-                "created key file {} (mode 0600): keep it safe and apart from backups of the database",
-                path.display()
-            );
-        }
+    if let Some(path) = &db.key_file
+        && !path.exists()
+    {
+        create_key_file(path)?;
+        eprintln!(
+            "created key file {} (mode 0600): keep it safe and apart from backups of the database",
+            path.display()
+        );
     }
     let store = Store::builder(&db.db)
         .key(db.key_source()?)
@@ -431,6 +432,7 @@ fn rekey(
     let old = db.key_source()?;
     if rotate {
         let id = Keyring::rotate_data_key(&db.db, &old)?;
+        record_rekey(&db.db, old)?;
         eprintln!("data key {id} is now active for new page writes");
         return Ok(ExitCode::SUCCESS);
     }
@@ -448,10 +450,30 @@ fn rekey(
         ),
     };
     Keyring::change_key(&db.db, &old, &new, db.kdf())?;
+    record_rekey(&db.db, new)?;
     eprintln!(
         "the data key is now wrapped by the new key; the old key no longer opens the database"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Rekeying happens on the key header alone; the audit leaf is written right after, under
+/// the key that now opens the database.
+fn record_rekey(dir: &Path, key: KeySource) -> Result<()> {
+    let store = Store::builder(dir).key(key).open()?;
+    store.record_access(
+        &ctx("rekey"),
+        AccessRecord {
+            action: AuditAction::Rekey,
+            resource_type: None,
+            id: None,
+            version: None,
+            outcome: AuditOutcome::Success,
+            query_hash: None,
+        },
+    )?;
+    store.flush_audit()?;
+    Ok(())
 }
 
 fn ensure_key_file(path: &Path) -> Result<()> {

@@ -986,24 +986,4 @@ mod tests {
         let h = leaf_hash(leaves.get(50).unwrap().unwrap().value());
         verify_inclusion(&h, 50, 100, &p, &root(100, &src).unwrap()).unwrap();
     }
-
-    /// Sanity run: 100k leaves in batches of 1000. `cargo test -- --ignored append_100k`.
-    #[test]
-    #[ignore]
-    fn append_100k() {
-        let (_f, db) = new_db();
-        let start = std::time::Instant::now();
-        fill(&db, 100_000, 1000);
-        let appended = start.elapsed();
-        let r = db.begin_read().unwrap();
-        let start = std::time::Instant::now();
-        let report = verify_log(&r).unwrap();
-        eprintln!(
-            "appended 100k leaves in {appended:?}, verified {} leaves / {} nodes / {} heads in {:?}",
-            report.leaves,
-            report.nodes,
-            report.heads,
-            start.elapsed()
-        );
-    }
 }

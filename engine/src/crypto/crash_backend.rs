@@ -453,6 +453,10 @@ mod tests {
                 checked += 1;
             }
         }
+        eprintln!(
+            "crash test: {total_ops} operations, {checked} crash images checked, \
+             {torn_header_cases} with a torn unsynced header write"
+        );
         assert!(checked > 100);
         assert!(
             torn_header_cases > 0,

@@ -535,6 +535,13 @@ fn derive_kek(source: &KeySource, spec: &KekSpec) -> Result<Zeroizing<[u8; 32]>>
 fn new_kek_spec(source: &KeySource, kdf: KdfParams) -> Result<KekSpec> {
     Ok(match source {
         KeySource::Passphrase(_) => {
+            if kdf.m_cost_kib > MAX_M_COST_KIB || kdf.t_cost > MAX_T_COST || kdf.p_cost > MAX_P_COST
+            {
+                return Err(header_err(
+                    "Argon2 parameters out of the accepted range (memory at most 4 GiB, \
+                     at most 64 passes and 64 lanes)",
+                ));
+            }
             let mut salt = [0u8; 16];
             fill_random(&mut salt)?;
             KekSpec::Passphrase { params: kdf, salt }
@@ -959,6 +966,34 @@ mod tests {
         // Debug never shows key material.
         let dbg = format!("{k1:?} {:?}", pass("correct horse"));
         assert!(!dbg.contains("correct horse"));
+    }
+
+    #[test]
+    fn unusable_kdf_params_are_rejected_at_create() {
+        let dir = tempfile::tempdir().unwrap();
+        for kdf in [
+            KdfParams {
+                m_cost_kib: MAX_M_COST_KIB + 1,
+                t_cost: 1,
+                p_cost: 1,
+            },
+            KdfParams {
+                m_cost_kib: 8,
+                t_cost: 0,
+                p_cost: 1,
+            },
+            KdfParams {
+                m_cost_kib: 8,
+                t_cost: 1,
+                p_cost: 65,
+            },
+        ] {
+            assert!(matches!(
+                Keyring::create(dir.path(), &pass("a"), kdf),
+                Err(Error::KeyHeader(_))
+            ));
+        }
+        assert!(!dir.path().join(KEY_HEADER_FILE).exists());
     }
 
     #[test]

@@ -207,12 +207,11 @@ fn collect_changes(
                 change.id.as_str(),
                 change.version + 1,
             ))?;
-            if let Some(newer) = newer {
-                if VersionRecord::decode(newer.value())?.last_updated_micros
+            if let Some(newer) = newer
+                && VersionRecord::decode(newer.value())?.last_updated_micros
                     <= at.timestamp_micros()
-                {
-                    continue;
-                }
+            {
+                continue;
             }
         }
         if entries.len() == query.limit() {
@@ -261,10 +260,10 @@ impl HistoryPage {
                     "lastModified": stored.last_updated_text(),
                 },
             });
-            if !stored.is_deleted() {
-                if let Value::Object(map) = &mut entry {
-                    map.insert("resource".into(), stored.to_json()?);
-                }
+            if !stored.is_deleted()
+                && let Value::Object(map) = &mut entry
+            {
+                map.insert("resource".into(), stored.to_json()?);
             }
             entries.push(entry);
         }

@@ -183,9 +183,20 @@ pub struct StoreBuilder {
     kdf: KdfParams,
     cache_size: usize,
     read_audit: ReadAudit,
+    #[cfg(feature = "bench-plaintext")]
+    plaintext: bool,
 }
 
 impl StoreBuilder {
+    /// Stores pages unencrypted, to measure the cost of encryption. Benchmarks only: the
+    /// `bench-plaintext` feature must never be enabled in a product build.
+    #[cfg(feature = "bench-plaintext")]
+    #[doc(hidden)]
+    pub fn plaintext_for_benchmarks(mut self) -> Self {
+        self.plaintext = true;
+        self
+    }
+
     /// Where the key comes from: a passphrase or a key file.
     pub fn key(mut self, key: KeySource) -> Self {
         self.key = Some(key);
@@ -267,10 +278,17 @@ impl StoreBuilder {
     }
 
     fn finish<B: StorageBackend>(self, backend: B, keyring: Arc<Keyring>) -> Result<Store> {
-        let encrypted = EncryptedBackend::new(backend, Arc::clone(&keyring))?;
-        let db = redb::Builder::new()
-            .set_cache_size(self.cache_size)
-            .create_with_backend(encrypted)?;
+        let mut builder = redb::Builder::new();
+        builder.set_cache_size(self.cache_size);
+        #[cfg(feature = "bench-plaintext")]
+        let db = if self.plaintext {
+            builder.create_with_backend(backend)?
+        } else {
+            builder.create_with_backend(EncryptedBackend::new(backend, Arc::clone(&keyring))?)?
+        };
+        #[cfg(not(feature = "bench-plaintext"))]
+        let db =
+            builder.create_with_backend(EncryptedBackend::new(backend, Arc::clone(&keyring))?)?;
         let inner = Arc::new(Inner {
             db,
             dir: self.dir,
@@ -330,6 +348,8 @@ impl Store {
             kdf: KdfParams::default(),
             cache_size: 256 << 20,
             read_audit: ReadAudit::default(),
+            #[cfg(feature = "bench-plaintext")]
+            plaintext: false,
         }
     }
 
@@ -847,6 +867,10 @@ impl Flusher {
                 let (stop, wake) = &*thread_shared;
                 loop {
                     let guard = lock(stop);
+                    // Checked under the lock before waiting, so a stop never goes unseen.
+                    if *guard {
+                        return;
+                    }
                     let (guard, _) = wake
                         .wait_timeout(guard, max_delay)
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -911,3 +935,6 @@ fn restrict_permissions(path: &Path) -> Result<()> {
 
 #[cfg(test)]
 pub(crate) mod tests;
+
+#[cfg(test)]
+mod crash_tests;

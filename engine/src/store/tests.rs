@@ -144,7 +144,8 @@ fn update_delete_and_versions() {
 fn bad_input_is_a_typed_error_and_writes_nothing() {
     let (_dir, store) = temp_store(ReadAudit::Durable);
     let c = ctx();
-    let cases: Vec<(Box<dyn Fn() -> Result<()>>, &str)> = vec![
+    type Case<'a> = (Box<dyn Fn() -> Result<()> + 'a>, &'static str);
+    let cases: Vec<Case<'_>> = vec![
         (
             Box::new(|| store.create(&c, json!("text")).map(drop)),
             "invalid-resource",

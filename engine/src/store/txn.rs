@@ -129,13 +129,13 @@ impl<'s> WriteTxn<'s> {
         }
         let current = self.current(resource_type, id)?;
         let current_version = current.as_ref().map_or(0, |c| c.version);
-        if let Some(expected) = expected_version {
-            if expected != current_version {
-                return Err(Error::VersionConflict {
-                    expected,
-                    current: current_version,
-                });
-            }
+        if let Some(expected) = expected_version
+            && expected != current_version
+        {
+            return Err(Error::VersionConflict {
+                expected,
+                current: current_version,
+            });
         }
         let created = current.as_ref().is_none_or(StoredResource::is_deleted);
         let kind = if created {
@@ -182,13 +182,13 @@ impl<'s> WriteTxn<'s> {
         check_resource_type(resource_type)?;
         check_id(id)?;
         let current = self.current(resource_type, id)?.ok_or(Error::NotFound)?;
-        if let Some(expected) = expected_version {
-            if expected != current.version {
-                return Err(Error::VersionConflict {
-                    expected,
-                    current: current.version,
-                });
-            }
+        if let Some(expected) = expected_version
+            && expected != current.version
+        {
+            return Err(Error::VersionConflict {
+                expected,
+                current: current.version,
+            });
         }
         if current.is_deleted() {
             return Ok(DeleteOutcome {
