@@ -516,3 +516,148 @@ fn wrong_key_fails_at_open() {
     let no_key = Store::builder(dir.path().join("db")).open().unwrap_err();
     assert!(matches!(no_key, Error::NoKeySource));
 }
+
+/// Someone holding the key edits, deletes or reorders audit leaves directly in redb: the
+/// recomputed tree no longer matches the signed heads, and `check` fails.
+#[test]
+fn key_holder_editing_the_audit_log_is_detected() {
+    use crate::audit::log::LEAVES;
+    type Tamper = fn(&mut redb::Table<'_, u64, &'static [u8]>);
+    let tampers: [(&str, Tamper); 3] = [
+        ("edit", |leaves| {
+            let mut bytes = leaves.get(2).unwrap().unwrap().value().to_vec();
+            let last = bytes.len() - 1;
+            bytes[last] ^= 1;
+            leaves.insert(2, bytes.as_slice()).unwrap();
+        }),
+        ("delete", |leaves| {
+            leaves.remove(1).unwrap();
+        }),
+        ("reorder", |leaves| {
+            let a = leaves.get(1).unwrap().unwrap().value().to_vec();
+            let b = leaves.get(2).unwrap().unwrap().value().to_vec();
+            leaves.insert(1, b.as_slice()).unwrap();
+            leaves.insert(2, a.as_slice()).unwrap();
+        }),
+    ];
+    for (name, tamper) in tampers {
+        let dir = TempDir::new().unwrap();
+        let trusted = {
+            let store = open_store(dir.path(), ReadAudit::Durable);
+            for i in 0..5 {
+                store
+                    .update(&ctx(), "Patient", &format!("a{i}"), patient("A"), None)
+                    .unwrap();
+            }
+            let head = store.audit_head().unwrap();
+            let txn = store.inner.db.begin_write().unwrap();
+            {
+                let mut leaves = txn.open_table(LEAVES).unwrap();
+                tamper(&mut leaves);
+            }
+            txn.commit().unwrap();
+            let err = store.verify_audit().unwrap_err();
+            assert!(matches!(err, Error::AuditVerification(_)), "{name}: {err}");
+            let err = store.verify_audit_against(&head).unwrap_err();
+            assert!(matches!(err, Error::AuditVerification(_)), "{name}: {err}");
+            head
+        };
+        assert!(trusted.size >= 5);
+        let err = Store::check(dir.path().join("db"), key_for(dir.path())).unwrap_err();
+        assert!(matches!(err, Error::AuditVerification(_)), "{name}: {err}");
+    }
+}
+
+/// Byte-level damage to the files is reported by `check` as corruption, never as wrong data.
+#[test]
+fn check_detects_damaged_files() {
+    use crate::crypto::page::{PAGE_BLOCK_SIZE, page_block_offset};
+    let build = || {
+        let dir = TempDir::new().unwrap();
+        {
+            let store = open_store(dir.path(), ReadAudit::Durable);
+            for i in 0..300 {
+                store
+                    .update(
+                        &ctx(),
+                        "Patient",
+                        &format!("d{i}"),
+                        patient(&"Z".repeat(i)),
+                        None,
+                    )
+                    .unwrap();
+            }
+        }
+        dir
+    };
+    let data_file = |dir: &TempDir| dir.path().join("db").join(DATABASE_FILE);
+    let written_pages = |bytes: &[u8]| -> Vec<u64> {
+        (1..)
+            .map_while(|page| {
+                let at = usize::try_from(page_block_offset(page)).unwrap();
+                (at + PAGE_BLOCK_SIZE <= bytes.len()).then_some((page, at))
+            })
+            .filter(|&(_, at)| bytes[at..at + PAGE_BLOCK_SIZE].iter().any(|&b| b != 0))
+            .map(|(page, _)| page)
+            .collect()
+    };
+    type Damage = Box<dyn Fn(&mut Vec<u8>, &[u64])>;
+    let damages: Vec<(&str, Damage)> = vec![
+        (
+            "flip a byte",
+            Box::new(|bytes, pages| {
+                let at = usize::try_from(page_block_offset(pages[pages.len() / 2])).unwrap() + 100;
+                bytes[at] ^= 0x40;
+            }),
+        ),
+        (
+            "swap two pages",
+            Box::new(|bytes, pages| {
+                let a = usize::try_from(page_block_offset(pages[1])).unwrap();
+                let b = usize::try_from(page_block_offset(pages[2])).unwrap();
+                let first = bytes[a..a + PAGE_BLOCK_SIZE].to_vec();
+                bytes.copy_within(b..b + PAGE_BLOCK_SIZE, a);
+                bytes[b..b + PAGE_BLOCK_SIZE].copy_from_slice(&first);
+            }),
+        ),
+        (
+            "truncate",
+            Box::new(|bytes, _| {
+                let len = bytes.len();
+                bytes.truncate(len - 1000);
+            }),
+        ),
+    ];
+    for (name, damage) in damages {
+        let dir = build();
+        let path = data_file(&dir);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let pages = written_pages(&bytes);
+        assert!(pages.len() > 3);
+        damage(&mut bytes, &pages);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Store::check(dir.path().join("db"), key_for(dir.path())).unwrap_err();
+        assert!(matches!(err, Error::Corrupted(_)), "{name}: {err}");
+        assert!(
+            !err.to_string()
+                .contains('Z'.to_string().repeat(20).as_str())
+        );
+    }
+
+    // Another database's key header in place of ours: the key no longer opens it.
+    let dir = build();
+    let other = build();
+    std::fs::copy(
+        other.path().join("db").join(crate::crypto::KEY_HEADER_FILE),
+        dir.path().join("db").join(crate::crypto::KEY_HEADER_FILE),
+    )
+    .unwrap();
+    let err = Store::check(dir.path().join("db"), key_for(dir.path())).unwrap_err();
+    assert!(matches!(err, Error::WrongKey), "replaced key header: {err}");
+    // ... and with that database's key, the data file is recognized as foreign.
+    let err = Store::check(dir.path().join("db"), key_for(other.path())).unwrap_err();
+    assert!(
+        matches!(err, Error::Corrupted(_)),
+        "foreign data file: {err}"
+    );
+}
