@@ -139,6 +139,24 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Copy the database into NEWDIR, re-encrypting every page under a fresh data key.
+    ///
+    /// Versions, history and the audit log (and its signing key) are copied as they are. The
+    /// copy is keyed by --new-key-file, FHIRKEEP_NEW_PASSPHRASE (with --new-passphrase-from-env),
+    /// or else the same key as the source. Swap the directories yourself once it is done.
+    Copy {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Directory of the new database (must not exist).
+        #[arg(long, value_name = "NEWDIR")]
+        to: PathBuf,
+        /// Key file for the copy (created with mode 0600 if it does not exist).
+        #[arg(long, value_name = "FILE")]
+        new_key_file: Option<PathBuf>,
+        /// Take the copy's passphrase from FHIRKEEP_NEW_PASSPHRASE.
+        #[arg(long, conflicts_with = "new_key_file")]
+        new_passphrase_from_env: bool,
+    },
     /// Change the passphrase or key file (O(1): re-wraps the data key), or rotate the data key.
     Rekey {
         #[command(flatten)]
@@ -263,6 +281,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Check { db } => check(&db),
         Command::Audit { command } => audit(command),
+        Command::Copy {
+            db,
+            to,
+            new_key_file,
+            new_passphrase_from_env,
+        } => {
+            let store = db.open()?;
+            let key = new_key(new_key_file, new_passphrase_from_env)?
+                .map_or_else(|| db.key_source(), Ok)?;
+            let rows = store.copy_to(&ctx("copy"), &to, key, db.kdf())?;
+            eprintln!(
+                "copied {rows} rows into {}, encrypted under a fresh data key",
+                to.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Rekey {
             db,
             new_key_file,
@@ -436,18 +470,10 @@ fn rekey(
         eprintln!("data key {id} is now active for new page writes");
         return Ok(ExitCode::SUCCESS);
     }
-    let new = match (new_key_file, new_passphrase_from_env) {
-        (Some(path), _) => {
-            ensure_key_file(&path)?;
-            KeySource::KeyFile(path)
-        }
-        (None, true) => match std::env::var("FHIRKEEP_NEW_PASSPHRASE") {
-            Ok(p) if !p.is_empty() => KeySource::Passphrase(p.into()),
-            _ => bail!("FHIRKEEP_NEW_PASSPHRASE is not set"),
-        },
-        (None, false) => bail!(
+    let Some(new) = new_key(new_key_file, new_passphrase_from_env)? else {
+        bail!(
             "say what to change: --new-key-file FILE, --new-passphrase-from-env, or --rotate-data-key"
-        ),
+        )
     };
     Keyring::change_key(&db.db, &old, &new, db.kdf())?;
     record_rekey(&db.db, new)?;
@@ -455,6 +481,21 @@ fn rekey(
         "the data key is now wrapped by the new key; the old key no longer opens the database"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The new key named by `--new-key-file` or `--new-passphrase-from-env`, if any.
+fn new_key(new_key_file: Option<PathBuf>, from_env: bool) -> Result<Option<KeySource>> {
+    match (new_key_file, from_env) {
+        (Some(path), _) => {
+            ensure_key_file(&path)?;
+            Ok(Some(KeySource::KeyFile(path)))
+        }
+        (None, true) => match std::env::var("FHIRKEEP_NEW_PASSPHRASE") {
+            Ok(p) if !p.is_empty() => Ok(Some(KeySource::Passphrase(p.into()))),
+            _ => bail!("FHIRKEEP_NEW_PASSPHRASE is not set"),
+        },
+        (None, false) => Ok(None),
+    }
 }
 
 /// Rekeying happens on the key header alone; the audit leaf is written right after, under

@@ -230,6 +230,31 @@ fn rekey_changes_the_key_and_rotation_keeps_data_readable() {
     ok(&get(&["import", db.path("q.json").to_str().unwrap()]));
     ok(&get(&["get", "Patient/q"]));
     assert!(ok(&get(&["check"])).starts_with("ok:"));
+
+    // A full re-encrypting copy under yet another key.
+    let copy_dir = db.path("copy").display().to_string();
+    let copy_key = db.path("copy.key").display().to_string();
+    ok(&get(&[
+        "copy",
+        "--to",
+        &copy_dir,
+        "--new-key-file",
+        &copy_key,
+    ]));
+    let copied = fhirkeep(
+        &[
+            "get",
+            "--db",
+            &copy_dir,
+            "--key-file",
+            &copy_key,
+            "Patient/q",
+        ],
+        &[],
+    );
+    assert!(ok(&copied).contains("\"id\": \"q\""));
+    let check = fhirkeep(&["check", "--db", &copy_dir, "--key-file", &copy_key], &[]);
+    assert!(ok(&check).starts_with("ok:"));
 }
 
 #[test]

@@ -8,6 +8,7 @@
 //! memory and committed by the next write or by a background flush at most `max_delay`
 //! later. A crash can lose the read leaves of that window, never a write's leaf.
 
+mod copy;
 mod history;
 mod record;
 mod redb_error;
@@ -776,6 +777,19 @@ impl Inner {
         }
         audit::log::initialize(&txn)?;
         txn.commit()?;
+        Ok(())
+    }
+
+    /// Reloads the engine clock from the store (after a bulk copy replaced the meta table).
+    fn reload_clock(&self) -> Result<()> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(record::META)?;
+        if let Some(guard) = meta.get(record::META_CLOCK)? {
+            let clock = <[u8; 8]>::try_from(guard.value())
+                .map(i64::from_le_bytes)
+                .map_err(|_| Error::Corrupted("clock is malformed".into()))?;
+            self.clock.fetch_max(clock, Ordering::SeqCst);
+        }
         Ok(())
     }
 

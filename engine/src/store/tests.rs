@@ -661,3 +661,95 @@ fn check_detects_damaged_files() {
         "foreign data file: {err}"
     );
 }
+
+#[test]
+fn a_database_opens_only_once_at_a_time() {
+    let dir = TempDir::new().unwrap();
+    let first = open_store(dir.path(), ReadAudit::default());
+    let second = Store::builder(dir.path().join("db"))
+        .key(key_for(dir.path()))
+        .open();
+    let err = second.unwrap_err();
+    assert!(err.to_string().contains("already open"), "{err}");
+    drop(first);
+    let _reopened = open_store(dir.path(), ReadAudit::default());
+}
+
+#[test]
+fn copy_reencrypts_everything_and_keeps_the_audit_log() {
+    let dir = TempDir::new().unwrap();
+    let store = open_store(dir.path(), ReadAudit::Durable);
+    let c = ctx();
+    for i in 0..20 {
+        store
+            .update(&c, "Patient", &format!("k{i}"), patient("K"), None)
+            .unwrap();
+    }
+    store.delete(&c, "Patient", "k3", None).unwrap();
+    let head = store.audit_head().unwrap();
+    let new_key = dir.path().join("copy.key");
+    create_key_file(&new_key).unwrap();
+    let dest = dir.path().join("copy");
+    let rows = store
+        .copy_to(
+            &c,
+            &dest,
+            KeySource::KeyFile(new_key.clone()),
+            KdfParams::fast_insecure(),
+        )
+        .unwrap();
+    assert!(rows > 40);
+    assert!(matches!(
+        store.copy_to(
+            &c,
+            &dest,
+            KeySource::KeyFile(new_key.clone()),
+            KdfParams::fast_insecure()
+        ),
+        Err(Error::AlreadyExists(_))
+    ));
+    drop(store);
+
+    let copy = Store::builder(&dest)
+        .key(KeySource::KeyFile(new_key.clone()))
+        .open()
+        .unwrap();
+    assert_eq!(copy.read(&c, "Patient", "k7").unwrap().version, 1);
+    assert!(matches!(
+        copy.read(&c, "Patient", "k3"),
+        Err(Error::Gone { version: 2 })
+    ));
+    assert_eq!(
+        copy.history_system(&c, &HistoryQuery::default())
+            .unwrap()
+            .entries
+            .len(),
+        21
+    );
+    copy.verify_audit_against(&head).unwrap();
+    let later = copy
+        .update(&c, "Patient", "k7", patient("K2"), None)
+        .unwrap();
+    assert!(later.resource.last_updated > head_time(&head));
+    drop(copy);
+    let report = Store::check(&dest, KeySource::KeyFile(new_key)).unwrap();
+    assert_eq!(
+        report
+            .pages
+            .blocks_by_key
+            .keys()
+            .copied()
+            .collect::<Vec<_>>(),
+        vec![1]
+    );
+    // The old key does not open the copy.
+    let err = Store::builder(&dest)
+        .key(key_for(dir.path()))
+        .open()
+        .unwrap_err();
+    assert!(matches!(err, Error::WrongKey));
+}
+
+fn head_time(head: &crate::audit::SignedTreeHead) -> DateTime<Utc> {
+    micros_to_datetime(head.time_micros).unwrap()
+}
