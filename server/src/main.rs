@@ -386,7 +386,7 @@ fn demo(db: &DbArgs, samples: &Path) -> Result<ExitCode> {
 }
 
 fn check(db: &DbArgs) -> Result<ExitCode> {
-    match Store::check(&db.db, db.key_source()?) {
+    match Store::check(&ctx("check"), &db.db, db.key_source()?) {
         Ok(report) => {
             println!(
                 "ok: {} page blocks authenticated ({} never written), redb integrity ok, audit log of {} leaves verified",

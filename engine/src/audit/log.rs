@@ -200,17 +200,34 @@ pub(crate) fn initialize(txn: &WriteTransaction) -> Result<()> {
 ///
 /// Call it inside the write transaction of the operation it records, with no audit table open.
 pub(crate) fn append(txn: &WriteTransaction, record: AuditRecord) -> Result<u64> {
-    record.check_limits()?;
+    let mut last = None;
+    append_many(txn, std::iter::once(record), |seq| last = Some(seq))?;
+    last.ok_or_else(|| fail("no leaf was appended".to_owned()))
+}
+
+/// Appends several records in order, opening the audit tables once; `on_seq` sees each seq.
+///
+/// Call it inside the write transaction of the operations it records, with no audit table open.
+pub(crate) fn append_many(
+    txn: &WriteTransaction,
+    records: impl IntoIterator<Item = AuditRecord>,
+    mut on_seq: impl FnMut(u64),
+) -> Result<()> {
     let mut leaves = txn.open_table(LEAVES).map_err(storage)?;
     let mut nodes = txn.open_table(NODES).map_err(storage)?;
-    let seq = leaf_count(&leaves)?;
-    let bytes = AuditLeaf { seq, record }.encode();
-    let new_nodes = nodes_to_store_on_append(seq, leaf_hash(&bytes), &TableNodes(&nodes))?;
-    leaves.insert(seq, bytes.as_slice()).map_err(storage)?;
-    for (level, index, hash) in new_nodes {
-        nodes.insert((level, index), hash).map_err(storage)?;
+    let mut seq = leaf_count(&leaves)?;
+    for record in records {
+        record.check_limits()?;
+        let bytes = AuditLeaf { seq, record }.encode();
+        let new_nodes = nodes_to_store_on_append(seq, leaf_hash(&bytes), &TableNodes(&nodes))?;
+        leaves.insert(seq, bytes.as_slice()).map_err(storage)?;
+        for (level, index, hash) in new_nodes {
+            nodes.insert((level, index), hash).map_err(storage)?;
+        }
+        on_seq(seq);
+        seq += 1;
     }
-    Ok(seq)
+    Ok(())
 }
 
 /// Loads the signing key (the seed is zeroized when dropped; `SigningKey` zeroizes itself).

@@ -580,7 +580,12 @@ impl Store {
     /// Authenticates every page, runs redb's integrity check and verifies the audit log.
     ///
     /// Opens the database exclusively; the first fault found is returned as an error.
-    pub fn check(dir: impl Into<PathBuf>, key: KeySource) -> Result<CheckReport> {
+    /// A successful check is recorded in the audit log as a `check` leaf of `ctx`.
+    pub fn check(
+        ctx: &AccessContext,
+        dir: impl Into<PathBuf>,
+        key: KeySource,
+    ) -> Result<CheckReport> {
         let dir = dir.into();
         let keyring = Keyring::open(&dir, &key)?;
         let path = dir.join(DATABASE_FILE);
@@ -623,6 +628,17 @@ impl Store {
                 "redb integrity check failed (checksums or tree structure)".into(),
             ));
         }
+        store.record_access(
+            ctx,
+            AccessRecord {
+                action: AuditAction::Check,
+                resource_type: None,
+                id: None,
+                version: None,
+                outcome: AuditOutcome::Success,
+                query_hash: None,
+            },
+        )?;
         Ok(CheckReport {
             pages,
             redb_integrity_ok,
@@ -843,10 +859,7 @@ impl Inner {
     /// only happens on an error the caller sees.
     fn append_pending(&self, txn: &redb::WriteTransaction) -> Result<()> {
         let pending = std::mem::take(&mut *lock(&self.pending_reads));
-        for leaf in pending {
-            audit::log::append(txn, leaf)?;
-        }
-        Ok(())
+        audit::log::append_many(txn, pending, |_| {})
     }
 
     fn flush_pending(&self) -> Result<()> {

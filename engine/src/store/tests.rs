@@ -492,7 +492,7 @@ fn check_passes_on_a_healthy_database() {
                 .unwrap();
         }
     }
-    let report = Store::check(dir.path().join("db"), key_for(dir.path())).unwrap();
+    let report = Store::check(&ctx(), dir.path().join("db"), key_for(dir.path())).unwrap();
     assert!(report.redb_integrity_ok);
     assert!(report.audit.leaves >= 50);
 }
@@ -563,7 +563,7 @@ fn key_holder_editing_the_audit_log_is_detected() {
             head
         };
         assert!(trusted.size >= 5);
-        let err = Store::check(dir.path().join("db"), key_for(dir.path())).unwrap_err();
+        let err = Store::check(&ctx(), dir.path().join("db"), key_for(dir.path())).unwrap_err();
         assert!(matches!(err, Error::AuditVerification(_)), "{name}: {err}");
     }
 }
@@ -636,7 +636,7 @@ fn check_detects_damaged_files() {
         assert!(pages.len() > 3);
         damage(&mut bytes, &pages);
         std::fs::write(&path, &bytes).unwrap();
-        let err = Store::check(dir.path().join("db"), key_for(dir.path())).unwrap_err();
+        let err = Store::check(&ctx(), dir.path().join("db"), key_for(dir.path())).unwrap_err();
         assert!(matches!(err, Error::Corrupted(_)), "{name}: {err}");
         assert!(
             !err.to_string()
@@ -652,10 +652,10 @@ fn check_detects_damaged_files() {
         dir.path().join("db").join(crate::crypto::KEY_HEADER_FILE),
     )
     .unwrap();
-    let err = Store::check(dir.path().join("db"), key_for(dir.path())).unwrap_err();
+    let err = Store::check(&ctx(), dir.path().join("db"), key_for(dir.path())).unwrap_err();
     assert!(matches!(err, Error::WrongKey), "replaced key header: {err}");
     // ... and with that database's key, the data file is recognized as foreign.
-    let err = Store::check(dir.path().join("db"), key_for(other.path())).unwrap_err();
+    let err = Store::check(&ctx(), dir.path().join("db"), key_for(other.path())).unwrap_err();
     assert!(
         matches!(err, Error::Corrupted(_)),
         "foreign data file: {err}"
@@ -732,7 +732,7 @@ fn copy_reencrypts_everything_and_keeps_the_audit_log() {
         .unwrap();
     assert!(later.resource.last_updated > head_time(&head));
     drop(copy);
-    let report = Store::check(&dest, KeySource::KeyFile(new_key)).unwrap();
+    let report = Store::check(&ctx(), &dest, KeySource::KeyFile(new_key)).unwrap();
     assert_eq!(
         report
             .pages
