@@ -215,8 +215,8 @@ pub(crate) fn append_many(
 ) -> Result<()> {
     let mut leaves = txn.open_table(LEAVES).map_err(storage)?;
     let mut nodes = txn.open_table(NODES).map_err(storage)?;
-    let mut seq = leaf_count(&leaves)?;
-    for record in records {
+    let first = leaf_count(&leaves)?;
+    for (seq, record) in (first..).zip(records) {
         record.check_limits()?;
         let bytes = AuditLeaf { seq, record }.encode();
         let new_nodes = nodes_to_store_on_append(seq, leaf_hash(&bytes), &TableNodes(&nodes))?;
@@ -225,7 +225,6 @@ pub(crate) fn append_many(
             nodes.insert((level, index), hash).map_err(storage)?;
         }
         on_seq(seq);
-        seq += 1;
     }
     Ok(())
 }
