@@ -363,6 +363,9 @@ fuzz_target!(|data: &[u8]| {
     let Ok(edits) = Vec::<Edit>::arbitrary_take_rest(Unstructured::new(data)) else {
         return;
     };
+    if std::env::var_os("FHIRKEEP_FUZZ_DEBUG").is_some() {
+        eprintln!("edits: {edits:?}");
+    }
     let mut image = fx.original.clone();
     for edit in edits.iter().take(16) {
         apply(&mut image, &fx.older, edit);

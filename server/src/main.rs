@@ -388,6 +388,9 @@ fn demo(db: &DbArgs, samples: &Path) -> Result<ExitCode> {
 fn check(db: &DbArgs) -> Result<ExitCode> {
     match Store::check(&ctx("check"), &db.db, db.key_source()?) {
         Ok(report) => {
+            for warning in &report.warnings {
+                eprintln!("warning: {warning}");
+            }
             println!(
                 "ok: {} page blocks authenticated ({} never written), redb integrity ok, audit log of {} leaves verified",
                 report.pages.page_blocks, report.pages.zero_blocks, report.audit.leaves

@@ -547,6 +547,14 @@ pub(crate) fn verify_log(txn: &impl AuditTxn) -> Result<VerifyReport> {
             stored_nodes
         )));
     }
+    // Every commit signs a head over everything it appended, so unsigned leaves at the end
+    // were added outside the engine.
+    let signed = latest_head.as_ref().map_or(0, |h| h.size);
+    if n > signed {
+        return Err(fail(format!(
+            "leaves {signed}..{n} are not covered by any signed tree head: they were added outside the engine"
+        )));
+    }
     Ok(VerifyReport {
         leaves: n,
         nodes: nodes_checked,

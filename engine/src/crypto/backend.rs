@@ -231,7 +231,7 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         }
         // Make what we are about to read durable, so that choosing a header copy and writing
         // to the other one can never lose the last durable header.
-        let _ = inner.sync_data();
+        inner.sync_data()?;
         let mut blocks = vec![0u8; 2 * HEADER_BLOCK_SIZE];
         inner.read(HEADER_A_OFFSET, &mut blocks)?;
         let mut plain_a = Zeroizing::new(vec![0u8; HEADER_PLAIN_SIZE]);

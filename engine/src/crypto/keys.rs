@@ -576,6 +576,23 @@ fn read_header_bytes(dir: &Path) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Name of the lock file that serializes every read-modify-write of the key header, across
+/// threads and processes (a counter update must never undo a concurrent `change_key`).
+const KEY_HEADER_LOCK: &str = "fhirkeep.keys.lock";
+
+/// Takes the exclusive key-header lock; released when the returned file is dropped.
+fn lock_header(dir: &Path) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(dir.join(KEY_HEADER_LOCK))?;
+    file.lock()?;
+    Ok(file)
+}
+
 /// Atomically writes the key header (tmp file, fsync, rename or link, fsync dir).
 fn write_header_bytes(dir: &Path, bytes: &[u8], no_clobber: bool) -> Result<()> {
     let tmp = dir.join(KEY_HEADER_TMP);
@@ -747,6 +764,7 @@ impl Keyring {
             }],
         };
         let mac_key = mac_key_from(&dek);
+        let _lock = lock_header(dir)?;
         write_header_bytes(dir, &header.encode(&mac_key), true)?;
         let mut deks = BTreeMap::new();
         deks.insert(1, dek);
@@ -773,6 +791,7 @@ impl Keyring {
     /// Re-wraps every data key under a new KEK derived from `new` (new salt for passphrases).
     /// O(1) in the database size: no page is rewritten. `kdf` applies if `new` is a passphrase.
     pub fn change_key(dir: &Path, old: &KeySource, new: &KeySource, kdf: KdfParams) -> Result<()> {
+        let _lock = lock_header(dir)?;
         let mut u = unlock(dir, old)?;
         let spec = new_kek_spec(new, kdf)?;
         let new_kek = derive_kek(new, &spec)?;
@@ -791,6 +810,7 @@ impl Keyring {
     /// Adds a new data key (id = highest id + 1) that becomes the active key the next time the
     /// database is opened. Older keys stay in the header to decrypt pages written with them.
     pub fn rotate_data_key(dir: &Path, source: &KeySource) -> Result<u32> {
+        let _lock = lock_header(dir)?;
         let mut u = unlock(dir, source)?;
         if u.header.keys.len() >= MAX_KEYS {
             return Err(header_err("too many data keys"));
@@ -911,6 +931,7 @@ impl Keyring {
 
     /// Re-reads the header and sets the active key's `writes_reserved` to `f(current)`.
     fn update_counter_on_disk(&self, f: impl FnOnce(u64) -> u64) -> Result<()> {
+        let _lock = lock_header(&self.dir)?;
         let bytes = read_header_bytes(&self.dir)?;
         let mut header = HeaderData::decode(&bytes)?;
         if !bool::from(header.db_id.ct_eq(&self.db_id)) {

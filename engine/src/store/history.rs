@@ -32,6 +32,19 @@ pub struct HistoryPage {
 }
 
 impl HistoryQuery {
+    /// blake3 of a canonical text form of the query, for the audit log.
+    pub fn digest(&self) -> [u8; 32] {
+        let part = |value: Option<i128>| value.map_or_else(|| "-".to_owned(), |v| v.to_string());
+        let text = format!(
+            "history-query-v1\0since={}\0at={}\0count={}\0cursor={}",
+            part(self.since.map(|t| i128::from(t.timestamp_micros()))),
+            part(self.at.map(|t| i128::from(t.timestamp_micros()))),
+            part(self.count.and_then(|c| i128::try_from(c).ok())),
+            part(self.cursor.map(i128::from)),
+        );
+        *blake3::hash(text.as_bytes()).as_bytes()
+    }
+
     fn admits(&self, micros: i64) -> bool {
         self.since
             .is_none_or(|since| micros >= since.timestamp_micros())
@@ -55,7 +68,15 @@ impl Store {
         let result = self.history_instance_inner(resource_type, id, query);
         let target = (check_resource_type(resource_type).is_ok() && check_id(id).is_ok())
             .then(|| (resource_type.to_owned(), id.to_owned()));
-        self.audit_history(ctx, AuditAction::HistoryInstance, target, &result)?;
+        let (resource_type, id) = target.map_or((None, None), |(t, i)| (Some(t), Some(i)));
+        self.audit_history(
+            ctx,
+            AuditAction::HistoryInstance,
+            resource_type,
+            id,
+            query,
+            &result,
+        )?;
         result
     }
 
@@ -133,7 +154,17 @@ impl Store {
                 .map(|entry| entry.map(|(key, _)| key.value().1).map_err(Error::from));
             collect_changes(&txn, seqs, query)
         });
-        self.audit_history(ctx, AuditAction::HistoryType, None, &result)?;
+        let known_type = check_resource_type(resource_type)
+            .is_ok()
+            .then(|| resource_type.to_owned());
+        self.audit_history(
+            ctx,
+            AuditAction::HistoryType,
+            known_type,
+            None,
+            query,
+            &result,
+        )?;
         result
     }
 
@@ -149,7 +180,7 @@ impl Store {
                 .map(|entry| entry.map(|(key, _)| key.value()).map_err(Error::from));
             collect_changes(&txn, seqs, query)
         })();
-        self.audit_history(ctx, AuditAction::HistorySystem, None, &result)?;
+        self.audit_history(ctx, AuditAction::HistorySystem, None, None, query, &result)?;
         result
     }
 
@@ -157,10 +188,11 @@ impl Store {
         &self,
         ctx: &AccessContext,
         action: AuditAction,
-        target: Option<(String, String)>,
+        resource_type: Option<String>,
+        id: Option<String>,
+        query: &HistoryQuery,
         result: &Result<HistoryPage>,
     ) -> Result<()> {
-        let (resource_type, id) = target.map_or((None, None), |(t, i)| (Some(t), Some(i)));
         self.inner.enqueue_read_leaf(AuditRecord {
             time_micros: super::now_micros(),
             actor: ctx.actor(),
@@ -171,7 +203,7 @@ impl Store {
             version: None,
             outcome: super::outcome_of(result),
             content_hash: None,
-            query_hash: None,
+            query_hash: Some(query.digest()),
         })
     }
 }

@@ -174,6 +174,8 @@ pub struct CheckReport {
     pub redb_integrity_ok: bool,
     /// The audit log recomputed from its leaves.
     pub audit: VerifyReport,
+    /// Harmless findings worth knowing (e.g. free pages torn by a crash).
+    pub warnings: Vec<String>,
 }
 
 /// Configures and opens a [`Store`].
@@ -525,11 +527,8 @@ impl Store {
 
     /// The newest signed tree head, signing a fresh one if leaves were added since.
     pub fn audit_head(&self) -> Result<SignedTreeHead> {
-        self.flush_audit()?;
         let txn = self.inner.begin_write_txn()?;
-        let head = audit::log::sign_head(&txn, self.inner.tick())?;
-        txn.commit()?;
-        Ok(head)
+        self.inner.commit_audited(txn, Vec::new())
     }
 
     /// Number of leaves in the audit log (after flushing buffered read leaves).
@@ -594,40 +593,42 @@ impl Store {
         }
         let pages = crate::crypto::verify_file(&path, &keyring)?;
         drop(keyring);
-        if !pages.is_ok() {
+        let failed_pages = describe_failed_pages(&pages.failed_pages);
+        if !pages.problems.is_empty() {
             let mut faults = pages.problems.clone();
-            if !pages.failed_pages.is_empty() {
-                let shown: Vec<String> = pages
-                    .failed_pages
-                    .iter()
-                    .take(20)
-                    .map(u64::to_string)
-                    .collect();
-                faults.push(format!(
-                    "{} page(s) failed authentication: {}{}",
-                    pages.failed_pages.len(),
-                    shown.join(", "),
-                    if pages.failed_pages.len() > 20 {
-                        ", ..."
-                    } else {
-                        ""
-                    }
-                ));
-            }
+            faults.extend(failed_pages);
             return Err(Error::Corrupted(faults.join("; ")));
         }
-        let store = Store::builder(&dir)
+        // Blocks that fail authentication are corruption if the database reaches them. If
+        // redb's full integrity walk (below) reads every reachable page without a fault, the
+        // failed blocks are free pages: after a crash, torn writes to pages no commit refers
+        // to are expected, and they are overwritten before they are ever read.
+        let reachable_fault = |error: Error| match (&error, &failed_pages) {
+            (Error::Corrupted(message), Some(pages)) => {
+                Error::Corrupted(format!("{message}; {pages}"))
+            }
+            _ => error,
+        };
+        let mut store = Store::builder(&dir)
             .key(key)
             .read_audit(ReadAudit::Durable)
-            .open()?;
-        let audit = store.verify_audit()?;
-        let mut store = store;
-        let redb_integrity_ok = store.check_redb_integrity()?;
+            .open()
+            .map_err(reachable_fault)?;
+        let redb_integrity_ok = store.check_redb_integrity().map_err(reachable_fault)?;
         if !redb_integrity_ok {
-            return Err(Error::Corrupted(
+            return Err(reachable_fault(Error::Corrupted(
                 "redb integrity check failed (checksums or tree structure)".into(),
-            ));
+            )));
         }
+        let audit = store.verify_audit().map_err(reachable_fault)?;
+        let warnings = failed_pages
+            .map(|pages| {
+                vec![format!(
+                    "{pages}, but no data or index page refers to them: free pages, typically \
+                     torn by a crash; they are overwritten before reuse"
+                )]
+            })
+            .unwrap_or_default();
         store.record_access(
             ctx,
             AccessRecord {
@@ -643,6 +644,7 @@ impl Store {
             pages,
             redb_integrity_ok,
             audit,
+            warnings,
         })
     }
 
@@ -738,6 +740,20 @@ fn find_version(
             Ok(None)
         }
     }
+}
+
+/// "N page(s) failed authentication: a, b, ..." for a check report, if any failed.
+fn describe_failed_pages(pages: &[u64]) -> Option<String> {
+    if pages.is_empty() {
+        return None;
+    }
+    let shown: Vec<String> = pages.iter().take(20).map(u64::to_string).collect();
+    let more = if pages.len() > 20 { ", ..." } else { "" };
+    Some(format!(
+        "{} page(s) failed authentication: {}{more}",
+        pages.len(),
+        shown.join(", ")
+    ))
 }
 
 fn outcome_of<T>(result: &Result<T>) -> AuditOutcome {
@@ -837,11 +853,7 @@ impl Inner {
         match self.read_audit {
             ReadAudit::Durable => {
                 let txn = self.begin_write_txn()?;
-                self.append_pending(&txn)?;
-                audit::log::append(&txn, leaf)?;
-                audit::log::sign_head(&txn, self.tick())?;
-                txn.commit()?;
-                Ok(())
+                self.commit_audited(txn, vec![leaf]).map(drop)
             }
             ReadAudit::GroupCommit { .. } => {
                 lock(&self.pending_reads).push(leaf);
@@ -850,16 +862,37 @@ impl Inner {
         }
     }
 
-    /// Buffers the leaf of a refused write; it commits with the next commit or flush.
-    fn enqueue_failed_write_leaf(&self, leaf: AuditRecord) {
+    /// Buffers a leaf (refused write, read inside a write transaction); it commits with the
+    /// next commit or flush.
+    fn buffer_leaf(&self, leaf: AuditRecord) {
         lock(&self.pending_reads).push(leaf);
     }
 
-    /// Moves buffered read leaves into `txn`. If `txn` does not commit they are lost, which
-    /// only happens on an error the caller sees.
-    fn append_pending(&self, txn: &redb::WriteTransaction) -> Result<()> {
-        let pending = std::mem::take(&mut *lock(&self.pending_reads));
-        audit::log::append_many(txn, pending, |_| {})
+    /// The one way a transaction commits: buffered leaves, then `extra` leaves, are appended;
+    /// the engine clock is saved; a tree head is signed; then a durable commit. If the commit
+    /// fails, the buffered leaves go back to the buffer (a later commit takes them).
+    fn commit_audited(
+        &self,
+        txn: redb::WriteTransaction,
+        extra: Vec<AuditRecord>,
+    ) -> Result<SignedTreeHead> {
+        let buffered = std::mem::take(&mut *lock(&self.pending_reads));
+        let result = (|| {
+            audit::log::append_many(&txn, buffered.iter().cloned().chain(extra), |_| {})?;
+            let head = audit::log::sign_head(&txn, self.tick())?;
+            let mut meta = txn.open_table(record::META)?;
+            let clock = self.clock.load(Ordering::SeqCst);
+            meta.insert(record::META_CLOCK, &clock.to_le_bytes()[..])?;
+            drop(meta);
+            txn.commit()?;
+            Ok(head)
+        })();
+        if result.is_err() && !buffered.is_empty() {
+            let mut pending = lock(&self.pending_reads);
+            let newer = std::mem::replace(&mut *pending, buffered);
+            pending.extend(newer);
+        }
+        result
     }
 
     fn flush_pending(&self) -> Result<()> {
@@ -867,10 +900,7 @@ impl Inner {
             return Ok(());
         }
         let txn = self.begin_write_txn()?;
-        self.append_pending(&txn)?;
-        audit::log::sign_head(&txn, self.tick())?;
-        txn.commit()?;
-        Ok(())
+        self.commit_audited(txn, Vec::new()).map(drop)
     }
 }
 

@@ -28,7 +28,8 @@ pub(crate) const CHANGES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new
 pub(crate) const TYPE_CHANGES: TableDefinition<'_, (&str, u64), ()> =
     TableDefinition::new("type_changes");
 
-/// Small engine facts: format version, logical clock, next change seq.
+/// Small engine facts: format version and the engine clock (the next change seq is the
+/// last key of `changes` plus one).
 pub(crate) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 
 pub(crate) const META_FORMAT: &str = "format";

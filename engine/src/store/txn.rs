@@ -4,7 +4,7 @@ use redb::ReadableTable;
 use serde_json::Value;
 
 use super::record::{
-    CHANGES, Change, MAX_BODY, META, META_CLOCK, TYPE_CHANGES, VERSIONS, VersionKind, encode_record,
+    CHANGES, Change, MAX_BODY, TYPE_CHANGES, VERSIONS, VersionKind, encode_record,
 };
 use super::{
     AccessContext, Lookup, Store, StoredResource, find_version, format_instant, micros_to_datetime,
@@ -191,6 +191,16 @@ impl<'s> WriteTxn<'s> {
             });
         }
         if current.is_deleted() {
+            // Nothing is written, but the request is on record.
+            let outcome: Result<()> = Err(Error::Gone {
+                version: current.version,
+            });
+            self.buffer_leaf(
+                AuditAction::Delete,
+                &outcome,
+                Some((resource_type, id)),
+                |_| Some((current.version, [0; 32])),
+            );
             return Ok(DeleteOutcome {
                 version: current.version,
                 already_deleted: true,
@@ -211,8 +221,16 @@ impl<'s> WriteTxn<'s> {
     }
 
     /// Reads the current version as this transaction sees it (including its own writes).
-    /// Not audited separately: the transaction's writes are.
+    /// The read is audited like any other, whether or not the transaction commits.
     pub fn read(&self, resource_type: &str, id: &str) -> Result<StoredResource> {
+        let result = self.read_inner(resource_type, id);
+        self.buffer_leaf(AuditAction::Read, &result, Some((resource_type, id)), |r| {
+            r.as_ref().ok().map(|s| (s.version, s.content_hash))
+        });
+        result
+    }
+
+    fn read_inner(&self, resource_type: &str, id: &str) -> Result<StoredResource> {
         check_resource_type(resource_type)?;
         check_id(id)?;
         let stored = self.current(resource_type, id)?.ok_or(Error::NotFound)?;
@@ -311,6 +329,21 @@ impl<'s> WriteTxn<'s> {
         if result.is_ok() {
             return Ok(());
         }
+        self.buffer_leaf(action, result, target, |r| match r {
+            Err(Error::VersionConflict { current, .. }) => Some((*current, [0; 32])),
+            _ => None,
+        });
+        Ok(())
+    }
+
+    /// Queues a leaf that must not depend on this transaction committing (reads, refusals).
+    fn buffer_leaf<T>(
+        &self,
+        action: AuditAction,
+        result: &Result<T>,
+        target: Option<(&str, &str)>,
+        version_of: impl FnOnce(&Result<T>) -> Option<(u64, [u8; 32])>,
+    ) {
         let (resource_type, id) = match target {
             Some((t, i))
                 if crate::resource::is_resource_type(t) && crate::resource::is_valid_id(i) =>
@@ -319,23 +352,19 @@ impl<'s> WriteTxn<'s> {
             }
             _ => (None, None),
         };
-        let version = match result {
-            Err(Error::VersionConflict { current, .. }) => Some(*current),
-            _ => None,
-        };
-        self.store.inner.enqueue_failed_write_leaf(AuditRecord {
+        let found = version_of(result);
+        self.store.inner.buffer_leaf(AuditRecord {
             time_micros: super::now_micros(),
             actor: self.ctx.actor(),
             request_id: self.ctx.request_id.clone(),
             action,
             resource_type,
             id,
-            version,
+            version: found.map(|(v, _)| v),
             outcome: outcome_of(result),
-            content_hash: None,
+            content_hash: found.map(|(_, h)| h).filter(|h| *h != [0; 32]),
             query_hash: None,
         });
-        Ok(())
     }
 
     /// Number of versions written so far in this transaction.
@@ -346,19 +375,10 @@ impl<'s> WriteTxn<'s> {
     /// Commits every write and its audit leaves durably, together with buffered read leaves,
     /// and signs a new tree head.
     pub fn commit(self) -> Result<()> {
-        self.store.inner.append_pending(&self.txn)?;
-        {
-            let mut meta = self.txn.open_table(META)?;
-            let clock = self
-                .store
-                .inner
-                .clock
-                .load(std::sync::atomic::Ordering::SeqCst);
-            meta.insert(META_CLOCK, &clock.to_le_bytes()[..])?;
-        }
-        audit::log::sign_head(&self.txn, self.store.inner.tick())?;
-        self.txn.commit()?;
-        Ok(())
+        self.store
+            .inner
+            .commit_audited(self.txn, Vec::new())
+            .map(drop)
     }
 
     /// Discards every write of this transaction.
