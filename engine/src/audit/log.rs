@@ -157,11 +157,26 @@ impl AuditTxn for WriteTransaction {
 }
 
 /// Stored nodes read through an opened nodes table.
-struct TableNodes<'a, T>(&'a T);
+/// Complete-subtree hashes: level 0 is hashed from the leaf itself (so it is never stored
+/// twice); higher levels come from the `audit_nodes` table.
+struct TableNodes<'a, L, N> {
+    leaves: &'a L,
+    nodes: &'a N,
+}
 
-impl<T: ReadableTable<(u8, u64), [u8; 32]>> NodeSource for TableNodes<'_, T> {
+impl<L, N> NodeSource for TableNodes<'_, L, N>
+where
+    L: ReadableTable<u64, &'static [u8]>,
+    N: ReadableTable<(u8, u64), [u8; 32]>,
+{
     fn node(&self, level: u8, index: u64) -> Result<Hash> {
-        match self.0.get((level, index)).map_err(storage)? {
+        if level == 0 {
+            return match self.leaves.get(index).map_err(storage)? {
+                Some(leaf) => Ok(leaf_hash(leaf.value())),
+                None => Err(Error::Corrupted(format!("audit leaf {index} is missing"))),
+            };
+        }
+        match self.nodes.get((level, index)).map_err(storage)? {
             Some(h) => Ok(h.value()),
             None => Err(Error::Corrupted(format!(
                 "audit node (level {level}, index {index}) is missing"
@@ -219,9 +234,13 @@ pub(crate) fn append_many(
     for (seq, record) in (first..).zip(records) {
         record.check_limits()?;
         let bytes = AuditLeaf { seq, record }.encode();
-        let new_nodes = nodes_to_store_on_append(seq, leaf_hash(&bytes), &TableNodes(&nodes))?;
+        let source = TableNodes {
+            leaves: &leaves,
+            nodes: &nodes,
+        };
+        let new_nodes = nodes_to_store_on_append(seq, leaf_hash(&bytes), &source)?;
         leaves.insert(seq, bytes.as_slice()).map_err(storage)?;
-        for (level, index, hash) in new_nodes {
+        for (level, index, hash) in new_nodes.into_iter().filter(|n| n.0 > 0) {
             nodes.insert((level, index), hash).map_err(storage)?;
         }
         on_seq(seq);
@@ -253,7 +272,11 @@ pub(crate) fn sign_head(txn: &WriteTransaction, time_micros: i64) -> Result<Sign
         let leaves = txn.open_table(LEAVES).map_err(storage)?;
         let nodes = txn.open_table(NODES).map_err(storage)?;
         let size = leaf_count(&leaves)?;
-        (size, root(size, &TableNodes(&nodes))?)
+        let source = TableNodes {
+            leaves: &leaves,
+            nodes: &nodes,
+        };
+        (size, root(size, &source)?)
     };
     let mut heads = txn.open_table(HEADS).map_err(storage)?;
     if let Some(stored) = heads.get(size).map_err(storage)? {
@@ -290,7 +313,13 @@ pub(crate) fn root_at(txn: &impl AuditTxn, size: u64) -> Result<Hash> {
             "tree size {size} is larger than the log's {n} leaves"
         )));
     }
-    root(size, &TableNodes(&txn.nodes()?))
+    root(
+        size,
+        &TableNodes {
+            leaves: &txn.leaves()?,
+            nodes: &txn.nodes()?,
+        },
+    )
 }
 
 /// The stored head of the largest size, if any.
@@ -345,7 +374,14 @@ pub(crate) fn prove_inclusion(txn: &impl AuditTxn, seq: u64, size: u64) -> Resul
         Some(v) => leaf_hash(v.value()),
         None => return Err(Error::Corrupted(format!("audit leaf {seq} is missing"))),
     };
-    let path = inclusion_proof(seq, size, &TableNodes(&txn.nodes()?))?;
+    let path = inclusion_proof(
+        seq,
+        size,
+        &TableNodes {
+            leaves: &leaves,
+            nodes: &txn.nodes()?,
+        },
+    )?;
     Ok(InclusionProof {
         leaf_index: seq,
         tree_size: size,
@@ -366,7 +402,14 @@ pub(crate) fn prove_consistency(
             "tree size {new} is larger than the log's {n} leaves"
         )));
     }
-    let path = consistency_proof(old, new, &TableNodes(&txn.nodes()?))?;
+    let path = consistency_proof(
+        old,
+        new,
+        &TableNodes {
+            leaves: &txn.leaves()?,
+            nodes: &txn.nodes()?,
+        },
+    )?;
     Ok(ConsistencyProof {
         old_size: old,
         new_size: new,
@@ -510,7 +553,8 @@ pub(crate) fn verify_log(txn: &impl AuditTxn) -> Result<VerifyReport> {
 
     check_heads_at(0, &empty_root(), &mut latest_head, &mut heads_checked)?;
     let frontier = replay(&leaves, None, |frontier, produced| {
-        for &(level, index, hash) in produced {
+        // Level 0 is the leaf itself; only higher levels are stored.
+        for &(level, index, hash) in produced.iter().filter(|n| n.0 > 0) {
             match nodes.get((level, index)).map_err(storage)? {
                 Some(stored) if stored.value() == hash => nodes_checked += 1,
                 Some(_) => {
@@ -820,7 +864,7 @@ mod tests {
             l.record.outcome = AuditOutcome::Denied;
             leaves.insert(17, l.encode().as_slice()).unwrap();
         });
-        expect_audit_failure(&db, "(level 0, index 17)");
+        expect_audit_failure(&db, "(level 1, index 8)");
         let r = db.begin_read().unwrap();
         assert!(verify_against_trusted_head(&r, &heads[1]).is_err());
         assert!(verify_against_trusted_head(&r, &heads[3]).is_err());
@@ -845,7 +889,12 @@ mod tests {
             let mut nodes = t.open_table(NODES).unwrap();
             for i in 0..40u64 {
                 let h = leaf_hash(leaves.get(i).unwrap().unwrap().value());
-                for (lv, ix, hh) in nodes_to_store_on_append(i, h, &TableNodes(&nodes)).unwrap() {
+                let source = TableNodes {
+                    leaves: &leaves,
+                    nodes: &nodes,
+                };
+                let produced = nodes_to_store_on_append(i, h, &source).unwrap();
+                for (lv, ix, hh) in produced.into_iter().filter(|n| n.0 > 0) {
                     nodes.insert((lv, ix), hh).unwrap();
                 }
             }
@@ -997,7 +1046,10 @@ mod tests {
         let r = db.begin_read().unwrap();
         let leaves = r.leaves().unwrap();
         let nodes = r.nodes().unwrap();
-        let src = TableNodes(&nodes);
+        let src = TableNodes {
+            leaves: &leaves,
+            nodes: &nodes,
+        };
         replay(&leaves, None, |fr, produced| {
             assert_eq!(fr.root(), root(fr.n, &src).unwrap());
             for &(l, i, h) in produced {

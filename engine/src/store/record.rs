@@ -108,8 +108,29 @@ impl<'a> VersionRecord<'a> {
         if self.compressed_body.is_empty() {
             return Ok(Vec::new());
         }
-        zstd::bulk::decompress(self.compressed_body, MAX_BODY)
-            .map_err(|_| Error::Corrupted("version body does not decompress".into()))
+        let corrupted = || Error::Corrupted("version body does not decompress".into());
+        // The frame header states the exact size: allocate that, not the 64 MiB maximum.
+        let size = zstd::zstd_safe::get_frame_content_size(self.compressed_body)
+            .ok()
+            .flatten()
+            .and_then(|size| usize::try_from(size).ok())
+            .filter(|&size| size <= MAX_BODY)
+            .ok_or_else(corrupted)?;
+        DECOMPRESSOR.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let decompressor = match slot.as_mut() {
+                Some(decompressor) => decompressor,
+                None => slot.insert(zstd::bulk::Decompressor::new().map_err(Error::Io)?),
+            };
+            let body = decompressor
+                .decompress(self.compressed_body, size)
+                .map_err(|_| corrupted())?;
+            if body.len() == size {
+                Ok(body)
+            } else {
+                Err(corrupted())
+            }
+        })
     }
 }
 
@@ -118,6 +139,26 @@ pub(crate) const MAX_BODY: usize = 64 << 20;
 
 /// zstd level for resource bodies: level 1 keeps ingest fast; FHIR JSON still shrinks ~3x.
 const ZSTD_LEVEL: i32 = 1;
+
+thread_local! {
+    // zstd contexts are costly to create (a large share of a small resource's cost), so each
+    // thread keeps one of each.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(body: &[u8]) -> Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let compressor = match slot.as_mut() {
+            Some(compressor) => compressor,
+            None => slot.insert(zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(Error::Io)?),
+        };
+        compressor.compress(body).map_err(Error::Io)
+    })
+}
 
 pub(crate) fn encode_record(
     kind: VersionKind,
@@ -129,7 +170,7 @@ pub(crate) fn encode_record(
     let compressed = if body.is_empty() {
         Vec::new()
     } else {
-        zstd::bulk::compress(body, ZSTD_LEVEL).map_err(Error::Io)?
+        compress(body)?
     };
     let mut out = Vec::with_capacity(HEADER_LEN + compressed.len());
     out.push(RECORD_FORMAT);
