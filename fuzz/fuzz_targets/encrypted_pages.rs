@@ -366,8 +366,14 @@ fuzz_target!(|data: &[u8]| {
     if std::env::var_os("FHIRKEEP_FUZZ_DEBUG").is_some() {
         eprintln!("edits: {edits:?}");
     }
+    // Known finding: a zeroed page block reads as a zero page and redb panics on it. Set this
+    // to keep fuzzing the other edits until that is fixed.
+    let skip_zero = std::env::var_os("FHIRKEEP_FUZZ_SKIP_ZERO_BLOCK").is_some();
     let mut image = fx.original.clone();
     for edit in edits.iter().take(16) {
+        if skip_zero && matches!(edit, Edit::ZeroBlock { .. }) {
+            continue;
+        }
         apply(&mut image, &fx.older, edit);
     }
 

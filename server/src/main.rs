@@ -467,22 +467,43 @@ fn rekey(
     rotate: bool,
 ) -> Result<ExitCode> {
     let old = db.key_source()?;
-    if rotate {
-        let id = Keyring::rotate_data_key(&db.db, &old)?;
-        record_rekey(&db.db, old)?;
-        eprintln!("data key {id} is now active for new page writes");
-        return Ok(ExitCode::SUCCESS);
-    }
-    let Some(new) = new_key(new_key_file, new_passphrase_from_env)? else {
-        bail!(
-            "say what to change: --new-key-file FILE, --new-passphrase-from-env, or --rotate-data-key"
-        )
+    let new = if rotate {
+        None
+    } else {
+        let Some(new) = new_key(new_key_file, new_passphrase_from_env)? else {
+            bail!(
+                "say what to change: --new-key-file FILE, --new-passphrase-from-env, or --rotate-data-key"
+            )
+        };
+        Some(new)
     };
-    Keyring::change_key(&db.db, &old, &new, db.kdf())?;
-    record_rekey(&db.db, new)?;
-    eprintln!(
-        "the data key is now wrapped by the new key; the old key no longer opens the database"
-    );
+    // Holding the store open keeps every other process (a server, another rekey) out while
+    // the key header changes, and the rekey is audited by the same handle.
+    let store = Store::builder(&db.db).key(old.clone()).open()?;
+    let message = match &new {
+        None => {
+            let id = Keyring::rotate_data_key(&db.db, &old)?;
+            format!("data key {id} becomes active for new page writes from the next open")
+        }
+        Some(new) => {
+            Keyring::change_key(&db.db, &old, new, db.kdf())?;
+            "the data key is now wrapped by the new key; the old key no longer opens the database"
+                .to_owned()
+        }
+    };
+    store.record_access(
+        &ctx("rekey"),
+        AccessRecord {
+            action: AuditAction::Rekey,
+            resource_type: None,
+            id: None,
+            version: None,
+            outcome: AuditOutcome::Success,
+            query_hash: None,
+        },
+    )?;
+    store.flush_audit()?;
+    eprintln!("{message}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -499,25 +520,6 @@ fn new_key(new_key_file: Option<PathBuf>, from_env: bool) -> Result<Option<KeySo
         },
         (None, false) => Ok(None),
     }
-}
-
-/// Rekeying happens on the key header alone; the audit leaf is written right after, under
-/// the key that now opens the database.
-fn record_rekey(dir: &Path, key: KeySource) -> Result<()> {
-    let store = Store::builder(dir).key(key).open()?;
-    store.record_access(
-        &ctx("rekey"),
-        AccessRecord {
-            action: AuditAction::Rekey,
-            resource_type: None,
-            id: None,
-            version: None,
-            outcome: AuditOutcome::Success,
-            query_hash: None,
-        },
-    )?;
-    store.flush_audit()?;
-    Ok(())
 }
 
 fn ensure_key_file(path: &Path) -> Result<()> {

@@ -111,6 +111,7 @@ const MAC_CONTEXT: &str = "fhirkeep key header mac v1";
 const SUBKEY_CONTEXT_PREFIX: &str = "fhirkeep subkey v1 ";
 
 /// Where the key-encryption key comes from.
+#[derive(Clone)]
 pub enum KeySource {
     /// A passphrase, stretched with Argon2id.
     Passphrase(Zeroizing<String>),
