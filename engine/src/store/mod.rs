@@ -270,9 +270,12 @@ impl StoreBuilder {
         }
     }
 
-    /// Opens or creates over a caller-supplied physical backend (crash and fault tests).
-    #[cfg(test)]
-    pub(crate) fn open_on_backend<B: StorageBackend>(
+    /// Opens or creates over a caller-supplied physical backend (crash, fault-injection and
+    /// fuzz tests). The keyring must come from [`Keyring::create`] or [`Keyring::open`] on
+    /// this builder's directory.
+    #[cfg(any(test, feature = "fault-injection"))]
+    #[doc(hidden)]
+    pub fn open_on_backend<B: StorageBackend>(
         self,
         backend: B,
         keyring: Arc<Keyring>,
