@@ -214,6 +214,7 @@ pub(crate) fn initialize(txn: &WriteTransaction) -> Result<()> {
 /// Appends `record` as the next leaf; returns its seq.
 ///
 /// Call it inside the write transaction of the operation it records, with no audit table open.
+#[cfg(test)]
 pub(crate) fn append(txn: &WriteTransaction, record: AuditRecord) -> Result<u64> {
     let mut last = None;
     append_many(txn, std::iter::once(record), |seq| last = Some(seq))?;

@@ -10,7 +10,7 @@ use super::{
     AccessContext, Lookup, Store, StoredResource, find_version, format_instant, micros_to_datetime,
     outcome_of,
 };
-use crate::audit::{self, AuditAction, AuditRecord};
+use crate::audit::{AuditAction, AuditRecord};
 use crate::resource::{check_id, check_resource_type, inspect, stamp};
 use crate::{Error, Result};
 
@@ -41,6 +41,7 @@ pub struct WriteTxn<'s> {
     next_change: u64,
     last_micros: i64,
     writes: usize,
+    write_leaves: Vec<AuditRecord>,
 }
 
 impl std::fmt::Debug for WriteTxn<'_> {
@@ -66,6 +67,7 @@ impl<'s> WriteTxn<'s> {
             next_change,
             last_micros: 0,
             writes: 0,
+            write_leaves: Vec::new(),
         })
     }
 
@@ -290,21 +292,20 @@ impl<'s> WriteTxn<'s> {
             let mut type_changes = self.txn.open_table(TYPE_CHANGES)?;
             type_changes.insert((resource_type, change_seq), ())?;
         }
-        audit::log::append(
-            &self.txn,
-            AuditRecord {
-                time_micros: micros,
-                actor: self.ctx.actor(),
-                request_id: self.ctx.request_id.clone(),
-                action,
-                resource_type: Some(resource_type.to_owned()),
-                id: Some(id.to_owned()),
-                version: Some(version),
-                outcome: crate::audit::AuditOutcome::Success,
-                content_hash: Some(content_hash),
-                query_hash: None,
-            },
-        )?;
+        // The leaf joins this transaction at commit (one batch append); it is never separated
+        // from its write: both commit, or both vanish with an abort.
+        self.write_leaves.push(AuditRecord {
+            time_micros: micros,
+            actor: self.ctx.actor(),
+            request_id: self.ctx.request_id.clone(),
+            action,
+            resource_type: Some(resource_type.to_owned()),
+            id: Some(id.to_owned()),
+            version: Some(version),
+            outcome: crate::audit::AuditOutcome::Success,
+            content_hash: Some(content_hash),
+            query_hash: None,
+        });
         self.next_change += 1;
         self.last_micros = micros;
         self.writes += 1;
@@ -377,7 +378,7 @@ impl<'s> WriteTxn<'s> {
     pub fn commit(self) -> Result<()> {
         self.store
             .inner
-            .commit_audited(self.txn, Vec::new())
+            .commit_audited(self.txn, self.write_leaves)
             .map(drop)
     }
 
