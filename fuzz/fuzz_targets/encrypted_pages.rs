@@ -31,7 +31,7 @@ const AUDIT_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("audit
 
 // Physical layout (engine/src/crypto/page.rs).
 const PREAMBLE: usize = 64;
-const HEADER_BLOCK: usize = 4136;
+const HEADER_BLOCK: usize = 4144;
 const PAGE_BLOCK: usize = 4128;
 const PAGES_OFFSET: usize = PREAMBLE + 2 * HEADER_BLOCK;
 

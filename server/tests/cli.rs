@@ -270,7 +270,7 @@ fn check_fails_on_a_flipped_byte() {
     let mut bytes = std::fs::read(&file).unwrap();
     // One flipped byte in every written page block: some of them are live pages.
     const BLOCK: usize = 4128;
-    let first_page = 8336;
+    let first_page = 8352;
     for start in (first_page..bytes.len()).step_by(BLOCK) {
         let end = (start + BLOCK).min(bytes.len());
         if let Some(at) = (start + 40..end).find(|&i| bytes[i] != 0) {

@@ -17,6 +17,19 @@
 //!   authenticates the open fails with [`Error::Corrupted`] (unless a copy is all zeros,
 //!   i.e. the database was never initialized).
 //!
+//! # Zero blocks and the high-water mark
+//!
+//! redb needs space added by `set_len` to read as zeros, so an all-zero page block reads as a
+//! zero page, but only at a page index ≥ `high_water`: one past the highest page (≥ 1) ever
+//! written, lowered by `set_len` to the new page count. Each header copy carries the value
+//! current when it was written. `write` raises it before the page blocks are written, and
+//! redb's two-phase commit syncs the data pages before it writes the header, so a durable
+//! header's `high_water` covers every page of the durable commit: those blocks were synced and
+//! are never all zero. An all-zero block below `high_water` is therefore damage or tampering
+//! and fails authentication like any other block (redb does not check page checksums on
+//! ordinary reads and panics on a zero page it trusts). After a crash, pages written above
+//! the durable `high_water` may be lost (read as zeros); no durable commit refers to them.
+//!
 //! # Errors
 //!
 //! Failures are returned as `io::Error`s wrapping [`crate::Error`] (see
@@ -53,7 +66,7 @@ const MAX_LOGICAL_LEN: u64 = 1 << 52;
 pub enum HeaderSlot {
     /// Copy A, at physical offset 64.
     A,
-    /// Copy B, at physical offset 4200.
+    /// Copy B, at physical offset 4208.
     B,
 }
 
@@ -102,6 +115,9 @@ struct HeaderState {
     durable: HeaderSlot,
     /// Copy written since the last `sync_data`, if any.
     pending: Option<HeaderSlot>,
+    /// One past the highest logical page (≥ 1) written, at most the current page count;
+    /// persisted in every header copy written.
+    high_water: u64,
 }
 
 impl HeaderState {
@@ -111,6 +127,7 @@ impl HeaderState {
             seq: 0,
             durable: HeaderSlot::A,
             pending: None,
+            high_water: 0,
         }
     }
 }
@@ -150,7 +167,14 @@ fn seal_err(e: SealError) -> io::Error {
     }
 }
 
-/// Authenticates a header copy; on success `plain` holds `sequence ‖ page 0`.
+/// The high-water mark in an authenticated header copy's plaintext.
+fn header_high_water(plain: &[u8]) -> u64 {
+    let mut h = [0u8; 8];
+    h.copy_from_slice(&plain[8..16]);
+    u64::from_le_bytes(h)
+}
+
+/// Authenticates a header copy; on success `plain` holds `sequence ‖ high_water ‖ page 0`.
 fn decode_header_copy(
     keyring: &Keyring,
     slot: HeaderSlot,
@@ -247,10 +271,13 @@ impl<B: StorageBackend> EncryptedBackend<B> {
                     &plain_b
                 };
                 HeaderState {
-                    page0: Zeroizing::new(plain[8..].to_vec()),
+                    page0: Zeroizing::new(plain[page::HEADER_PAGE0_OFFSET..].to_vec()),
                     seq,
                     durable: slot,
                     pending: None,
+                    // Never above the page count: space added by a later `set_len` must read
+                    // as zeros.
+                    high_water: header_high_water(plain).min(logical / PAGE),
                 }
             }
             None if a == HeaderCopyStatus::Zero => HeaderState::empty(),
@@ -291,7 +318,8 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         let key_id = self.keyring.consume_nonces(1).map_err(to_io)?;
         let mut plain = Zeroizing::new([0u8; HEADER_PLAIN_SIZE]);
         plain[..8].copy_from_slice(&seq.to_le_bytes());
-        plain[8..].copy_from_slice(new_page0);
+        plain[8..16].copy_from_slice(&st.high_water.to_le_bytes());
+        plain[page::HEADER_PAGE0_OFFSET..].copy_from_slice(new_page0);
         let mut block = [0u8; HEADER_BLOCK_SIZE];
         page::seal_into(
             &self.keyring,
@@ -308,6 +336,33 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         Ok(())
     }
 
+    /// Raises the high-water mark to cover pages `[first, end)` (`first ≥ 1`) that are about
+    /// to be written, and returns its previous value. Never-written pages between the old
+    /// mark and `first` (redb leaves such gaps between regions) are first filled with
+    /// encrypted zero pages, so that every page below the mark holds a real block. This runs
+    /// under the header lock, so a concurrent write into the gap cannot be overwritten.
+    fn raise_high_water(&self, first: u64, end: u64) -> io::Result<u64> {
+        const FILL_CHUNK: u64 = 64;
+        let mut st = lock(&self.header);
+        let old = st.high_water;
+        let mut next = old.max(1);
+        while next < first {
+            let count = FILL_CHUNK.min(first - next);
+            let key_id = self.keyring.consume_nonces(count).map_err(to_io)?;
+            let zeros = [0u8; PAGE_SIZE];
+            let mut buf = vec![0u8; count as usize * PAGE_BLOCK_SIZE];
+            for (k, blk) in buf.chunks_exact_mut(PAGE_BLOCK_SIZE).enumerate() {
+                page::seal_into(&self.keyring, key_id, next + k as u64, &zeros, blk)
+                    .map_err(seal_err)?;
+            }
+            self.inner.write(page::page_block_offset(next), &buf)?;
+            next += count;
+            st.high_water = st.high_water.max(next);
+        }
+        st.high_water = st.high_water.max(end);
+        Ok(old)
+    }
+
     /// Reads logical bytes `[off, off + out.len())`, all in pages ≥ 1.
     fn read_pages(&self, off: u64, out: &mut [u8]) -> io::Result<()> {
         let end = off + out.len() as u64;
@@ -316,6 +371,7 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         let n = usize::try_from(last - first + 1).map_err(io::Error::other)?;
         let mut buf = Zeroizing::new(vec![0u8; n * PAGE_BLOCK_SIZE]);
         self.inner.read(page::page_block_offset(first), &mut buf)?;
+        let high_water = lock(&self.header).high_water;
         for (k, blk) in buf.chunks_exact_mut(PAGE_BLOCK_SIZE).enumerate() {
             let pg = first + k as u64;
             let page_start = pg * PAGE;
@@ -323,6 +379,11 @@ impl<B: StorageBackend> EncryptedBackend<B> {
             let hi = end.min(page_start + PAGE);
             let dst = &mut out[(lo - off) as usize..(hi - off) as usize];
             if page::is_zero_block(blk) {
+                if pg < high_water {
+                    // Written once, so it must hold a real block: damaged or tampered.
+                    out.fill(0);
+                    return Err(auth_failed(pg));
+                }
                 dst.fill(0);
                 continue;
             }
@@ -344,8 +405,9 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         Ok(())
     }
 
-    /// Writes logical bytes `[off, off + data.len())`, all in pages ≥ 1.
-    fn write_pages(&self, off: u64, data: &[u8]) -> io::Result<()> {
+    /// Writes logical bytes `[off, off + data.len())`, all in pages ≥ 1. The caller has
+    /// already raised the high-water mark over them; `old_high_water` is its value before.
+    fn write_pages(&self, off: u64, data: &[u8], old_high_water: u64) -> io::Result<()> {
         let end = off + data.len() as u64;
         let first = off / PAGE;
         let last = (end - 1) / PAGE;
@@ -377,7 +439,10 @@ impl<B: StorageBackend> EncryptedBackend<B> {
             if block_off + PAGE_BLOCK_SIZE as u64 <= plen {
                 self.inner.read(block_off, blk)?;
                 if page::is_zero_block(blk) {
-                    // Already a zero page.
+                    if pg < old_high_water {
+                        return Err(auth_failed(pg));
+                    }
+                    // Never written: a zero page.
                 } else if !page::open_in_place(&self.keyring, pg, blk) {
                     return Err(auth_failed(pg));
                 }
@@ -443,6 +508,8 @@ impl<B: StorageBackend> StorageBackend for EncryptedBackend<B> {
         }
         let mut st = lock(&self.header);
         self.inner.set_len(page::physical_len(len))?;
+        // Pages at or past the new end are gone; space added later must read as zeros.
+        st.high_water = st.high_water.min(len / PAGE);
         if len == 0 {
             st.page0.fill(0);
             st.durable = HeaderSlot::A;
@@ -468,6 +535,13 @@ impl<B: StorageBackend> StorageBackend for EncryptedBackend<B> {
             .checked_add(data.len() as u64)
             .filter(|&e| e <= MAX_LOGICAL_LEN)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "write range too large"))?;
+        // Raise the high-water mark before any block (or header copy) is written, so that
+        // every header copy written from now on covers these pages.
+        let old_high_water = if end > PAGE {
+            self.raise_high_water((offset / PAGE).max(1), end.div_ceil(PAGE))?
+        } else {
+            lock(&self.header).high_water
+        };
         let mut pos = 0usize;
         let mut off = offset;
         if off < PAGE {
@@ -481,7 +555,7 @@ impl<B: StorageBackend> StorageBackend for EncryptedBackend<B> {
             off += n as u64;
         }
         if off < end {
-            self.write_pages(off, &data[pos..])?;
+            self.write_pages(off, &data[pos..], old_high_water)?;
         }
         Ok(())
     }
@@ -548,10 +622,15 @@ pub struct FileReport {
     pub logical_len: u64,
     /// Page blocks examined (logical pages ≥ 1; header copies not included).
     pub page_blocks: u64,
-    /// Page blocks that are all zeros (never written; read as zero pages).
+    /// Page blocks that are all zeros at or above `high_water` (never written; read as zero
+    /// pages).
     pub zero_blocks: u64,
-    /// Logical page numbers whose blocks failed authentication.
+    /// Logical page numbers whose blocks failed authentication, including all-zero blocks
+    /// below `high_water`.
     pub failed_pages: Vec<u64>,
+    /// The high-water mark of the current header copy (one past the highest page written),
+    /// 0 if no header copy authenticates.
+    pub high_water: u64,
     /// Authenticated page blocks per data key id (header copies included).
     pub blocks_by_key: BTreeMap<u32, u64>,
     /// Status of header copies A and B.
@@ -615,17 +694,24 @@ pub fn verify_file(path: &Path, keyring: &Keyring) -> Result<FileReport> {
     let mut block = vec![0u8; HEADER_BLOCK_SIZE];
     let mut plain = Zeroizing::new(vec![0u8; HEADER_PLAIN_SIZE]);
     let mut statuses = [HeaderCopyStatus::Missing; 2];
+    let mut high_waters = [0u64; 2];
     for (i, slot) in [HeaderSlot::A, HeaderSlot::B].into_iter().enumerate() {
         file.read_exact_at(&mut block, slot.offset())?;
         statuses[i] = decode_header_copy(keyring, slot, &block, &mut plain);
-        if let HeaderCopyStatus::Valid { .. } = statuses[i]
-            && let Some(id) = page::block_key_id(&block)
-        {
-            *report.blocks_by_key.entry(id).or_default() += 1;
+        if let HeaderCopyStatus::Valid { .. } = statuses[i] {
+            high_waters[i] = header_high_water(&plain);
+            if let Some(id) = page::block_key_id(&block) {
+                *report.blocks_by_key.entry(id).or_default() += 1;
+            }
         }
     }
     report.header_copies = [Some(statuses[0]), Some(statuses[1])];
     report.current_header = newest(statuses[0], statuses[1]).map(|(slot, _)| slot);
+    report.high_water = match report.current_header {
+        Some(HeaderSlot::A) => high_waters[0],
+        Some(HeaderSlot::B) => high_waters[1],
+        None => 0,
+    };
     match (report.current_header, statuses) {
         (None, [HeaderCopyStatus::Zero, HeaderCopyStatus::Zero]) => {}
         (None, _) => report
@@ -651,7 +737,12 @@ pub fn verify_file(path: &Path, keyring: &Keyring) -> Result<FileReport> {
             let pg = next + k as u64 + 1;
             report.page_blocks += 1;
             if page::is_zero_block(blk) {
-                report.zero_blocks += 1;
+                if pg < report.high_water {
+                    // Written once (below the high-water mark): damaged or tampered.
+                    report.failed_pages.push(pg);
+                } else {
+                    report.zero_blocks += 1;
+                }
             } else if page::open_into(keyring, pg, blk, &mut out) {
                 if let Some(id) = page::block_key_id(blk) {
                     *report.blocks_by_key.entry(id).or_default() += 1;
@@ -904,6 +995,150 @@ mod tests {
         assert!(failures > 0, "no corrupted page was ever read by redb");
         std::fs::write(&f.path, &good).unwrap();
         assert!(!open_and_read_fails(&f.path, &f.k, 600));
+    }
+
+    #[test]
+    fn zeroed_page_block_is_an_error_never_a_panic_or_wrong_data() {
+        let f = fixture(60);
+        let good = std::fs::read(&f.path).unwrap();
+        let clean = verify_file(&f.path, &f.k).unwrap();
+        assert!(clean.is_ok(), "{clean:?}");
+        let pages = nonzero_pages(&f.path);
+        assert!(pages.len() > 3, "{pages:?}");
+        assert!(clean.high_water > *pages.last().unwrap(), "{clean:?}");
+        let mut failures = 0;
+        for &pg in &pages {
+            let mut bad = good.clone();
+            let at = page::page_block_offset(pg) as usize;
+            bad[at..at + PAGE_BLOCK_SIZE].fill(0);
+            std::fs::write(&f.path, &bad).unwrap();
+            let report = verify_file(&f.path, &f.k).unwrap();
+            assert_eq!(report.failed_pages, vec![pg], "{report:?}");
+            assert!(!report.is_ok());
+            // The backend refuses the page instead of handing redb a zero page.
+            let b = backend(&f.path, &f.k).unwrap();
+            let mut out = vec![1u8; PAGE_SIZE];
+            let e = b.read(pg * PAGE, &mut out).unwrap_err();
+            assert!(
+                matches!(error_from_io(e), Error::Corrupted(m) if m == format!("page {pg} failed authentication"))
+            );
+            assert!(out.iter().all(|&x| x == 0));
+            drop(b);
+            // Through redb: an error or exactly the right data (for a free page), no panic.
+            let (path, k) = (&f.path, &f.k);
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                open_and_read_fails(path, k, 60)
+            }));
+            match outcome {
+                Ok(true) => failures += 1,
+                Ok(false) => {}
+                Err(_) => panic!("redb panicked on zeroed page {pg}"),
+            }
+        }
+        assert!(failures > 0, "no zeroed page was ever read by redb");
+        std::fs::write(&f.path, &good).unwrap();
+        assert!(!open_and_read_fails(&f.path, &f.k, 60));
+    }
+
+    #[test]
+    fn zeroed_page_block_of_a_store_is_an_error_not_a_panic() {
+        use crate::store::tests::{key_for, open_store};
+        use crate::store::{AccessContext, DATABASE_FILE, ReadAudit, Store};
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = AccessContext::new("tester", "unit-test", "local", "req-1");
+        let mut want = Vec::new();
+        {
+            let store = open_store(dir.path(), ReadAudit::Durable);
+            for i in 0..12 {
+                let body = serde_json::json!({"resourceType": "Patient", "name": [{"family": format!("F{i}")}]});
+                let out = store
+                    .update(&ctx, "Patient", &format!("p{i}"), body, None)
+                    .unwrap();
+                want.push(out.resource.json_bytes().to_vec());
+            }
+        }
+        let path = dir.path().join("db").join(DATABASE_FILE);
+        let good = std::fs::read(&path).unwrap();
+        let pages = nonzero_pages(&path);
+        let mut failures = 0;
+        for &pg in &pages {
+            let mut bad = good.clone();
+            let at = page::page_block_offset(pg) as usize;
+            bad[at..at + PAGE_BLOCK_SIZE].fill(0);
+            std::fs::write(&path, &bad).unwrap();
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let store = Store::builder(dir.path().join("db"))
+                    .key(key_for(dir.path()))
+                    .read_audit(ReadAudit::Durable)
+                    .open()?;
+                for (i, bytes) in want.iter().enumerate() {
+                    let got = store.read(&ctx, "Patient", &format!("p{i}"))?;
+                    assert_eq!(got.json_bytes(), &bytes[..], "wrong data, page {pg}");
+                }
+                Ok::<(), Error>(())
+            }));
+            match outcome {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => failures += 1,
+                Err(_) => panic!("panic with page {pg} zeroed"),
+            }
+        }
+        assert!(failures > 0);
+    }
+
+    #[test]
+    fn high_water_mark_decides_how_zero_blocks_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keyring(dir.path());
+        let path = dir.path().join("d");
+        let b = backend(&path, &k).unwrap();
+        b.set_len(6 * PAGE).unwrap();
+        b.write(PAGE, &vec![7u8; 2 * PAGE_SIZE]).unwrap(); // pages 1 and 2
+        b.sync_data().unwrap();
+        b.write(0, b"head").unwrap(); // header copy with high_water 3
+        b.sync_data().unwrap();
+        drop(b);
+        let r = verify_file(&path, &k).unwrap();
+        assert_eq!(r.high_water, 3);
+        assert_eq!(r.zero_blocks, 3); // pages 3, 4, 5
+        assert!(r.is_ok());
+        let good = std::fs::read(&path).unwrap();
+        let mut bad = good.clone();
+        let at = page::page_block_offset(2) as usize;
+        bad[at..at + PAGE_BLOCK_SIZE].fill(0);
+        std::fs::write(&path, &bad).unwrap();
+        let r = verify_file(&path, &k).unwrap();
+        assert_eq!(r.failed_pages, vec![2]);
+        assert_eq!(r.zero_blocks, 3);
+        let b = backend(&path, &k).unwrap();
+        let mut out = vec![0u8; PAGE_SIZE];
+        assert!(b.read(2 * PAGE, &mut out).is_err());
+        b.read(4 * PAGE, &mut out).unwrap();
+        assert!(out.iter().all(|&x| x == 0));
+        // Partial writes into a zeroed written page fail too.
+        assert!(b.write(2 * PAGE + 10, b"x").is_err());
+        // Shrinking lowers the mark: space added again reads as zeros.
+        b.set_len(2 * PAGE).unwrap();
+        b.set_len(6 * PAGE).unwrap();
+        b.read(2 * PAGE, &mut out).unwrap();
+        assert!(out.iter().all(|&x| x == 0));
+        b.read(PAGE, &mut out).unwrap();
+        assert!(out.iter().all(|&x| x == 7));
+        b.write(0, b"next").unwrap();
+        b.sync_data().unwrap();
+        drop(b);
+        assert_eq!(verify_file(&path, &k).unwrap().high_water, 2);
+        // A header whose mark exceeds the file (shrunk after it was written) is clamped.
+        std::fs::write(&path, &good).unwrap();
+        let b = backend(&path, &k).unwrap();
+        b.set_len(PAGE).unwrap();
+        b.set_len(6 * PAGE).unwrap();
+        b.read(2 * PAGE, &mut out).unwrap();
+        assert!(out.iter().all(|&x| x == 0));
+        b.set_len(0).unwrap();
+        b.set_len(3 * PAGE).unwrap();
+        b.read(PAGE, &mut out).unwrap();
+        assert!(out.iter().all(|&x| x == 0));
     }
 
     #[test]

@@ -6,13 +6,13 @@
 //! ```text
 //! offset                        size   content
 //! 0                             64     preamble (plaintext, nothing secret)
-//! 64                            4136   header copy A  (logical page 0, pseudo-index 2^64-2)
-//! 4200                          4136   header copy B  (logical page 0, pseudo-index 2^64-1)
-//! 8336 + (i-1)*4128             4128   block of logical page i, for i >= 1
+//! 64                            4144   header copy A  (logical page 0, pseudo-index 2^64-2)
+//! 4208                          4144   header copy B  (logical page 0, pseudo-index 2^64-1)
+//! 8352 + (i-1)*4128             4128   block of logical page i, for i >= 1
 //! ```
 //!
 //! A file of logical length `L` (a multiple of 4096) is `64` bytes long if `L = 0`, else
-//! `8336 + (L/4096 - 1) * 4128` bytes. Any other length is reported as truncated/corrupted.
+//! `8352 + (L/4096 - 1) * 4128` bytes. Any other length is reported as truncated/corrupted.
 //!
 //! ## Preamble (64 bytes)
 //!
@@ -23,21 +23,23 @@
 //! | 10 | 2 | reserved, 0 |
 //! | 12 | 4 | logical page size, u32 = 4096 |
 //! | 16 | 4 | page block size, u32 = 4128 |
-//! | 20 | 4 | header block size, u32 = 4136 |
+//! | 20 | 4 | header block size, u32 = 4144 |
 //! | 24 | 16 | `db_id` (must equal the key header's) |
 //! | 40 | 8 | reserved, 0 |
 //! | 48 | 16 | first 16 bytes of BLAKE3(bytes 0..48) |
 //!
-//! ## Block (page block 4128 bytes, header block 4136 bytes)
+//! ## Block (page block 4128 bytes, header block 4144 bytes)
 //!
 //! | offset | len | field |
 //! |---|---|---|
 //! | 0 | 4 | `key_id`, u32 (≥ 1): data key that encrypted the block |
 //! | 4 | 12 | random 96-bit nonce, fresh for every write |
 //! | 16 | 16 | GCM tag |
-//! | 32 | 4096 (page) / 4104 (header) | ciphertext |
+//! | 32 | 4096 (page) / 4112 (header) | ciphertext |
 //!
-//! Header-copy plaintext is `sequence u64 ‖ logical page 0 (4096 bytes)`.
+//! Header-copy plaintext is `sequence u64 ‖ high_water u64 ‖ logical page 0 (4096 bytes)`,
+//! where `high_water` is one past the highest logical page index (≥ 1) ever written when the
+//! copy was written (0 if none), lowered when the file shrinks below it.
 //!
 //! AAD (30 bytes) = `db_id [16] ‖ format version u16 ‖ block index u64 ‖ key_id u32`, where the
 //! block index is the logical page number for page blocks and 2^64−2 / 2^64−1 for header
@@ -48,9 +50,12 @@
 //!
 //! redb requires space added by `set_len` to read as zeros, and growing the file yields
 //! all-zero physical blocks. An all-zero block (it can never be a real encrypted block,
-//! whose `key_id` is ≥ 1) therefore reads as a zero page. This reveals which pages were never
-//! written. A used block that an attacker zeroes reads as zeros, which redb's page checksums
-//! (stored in the parent page, itself authenticated) reject.
+//! whose `key_id` is ≥ 1) at a page index ≥ the header's `high_water` (never written)
+//! therefore reads as a zero page. An all-zero block *below* `high_water` was written and
+//! must hold a real block, so it fails authentication like any other damaged block (redb
+//! does not verify page checksums on ordinary reads, so a zero page must never reach it).
+//! This reveals which pages at or above `high_water` were never written, and `high_water`
+//! itself (the file length already bounds it).
 
 use aes_gcm::Aes256Gcm;
 use aes_gcm::aead::AeadInOut;
@@ -64,8 +69,10 @@ pub const PAGE_SIZE: usize = 4096;
 pub const BLOCK_OVERHEAD: usize = 32;
 /// Physical size of a page block.
 pub const PAGE_BLOCK_SIZE: usize = PAGE_SIZE + BLOCK_OVERHEAD;
-/// Plaintext size of a header copy: sequence number + page 0.
-pub const HEADER_PLAIN_SIZE: usize = 8 + PAGE_SIZE;
+/// Offset of page 0 in a header copy's plaintext (after sequence and high-water mark).
+pub const HEADER_PAGE0_OFFSET: usize = 16;
+/// Plaintext size of a header copy: sequence number + high-water mark + page 0.
+pub const HEADER_PLAIN_SIZE: usize = HEADER_PAGE0_OFFSET + PAGE_SIZE;
 /// Physical size of a header copy block.
 pub const HEADER_BLOCK_SIZE: usize = HEADER_PLAIN_SIZE + BLOCK_OVERHEAD;
 /// Size of the plaintext preamble.
@@ -312,7 +319,9 @@ mod tests {
         assert_eq!(physical_len(0), 64);
         assert_eq!(logical_len(64), Some(0));
         assert_eq!(physical_len(4096), PAGES_OFFSET);
-        assert_eq!(PAGES_OFFSET, 8336);
+        assert_eq!(HEADER_BLOCK_SIZE, 4144);
+        assert_eq!(HEADER_B_OFFSET, 4208);
+        assert_eq!(PAGES_OFFSET, 8352);
         for pages in 1..50u64 {
             let l = pages * 4096;
             assert_eq!(logical_len(physical_len(l)), Some(l));
