@@ -147,7 +147,7 @@ pub fn apply_transaction(
     let mut rewrites = HashMap::new();
     for entry in &mut parsed {
         if entry.method == Method::Post {
-            let id = uuid::Uuid::new_v4().to_string();
+            let id = crate::resource::new_server_id();
             if let Some(url) = entry
                 .full_url
                 .as_ref()

@@ -23,6 +23,13 @@ pub fn is_valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
+/// A new server-assigned id: a UUID version 7 (RFC 9562), 74 random bits after a 48-bit
+/// millisecond timestamp. Unguessable, and time-ordered so that creates append to the
+/// B-tree instead of touching random pages.
+pub fn new_server_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
 /// Checks a resource type name, returning a typed error for an unknown one.
 pub fn check_resource_type(name: &str) -> Result<()> {
     if is_resource_type(name) {

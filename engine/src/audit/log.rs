@@ -232,21 +232,50 @@ pub(crate) fn append_many(
     let mut leaves = txn.open_table(LEAVES).map_err(storage)?;
     let mut nodes = txn.open_table(NODES).map_err(storage)?;
     let first = leaf_count(&leaves)?;
+    // Nodes produced in this batch (level 0 included): appending reads its left siblings,
+    // which are mostly from this batch, so they come from memory instead of being re-read
+    // (and, for level 0, re-hashed).
+    let mut produced: std::collections::HashMap<(u8, u64), Hash> = std::collections::HashMap::new();
     for (seq, record) in (first..).zip(records) {
         record.check_limits()?;
         let bytes = AuditLeaf { seq, record }.encode();
-        let source = TableNodes {
-            leaves: &leaves,
-            nodes: &nodes,
+        let source = BatchNodes {
+            produced: &produced,
+            stored: TableNodes {
+                leaves: &leaves,
+                nodes: &nodes,
+            },
         };
         let new_nodes = nodes_to_store_on_append(seq, leaf_hash(&bytes), &source)?;
         leaves.insert(seq, bytes.as_slice()).map_err(storage)?;
-        for (level, index, hash) in new_nodes.into_iter().filter(|n| n.0 > 0) {
-            nodes.insert((level, index), hash).map_err(storage)?;
+        for (level, index, hash) in new_nodes {
+            if level > 0 {
+                nodes.insert((level, index), hash).map_err(storage)?;
+            }
+            produced.insert((level, index), hash);
         }
         on_seq(seq);
     }
     Ok(())
+}
+
+/// Stored nodes, preferring those produced earlier in the same batch.
+struct BatchNodes<'a, L, N> {
+    produced: &'a std::collections::HashMap<(u8, u64), Hash>,
+    stored: TableNodes<'a, L, N>,
+}
+
+impl<L, N> NodeSource for BatchNodes<'_, L, N>
+where
+    L: ReadableTable<u64, &'static [u8]>,
+    N: ReadableTable<(u8, u64), [u8; 32]>,
+{
+    fn node(&self, level: u8, index: u64) -> Result<Hash> {
+        match self.produced.get(&(level, index)) {
+            Some(hash) => Ok(*hash),
+            None => self.stored.node(level, index),
+        }
+    }
 }
 
 /// Loads the signing key (the seed is zeroized when dropped; `SigningKey` zeroizes itself).

@@ -339,7 +339,8 @@ impl<B: StorageBackend> EncryptedBackend<B> {
     /// Raises the high-water mark to cover pages `[first, end)` (`first ≥ 1`) that are about
     /// to be written, and returns its previous value. Never-written pages between the old
     /// mark and `first` (redb leaves such gaps between regions) are first filled with
-    /// encrypted zero pages, so that every page below the mark holds a real block. This runs
+    /// empty-page markers (authenticated, not encrypted), so that every page below the mark
+    /// holds a real block. This runs
     /// under the header lock, so a concurrent write into the gap cannot be overwritten.
     fn raise_high_water(&self, first: u64, end: u64) -> io::Result<u64> {
         const FILL_CHUNK: u64 = 64;
@@ -348,13 +349,8 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         let mut next = old.max(1);
         while next < first {
             let count = FILL_CHUNK.min(first - next);
-            let key_id = self.keyring.consume_nonces(count).map_err(to_io)?;
-            let zeros = [0u8; PAGE_SIZE];
             let mut buf = vec![0u8; count as usize * PAGE_BLOCK_SIZE];
-            for (k, blk) in buf.chunks_exact_mut(PAGE_BLOCK_SIZE).enumerate() {
-                page::seal_into(&self.keyring, key_id, next + k as u64, &zeros, blk)
-                    .map_err(seal_err)?;
-            }
+            page::seal_empty_pages(&self.keyring, next, &mut buf);
             self.inner.write(page::page_block_offset(next), &buf)?;
             next += count;
             st.high_water = st.high_water.max(next);
@@ -633,6 +629,8 @@ pub struct FileReport {
     pub high_water: u64,
     /// Authenticated page blocks per data key id (header copies included).
     pub blocks_by_key: BTreeMap<u32, u64>,
+    /// Authenticated empty-page markers (pages below the high-water mark redb never wrote).
+    pub empty_markers: u64,
     /// Status of header copies A and B.
     pub header_copies: [Option<HeaderCopyStatus>; 2],
     /// The copy a reader would use (the newest that authenticates).
@@ -744,8 +742,10 @@ pub fn verify_file(path: &Path, keyring: &Keyring) -> Result<FileReport> {
                     report.zero_blocks += 1;
                 }
             } else if page::open_into(keyring, pg, blk, &mut out) {
-                if let Some(id) = page::block_key_id(blk) {
-                    *report.blocks_by_key.entry(id).or_default() += 1;
+                match page::block_key_id(blk) {
+                    Some(page::EMPTY_KEY_ID) => report.empty_markers += 1,
+                    Some(id) => *report.blocks_by_key.entry(id).or_default() += 1,
+                    None => {}
                 }
             } else {
                 report.failed_pages.push(pg);
@@ -1455,5 +1455,29 @@ mod tests {
         let k = Keyring::open(&dbdir, &pass("new pass")).unwrap();
         let db = open_db(&path, &k).unwrap();
         assert_eq!(read_all(&db).unwrap(), expected(0..400));
+    }
+
+    #[test]
+    fn empty_page_markers_are_bound_to_page_and_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keyring(&dir.path().join("a"));
+        let other = keyring(&dir.path().join("b"));
+        let mut blocks = vec![0u8; 3 * PAGE_BLOCK_SIZE];
+        page::seal_empty_pages(&k, 10, &mut blocks);
+        let mut out = vec![1u8; PAGE_SIZE];
+        let marker = |i: usize| &blocks[i * PAGE_BLOCK_SIZE..(i + 1) * PAGE_BLOCK_SIZE];
+        assert!(page::open_into(&k, 11, marker(1), &mut out));
+        assert!(out.iter().all(|&b| b == 0));
+        // Moved to another page, or read by another database: not authentic.
+        assert!(!page::open_into(&k, 12, marker(1), &mut out));
+        assert!(!page::open_into(&other, 11, marker(1), &mut out));
+        // Any changed byte, in the tag or in the (zero) body, breaks it.
+        for at in [0, 5, 16, 31, 32, 4000] {
+            let mut changed = marker(1).to_vec();
+            changed[at] ^= 1;
+            assert!(!page::open_into(&k, 11, &changed, &mut out), "byte {at}");
+            let mut in_place = changed.clone();
+            assert!(!page::open_in_place(&k, 11, &mut in_place), "byte {at}");
+        }
     }
 }

@@ -173,6 +173,49 @@ pub fn is_zero_block(block: &[u8]) -> bool {
     block.iter().all(|&b| b == 0)
 }
 
+/// Key id of an *empty-page marker*: a page block that stands for a page redb never wrote,
+/// below the high-water mark. No data key has id 0.
+pub const EMPTY_KEY_ID: u32 = 0;
+
+/// Tag of the empty-page marker of page `index`: BLAKE3 keyed with a subkey of the data key,
+/// over the same AAD as a real block with key id 0, truncated to 16 bytes.
+fn empty_tag(key: &[u8; 32], db_id: &[u8; 16], index: u64) -> [u8; 16] {
+    let hash = blake3::keyed_hash(key, &aad(db_id, index, EMPTY_KEY_ID));
+    let mut tag = [0u8; 16];
+    tag.copy_from_slice(&hash.as_bytes()[..16]);
+    tag
+}
+
+fn empty_marker_key(keyring: &Keyring) -> zeroize::Zeroizing<[u8; 32]> {
+    keyring.derive_subkey("empty page marker v1")
+}
+
+/// Writes empty-page markers for pages `first, first + 1, ...` into `blocks` (a whole number
+/// of page blocks). A marker costs a keyed hash, not an encryption, and no nonce: the page
+/// content is known (zeros), only its authenticity matters.
+pub(crate) fn seal_empty_pages(keyring: &Keyring, first: u64, blocks: &mut [u8]) {
+    let key = empty_marker_key(keyring);
+    let db_id = keyring.db_id();
+    for (k, block) in blocks.chunks_exact_mut(PAGE_BLOCK_SIZE).enumerate() {
+        block.fill(0);
+        let tag = empty_tag(&key, &db_id, first + k as u64);
+        block[16..32].copy_from_slice(&tag);
+    }
+}
+
+/// Whether `block` is the authentic empty-page marker of page `index`.
+fn is_empty_marker(keyring: &Keyring, index: u64, block: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    if block.len() != PAGE_BLOCK_SIZE
+        || !block[..16].iter().all(|&b| b == 0)
+        || !block[BLOCK_OVERHEAD..].iter().all(|&b| b == 0)
+    {
+        return false;
+    }
+    let expected = empty_tag(&empty_marker_key(keyring), &keyring.db_id(), index);
+    bool::from(expected.ct_eq(&block[16..32]))
+}
+
 /// Why a block could not be encrypted.
 #[derive(Debug)]
 pub(crate) enum SealError {
@@ -253,6 +296,10 @@ fn open_into_inner(keyring: &Keyring, index: u64, block: &[u8], out: &mut [u8]) 
     }
     let (head, body) = block.split_at(BLOCK_OVERHEAD);
     let key_id = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    if key_id == EMPTY_KEY_ID {
+        out.fill(0);
+        return is_empty_marker(keyring, index, block);
+    }
     let Some(cipher) = keyring.cipher(key_id) else {
         return false;
     };
@@ -278,6 +325,11 @@ fn open_into_inner(keyring: &Keyring, index: u64, block: &[u8], out: &mut [u8]) 
 pub(crate) fn open_in_place(keyring: &Keyring, index: u64, block: &mut [u8]) -> bool {
     if block.len() < BLOCK_OVERHEAD {
         return false;
+    }
+    if block.get(..4) == Some(&EMPTY_KEY_ID.to_le_bytes()[..]) {
+        let ok = is_empty_marker(keyring, index, block);
+        block[BLOCK_OVERHEAD..].fill(0);
+        return ok;
     }
     let (head, body) = block.split_at_mut(BLOCK_OVERHEAD);
     let key_id = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);

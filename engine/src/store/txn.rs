@@ -80,7 +80,7 @@ impl<'s> WriteTxn<'s> {
 
     fn create_inner(&mut self, mut resource: Value) -> Result<StoredResource> {
         let resource_type = inspect(&resource)?.resource_type.to_owned();
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = crate::resource::new_server_id();
         self.put(
             &resource_type,
             &id,
