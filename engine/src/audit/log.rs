@@ -232,9 +232,9 @@ pub(crate) fn append_many(
     let mut leaves = txn.open_table(LEAVES).map_err(storage)?;
     let mut nodes = txn.open_table(NODES).map_err(storage)?;
     let first = leaf_count(&leaves)?;
-    // Nodes produced in this batch (level 0 included): appending reads its left siblings,
-    // which are mostly from this batch, so they come from memory instead of being re-read
-    // (and, for level 0, re-hashed).
+    // The right edge of the nodes produced in this batch (level 0 included): appending reads
+    // its left siblings, which are mostly from this batch, so they come from memory instead
+    // of being re-read (and, for level 0, re-hashed). It holds O(log n) nodes.
     let mut produced: std::collections::HashMap<(u8, u64), Hash> = std::collections::HashMap::new();
     for (seq, record) in (first..).zip(records) {
         record.check_limits()?;
@@ -251,6 +251,9 @@ pub(crate) fn append_many(
         for (level, index, hash) in new_nodes {
             if level > 0 {
                 nodes.insert((level, index), hash).map_err(storage)?;
+                // Its children are never a left sibling again: keep only the right edge.
+                produced.remove(&(level - 1, 2 * index));
+                produced.remove(&(level - 1, 2 * index + 1));
             }
             produced.insert((level, index), hash);
         }
