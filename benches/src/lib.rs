@@ -1285,15 +1285,24 @@ pub fn bench_context() -> AccessContext {
 }
 
 /// Writes `batch` (consumed) in one durable commit, each resource as an update-as-create with
-/// its client id.
+/// its client id, through the batch API (`WriteTxn::update_many`) that bulk loaders use.
 pub fn write_batch(
     store: &Store,
     ctx: &AccessContext,
     batch: Vec<ParsedResource>,
 ) -> fhirkeep_engine::Result<()> {
+    let items = batch
+        .into_iter()
+        .map(|r| fhirkeep_engine::store::Upsert {
+            resource_type: r.resource_type.to_owned(),
+            id: Some(r.id),
+            resource: r.body,
+            expected_version: None,
+        })
+        .collect();
     store.write(ctx, |txn| {
-        for r in batch {
-            txn.update(r.resource_type, &r.id, r.body, None)?;
+        for result in txn.update_many(items)? {
+            result?;
         }
         Ok(())
     })

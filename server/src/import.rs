@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use fhirkeep_engine::bundle::{apply_batch, apply_transaction, is_applicable_bundle};
-use fhirkeep_engine::store::{AccessContext, Store};
+use fhirkeep_engine::store::{AccessContext, Store, Upsert};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
@@ -229,32 +229,33 @@ impl<'a> Importer<'a> {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);
+        let mut locations = Vec::with_capacity(pending.len());
+        let mut items = Vec::with_capacity(pending.len());
+        for item in pending {
+            let field = |name: &str| {
+                item.resource
+                    .get(name)
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            };
+            items.push(Upsert {
+                resource_type: field("resourceType").unwrap_or_default(),
+                id: field("id"),
+                resource: item.resource,
+                expected_version: None,
+            });
+            locations.push(item.location);
+        }
+        let results = self.store.write(self.ctx, |txn| txn.update_many(items))?;
         let mut rejected = Vec::new();
         let mut loaded = 0;
-        self.store.write(self.ctx, |txn| {
-            for item in pending {
-                let resource_type = item
-                    .resource
-                    .get("resourceType")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
-                let id = item
-                    .resource
-                    .get("id")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
-                let result = match (resource_type, id) {
-                    (Some(t), Some(id)) => txn.update(&t, &id, item.resource, None).map(drop),
-                    _ => txn.create(item.resource).map(drop),
-                };
-                match result {
-                    Ok(()) => loaded += 1,
-                    Err(error) if is_input_error(&error) => rejected.push((item.location, error)),
-                    Err(error) => return Err(error),
-                }
+        for (location, result) in locations.into_iter().zip(results) {
+            match result {
+                Ok(_) => loaded += 1,
+                Err(error) if is_input_error(&error) => rejected.push((location, error)),
+                Err(error) => return Err(error.into()),
             }
-            Ok(())
-        })?;
+        }
         self.summary.loaded += loaded;
         for (location, error) in rejected {
             self.summary.reject(location, error);

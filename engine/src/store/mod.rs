@@ -35,7 +35,7 @@ use crate::{Error, Result};
 pub use history::{HistoryPage, HistoryQuery};
 pub use record::VersionKind;
 use record::{VERSIONS, VersionRecord};
-pub use txn::{DeleteOutcome, UpdateOutcome, WriteTxn};
+pub use txn::{DeleteOutcome, UpdateOutcome, Upsert, WriteTxn};
 
 /// File name of the encrypted redb database inside a database directory.
 pub const DATABASE_FILE: &str = "fhirkeep.redb";

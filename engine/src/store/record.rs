@@ -160,6 +160,13 @@ fn compress(body: &[u8]) -> Result<Vec<u8>> {
     })
 }
 
+/// Sets the change seq field of an encoded record (known only when the insert order is final).
+pub(crate) fn set_record_change_seq(record: &mut [u8], change_seq: u64) {
+    if let Some(field) = record.get_mut(10..18) {
+        field.copy_from_slice(&change_seq.to_le_bytes());
+    }
+}
+
 pub(crate) fn encode_record(
     kind: VersionKind,
     last_updated_micros: i64,

@@ -775,3 +775,89 @@ fn copy_reencrypts_everything_and_keeps_the_audit_log() {
 fn head_time(head: &crate::audit::SignedTreeHead) -> DateTime<Utc> {
     micros_to_datetime(head.time_micros).unwrap()
 }
+
+#[test]
+fn update_many_matches_one_by_one_updates() {
+    let (_dir, store) = temp_store(ReadAudit::Durable);
+    let c = ctx();
+    store
+        .update(&c, "Patient", "old", patient("Old"), None)
+        .unwrap();
+    let upsert = |t: &str, id: Option<&str>, body: Value, expected: Option<u64>| Upsert {
+        resource_type: t.to_owned(),
+        id: id.map(str::to_owned),
+        resource: body,
+        expected_version: expected,
+    };
+    let mut items = vec![
+        upsert("Patient", Some("old"), patient("Old2"), Some(1)),
+        upsert("Patient", Some("dup"), patient("D1"), None),
+        upsert("Patient", Some("dup"), patient("D2"), Some(1)),
+        upsert("Nope", Some("x"), json!({"resourceType": "Nope"}), None),
+        upsert("Patient", Some("old"), patient("Stale"), Some(1)),
+        upsert("Patient", None, patient("Fresh"), None),
+        upsert("Patient", Some("bad id"), patient("B"), None),
+    ];
+    // Enough items to take the parallel path.
+    for i in 0..100 {
+        items.push(upsert("Observation", Some(&format!("o{i}")), json!({"resourceType": "Observation", "status": "final", "code": {"text": format!("{i}")}}), None));
+    }
+    let results = store.write(&c, |txn| txn.update_many(items)).unwrap();
+    assert_eq!(results.len(), 107);
+    assert_eq!(results[0].as_ref().unwrap().resource.version, 2);
+    assert!(results[1].as_ref().unwrap().created);
+    assert_eq!(results[2].as_ref().unwrap().resource.version, 2);
+    assert_eq!(
+        results[3].as_ref().unwrap_err().kind_name(),
+        "unknown-resource-type"
+    );
+    assert!(matches!(
+        results[4],
+        Err(Error::VersionConflict {
+            expected: 1,
+            current: 2
+        })
+    ));
+    let fresh = results[5].as_ref().unwrap();
+    assert_eq!(fresh.resource.kind, VersionKind::Created);
+    assert_eq!(results[6].as_ref().unwrap_err().kind_name(), "invalid-id");
+    for (i, result) in results[7..].iter().enumerate() {
+        let stored = &result.as_ref().unwrap().resource;
+        assert_eq!(stored.id, format!("o{i}"));
+        assert_eq!(store.read(&c, "Observation", &stored.id).unwrap(), *stored);
+    }
+    assert_eq!(
+        store.read(&c, "Patient", "dup").unwrap().to_json().unwrap()["name"][0]["family"],
+        "D2"
+    );
+    assert_eq!(
+        store.read(&c, "Patient", "old").unwrap().to_json().unwrap()["name"][0]["family"],
+        "Old2"
+    );
+    assert_eq!(
+        store
+            .read(&c, "Patient", &fresh.resource.id)
+            .unwrap()
+            .version,
+        1
+    );
+    // History is in write order, and every written version has exactly one write leaf.
+    let history = store.history_system(&c, &HistoryQuery::default()).unwrap();
+    assert_eq!(history.entries.len(), 1 + 104);
+    assert!(
+        history
+            .entries
+            .windows(2)
+            .all(|w| w[0].last_updated > w[1].last_updated)
+    );
+    let size = store.audit_size().unwrap();
+    let write_leaves = (0..size)
+        .map(|seq| store.audit_leaf(seq).unwrap().record)
+        .filter(|r| {
+            r.outcome == AuditOutcome::Success
+                && matches!(r.action, AuditAction::Create | AuditAction::Update)
+        })
+        .count();
+    assert_eq!(write_leaves, 105);
+    store.verify_audit().unwrap();
+}

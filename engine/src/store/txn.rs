@@ -5,6 +5,7 @@ use serde_json::Value;
 
 use super::record::{
     CHANGES, Change, MAX_BODY, TYPE_CHANGES, VERSIONS, VersionKind, encode_record,
+    set_record_change_seq,
 };
 use super::{
     AccessContext, Lookup, Store, StoredResource, find_version, format_instant, micros_to_datetime,
@@ -116,19 +117,7 @@ impl<'s> WriteTxn<'s> {
         mut resource: Value,
         expected_version: Option<u64>,
     ) -> Result<UpdateOutcome> {
-        check_resource_type(resource_type)?;
-        check_id(id)?;
-        let head = inspect(&resource)?;
-        if head.resource_type != resource_type {
-            return Err(Error::InvalidResource(
-                "resourceType in the body does not match the type being updated".into(),
-            ));
-        }
-        if head.id.is_some_and(|body_id| body_id != id) {
-            return Err(Error::InvalidResource(
-                "id in the body does not match the id being updated".into(),
-            ));
-        }
+        validate_update(resource_type, id, &resource)?;
         let current = self.current(resource_type, id)?;
         let current_version = current.as_ref().map_or(0, |c| c.version);
         if let Some(expected) = expected_version
@@ -260,63 +249,186 @@ impl<'s> WriteTxn<'s> {
         action: AuditAction,
     ) -> Result<StoredResource> {
         let micros = self.store.inner.tick();
-        let last_updated = micros_to_datetime(micros)?;
-        let body = match resource {
-            Some(resource) => {
-                stamp(resource, id, version, &format_instant(last_updated));
-                serde_json::to_vec(resource)
-                    .map_err(|_| Error::InvalidResource("resource cannot be serialized".into()))?
-            }
-            None => Vec::new(),
+        let prepared = prepare(resource_type, id, version, kind, micros, resource)?;
+        self.insert_prepared(prepared, action)
+    }
+
+    /// Inserts a prepared version with its change rows, and queues its audit leaf.
+    fn insert_prepared(
+        &mut self,
+        prepared: Prepared,
+        action: AuditAction,
+    ) -> Result<StoredResource> {
+        let mut versions = self.txn.open_table(VERSIONS)?;
+        let mut changes = self.txn.open_table(CHANGES)?;
+        let mut type_changes = self.txn.open_table(TYPE_CHANGES)?;
+        let mut tables = Tables {
+            versions: &mut versions,
+            changes: &mut changes,
+            type_changes: &mut type_changes,
         };
-        if body.len() > MAX_BODY {
-            return Err(Error::InvalidResource(format!(
-                "resource is larger than {} MiB",
-                MAX_BODY >> 20
-            )));
-        }
-        let content_hash = *blake3::hash(&body).as_bytes();
-        let change_seq = self.next_change;
-        let record = encode_record(kind, micros, change_seq, &content_hash, &body)?;
-        {
-            let mut versions = self.txn.open_table(VERSIONS)?;
-            versions.insert((resource_type, id, version), record.as_slice())?;
-            let mut changes = self.txn.open_table(CHANGES)?;
-            let change = Change {
-                resource_type: resource_type.to_owned(),
-                id: id.to_owned(),
-                version,
-                last_updated_micros: micros,
-            };
-            changes.insert(change_seq, change.encode().as_slice())?;
-            let mut type_changes = self.txn.open_table(TYPE_CHANGES)?;
-            type_changes.insert((resource_type, change_seq), ())?;
-        }
+        let stored = insert_into(&mut tables, self.next_change, prepared)?;
+        drop((versions, changes, type_changes));
+        self.record_written(&stored, action);
+        Ok(stored)
+    }
+
+    /// Queues the leaf of a written version and advances the transaction's counters.
+    fn record_written(&mut self, stored: &StoredResource, action: AuditAction) {
         // The leaf joins this transaction at commit (one batch append); it is never separated
         // from its write: both commit, or both vanish with an abort.
         self.write_leaves.push(AuditRecord {
-            time_micros: micros,
+            time_micros: stored.last_updated.timestamp_micros(),
             actor: self.ctx.actor(),
             request_id: self.ctx.request_id.clone(),
             action,
-            resource_type: Some(resource_type.to_owned()),
-            id: Some(id.to_owned()),
-            version: Some(version),
+            resource_type: Some(stored.resource_type.clone()),
+            id: Some(stored.id.clone()),
+            version: Some(stored.version),
             outcome: crate::audit::AuditOutcome::Success,
-            content_hash: Some(content_hash),
+            content_hash: Some(stored.content_hash),
             query_hash: None,
         });
         self.next_change += 1;
-        self.last_micros = micros;
+        self.last_micros = stored.last_updated.timestamp_micros();
         self.writes += 1;
-        Ok(StoredResource {
-            resource_type: resource_type.to_owned(),
-            id: id.to_owned(),
-            version,
-            last_updated,
-            kind,
-            content_hash,
-            body,
+    }
+
+    /// Creates or updates many resources in one go: validation and version decisions in
+    /// order, then the CPU-heavy part (stamping, serializing, hashing, compressing) spread
+    /// over the machine's cores, then the inserts in order. Each item gets its own result,
+    /// exactly as [`WriteTxn::update`] (or [`WriteTxn::create`] for an item without an id)
+    /// would give it; a refused item writes nothing. An `Err` of the whole call is a storage
+    /// failure: abort the transaction.
+    pub fn update_many(&mut self, items: Vec<Upsert>) -> Result<Vec<Result<UpdateOutcome>>> {
+        let mut results: Vec<Option<Result<UpdateOutcome>>> = Vec::with_capacity(items.len());
+        // Versions decided earlier in this batch, which the table does not show yet.
+        let mut decided: std::collections::HashMap<(String, String), u64> =
+            std::collections::HashMap::new();
+        let mut plans = Vec::with_capacity(items.len());
+        for item in items {
+            let index = results.len();
+            results.push(None);
+            let target = item.id.clone();
+            match self.plan(item, &decided) {
+                Ok(plan) => {
+                    decided.insert((plan.resource_type.clone(), plan.id.clone()), plan.version);
+                    plans.push((index, plan));
+                }
+                Err(error) => {
+                    let error: Result<UpdateOutcome> = Err(error);
+                    let action = if target.is_some() {
+                        AuditAction::Update
+                    } else {
+                        AuditAction::Create
+                    };
+                    self.buffer_leaf(action, &error, None, |_| None);
+                    results[index] = Some(error);
+                }
+            }
+        }
+        let prepared = prepare_in_parallel(plans);
+        let mut versions = self.txn.open_table(VERSIONS)?;
+        let mut changes = self.txn.open_table(CHANGES)?;
+        let mut type_changes = self.txn.open_table(TYPE_CHANGES)?;
+        let mut written = Vec::with_capacity(prepared.len());
+        for (index, action, created, outcome) in prepared {
+            match outcome {
+                Ok(prepared) => {
+                    let mut tables = Tables {
+                        versions: &mut versions,
+                        changes: &mut changes,
+                        type_changes: &mut type_changes,
+                    };
+                    let stored = insert_into(
+                        &mut tables,
+                        self.next_change + written.len() as u64,
+                        prepared,
+                    )?;
+                    written.push((index, action, created, stored));
+                }
+                Err(error) => results[index] = Some(Err(error)),
+            }
+        }
+        drop((versions, changes, type_changes));
+        for (index, action, created, stored) in written {
+            self.record_written(&stored, action);
+            results[index] = Some(Ok(UpdateOutcome {
+                resource: stored,
+                created,
+            }));
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(Error::Storage("batch item was not processed".into())))
+            })
+            .collect())
+    }
+
+    /// Validates one batch item and decides its version, kind and timestamp.
+    fn plan(
+        &mut self,
+        item: Upsert,
+        decided: &std::collections::HashMap<(String, String), u64>,
+    ) -> Result<Plan> {
+        let Upsert {
+            resource_type,
+            id,
+            resource,
+            expected_version,
+        } = item;
+        let Some(id) = id else {
+            let head = inspect(&resource)?;
+            if head.resource_type != resource_type {
+                return Err(Error::InvalidResource(
+                    "resourceType in the body does not match the type being created".into(),
+                ));
+            }
+            return Ok(Plan {
+                resource_type,
+                id: crate::resource::new_server_id(),
+                version: 1,
+                kind: VersionKind::Created,
+                action: AuditAction::Create,
+                created: true,
+                micros: self.store.inner.tick(),
+                resource,
+            });
+        };
+        validate_update(&resource_type, &id, &resource)?;
+        let (current_version, deleted) = match decided.get(&(resource_type.clone(), id.clone())) {
+            Some(&version) => (version, false),
+            None => self
+                .current(&resource_type, &id)?
+                .map_or((0, false), |c| (c.version, c.is_deleted())),
+        };
+        if let Some(expected) = expected_version
+            && expected != current_version
+        {
+            return Err(Error::VersionConflict {
+                expected,
+                current: current_version,
+            });
+        }
+        let created = current_version == 0 || deleted;
+        Ok(Plan {
+            resource_type,
+            id,
+            version: current_version + 1,
+            kind: if created {
+                VersionKind::CreatedWithId
+            } else {
+                VersionKind::Updated
+            },
+            action: if created {
+                AuditAction::Create
+            } else {
+                AuditAction::Update
+            },
+            created,
+            micros: self.store.inner.tick(),
+            resource,
         })
     }
 
@@ -387,4 +499,187 @@ impl<'s> WriteTxn<'s> {
         self.txn.abort()?;
         Ok(())
     }
+}
+
+/// One item of [`WriteTxn::update_many`]: an update (or update-as-create) of `Type/id`, or,
+/// without an id, a create with a server-assigned id.
+#[derive(Debug, Clone)]
+pub struct Upsert {
+    /// The resource type (must match the body's `resourceType`).
+    pub resource_type: String,
+    /// The id to write, or `None` for a create with a new server id.
+    pub id: Option<String>,
+    /// The resource JSON.
+    pub resource: Value,
+    /// Write only if this is the current version (0: only if it does not exist).
+    pub expected_version: Option<u64>,
+}
+
+/// A batch item whose version and timestamp are decided.
+#[derive(Debug)]
+struct Plan {
+    resource_type: String,
+    id: String,
+    version: u64,
+    kind: VersionKind,
+    action: AuditAction,
+    created: bool,
+    micros: i64,
+    resource: Value,
+}
+
+/// A version ready to insert: the encoded record and what readers get back.
+#[derive(Debug)]
+struct Prepared {
+    record: Vec<u8>,
+    stored: StoredResource,
+}
+
+struct Tables<'a, 't> {
+    versions: &'a mut redb::Table<'t, (&'static str, &'static str, u64), &'static [u8]>,
+    changes: &'a mut redb::Table<'t, u64, &'static [u8]>,
+    type_changes: &'a mut redb::Table<'t, (&'static str, u64), ()>,
+}
+
+/// The checks an update makes before anything is read or written.
+fn validate_update(resource_type: &str, id: &str, resource: &Value) -> Result<()> {
+    check_resource_type(resource_type)?;
+    check_id(id)?;
+    let head = inspect(resource)?;
+    if head.resource_type != resource_type {
+        return Err(Error::InvalidResource(
+            "resourceType in the body does not match the type being updated".into(),
+        ));
+    }
+    if head.id.is_some_and(|body_id| body_id != id) {
+        return Err(Error::InvalidResource(
+            "id in the body does not match the id being updated".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Stamps `id` and `meta`, serializes, hashes and compresses one version (no table access).
+fn prepare(
+    resource_type: &str,
+    id: &str,
+    version: u64,
+    kind: VersionKind,
+    micros: i64,
+    resource: Option<&mut Value>,
+) -> Result<Prepared> {
+    let last_updated = micros_to_datetime(micros)?;
+    let body = match resource {
+        Some(resource) => {
+            stamp(resource, id, version, &format_instant(last_updated));
+            serde_json::to_vec(resource)
+                .map_err(|_| Error::InvalidResource("resource cannot be serialized".into()))?
+        }
+        None => Vec::new(),
+    };
+    if body.len() > MAX_BODY {
+        return Err(Error::InvalidResource(format!(
+            "resource is larger than {} MiB",
+            MAX_BODY >> 20
+        )));
+    }
+    let content_hash = *blake3::hash(&body).as_bytes();
+    // The change seq field is filled in at insert time, when the order is final.
+    let record = encode_record(kind, micros, 0, &content_hash, &body)?;
+    Ok(Prepared {
+        record,
+        stored: StoredResource {
+            resource_type: resource_type.to_owned(),
+            id: id.to_owned(),
+            version,
+            last_updated,
+            kind,
+            content_hash,
+            body,
+        },
+    })
+}
+
+/// Writes a prepared version under change seq `change_seq`.
+fn insert_into(
+    tables: &mut Tables<'_, '_>,
+    change_seq: u64,
+    mut prepared: Prepared,
+) -> Result<StoredResource> {
+    set_record_change_seq(&mut prepared.record, change_seq);
+    let stored = prepared.stored;
+    tables.versions.insert(
+        (
+            stored.resource_type.as_str(),
+            stored.id.as_str(),
+            stored.version,
+        ),
+        prepared.record.as_slice(),
+    )?;
+    let change = Change {
+        resource_type: stored.resource_type.clone(),
+        id: stored.id.clone(),
+        version: stored.version,
+        last_updated_micros: stored.last_updated.timestamp_micros(),
+    };
+    tables
+        .changes
+        .insert(change_seq, change.encode().as_slice())?;
+    tables
+        .type_changes
+        .insert((stored.resource_type.as_str(), change_seq), ())?;
+    Ok(stored)
+}
+
+/// Prepares every plan, on as many threads as the machine has (up to 4), keeping order.
+fn prepare_in_parallel(
+    plans: Vec<(usize, Plan)>,
+) -> Vec<(usize, AuditAction, bool, Result<Prepared>)> {
+    fn run(plans: Vec<(usize, Plan)>) -> Vec<(usize, AuditAction, bool, Result<Prepared>)> {
+        plans
+            .into_iter()
+            .map(|(index, mut plan)| {
+                let prepared = prepare(
+                    &plan.resource_type,
+                    &plan.id,
+                    plan.version,
+                    plan.kind,
+                    plan.micros,
+                    Some(&mut plan.resource),
+                );
+                (index, plan.action, plan.created, prepared)
+            })
+            .collect()
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4);
+    if threads < 2 || plans.len() < 64 {
+        return run(plans);
+    }
+    let per_thread = plans.len().div_ceil(threads);
+    let mut chunks = Vec::with_capacity(threads);
+    let mut rest = plans;
+    while rest.len() > per_thread {
+        let tail = rest.split_off(per_thread);
+        chunks.push(rest);
+        rest = tail;
+    }
+    chunks.push(rest);
+    std::thread::scope(|scope| {
+        let mut chunks = chunks.into_iter();
+        let first = chunks.next().unwrap_or_default();
+        let workers: Vec<_> = chunks
+            .map(|chunk| scope.spawn(move || run(chunk)))
+            .collect();
+        let mut all = run(first);
+        for worker in workers {
+            // Preparing never panics on any input; if a worker did, its items are reported
+            // as not processed rather than taking the process down.
+            if let Ok(done) = worker.join() {
+                all.extend(done);
+            }
+        }
+        all
+    })
 }
