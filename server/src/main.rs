@@ -38,6 +38,10 @@ struct DbArgs {
     /// Lower it only for tests.
     #[arg(long, value_name = "KIB", hide = true)]
     kdf_memory_kib: Option<u32>,
+    /// Verify every page's checksum while opening (reads the whole file). Catches pages
+    /// replayed from an older copy of the database, which still authenticate.
+    #[arg(long)]
+    verify_on_open: bool,
 }
 
 impl DbArgs {
@@ -74,7 +78,10 @@ impl DbArgs {
     }
 
     fn open(&self) -> Result<Store> {
-        Ok(Store::builder(&self.db).key(self.key_source()?).open()?)
+        Ok(Store::builder(&self.db)
+            .key(self.key_source()?)
+            .verify_on_open(self.verify_on_open)
+            .open()?)
     }
 }
 

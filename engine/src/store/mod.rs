@@ -186,6 +186,7 @@ pub struct StoreBuilder {
     kdf: KdfParams,
     cache_size: usize,
     read_audit: ReadAudit,
+    verify_on_open: bool,
     #[cfg(feature = "bench-plaintext")]
     plaintext: bool,
 }
@@ -215,6 +216,15 @@ impl StoreBuilder {
     /// Bytes of decrypted pages kept in memory (default 256 MiB).
     pub fn cache_size(mut self, bytes: usize) -> Self {
         self.cache_size = bytes;
+        self
+    }
+
+    /// Verifies, while opening, the checksum of every page of the committed trees (reads the
+    /// whole file: slow on large databases). Each page is authenticated anyway; this also
+    /// catches a page *replayed* from an older copy of the same database, which authenticates
+    /// but no longer matches the checksum its parent holds. Default: off.
+    pub fn verify_on_open(mut self, enabled: bool) -> Self {
+        self.verify_on_open = enabled;
         self
     }
 
@@ -286,6 +296,7 @@ impl StoreBuilder {
     fn finish<B: StorageBackend>(self, backend: B, keyring: Arc<Keyring>) -> Result<Store> {
         let mut builder = redb::Builder::new();
         builder.set_cache_size(self.cache_size);
+        builder.set_check_integrity_on_open(self.verify_on_open);
         #[cfg(feature = "bench-plaintext")]
         let db = if self.plaintext {
             builder.create_with_backend(backend)?
@@ -354,6 +365,7 @@ impl Store {
             kdf: KdfParams::default(),
             cache_size: 256 << 20,
             read_audit: ReadAudit::default(),
+            verify_on_open: false,
             #[cfg(feature = "bench-plaintext")]
             plaintext: false,
         }
