@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use fhirkeep_engine::audit::AuditAction;
 use fhirkeep_engine::audit::SignedTreeHead;
-use fhirkeep_engine::audit::{AuditAction, AuditOutcome};
 use fhirkeep_engine::crypto::{KdfParams, KeySource, Keyring, create_key_file};
 use fhirkeep_engine::store::{AccessContext, AccessRecord, HistoryQuery, Store};
 
@@ -498,17 +498,7 @@ fn rekey(
                 .to_owned()
         }
     };
-    store.record_access(
-        &ctx("rekey"),
-        AccessRecord {
-            action: AuditAction::Rekey,
-            resource_type: None,
-            id: None,
-            version: None,
-            outcome: AuditOutcome::Success,
-            query_hash: None,
-        },
-    )?;
+    store.record_access(&ctx("rekey"), AccessRecord::succeeded(AuditAction::Rekey))?;
     store.flush_audit()?;
     eprintln!("{message}");
     Ok(ExitCode::SUCCESS)

@@ -7,7 +7,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::record::{CHANGES, META, TYPE_CHANGES, VERSIONS};
 use super::{AccessContext, AccessRecord, Store, StoreBuilder};
-use crate::audit::{AuditAction, AuditOutcome};
+use crate::audit::AuditAction;
 use crate::crypto::{KdfParams, KeySource};
 use crate::{Error, Result};
 
@@ -72,17 +72,7 @@ impl Store {
         }
         txn.commit()?;
         target.inner.reload_clock()?;
-        target.record_access(
-            ctx,
-            AccessRecord {
-                action: AuditAction::Rekey,
-                resource_type: None,
-                id: None,
-                version: None,
-                outcome: AuditOutcome::Success,
-                query_hash: None,
-            },
-        )?;
+        target.record_access(ctx, AccessRecord::succeeded(AuditAction::Rekey))?;
         target.verify_audit()?;
         Ok(rows)
     }

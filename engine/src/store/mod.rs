@@ -644,17 +644,7 @@ impl Store {
                 )]
             })
             .unwrap_or_default();
-        store.record_access(
-            ctx,
-            AccessRecord {
-                action: AuditAction::Check,
-                resource_type: None,
-                id: None,
-                version: None,
-                outcome: AuditOutcome::Success,
-                query_hash: None,
-            },
-        )?;
+        store.record_access(ctx, AccessRecord::succeeded(AuditAction::Check))?;
         Ok(CheckReport {
             pages,
             redb_integrity_ok,
@@ -683,6 +673,20 @@ impl Drop for Store {
         // Best effort on close: a failure here loses at most the buffered read leaves,
         // which is the documented group-commit window.
         let _ = self.inner.flush_pending();
+    }
+}
+
+impl AccessRecord {
+    /// A successful operation that concerns no particular resource (check, rekey, export...).
+    pub fn succeeded(action: AuditAction) -> Self {
+        AccessRecord {
+            action,
+            resource_type: None,
+            id: None,
+            version: None,
+            outcome: AuditOutcome::Success,
+            query_hash: None,
+        }
     }
 }
 
