@@ -45,7 +45,7 @@ pub(crate) const META: TableDefinition<'static, &'static str, &'static [u8]> =
 /// Key of the Ed25519 signing key seed in [`META`].
 const SIGNING_KEY: &str = "signing_key";
 
-/// What [`verify_log`] checked.
+/// What a full verification of the log checked (`Store::verify_audit`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
     /// Number of leaves, all decoded and hashed.

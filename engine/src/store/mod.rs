@@ -377,6 +377,11 @@ impl Store {
     }
 
     /// Begins a write transaction: every write in it commits atomically, with its audit leaves.
+    ///
+    /// redb has one writer at a time, so while a `WriteTxn` is open, store calls that need a
+    /// write of their own (reads under [`ReadAudit::Durable`], [`Store::flush_audit`],
+    /// [`Store::audit_head`], another `begin_write`) wait until it ends. On the thread that holds
+    /// it they would wait forever: read through [`WriteTxn::read`] instead.
     pub fn begin_write(&self, ctx: &AccessContext) -> Result<WriteTxn<'_>> {
         WriteTxn::begin(self, ctx.clone())
     }
