@@ -232,6 +232,8 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         let db_id = keyring.db_id();
         let plen = inner.len()?;
         if plen == 0 {
+            // Backends may refuse writes past their length (redb's in-memory one does).
+            inner.set_len(PREAMBLE_SIZE as u64)?;
             inner.write(0, &page::encode_preamble(&db_id))?;
             return Ok(HeaderState::empty());
         }
@@ -1479,5 +1481,20 @@ mod tests {
             let mut in_place = changed.clone();
             assert!(!page::open_in_place(&k, 11, &mut in_place), "byte {at}");
         }
+    }
+
+    /// Found by the `key_header` fuzz target: a fresh backend that refuses writes past its end
+    /// (redb's `InMemoryBackend`) must still take the preamble and pages.
+    #[test]
+    fn works_over_a_backend_that_refuses_writes_past_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keyring(dir.path());
+        let backend = EncryptedBackend::new(redb::backends::InMemoryBackend::new(), k).unwrap();
+        backend.set_len(2 * 4096).unwrap();
+        let page = [0xA5u8; 4096];
+        backend.write(4096, &page).unwrap();
+        let mut back = [0u8; 4096];
+        backend.read(4096, &mut back).unwrap();
+        assert_eq!(back, page);
     }
 }
