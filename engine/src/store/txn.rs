@@ -79,17 +79,16 @@ impl<'s> WriteTxn<'s> {
         result
     }
 
-    fn create_inner(&mut self, mut resource: Value) -> Result<StoredResource> {
+    fn create_inner(&mut self, resource: Value) -> Result<StoredResource> {
         let resource_type = inspect(&resource)?.resource_type.to_owned();
-        let id = crate::resource::new_server_id();
-        self.put(
-            &resource_type,
-            &id,
-            1,
-            VersionKind::Created,
-            Some(&mut resource),
-            AuditAction::Create,
-        )
+        let item = Upsert {
+            resource_type,
+            id: None,
+            resource,
+            expected_version: None,
+        };
+        let plan = self.plan(item, &std::collections::HashMap::new())?;
+        Ok(self.write_plan(plan)?.resource)
     }
 
     /// Updates a resource, or creates it with the caller's id when it does not exist.
@@ -114,41 +113,33 @@ impl<'s> WriteTxn<'s> {
         &mut self,
         resource_type: &str,
         id: &str,
-        mut resource: Value,
+        resource: Value,
         expected_version: Option<u64>,
     ) -> Result<UpdateOutcome> {
-        validate_update(resource_type, id, &resource)?;
-        let current = self.current(resource_type, id)?;
-        let current_version = current.as_ref().map_or(0, |c| c.version);
-        if let Some(expected) = expected_version
-            && expected != current_version
-        {
-            return Err(Error::VersionConflict {
-                expected,
-                current: current_version,
-            });
-        }
-        let created = current.as_ref().is_none_or(StoredResource::is_deleted);
-        let kind = if created {
-            VersionKind::CreatedWithId
-        } else {
-            VersionKind::Updated
+        let item = Upsert {
+            resource_type: resource_type.to_owned(),
+            id: Some(id.to_owned()),
+            resource,
+            expected_version,
         };
-        let stored = self.put(
-            resource_type,
-            id,
-            current_version + 1,
-            kind,
-            Some(&mut resource),
-            if created {
-                AuditAction::Create
-            } else {
-                AuditAction::Update
-            },
+        let plan = self.plan(item, &std::collections::HashMap::new())?;
+        self.write_plan(plan)
+    }
+
+    /// Prepares and inserts one planned version (the single-resource path).
+    fn write_plan(&mut self, mut plan: Plan) -> Result<UpdateOutcome> {
+        let prepared = prepare(
+            &plan.resource_type,
+            &plan.id,
+            plan.version,
+            plan.kind,
+            plan.micros,
+            Some(&mut plan.resource),
         )?;
+        let stored = self.insert_prepared(prepared, plan.action)?;
         Ok(UpdateOutcome {
             resource: stored,
-            created,
+            created: plan.created,
         })
     }
 
@@ -309,7 +300,7 @@ impl<'s> WriteTxn<'s> {
         for item in items {
             let index = results.len();
             results.push(None);
-            let target = item.id.clone();
+            let target = (item.resource_type.clone(), item.id.clone());
             match self.plan(item, &decided) {
                 Ok(plan) => {
                     decided.insert((plan.resource_type.clone(), plan.id.clone()), plan.version);
@@ -317,12 +308,17 @@ impl<'s> WriteTxn<'s> {
                 }
                 Err(error) => {
                     let error: Result<UpdateOutcome> = Err(error);
-                    let action = if target.is_some() {
+                    let (resource_type, id) = &target;
+                    let action = if id.is_some() {
                         AuditAction::Update
                     } else {
                         AuditAction::Create
                     };
-                    self.buffer_leaf(action, &error, None, |_| None);
+                    let named = id.as_deref().map(|id| (resource_type.as_str(), id));
+                    self.buffer_leaf(action, &error, named, |r| match r {
+                        Err(Error::VersionConflict { current, .. }) => Some((*current, [0; 32])),
+                        _ => None,
+                    });
                     results[index] = Some(error);
                 }
             }
