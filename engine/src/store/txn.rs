@@ -128,14 +128,7 @@ impl<'s> WriteTxn<'s> {
 
     /// Prepares and inserts one planned version (the single-resource path).
     fn write_plan(&mut self, mut plan: Plan) -> Result<UpdateOutcome> {
-        let prepared = prepare(
-            &plan.resource_type,
-            &plan.id,
-            plan.version,
-            plan.kind,
-            plan.micros,
-            Some(&mut plan.resource),
-        )?;
+        let prepared = plan.prepare()?;
         let stored = self.insert_prepared(prepared, plan.action)?;
         Ok(UpdateOutcome {
             resource: stored,
@@ -524,6 +517,20 @@ struct Plan {
     resource: Value,
 }
 
+impl Plan {
+    /// Stamps, serializes, hashes and compresses the planned version (no table access).
+    fn prepare(&mut self) -> Result<Prepared> {
+        prepare(
+            &self.resource_type,
+            &self.id,
+            self.version,
+            self.kind,
+            self.micros,
+            Some(&mut self.resource),
+        )
+    }
+}
+
 /// A version ready to insert: the encoded record and what readers get back.
 #[derive(Debug)]
 struct Prepared {
@@ -635,14 +642,7 @@ fn prepare_in_parallel(
         plans
             .into_iter()
             .map(|(index, mut plan)| {
-                let prepared = prepare(
-                    &plan.resource_type,
-                    &plan.id,
-                    plan.version,
-                    plan.kind,
-                    plan.micros,
-                    Some(&mut plan.resource),
-                );
+                let prepared = plan.prepare();
                 (index, plan.action, plan.created, prepared)
             })
             .collect()
