@@ -5,8 +5,9 @@ use std::io::{BufRead, BufReader, IsTerminal};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use fhirkeep_engine::bundle::{apply_batch, apply_transaction, is_applicable_bundle};
-use fhirkeep_engine::store::{AccessContext, Store, Upsert};
+use fhirkeep_engine::bundle::is_applicable_bundle;
+use fhirkeep_engine::store::{AccessContext, Upsert};
+use fhirkeep_query::Database;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
@@ -43,6 +44,9 @@ impl Summary {
     }
 }
 
+/// The base URL written into bundle responses during an import (they are not shown).
+const IMPORT_BASE: &str = "urn:fhirkeep:import";
+
 /// A resource waiting for the next commit, with where it came from.
 struct Pending {
     location: String,
@@ -50,7 +54,7 @@ struct Pending {
 }
 
 pub(crate) struct Importer<'a> {
-    store: &'a Store,
+    db: &'a Database,
     ctx: &'a AccessContext,
     batch: usize,
     pending: Vec<Pending>,
@@ -59,7 +63,7 @@ pub(crate) struct Importer<'a> {
 }
 
 pub(crate) fn import_paths(
-    store: &Store,
+    db: &Database,
     ctx: &AccessContext,
     paths: &[PathBuf],
     batch: usize,
@@ -78,7 +82,7 @@ pub(crate) fn import_paths(
     } else {
         ProgressBar::hidden()
     };
-    let mut importer = Importer::new(store, ctx, batch, progress);
+    let mut importer = Importer::new(db, ctx, batch, progress);
     for file in &files {
         importer.file(file)?;
         importer.progress.inc(1);
@@ -117,13 +121,13 @@ fn is_loadable(path: &Path) -> bool {
 
 impl<'a> Importer<'a> {
     pub(crate) fn new(
-        store: &'a Store,
+        db: &'a Database,
         ctx: &'a AccessContext,
         batch: usize,
         progress: ProgressBar,
     ) -> Self {
         Importer {
-            store,
+            db,
             ctx,
             batch,
             pending: Vec::with_capacity(batch),
@@ -199,27 +203,31 @@ impl<'a> Importer<'a> {
 
     fn bundle(&mut self, location: String, bundle: &Value) {
         let transaction = bundle.get("type").and_then(Value::as_str) == Some("transaction");
-        if transaction {
-            match apply_transaction(self.store, self.ctx, bundle) {
-                Ok(written) => self.summary.loaded += written.len() as u64,
-                Err(error) => self
-                    .summary
-                    .reject(location, format!("transaction rolled back: {error}")),
+        let response = match self.db.process_bundle(self.ctx, bundle, IMPORT_BASE) {
+            Ok(response) => response,
+            Err(error) if transaction => {
+                self.summary
+                    .reject(location, format!("transaction rolled back: {error}"));
+                return;
             }
-            return;
-        }
-        match apply_batch(self.store, self.ctx, bundle) {
-            Ok(outcomes) => {
-                for outcome in outcomes {
-                    match outcome.result {
-                        Ok(_) => self.summary.loaded += 1,
-                        Err(error) => self
-                            .summary
-                            .reject(format!("{location} entry {}", outcome.index), error),
-                    }
-                }
+            Err(error) => {
+                self.summary.reject(location, error);
+                return;
             }
-            Err(error) => self.summary.reject(location, error),
+        };
+        let entries = response["entry"].as_array().cloned().unwrap_or_default();
+        for (index, entry) in entries.iter().enumerate() {
+            let status = entry["response"]["status"].as_str().unwrap_or("");
+            if status.starts_with('2') {
+                self.summary.loaded += 1;
+            } else {
+                let reason = entry["response"]["outcome"]["issue"][0]["diagnostics"]
+                    .as_str()
+                    .unwrap_or(status)
+                    .to_string();
+                self.summary
+                    .reject(format!("{location} entry {index}"), reason);
+            }
         }
     }
 
@@ -246,7 +254,7 @@ impl<'a> Importer<'a> {
             });
             locations.push(item.location);
         }
-        let results = self.store.write(self.ctx, |txn| txn.update_many(items))?;
+        let results = self.db.update_many(self.ctx, items)?;
         let mut rejected = Vec::new();
         let mut loaded = 0;
         for (location, result) in locations.into_iter().zip(results) {
@@ -277,11 +285,11 @@ fn is_input_error(error: &fhirkeep_engine::Error) -> bool {
 }
 
 /// Loads every `.json` resource in a gzipped tar (such as the official R4 examples package).
-pub(crate) fn import_tgz(store: &Store, ctx: &AccessContext, path: &Path) -> Result<Summary> {
+pub(crate) fn import_tgz(db: &Database, ctx: &AccessContext, path: &Path) -> Result<Summary> {
     use std::io::Read;
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
-    let mut importer = Importer::new(store, ctx, 1000, ProgressBar::hidden());
+    let mut importer = Importer::new(db, ctx, 1000, ProgressBar::hidden());
     for entry in archive.entries()? {
         let mut entry = entry?;
         let name = entry.path()?.to_string_lossy().into_owned();

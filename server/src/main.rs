@@ -1,5 +1,6 @@
-//! The `fhirkeep` command-line tool: create, load, read, check and audit a database.
+//! The `fhirkeep` command-line tool: create, load, read, search, check and audit a database.
 
+mod r#gen;
 mod import;
 
 use std::path::{Path, PathBuf};
@@ -11,6 +12,9 @@ use fhirkeep_engine::audit::AuditAction;
 use fhirkeep_engine::audit::SignedTreeHead;
 use fhirkeep_engine::crypto::{KdfParams, KeySource, Keyring, create_key_file};
 use fhirkeep_engine::store::{AccessContext, AccessRecord, HistoryQuery, Store};
+use fhirkeep_query::params::{Handling, parse_search_url};
+use fhirkeep_query::{Database, EntryMode};
+use std::io::Write as _;
 
 /// fhirkeep: an embedded, encrypted, auditable FHIR database.
 ///
@@ -83,6 +87,14 @@ impl DbArgs {
             .verify_on_open(self.verify_on_open)
             .open()?)
     }
+
+    /// The store with its search index (brought in line with the store while opening).
+    fn open_database(&self) -> Result<Database> {
+        Ok(Database::builder(&self.db)
+            .key(self.key_source()?)
+            .verify_on_open(self.verify_on_open)
+            .open()?)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,6 +111,15 @@ enum Command {
         )]
         samples: PathBuf,
     },
+    /// Generate deterministic synthetic FHIR R4 data: NDJSON, one file per resource type.
+    ///
+    /// Patients with demographics and years of history: Encounters, Observations (vital signs
+    /// and labs, LOINC/UCUM), Conditions (SNOMED), MedicationRequests (RxNorm), Procedures,
+    /// Immunizations (CVX) and DiagnosticReports, every reference resolving inside the output.
+    /// The same seed gives the same bytes; dates end at an epoch derived from the seed. Load
+    /// the result with `fhirkeep import --db DB DIR`. Refuses to overwrite non-empty files
+    /// unless --force.
+    Gen(r#gen::GenArgs),
     /// Create a database (and the key file, mode 0600, if it does not exist yet).
     Init {
         #[command(flatten)]
@@ -118,6 +139,31 @@ enum Command {
         /// Resources per durable commit.
         #[arg(long, default_value_t = 1000)]
         batch: usize,
+    },
+    /// Search, e.g. `fhirkeep search 'Patient?family=chalmers&birthdate=ge1970'`.
+    ///
+    /// Prints the searchset Bundle (or `Type/id` lines with --ids). The query is FHIR search
+    /// syntax: parameters, modifiers, prefixes, chains, _has, _include, _sort, _count, ...
+    /// Unknown parameters are errors unless --lenient.
+    Search {
+        #[command(flatten)]
+        db: DbArgs,
+        /// TYPE?query, Patient/ID/TYPE?query (compartment), or ?query (all types).
+        query: String,
+        /// Print `Type/id` lines of the matches instead of the Bundle (every page).
+        #[arg(long)]
+        ids: bool,
+        /// Ignore unknown parameters (they are listed in the Bundle) instead of failing.
+        #[arg(long)]
+        lenient: bool,
+        /// Base URL for fullUrl and links in the Bundle.
+        #[arg(long, default_value = "http://localhost:8080/fhir")]
+        base: String,
+    },
+    /// Rebuild the search index from the store (e.g. after adding SearchParameters).
+    Reindex {
+        #[command(flatten)]
+        db: DbArgs,
     },
     /// Print a resource: TYPE/ID or TYPE/ID/_history/VID.
     Get {
@@ -237,16 +283,36 @@ fn print_json(value: &serde_json::Value) -> Result<()> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Init { db } => init(&db),
+        Command::Gen(args) => r#gen::run(&args),
         Command::Demo { db, samples } => demo(&db, &samples),
         Command::Import { db, paths, batch } => {
-            let store = db.open()?;
-            let summary = import::import_paths(&store, &ctx("import"), &paths, batch.max(1))?;
+            let database = db.open_database()?;
+            let summary = import::import_paths(&database, &ctx("import"), &paths, batch.max(1))?;
             summary.print();
             Ok(if summary.rejected == 0 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Search {
+            db,
+            query,
+            ids,
+            lenient,
+            base,
+        } => search(&db, &query, ids, lenient, &base),
+        Command::Reindex { db } => {
+            let database = db.open_database()?;
+            let started = std::time::Instant::now();
+            let report = database.reindex(&ctx("reindex"))?;
+            eprintln!(
+                "reindexed {} changes in {:.1} s ({} parameter expressions failed on some resource)",
+                report.changes,
+                started.elapsed().as_secs_f64(),
+                report.expression_failures
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Get { db, reference } => {
             let store = db.open()?;
@@ -343,10 +409,11 @@ fn demo(db: &DbArgs, samples: &Path) -> Result<ExitCode> {
             key_file.display()
         );
     }
-    let store = Store::builder(&db.db)
+    let database = Database::builder(&db.db)
         .key(db.key_source()?)
         .kdf(db.kdf())
         .open_or_create()?;
+    let store = database.store();
     let ctx = ctx("demo");
     let already = store
         .history_system(
@@ -361,7 +428,7 @@ fn demo(db: &DbArgs, samples: &Path) -> Result<ExitCode> {
     if already == 0 {
         if samples.exists() {
             let started = std::time::Instant::now();
-            let summary = import::import_tgz(&store, &ctx, samples)?;
+            let summary = import::import_tgz(&database, &ctx, samples)?;
             summary.print();
             eprintln!(
                 "loaded the R4 examples in {:.1} s",
@@ -386,9 +453,44 @@ fn demo(db: &DbArgs, samples: &Path) -> Result<ExitCode> {
         head.size
     );
     println!("try:  cargo run --release --bin fhirkeep -- get Patient/example");
+    println!("      cargo run --release --bin fhirkeep -- search 'Patient?family=chalmers'");
+    println!(
+        "      cargo run --release --bin fhirkeep -- search --ids 'Observation?code=http://loinc.org|29463-7'"
+    );
     println!("      cargo run --release --bin fhirkeep -- history Patient/example");
     println!("      cargo run --release --bin fhirkeep -- check");
     println!("      cargo run --release --bin fhirkeep -- audit head");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn search(db: &DbArgs, query: &str, ids: bool, lenient: bool, base: &str) -> Result<ExitCode> {
+    let database = db.open_database()?;
+    let handling = if lenient {
+        Handling::Lenient
+    } else {
+        Handling::Strict
+    };
+    let mut request = parse_search_url(&*database.registry()?, query, handling)?;
+    let ctx = ctx("search");
+    if !ids {
+        print_json(
+            &database
+                .search(&ctx, &request)?
+                .to_bundle(base.trim_end_matches('/')),
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut out = std::io::stdout().lock();
+    loop {
+        let page = database.search(&ctx, &request)?;
+        for entry in page.entries.iter().filter(|e| e.mode == EntryMode::Match) {
+            writeln!(out, "{}", entry.key)?;
+        }
+        match page.next_cursor {
+            Some(cursor) => request.cursor = Some(cursor),
+            None => break,
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

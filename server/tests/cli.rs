@@ -286,3 +286,70 @@ fn check_fails_on_a_flipped_byte() {
         "{report}"
     );
 }
+
+#[test]
+fn search_and_reindex() {
+    let db = Db::new();
+    ok(&db.run(&["init"]));
+    let data = db.path("data.ndjson");
+    write(
+        &data,
+        concat!(
+            r#"{"resourceType":"Patient","id":"p1","name":[{"family":"Chalmers"}],"birthDate":"1974-12-25"}"#,
+            "\n",
+            r#"{"resourceType":"Patient","id":"p2","name":[{"family":"Chalk"}],"birthDate":"1960-01-01"}"#,
+            "\n",
+            r#"{"resourceType":"Observation","id":"o1","status":"final","code":{"text":"w"},"subject":{"reference":"Patient/p1"}}"#,
+            "\n",
+        ),
+    );
+    ok(&db.run(&["import", data.to_str().unwrap()]));
+    let ids = ok(&db.run(&["search", "--ids", "Patient?family=chal&birthdate=ge1970"]));
+    assert_eq!(ids, "Patient/p1\n");
+    let bundle: Value = serde_json::from_str(&ok(&db.run(&[
+        "search",
+        "Patient?family=chal&_revinclude=Observation:subject&_count=1",
+    ])))
+    .unwrap();
+    assert_eq!(bundle["type"], "searchset");
+    assert_eq!(bundle["total"], 2);
+    assert_eq!(
+        bundle["entry"][0]["fullUrl"],
+        "http://localhost:8080/fhir/Patient/p1"
+    );
+    assert_eq!(bundle["entry"][1]["search"]["mode"], "include");
+    assert_eq!(bundle["link"][1]["relation"], "next");
+    // --ids walks every page.
+    let all = ok(&db.run(&["search", "--ids", "Patient?_count=1"]));
+    assert_eq!(all, "Patient/p1\nPatient/p2\n");
+
+    // Unknown parameters are refused (naming them), or ignored with --lenient.
+    let refused = db.run(&["search", "Patient?shoe-size=42"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("shoe-size"),
+        "{}",
+        stderr(&refused)
+    );
+    let lenient: Value = serde_json::from_str(&ok(&db.run(&[
+        "search",
+        "--lenient",
+        "Patient?shoe-size=42",
+    ])))
+    .unwrap();
+    assert_eq!(lenient["total"], 2);
+
+    // Rebuilding the index from scratch gives the same answers.
+    let reindex = db.run(&["reindex"]);
+    ok(&reindex);
+    assert!(
+        stderr(&reindex).contains("reindexed 3 changes"),
+        "{}",
+        stderr(&reindex)
+    );
+    assert_eq!(
+        ok(&db.run(&["search", "--ids", "Observation?patient.family=chalmers"])),
+        "Observation/o1\n"
+    );
+    ok(&db.run(&["check"]));
+}

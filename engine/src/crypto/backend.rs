@@ -136,6 +136,9 @@ impl HeaderState {
 pub struct EncryptedBackend<B> {
     inner: B,
     keyring: Arc<Keyring>,
+    /// Bound into the preamble and every block's AAD: the `db_id` for the main data file, an
+    /// id derived from it for an auxiliary file (see [`page::aux_file_id`]).
+    file_id: [u8; 16],
     header: Mutex<HeaderState>,
 }
 
@@ -144,6 +147,7 @@ impl<B: fmt::Debug> fmt::Debug for EncryptedBackend<B> {
         f.debug_struct("EncryptedBackend")
             .field("inner", &self.inner)
             .field("db_id", &hex::encode(self.keyring.db_id()))
+            .field("file_id", &hex::encode(self.file_id))
             .finish_non_exhaustive()
     }
 }
@@ -177,6 +181,7 @@ fn header_high_water(plain: &[u8]) -> u64 {
 /// Authenticates a header copy; on success `plain` holds `sequence ‖ high_water ‖ page 0`.
 fn decode_header_copy(
     keyring: &Keyring,
+    file_id: &[u8; 16],
     slot: HeaderSlot,
     block: &[u8],
     plain: &mut [u8],
@@ -187,7 +192,7 @@ fn decode_header_copy(
     if page::is_zero_block(block) {
         return HeaderCopyStatus::Zero;
     }
-    if page::open_into(keyring, slot.index(), block, plain) {
+    if page::open_into(keyring, file_id, slot.index(), block, plain) {
         let mut s = [0u8; 8];
         s.copy_from_slice(&plain[..8]);
         HeaderCopyStatus::Valid {
@@ -214,27 +219,43 @@ fn newest(a: HeaderCopyStatus, b: HeaderCopyStatus) -> Option<(HeaderSlot, u64)>
 }
 
 impl<B: StorageBackend> EncryptedBackend<B> {
-    /// Wraps `inner`. An empty `inner` gets a preamble for `keyring`'s database; otherwise the
-    /// preamble, the file length and the header copies are checked.
+    /// Wraps `inner` as the database's main data file (`file_id` = `db_id`). An empty
+    /// `inner` gets a preamble for `keyring`'s database; otherwise the preamble, the file
+    /// length and the header copies are checked.
     ///
-    /// Errors: [`Error::Corrupted`] for a file of another database, a truncated file, or
-    /// when neither header copy authenticates; [`Error::Io`] for I/O failures.
+    /// Errors: [`Error::Corrupted`] for a file of another database (or another file of this
+    /// one), a truncated file, or when neither header copy authenticates; [`Error::Io`] for
+    /// I/O failures.
     pub fn new(inner: B, keyring: Arc<Keyring>) -> Result<Self> {
-        let state = Self::load_state(&inner, &keyring)?;
+        let file_id = keyring.db_id();
+        Self::with_file_id(inner, keyring, file_id)
+    }
+
+    /// Wraps `inner` as the auxiliary file `name` of `keyring`'s database (derived data
+    /// such as the search index): the same keys, nonce budget, header copies and checks as
+    /// [`EncryptedBackend::new`], but bound to its own file id ([`page::aux_file_id`]), so
+    /// no block can be moved between this file and any other file of the database.
+    pub fn new_aux(inner: B, keyring: Arc<Keyring>, name: &str) -> Result<Self> {
+        let file_id = page::aux_file_id(&keyring.db_id(), name);
+        Self::with_file_id(inner, keyring, file_id)
+    }
+
+    fn with_file_id(inner: B, keyring: Arc<Keyring>, file_id: [u8; 16]) -> Result<Self> {
+        let state = Self::load_state(&inner, &keyring, &file_id)?;
         Ok(EncryptedBackend {
             inner,
             keyring,
+            file_id,
             header: Mutex::new(state),
         })
     }
 
-    fn load_state(inner: &B, keyring: &Keyring) -> Result<HeaderState> {
-        let db_id = keyring.db_id();
+    fn load_state(inner: &B, keyring: &Keyring, file_id: &[u8; 16]) -> Result<HeaderState> {
         let plen = inner.len()?;
         if plen == 0 {
             // Backends may refuse writes past their length (redb's in-memory one does).
             inner.set_len(PREAMBLE_SIZE as u64)?;
-            inner.write(0, &page::encode_preamble(&db_id))?;
+            inner.write(0, &page::encode_preamble(file_id))?;
             return Ok(HeaderState::empty());
         }
         if plen < PREAMBLE_SIZE as u64 {
@@ -244,7 +265,7 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         }
         let mut pre = [0u8; PREAMBLE_SIZE];
         inner.read(0, &mut pre)?;
-        if let Some(problem) = page::check_preamble(&pre, &db_id) {
+        if let Some(problem) = page::check_preamble(&pre, file_id) {
             return Err(Error::Corrupted(problem));
         }
         let Some(logical) = page::logical_len(plen) else {
@@ -263,8 +284,8 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         let mut plain_a = Zeroizing::new(vec![0u8; HEADER_PLAIN_SIZE]);
         let mut plain_b = Zeroizing::new(vec![0u8; HEADER_PLAIN_SIZE]);
         let (block_a, block_b) = blocks.split_at(HEADER_BLOCK_SIZE);
-        let a = decode_header_copy(keyring, HeaderSlot::A, block_a, &mut plain_a);
-        let b = decode_header_copy(keyring, HeaderSlot::B, block_b, &mut plain_b);
+        let a = decode_header_copy(keyring, file_id, HeaderSlot::A, block_a, &mut plain_a);
+        let b = decode_header_copy(keyring, file_id, HeaderSlot::B, block_b, &mut plain_b);
         Ok(match newest(a, b) {
             Some((slot, seq)) => {
                 let plain = if slot == HeaderSlot::A {
@@ -305,6 +326,11 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         &self.keyring
     }
 
+    /// The id this file is bound to (the `db_id` for the main data file).
+    pub fn file_id(&self) -> [u8; 16] {
+        self.file_id
+    }
+
     /// The header copy holding the newest durable header, and the newest sequence number.
     pub fn header_position(&self) -> (HeaderSlot, u64) {
         let st = lock(&self.header);
@@ -325,6 +351,7 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         let mut block = [0u8; HEADER_BLOCK_SIZE];
         page::seal_into(
             &self.keyring,
+            &self.file_id,
             key_id,
             target.index(),
             &plain[..],
@@ -352,7 +379,7 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         while next < first {
             let count = FILL_CHUNK.min(first - next);
             let mut buf = vec![0u8; count as usize * PAGE_BLOCK_SIZE];
-            page::seal_empty_pages(&self.keyring, next, &mut buf);
+            page::seal_empty_pages(&self.keyring, &self.file_id, next, &mut buf);
             self.inner.write(page::page_block_offset(next), &buf)?;
             next += count;
             st.high_water = st.high_water.max(next);
@@ -386,8 +413,8 @@ impl<B: StorageBackend> EncryptedBackend<B> {
                 continue;
             }
             let ok = if hi - lo == PAGE {
-                page::open_into(&self.keyring, pg, blk, dst)
-            } else if page::open_in_place(&self.keyring, pg, blk) {
+                page::open_into(&self.keyring, &self.file_id, pg, blk, dst)
+            } else if page::open_in_place(&self.keyring, &self.file_id, pg, blk) {
                 let a = page::BLOCK_OVERHEAD + (lo - page_start) as usize;
                 let b = page::BLOCK_OVERHEAD + (hi - page_start) as usize;
                 dst.copy_from_slice(&blk[a..b]);
@@ -421,7 +448,8 @@ impl<B: StorageBackend> EncryptedBackend<B> {
             let hi = end.min(page_start + PAGE);
             let src = &data[(lo - off) as usize..(hi - off) as usize];
             if hi - lo == PAGE {
-                page::seal_into(&self.keyring, key_id, pg, src, blk).map_err(seal_err)?;
+                page::seal_into(&self.keyring, &self.file_id, key_id, pg, src, blk)
+                    .map_err(seal_err)?;
                 continue;
             }
             // Partial page (redb never does this for pages >= 1): read, modify, re-encrypt.
@@ -441,14 +469,14 @@ impl<B: StorageBackend> EncryptedBackend<B> {
                         return Err(auth_failed(pg));
                     }
                     // Never written: a zero page.
-                } else if !page::open_in_place(&self.keyring, pg, blk) {
+                } else if !page::open_in_place(&self.keyring, &self.file_id, pg, blk) {
                     return Err(auth_failed(pg));
                 }
             }
             let a = page::BLOCK_OVERHEAD + (lo - page_start) as usize;
             let b = page::BLOCK_OVERHEAD + (hi - page_start) as usize;
             blk[a..b].copy_from_slice(src);
-            page::seal_in_place(&self.keyring, key_id, pg, blk).map_err(seal_err)?;
+            page::seal_in_place(&self.keyring, &self.file_id, key_id, pg, blk).map_err(seal_err)?;
         }
         self.inner.write(page::page_block_offset(first), &buf)
     }
@@ -651,11 +679,21 @@ impl FileReport {
     }
 }
 
-/// Opens the data file at `path` read-only and authenticates every block with `keyring`.
+/// Opens the main data file at `path` read-only and authenticates every block with `keyring`.
 ///
 /// Returns `Err` only for I/O failures opening or reading the file; everything found wrong
 /// with the contents is listed in the [`FileReport`].
 pub fn verify_file(path: &Path, keyring: &Keyring) -> Result<FileReport> {
+    verify_file_as(path, keyring, &keyring.db_id())
+}
+
+/// Like [`verify_file`], for the auxiliary file `name` of `keyring`'s database (the file
+/// written through [`EncryptedBackend::new_aux`] with the same name).
+pub fn verify_aux_file(path: &Path, keyring: &Keyring, name: &str) -> Result<FileReport> {
+    verify_file_as(path, keyring, &page::aux_file_id(&keyring.db_id(), name))
+}
+
+fn verify_file_as(path: &Path, keyring: &Keyring, file_id: &[u8; 16]) -> Result<FileReport> {
     let file = File::open(path)?;
     let plen = file.metadata()?.len();
     let mut report = FileReport {
@@ -673,7 +711,7 @@ pub fn verify_file(path: &Path, keyring: &Keyring) -> Result<FileReport> {
     }
     let mut pre = [0u8; PREAMBLE_SIZE];
     file.read_exact_at(&mut pre, 0)?;
-    if let Some(problem) = page::check_preamble(&pre, &keyring.db_id()) {
+    if let Some(problem) = page::check_preamble(&pre, file_id) {
         let foreign = pre[..8] != page::MAGIC[..];
         report.problems.push(problem);
         if foreign {
@@ -697,7 +735,7 @@ pub fn verify_file(path: &Path, keyring: &Keyring) -> Result<FileReport> {
     let mut high_waters = [0u64; 2];
     for (i, slot) in [HeaderSlot::A, HeaderSlot::B].into_iter().enumerate() {
         file.read_exact_at(&mut block, slot.offset())?;
-        statuses[i] = decode_header_copy(keyring, slot, &block, &mut plain);
+        statuses[i] = decode_header_copy(keyring, file_id, slot, &block, &mut plain);
         if let HeaderCopyStatus::Valid { .. } = statuses[i] {
             high_waters[i] = header_high_water(&plain);
             if let Some(id) = page::block_key_id(&block) {
@@ -743,7 +781,7 @@ pub fn verify_file(path: &Path, keyring: &Keyring) -> Result<FileReport> {
                 } else {
                     report.zero_blocks += 1;
                 }
-            } else if page::open_into(keyring, pg, blk, &mut out) {
+            } else if page::open_into(keyring, file_id, pg, blk, &mut out) {
                 match page::block_key_id(blk) {
                     Some(page::EMPTY_KEY_ID) => report.empty_markers += 1,
                     Some(id) => *report.blocks_by_key.entry(id).or_default() += 1,
@@ -1464,22 +1502,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let k = keyring(&dir.path().join("a"));
         let other = keyring(&dir.path().join("b"));
+        let (id, other_id) = (k.db_id(), other.db_id());
+        let aux_id = page::aux_file_id(&id, "index");
         let mut blocks = vec![0u8; 3 * PAGE_BLOCK_SIZE];
-        page::seal_empty_pages(&k, 10, &mut blocks);
+        page::seal_empty_pages(&k, &id, 10, &mut blocks);
         let mut out = vec![1u8; PAGE_SIZE];
         let marker = |i: usize| &blocks[i * PAGE_BLOCK_SIZE..(i + 1) * PAGE_BLOCK_SIZE];
-        assert!(page::open_into(&k, 11, marker(1), &mut out));
+        assert!(page::open_into(&k, &id, 11, marker(1), &mut out));
         assert!(out.iter().all(|&b| b == 0));
-        // Moved to another page, or read by another database: not authentic.
-        assert!(!page::open_into(&k, 12, marker(1), &mut out));
-        assert!(!page::open_into(&other, 11, marker(1), &mut out));
+        // Moved to another page, another file of the database, or read by another
+        // database: not authentic.
+        assert!(!page::open_into(&k, &id, 12, marker(1), &mut out));
+        assert!(!page::open_into(&k, &aux_id, 11, marker(1), &mut out));
+        assert!(!page::open_into(&other, &other_id, 11, marker(1), &mut out));
         // Any changed byte, in the tag or in the (zero) body, breaks it.
         for at in [0, 5, 16, 31, 32, 4000] {
             let mut changed = marker(1).to_vec();
             changed[at] ^= 1;
-            assert!(!page::open_into(&k, 11, &changed, &mut out), "byte {at}");
+            assert!(
+                !page::open_into(&k, &id, 11, &changed, &mut out),
+                "byte {at}"
+            );
             let mut in_place = changed.clone();
-            assert!(!page::open_in_place(&k, 11, &mut in_place), "byte {at}");
+            assert!(
+                !page::open_in_place(&k, &id, 11, &mut in_place),
+                "byte {at}"
+            );
         }
     }
 

@@ -883,22 +883,47 @@ impl Keyring {
 
     /// Accounts for `n` encryptions with the active key, reserving more budget in the header
     /// when needed. Returns the active key id.
+    ///
+    /// Any number of backends may share one keyring (the store's file and its auxiliary
+    /// files do): the count is one counter under one lock. Two *keyrings* of the same
+    /// database alive at once (two processes, or an auxiliary database kept open after its
+    /// store was closed and reopened) each count from the value they read. So that no unit is
+    /// counted by both, a reservation that finds the stored mark above this keyring's own
+    /// (another keyring reserved since) continues above that mark: every keyring numbers its
+    /// units within its own reserved ranges, which never overlap, and the stored mark stays at
+    /// or above the number of encryptions ever made with the key.
     pub(crate) fn consume_nonces(&self, n: u64) -> Result<u32> {
         let mut c = lock(&self.counter);
-        let exhausted = || Error::NonceBudgetExhausted {
+        let (used, reserved, limit) = (c.used, c.reserved, c.limit);
+        let exhausted = |writes: u64| Error::NonceBudgetExhausted {
             key_id: self.active,
-            writes: c.used,
+            writes,
         };
-        let new_used = match c.used.checked_add(n) {
-            Some(v) if v <= c.limit => v,
-            _ => return Err(exhausted()),
+        let new_used = match used.checked_add(n) {
+            Some(v) if v <= limit => v,
+            _ => return Err(exhausted(used)),
         };
-        if new_used > c.reserved {
-            let target = new_used.saturating_add(NONCE_RESERVATION_CHUNK);
-            self.update_counter_on_disk(|on_disk| on_disk.max(target))?;
-            c.reserved = target;
+        if new_used <= reserved {
+            c.used = new_used;
+            c.dirty = true;
+            return Ok(self.active);
         }
-        c.used = new_used;
+        let mut start = used;
+        let mut written = 0;
+        self.update_counter_on_disk(|on_disk| {
+            if on_disk > reserved {
+                // Another keyring reserved the units up to `on_disk`.
+                start = on_disk;
+            }
+            let end = start
+                .checked_add(n)
+                .filter(|&end| end <= limit)
+                .ok_or_else(|| exhausted(start))?;
+            written = end.saturating_add(NONCE_RESERVATION_CHUNK).max(on_disk);
+            Ok(written)
+        })?;
+        c.reserved = written;
+        c.used = start + n;
         c.dirty = true;
         Ok(self.active)
     }
@@ -913,11 +938,11 @@ impl Keyring {
         let (used, reserved) = (c.used, c.reserved);
         // If someone else raised the mark, never lower it below theirs.
         self.update_counter_on_disk(|on_disk| {
-            if on_disk == reserved {
+            Ok(if on_disk == reserved {
                 used
             } else {
                 on_disk.max(used)
-            }
+            })
         })?;
         c.reserved = used;
         c.dirty = false;
@@ -930,8 +955,9 @@ impl Keyring {
         lock(&self.counter).limit = limit;
     }
 
-    /// Re-reads the header and sets the active key's `writes_reserved` to `f(current)`.
-    fn update_counter_on_disk(&self, f: impl FnOnce(u64) -> u64) -> Result<()> {
+    /// Re-reads the header and sets the active key's `writes_reserved` to `f(current)`; an
+    /// error from `f` leaves the header unchanged.
+    fn update_counter_on_disk(&self, f: impl FnOnce(u64) -> Result<u64>) -> Result<()> {
         let _lock = lock_header(&self.dir)?;
         let bytes = read_header_bytes(&self.dir)?;
         let mut header = HeaderData::decode(&bytes)?;
@@ -946,7 +972,7 @@ impl Keyring {
             .iter_mut()
             .find(|k| k.id == self.active)
             .ok_or_else(|| header_err("the active data key vanished from the key header"))?;
-        entry.writes_reserved = f(entry.writes_reserved);
+        entry.writes_reserved = f(entry.writes_reserved)?;
         write_header_bytes(&self.dir, &header.encode(&self.mac_key), false)
     }
 }
@@ -1265,6 +1291,33 @@ mod tests {
         drop(k); // Drop persists too.
         let k = Keyring::open(dir.path(), &pass("pw")).unwrap();
         assert_eq!(k.writes_used(), 5 + 3 * NONCE_RESERVATION_CHUNK + 4);
+    }
+
+    /// Two keyrings of one database alive at once (e.g. an auxiliary database kept open
+    /// after its store was reopened) never number the same units: the stored mark stays at
+    /// or above the total number of encryptions made through both.
+    #[test]
+    fn two_keyrings_of_one_database_never_share_units() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Keyring::create(dir.path(), &pass("pw"), fast()).unwrap();
+        let b = Keyring::open(dir.path(), &pass("pw")).unwrap();
+        let stored = || {
+            let bytes = read_header_bytes(dir.path()).unwrap();
+            HeaderData::decode(&bytes).unwrap().keys[0].writes_reserved
+        };
+        let mut total = 0;
+        for round in 0..6u64 {
+            let n = NONCE_RESERVATION_CHUNK / 2 + round;
+            a.consume_nonces(n).unwrap();
+            b.consume_nonces(n + 1).unwrap();
+            total += 2 * n + 1;
+            assert!(stored() >= total, "round {round}");
+        }
+        // Both close cleanly, in either order: the mark still covers every encryption.
+        drop(a);
+        assert!(stored() >= total);
+        drop(b);
+        assert!(stored() >= total);
     }
 
     #[test]

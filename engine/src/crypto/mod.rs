@@ -15,7 +15,10 @@
 //! # Physical file
 //!
 //! [`EncryptedBackend`] wraps any [`redb::StorageBackend`] and stores every 4 KiB logical page
-//! of redb as one authenticated block; see [`page`] for the byte layout.
+//! of redb as one authenticated block; see [`page`] for the byte layout. The store's file and
+//! its auxiliary files (derived data such as the search index, [`EncryptedBackend::new_aux`])
+//! share the keys but not the file id bound into every block ([`page::aux_file_id`]), so no
+//! block can be moved from one file to another.
 //!
 //! # Errors through redb
 //!
@@ -30,7 +33,9 @@ pub mod page;
 #[cfg(test)]
 pub(crate) mod crash_backend;
 
-pub use backend::{EncryptedBackend, FileReport, HeaderCopyStatus, HeaderSlot, verify_file};
+pub use backend::{
+    EncryptedBackend, FileReport, HeaderCopyStatus, HeaderSlot, verify_aux_file, verify_file,
+};
 pub use keys::{
     KEY_HEADER_FILE, KdfParams, KeySource, Keyring, NONCE_LIMIT, NONCE_RESERVATION_CHUNK,
     create_key_file,

@@ -24,7 +24,7 @@
 //! | 12 | 4 | logical page size, u32 = 4096 |
 //! | 16 | 4 | page block size, u32 = 4128 |
 //! | 20 | 4 | header block size, u32 = 4144 |
-//! | 24 | 16 | `db_id` (must equal the key header's) |
+//! | 24 | 16 | `file_id` (see below) |
 //! | 40 | 8 | reserved, 0 |
 //! | 48 | 16 | first 16 bytes of BLAKE3(bytes 0..48) |
 //!
@@ -41,10 +41,24 @@
 //! where `high_water` is one past the highest logical page index (≥ 1) ever written when the
 //! copy was written (0 if none), lowered when the file shrinks below it.
 //!
-//! AAD (30 bytes) = `db_id [16] ‖ format version u16 ‖ block index u64 ‖ key_id u32`, where the
-//! block index is the logical page number for page blocks and 2^64−2 / 2^64−1 for header
+//! AAD (30 bytes) = `file_id [16] ‖ format version u16 ‖ block index u64 ‖ key_id u32`, where
+//! the block index is the logical page number for page blocks and 2^64−2 / 2^64−1 for header
 //! copies A / B. A block moved to another position, another file, or relabelled with
 //! another key id fails authentication.
+//!
+//! ## File ids
+//!
+//! Every encrypted file of a database is bound to a 16-byte `file_id`, in its preamble, in
+//! every block's AAD and in every empty-page marker's tag:
+//!
+//! * the main data file `fhirkeep.redb`: `file_id = db_id` (the key header's), so files
+//!   written before auxiliary files existed are unchanged byte for byte;
+//! * an auxiliary file (derived data such as the search index, `DIR/<name>.redb`):
+//!   `file_id = first 16 bytes of BLAKE3-derive_key("fhirkeep aux file id v1", db_id ‖ name)`
+//!   ([`aux_file_id`]). `db_id` has a fixed length, so `db_id ‖ name` is unambiguous.
+//!
+//! All files of a database share its data keys, so without distinct ids a block of the store
+//! could be copied into an auxiliary file at the same index (or back) and authenticate.
 //!
 //! ## Zero blocks
 //!
@@ -118,23 +132,38 @@ pub fn logical_len(physical: u64) -> Option<u64> {
     Some((rest / PAGE_BLOCK_SIZE as u64 + 1) * PAGE_SIZE as u64)
 }
 
-/// Builds the preamble for a database id.
-pub fn encode_preamble(db_id: &[u8; 16]) -> [u8; PREAMBLE_SIZE] {
+/// Derivation context of auxiliary file ids.
+const AUX_FILE_ID_CONTEXT: &str = "fhirkeep aux file id v1";
+
+/// The `file_id` of the auxiliary file `name` of database `db_id`: the first 16 bytes of
+/// `BLAKE3-derive_key("fhirkeep aux file id v1", db_id ‖ name)`. The main data file's
+/// `file_id` is `db_id` itself.
+pub fn aux_file_id(db_id: &[u8; 16], name: &str) -> [u8; 16] {
+    let mut hasher = blake3::Hasher::new_derive_key(AUX_FILE_ID_CONTEXT);
+    hasher.update(db_id);
+    hasher.update(name.as_bytes());
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+    id
+}
+
+/// Builds the preamble of a file with id `file_id` (the `db_id` for the main data file).
+pub fn encode_preamble(file_id: &[u8; 16]) -> [u8; PREAMBLE_SIZE] {
     let mut p = [0u8; PREAMBLE_SIZE];
     p[..8].copy_from_slice(MAGIC);
     p[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     p[12..16].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
     p[16..20].copy_from_slice(&(PAGE_BLOCK_SIZE as u32).to_le_bytes());
     p[20..24].copy_from_slice(&(HEADER_BLOCK_SIZE as u32).to_le_bytes());
-    p[24..40].copy_from_slice(db_id);
+    p[24..40].copy_from_slice(file_id);
     let sum = blake3::hash(&p[..48]);
     p[48..64].copy_from_slice(&sum.as_bytes()[..16]);
     p
 }
 
 /// Checks a preamble; returns a description of the problem, or `None` if it is valid for
-/// `db_id`. Descriptions contain no data.
-pub fn check_preamble(p: &[u8], db_id: &[u8; 16]) -> Option<String> {
+/// `file_id`. Descriptions contain no data.
+pub fn check_preamble(p: &[u8], file_id: &[u8; 16]) -> Option<String> {
     if p.len() != PREAMBLE_SIZE || &p[..8] != MAGIC {
         return Some("not an encrypted fhirkeep data file (bad magic)".into());
     }
@@ -146,22 +175,23 @@ pub fn check_preamble(p: &[u8], db_id: &[u8; 16]) -> Option<String> {
     if version != FORMAT_VERSION {
         return Some(format!("unsupported data file format version {version}"));
     }
-    let expected = encode_preamble(db_id);
+    let expected = encode_preamble(file_id);
     if p[10..24] != expected[10..24] || p[40..48] != expected[40..48] {
         return Some("the file preamble has unsupported parameters".into());
     }
     if p[24..40] != expected[24..40] {
         return Some(
-            "the data file belongs to another database (database id differs from the key header)"
+            "the data file belongs to another database, or is another of its files (file id \
+             differs from the one expected from the key header)"
                 .into(),
         );
     }
     None
 }
 
-fn aad(db_id: &[u8; 16], index: u64, key_id: u32) -> [u8; 30] {
+fn aad(file_id: &[u8; 16], index: u64, key_id: u32) -> [u8; 30] {
     let mut a = [0u8; 30];
-    a[..16].copy_from_slice(db_id);
+    a[..16].copy_from_slice(file_id);
     a[16..18].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     a[18..26].copy_from_slice(&index.to_le_bytes());
     a[26..30].copy_from_slice(&key_id.to_le_bytes());
@@ -179,8 +209,8 @@ pub const EMPTY_KEY_ID: u32 = 0;
 
 /// Tag of the empty-page marker of page `index`: BLAKE3 keyed with a subkey of the data key,
 /// over the same AAD as a real block with key id 0, truncated to 16 bytes.
-fn empty_tag(key: &[u8; 32], db_id: &[u8; 16], index: u64) -> [u8; 16] {
-    let hash = blake3::keyed_hash(key, &aad(db_id, index, EMPTY_KEY_ID));
+fn empty_tag(key: &[u8; 32], file_id: &[u8; 16], index: u64) -> [u8; 16] {
+    let hash = blake3::keyed_hash(key, &aad(file_id, index, EMPTY_KEY_ID));
     let mut tag = [0u8; 16];
     tag.copy_from_slice(&hash.as_bytes()[..16]);
     tag
@@ -193,18 +223,22 @@ fn empty_marker_key(keyring: &Keyring) -> zeroize::Zeroizing<[u8; 32]> {
 /// Writes empty-page markers for pages `first, first + 1, ...` into `blocks` (a whole number
 /// of page blocks). A marker costs a keyed hash, not an encryption, and no nonce: the page
 /// content is known (zeros), only its authenticity matters.
-pub(crate) fn seal_empty_pages(keyring: &Keyring, first: u64, blocks: &mut [u8]) {
+pub(crate) fn seal_empty_pages(
+    keyring: &Keyring,
+    file_id: &[u8; 16],
+    first: u64,
+    blocks: &mut [u8],
+) {
     let key = empty_marker_key(keyring);
-    let db_id = keyring.db_id();
     for (k, block) in blocks.chunks_exact_mut(PAGE_BLOCK_SIZE).enumerate() {
         block.fill(0);
-        let tag = empty_tag(&key, &db_id, first + k as u64);
+        let tag = empty_tag(&key, file_id, first + k as u64);
         block[16..32].copy_from_slice(&tag);
     }
 }
 
 /// Whether `block` is the authentic empty-page marker of page `index`.
-fn is_empty_marker(keyring: &Keyring, index: u64, block: &[u8]) -> bool {
+fn is_empty_marker(keyring: &Keyring, file_id: &[u8; 16], index: u64, block: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     if block.len() != PAGE_BLOCK_SIZE
         || !block[..16].iter().all(|&b| b == 0)
@@ -212,7 +246,7 @@ fn is_empty_marker(keyring: &Keyring, index: u64, block: &[u8]) -> bool {
     {
         return false;
     }
-    let expected = empty_tag(&empty_marker_key(keyring), &keyring.db_id(), index);
+    let expected = empty_tag(&empty_marker_key(keyring), file_id, index);
     bool::from(expected.ct_eq(&block[16..32]))
 }
 
@@ -230,6 +264,7 @@ pub(crate) enum SealError {
 /// [`Keyring::consume_nonces`].
 pub(crate) fn seal_into(
     keyring: &Keyring,
+    file_id: &[u8; 16],
     key_id: u32,
     index: u64,
     plain: &[u8],
@@ -246,7 +281,7 @@ pub(crate) fn seal_into(
     nonce.copy_from_slice(&head[4..16]);
     let buf = InOutBuf::new(plain, body).map_err(|_| SealError::Internal)?;
     let tag = cipher
-        .encrypt_inout_detached(&nonce.into(), &aad(&keyring.db_id(), index, key_id), buf)
+        .encrypt_inout_detached(&nonce.into(), &aad(file_id, index, key_id), buf)
         .map_err(|_| SealError::Internal)?;
     head[16..32].copy_from_slice(&tag);
     Ok(())
@@ -255,6 +290,7 @@ pub(crate) fn seal_into(
 /// Encrypts `block[32..]` in place (the plaintext is already there).
 pub(crate) fn seal_in_place(
     keyring: &Keyring,
+    file_id: &[u8; 16],
     key_id: u32,
     index: u64,
     block: &mut [u8],
@@ -269,11 +305,7 @@ pub(crate) fn seal_in_place(
     let mut nonce = [0u8; 12];
     nonce.copy_from_slice(&head[4..16]);
     let tag = cipher
-        .encrypt_inout_detached(
-            &nonce.into(),
-            &aad(&keyring.db_id(), index, key_id),
-            body.into(),
-        )
+        .encrypt_inout_detached(&nonce.into(), &aad(file_id, index, key_id), body.into())
         .map_err(|_| SealError::Internal)?;
     head[16..32].copy_from_slice(&tag);
     Ok(())
@@ -282,15 +314,27 @@ pub(crate) fn seal_in_place(
 /// Decrypts `block` into `out` (`out.len() == block.len() - 32`). Returns false (and zeroes
 /// `out`) if the block does not authenticate at position `index`.
 #[must_use]
-pub(crate) fn open_into(keyring: &Keyring, index: u64, block: &[u8], out: &mut [u8]) -> bool {
-    let ok = open_into_inner(keyring, index, block, out);
+pub(crate) fn open_into(
+    keyring: &Keyring,
+    file_id: &[u8; 16],
+    index: u64,
+    block: &[u8],
+    out: &mut [u8],
+) -> bool {
+    let ok = open_into_inner(keyring, file_id, index, block, out);
     if !ok {
         out.fill(0);
     }
     ok
 }
 
-fn open_into_inner(keyring: &Keyring, index: u64, block: &[u8], out: &mut [u8]) -> bool {
+fn open_into_inner(
+    keyring: &Keyring,
+    file_id: &[u8; 16],
+    index: u64,
+    block: &[u8],
+    out: &mut [u8],
+) -> bool {
     if block.len() != out.len() + BLOCK_OVERHEAD {
         return false;
     }
@@ -298,7 +342,7 @@ fn open_into_inner(keyring: &Keyring, index: u64, block: &[u8], out: &mut [u8]) 
     let key_id = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
     if key_id == EMPTY_KEY_ID {
         out.fill(0);
-        return is_empty_marker(keyring, index, block);
+        return is_empty_marker(keyring, file_id, index, block);
     }
     let Some(cipher) = keyring.cipher(key_id) else {
         return false;
@@ -313,7 +357,7 @@ fn open_into_inner(keyring: &Keyring, index: u64, block: &[u8], out: &mut [u8]) 
     cipher
         .decrypt_inout_detached(
             &nonce.into(),
-            &aad(&keyring.db_id(), index, key_id),
+            &aad(file_id, index, key_id),
             buf,
             &tag.into(),
         )
@@ -322,12 +366,17 @@ fn open_into_inner(keyring: &Keyring, index: u64, block: &[u8], out: &mut [u8]) 
 
 /// Decrypts `block[32..]` in place. On failure the plaintext area is zeroed.
 #[must_use]
-pub(crate) fn open_in_place(keyring: &Keyring, index: u64, block: &mut [u8]) -> bool {
+pub(crate) fn open_in_place(
+    keyring: &Keyring,
+    file_id: &[u8; 16],
+    index: u64,
+    block: &mut [u8],
+) -> bool {
     if block.len() < BLOCK_OVERHEAD {
         return false;
     }
     if block.get(..4) == Some(&EMPTY_KEY_ID.to_le_bytes()[..]) {
-        let ok = is_empty_marker(keyring, index, block);
+        let ok = is_empty_marker(keyring, file_id, index, block);
         block[BLOCK_OVERHEAD..].fill(0);
         return ok;
     }
@@ -342,7 +391,7 @@ pub(crate) fn open_in_place(keyring: &Keyring, index: u64, block: &mut [u8]) -> 
             cipher
                 .decrypt_inout_detached(
                     &nonce.into(),
-                    &aad(&keyring.db_id(), index, key_id),
+                    &aad(file_id, index, key_id),
                     body.into(),
                     &tag.into(),
                 )

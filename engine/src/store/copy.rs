@@ -34,6 +34,10 @@ impl Store {
     /// Versions, history and the audit log (with its signing key, so earlier signed heads
     /// stay verifiable) are copied as they are; the copy then records a `rekey` leaf.
     /// Returns the number of rows copied.
+    ///
+    /// Auxiliary databases ([`Store::open_aux_database`], e.g. the search index) are not
+    /// copied: they hold only data derived from the store, bound to this database's id and
+    /// keys, and are rebuilt in the copy from its change feed.
     pub fn copy_to(
         &self,
         ctx: &AccessContext,

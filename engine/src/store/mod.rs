@@ -8,10 +8,13 @@
 //! memory and committed by the next write or by a background flush at most `max_delay`
 //! later. A crash can lose the read leaves of that window, never a write's leaf.
 
+mod auxiliary;
 mod copy;
+mod feed;
 mod history;
 mod record;
 mod redb_error;
+mod search_read;
 mod txn;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +35,8 @@ use crate::crypto::{EncryptedBackend, FileReport, KdfParams, KeySource, Keyring}
 use crate::resource::{check_id, check_resource_type};
 use crate::{Error, Result};
 
+pub use auxiliary::AuxFileReport;
+pub use feed::ChangePage;
 pub use history::{HistoryPage, HistoryQuery};
 pub use record::VersionKind;
 use record::{VERSIONS, VersionRecord};
@@ -174,6 +179,9 @@ pub struct CheckReport {
     pub redb_integrity_ok: bool,
     /// The audit log recomputed from its leaves.
     pub audit: VerifyReport,
+    /// Each auxiliary file found in the directory (derived data such as the search index),
+    /// by name.
+    pub aux_files: Vec<AuxFileReport>,
     /// Harmless findings worth knowing (e.g. free pages torn by a crash).
     pub warnings: Vec<String>,
 }
@@ -312,7 +320,8 @@ impl StoreBuilder {
             read_audit: self.read_audit,
             pending_reads: Mutex::new(Vec::new()),
             clock: AtomicI64::new(0),
-            _counters: CounterGuard(keyring),
+            aux_cache_size: (self.cache_size / 4).max(8 << 20),
+            counters: CounterGuard(keyring),
         });
         inner.initialize()?;
         // Refused writes are always buffered (their transaction may still be open), so the
@@ -346,7 +355,10 @@ struct Inner {
     pending_reads: Mutex<Vec<AuditRecord>>,
     /// Last timestamp handed out, in µs since the epoch; loaded from the store on open.
     clock: AtomicI64,
-    _counters: CounterGuard,
+    /// redb cache of each auxiliary database opened through this store.
+    aux_cache_size: usize,
+    /// The keyring (shared with auxiliary databases) and its counters, persisted on close.
+    counters: CounterGuard,
 }
 
 /// An open fhirkeep database.
@@ -596,9 +608,14 @@ impl Store {
         audit::log::verify_against_trusted_head(&txn, trusted)
     }
 
-    /// Authenticates every page, runs redb's integrity check and verifies the audit log.
+    /// Authenticates every page, runs redb's integrity check and verifies the audit log;
+    /// then does the same for every auxiliary file in the directory (authenticates every
+    /// block, runs redb's integrity check over it), reported per file in
+    /// [`CheckReport::aux_files`].
     ///
-    /// Opens the database exclusively; the first fault found is returned as an error.
+    /// Opens the database exclusively; the first fault found is returned as an error (a
+    /// fault in an auxiliary file names the file: it holds derived data only, and can be
+    /// deleted with [`Store::delete_aux_database`] and rebuilt).
     /// A successful check is recorded in the audit log as a `check` leaf of `ctx`.
     pub fn check(
         ctx: &AccessContext,
@@ -612,6 +629,7 @@ impl Store {
             return Err(Error::DatabaseNotFound(dir));
         }
         let pages = crate::crypto::verify_file(&path, &keyring)?;
+        let mut aux_files = auxiliary::verify_aux_files(&dir, &keyring)?;
         drop(keyring);
         let failed_pages = describe_failed_pages(&pages.failed_pages);
         if !pages.problems.is_empty() {
@@ -641,7 +659,7 @@ impl Store {
             )));
         }
         let audit = store.verify_audit().map_err(reachable_fault)?;
-        let warnings = failed_pages
+        let mut warnings = failed_pages
             .map(|pages| {
                 vec![format!(
                     "{pages}, but no data or index page refers to them: free pages, typically \
@@ -649,11 +667,15 @@ impl Store {
                 )]
             })
             .unwrap_or_default();
+        for report in &mut aux_files {
+            warnings.extend(store.check_aux_file(report)?);
+        }
         store.record_access(ctx, AccessRecord::succeeded(AuditAction::Check))?;
         Ok(CheckReport {
             pages,
             redb_integrity_ok,
             audit,
+            aux_files,
             warnings,
         })
     }
@@ -1019,3 +1041,6 @@ pub(crate) mod tests;
 
 #[cfg(test)]
 mod crash_tests;
+
+#[cfg(test)]
+mod aux_tests;

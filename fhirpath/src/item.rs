@@ -1,0 +1,122 @@
+//! Result items: borrowed nodes of the input JSON and values computed by the expression.
+
+use std::fmt;
+
+use serde_json::Value;
+
+use crate::decimal::Decimal;
+use crate::model::{TypeId, model};
+use crate::temporal::Temporal;
+
+/// One item of a result collection.
+#[derive(Debug, Clone)]
+pub enum Item<'a> {
+    /// A node of the input resource (or a stand-in for a resolved reference).
+    Node(Node<'a>),
+    /// A computed Boolean.
+    Boolean(bool),
+    /// A computed Integer.
+    Integer(i64),
+    /// A computed Decimal.
+    Decimal(Decimal),
+    /// A computed String.
+    String(String),
+    /// A computed Date.
+    Date(Temporal),
+    /// A computed DateTime.
+    DateTime(Temporal),
+    /// A computed Time.
+    Time(Temporal),
+    /// A computed Quantity.
+    Quantity(Quantity),
+}
+
+/// A node of the input JSON together with its FHIR type when known.
+#[derive(Debug, Clone, Copy)]
+pub struct Node<'a> {
+    pub(crate) value: &'a Value,
+    /// The `_name` sibling holding a primitive's id/extensions.
+    pub(crate) ext: Option<&'a Value>,
+    pub(crate) ty: Option<TypeId>,
+    /// A resolved reference to a resource that is not in the input: it has a type but no JSON.
+    pub(crate) stub: bool,
+}
+
+/// A quantity value with its unit (UCUM code or calendar word).
+#[derive(Debug, Clone)]
+pub struct Quantity {
+    /// The numeric value.
+    pub value: Decimal,
+    /// The unit.
+    pub unit: String,
+}
+
+impl<'a> Node<'a> {
+    pub(crate) fn new(value: &'a Value, ext: Option<&'a Value>, ty: Option<TypeId>) -> Node<'a> {
+        let ty = match value.get("resourceType").and_then(Value::as_str) {
+            Some(rt) => model().type_id(rt).or(ty),
+            None => ty,
+        };
+        Node {
+            value,
+            ext,
+            ty,
+            stub: false,
+        }
+    }
+
+    /// The JSON value of this node (`None` for a resolved reference stand-in).
+    pub fn json(&self) -> Option<&'a Value> {
+        if self.stub { None } else { Some(self.value) }
+    }
+
+    /// The FHIR type name when known.
+    pub fn fhir_type(&self) -> Option<&'static str> {
+        self.ty.map(|t| model().name(t))
+    }
+}
+
+impl<'a> Item<'a> {
+    /// The input JSON node this item is, if it is one (not a computed literal).
+    pub fn json(&self) -> Option<&'a Value> {
+        match self {
+            Item::Node(n) => n.json(),
+            _ => None,
+        }
+    }
+
+    /// The FHIR type name when known; for resources the resource type. Computed values report
+    /// the matching FHIR primitive name (`boolean`, `integer`, `decimal`, `string`, `date`,
+    /// `dateTime`, `time`) or `Quantity`.
+    pub fn fhir_type(&self) -> Option<&str> {
+        match self {
+            Item::Node(n) => n.fhir_type(),
+            Item::Boolean(_) => Some("boolean"),
+            Item::Integer(_) => Some("integer"),
+            Item::Decimal(_) => Some("decimal"),
+            Item::String(_) => Some("string"),
+            Item::Date(_) => Some("date"),
+            Item::DateTime(_) => Some("dateTime"),
+            Item::Time(_) => Some("time"),
+            Item::Quantity(_) => Some("Quantity"),
+        }
+    }
+}
+
+impl fmt::Display for Item<'_> {
+    /// Primitive values print as their FHIR string form; complex nodes as compact JSON.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Item::Node(n) => match n.value {
+                Value::String(s) => f.write_str(s),
+                other => write!(f, "{other}"),
+            },
+            Item::Boolean(b) => write!(f, "{b}"),
+            Item::Integer(i) => write!(f, "{i}"),
+            Item::Decimal(d) => write!(f, "{d}"),
+            Item::String(s) => f.write_str(s),
+            Item::Date(t) | Item::DateTime(t) | Item::Time(t) => write!(f, "{t}"),
+            Item::Quantity(q) => write!(f, "{} '{}'", q.value, q.unit),
+        }
+    }
+}

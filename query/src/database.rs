@@ -1,0 +1,544 @@
+//! The [`Database`] applications embed: the engine's store plus the search index, with the one
+//! write path that keeps them in line.
+//!
+//! Architecture invariant: every write goes through [`Database`]; after it commits in the
+//! store, the index catches up from the store's change feed before the call returns. After a
+//! crash between the two, opening the database catches up the same way, so the index never
+//! stays behind the store.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+
+use fhirkeep_engine::crypto::{KdfParams, KeySource};
+use fhirkeep_engine::store::{
+    AccessContext, DeleteOutcome, ReadAudit, Store, StoreBuilder, StoredResource, UpdateOutcome,
+    Upsert, WriteTxn,
+};
+use serde_json::Value;
+
+use crate::directory::RedbDirectory;
+use crate::extract::extract;
+use crate::index::SearchIndex;
+use crate::registry::Registry;
+use crate::{Error, Result};
+
+/// The auxiliary encrypted file that holds the index.
+const INDEX_FILE: &str = "index";
+
+/// How many changes the index takes per catch-up step.
+const SYNC_BATCH: usize = 2_000;
+
+/// Limits on what one search may cost.
+#[derive(Debug, Clone, Copy)]
+pub struct SearchLimits {
+    /// Page size when `_count` is not given.
+    pub default_count: usize,
+    /// The largest page (`_count` above it is capped).
+    pub max_count: usize,
+    /// The most resources a chained or `_has` inner search may match.
+    pub max_inner_matches: usize,
+    /// The most resources `_include`/`_revinclude` may add to one page.
+    pub max_includes: usize,
+}
+
+impl Default for SearchLimits {
+    fn default() -> Self {
+        SearchLimits {
+            default_count: 50,
+            max_count: 1_000,
+            max_inner_matches: 50_000,
+            max_includes: 1_000,
+        }
+    }
+}
+
+/// Opens or creates a [`Database`].
+#[derive(Debug)]
+pub struct DatabaseBuilder {
+    store: StoreBuilder,
+    limits: SearchLimits,
+}
+
+impl DatabaseBuilder {
+    /// The key (passphrase or key file).
+    pub fn key(mut self, key: KeySource) -> Self {
+        self.store = self.store.key(key);
+        self
+    }
+
+    /// Argon2id parameters for a new database with a passphrase.
+    pub fn kdf(mut self, kdf: KdfParams) -> Self {
+        self.store = self.store.kdf(kdf);
+        self
+    }
+
+    /// How reads are audited.
+    pub fn read_audit(mut self, mode: ReadAudit) -> Self {
+        self.store = self.store.read_audit(mode);
+        self
+    }
+
+    /// Authenticate every page of the store when opening.
+    pub fn verify_on_open(mut self, enabled: bool) -> Self {
+        self.store = self.store.verify_on_open(enabled);
+        self
+    }
+
+    /// Search limits.
+    pub fn limits(mut self, limits: SearchLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Creates a new database (fails if one exists).
+    pub fn create(self) -> Result<Database> {
+        let limits = self.limits;
+        Database::with_store(self.store.create()?, limits)
+    }
+
+    /// Opens an existing database.
+    pub fn open(self) -> Result<Database> {
+        let limits = self.limits;
+        Database::with_store(self.store.open()?, limits)
+    }
+
+    /// Opens the database, creating it if absent.
+    pub fn open_or_create(self) -> Result<Database> {
+        let limits = self.limits;
+        Database::with_store(self.store.open_or_create()?, limits)
+    }
+}
+
+/// A FHIR database: the encrypted store and its encrypted search index.
+pub struct Database {
+    store: Store,
+    index: SearchIndex,
+    registry: RwLock<Registry>,
+    /// Serializes writes and index catch-up, so that conditional interactions see a search
+    /// result that no other write changes before theirs commits.
+    write_lock: Mutex<()>,
+    limits: SearchLimits,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database")
+            .field("dir", &self.store.dir())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a conditional create did.
+#[derive(Debug, Clone)]
+pub enum ConditionalOutcome {
+    /// Nothing matched: the resource was created.
+    Created(StoredResource),
+    /// One resource matched: it is returned and nothing was written.
+    Existing(StoredResource),
+}
+
+fn resource_type_of(resource: &Value) -> Result<String> {
+    resource
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .map(String::from)
+        .ok_or_else(|| {
+            Error::Engine(fhirkeep_engine::Error::InvalidResource(
+                "resourceType is missing".into(),
+            ))
+        })
+}
+
+/// What an index catch-up did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Changes applied to the index.
+    pub changes: u64,
+    /// Parameter expressions that failed on some resource (the resource is still indexed
+    /// for every other parameter).
+    pub expression_failures: u64,
+}
+
+impl Database {
+    /// A builder for the database in `dir`.
+    pub fn builder(dir: impl Into<PathBuf>) -> DatabaseBuilder {
+        DatabaseBuilder {
+            store: Store::builder(dir),
+            limits: SearchLimits::default(),
+        }
+    }
+
+    fn with_store(store: Store, limits: SearchLimits) -> Result<Database> {
+        let index_db = store.open_aux_database(INDEX_FILE)?;
+        let directory = RedbDirectory::new(index_db)?;
+        let index = SearchIndex::open(Box::new(directory))?;
+        let database = Database {
+            store,
+            index,
+            registry: RwLock::new(Registry::r4()?),
+            write_lock: Mutex::new(()),
+            limits,
+        };
+        let ctx = AccessContext::local("fhirkeep-index");
+        database.load_custom_parameters(&ctx)?;
+        {
+            let _guard = database.lock_writes()?;
+            database.sync_index_locked(&ctx)?;
+        }
+        Ok(database)
+    }
+
+    /// The underlying store, for reads, history and audit (which do not touch the index).
+    /// Writing through it directly would leave the index behind until the next write or
+    /// open; use the write methods here instead.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The database directory.
+    pub fn dir(&self) -> &Path {
+        self.store.dir()
+    }
+
+    /// Search limits.
+    pub fn limits(&self) -> SearchLimits {
+        self.limits
+    }
+
+    pub(crate) fn index(&self) -> &SearchIndex {
+        &self.index
+    }
+
+    /// The search parameters in use (official R4 plus stored SearchParameters).
+    pub fn registry(&self) -> Result<RwLockReadGuard<'_, Registry>> {
+        self.registry
+            .read()
+            .map_err(|_| Error::Internal("registry lock poisoned".into()))
+    }
+
+    pub(crate) fn lock_writes(&self) -> Result<MutexGuard<'_, ()>> {
+        self.write_lock
+            .lock()
+            .map_err(|_| Error::Internal("write lock poisoned".into()))
+    }
+
+    /// Creates a resource with a server-assigned id.
+    pub fn create(&self, ctx: &AccessContext, resource: Value) -> Result<StoredResource> {
+        self.write(ctx, |txn| Ok(txn.create(resource)?))
+    }
+
+    /// Updates (or creates with a client id) `Type/id`, optionally only if the current
+    /// version is `expected_version`.
+    pub fn update(
+        &self,
+        ctx: &AccessContext,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+        expected_version: Option<u64>,
+    ) -> Result<UpdateOutcome> {
+        self.write(ctx, |txn| {
+            Ok(txn.update(resource_type, id, resource, expected_version)?)
+        })
+    }
+
+    /// Deletes `Type/id` (a tombstone version).
+    pub fn delete(
+        &self,
+        ctx: &AccessContext,
+        resource_type: &str,
+        id: &str,
+        expected_version: Option<u64>,
+    ) -> Result<DeleteOutcome> {
+        self.write(ctx, |txn| {
+            Ok(txn.delete(resource_type, id, expected_version)?)
+        })
+    }
+
+    /// Creates or updates many resources with their own ids in one transaction (bulk load).
+    /// Each item succeeds or fails on its own; the index catches up once.
+    pub fn update_many(
+        &self,
+        ctx: &AccessContext,
+        items: Vec<Upsert>,
+    ) -> Result<Vec<fhirkeep_engine::Result<UpdateOutcome>>> {
+        self.write(ctx, |txn| Ok(txn.update_many(items)?))
+    }
+
+    /// Conditional create (`If-None-Exist`): creates `resource` unless `condition` (a search
+    /// query string for the resource's type, e.g. `identifier=http://x|1`) matches. One match
+    /// is returned as is; several are [`Error::MultipleMatches`].
+    pub fn conditional_create(
+        &self,
+        ctx: &AccessContext,
+        resource: Value,
+        condition: &str,
+    ) -> Result<ConditionalOutcome> {
+        let resource_type = resource_type_of(&resource)?;
+        let _guard = self.lock_writes()?;
+        match self
+            .condition_matches(&resource_type, condition)?
+            .as_slice()
+        {
+            [] => {
+                let created = self.write_locked(ctx, |txn| Ok(txn.create(resource)?))?;
+                Ok(ConditionalOutcome::Created(created))
+            }
+            [key] => {
+                let id = key.split_once('/').map_or(key.as_str(), |(_, id)| id);
+                Ok(ConditionalOutcome::Existing(self.store.read(
+                    ctx,
+                    &resource_type,
+                    id,
+                )?))
+            }
+            many => Err(Error::MultipleMatches(many.len())),
+        }
+    }
+
+    /// Conditional update (`PUT Type?condition`): updates the one match, or creates when
+    /// nothing matches (with the resource's own id if it has one). Several matches are
+    /// [`Error::MultipleMatches`]; a resource id that differs from the match's is refused.
+    pub fn conditional_update(
+        &self,
+        ctx: &AccessContext,
+        resource_type: &str,
+        condition: &str,
+        resource: Value,
+    ) -> Result<UpdateOutcome> {
+        if resource_type_of(&resource)? != resource_type {
+            return Err(Error::Unprocessable(
+                "the resource type does not match the URL".into(),
+            ));
+        }
+        let body_id = resource.get("id").and_then(Value::as_str).map(String::from);
+        let _guard = self.lock_writes()?;
+        let id = match self.condition_matches(resource_type, condition)?.as_slice() {
+            [] => body_id.unwrap_or_else(fhirkeep_engine::resource::new_server_id),
+            [key] => {
+                let id = key
+                    .split_once('/')
+                    .map_or(key.as_str(), |(_, id)| id)
+                    .to_string();
+                if body_id.as_deref().is_some_and(|b| b != id) {
+                    return Err(Error::Unprocessable(
+                        "the resource id differs from the id of the resource the condition matched"
+                            .into(),
+                    ));
+                }
+                id
+            }
+            many => return Err(Error::MultipleMatches(many.len())),
+        };
+        self.write_locked(ctx, |txn| {
+            Ok(txn.update(resource_type, &id, resource, None)?)
+        })
+    }
+
+    /// Conditional delete (`DELETE Type?condition`): deletes the one match; nothing when
+    /// nothing matches (returns `None`); several matches are [`Error::MultipleMatches`].
+    pub fn conditional_delete(
+        &self,
+        ctx: &AccessContext,
+        resource_type: &str,
+        condition: &str,
+    ) -> Result<Option<DeleteOutcome>> {
+        let _guard = self.lock_writes()?;
+        match self.condition_matches(resource_type, condition)?.as_slice() {
+            [] => Ok(None),
+            [key] => {
+                let id = key
+                    .split_once('/')
+                    .map_or(key.as_str(), |(_, id)| id)
+                    .to_string();
+                Ok(Some(self.write_locked(ctx, |txn| {
+                    Ok(txn.delete(resource_type, &id, None)?)
+                })?))
+            }
+            many => Err(Error::MultipleMatches(many.len())),
+        }
+    }
+
+    /// The keys a conditional interaction's condition matches (strict parsing; an empty
+    /// condition is refused rather than matching everything).
+    pub(crate) fn condition_matches(
+        &self,
+        resource_type: &str,
+        condition: &str,
+    ) -> Result<Vec<String>> {
+        let condition = condition.trim_start_matches('?');
+        if condition.trim().is_empty() {
+            return Err(Error::InvalidSearch(
+                "a condition needs at least one parameter".into(),
+            ));
+        }
+        let request = crate::params::parse_search_url(
+            &*self.registry()?,
+            &format!("{resource_type}?{condition}"),
+            crate::params::Handling::Strict,
+        )?;
+        if request.criteria.is_empty() {
+            return Err(Error::InvalidSearch(
+                "a condition needs at least one search criterion".into(),
+            ));
+        }
+        self.matching_keys(&request)
+    }
+
+    /// Applies a `transaction` Bundle: every entry commits or none does (see
+    /// [`fhirkeep_engine::bundle`]). Returns `Type/id/_history/vid` per entry.
+    pub fn apply_transaction(&self, ctx: &AccessContext, bundle: &Value) -> Result<Vec<String>> {
+        let _guard = self.lock_writes()?;
+        let result = fhirkeep_engine::bundle::apply_transaction(&self.store, ctx, bundle);
+        self.sync_index_locked(&AccessContext::local("fhirkeep-index"))?;
+        Ok(result?)
+    }
+
+    /// Applies a `batch` Bundle: each entry on its own.
+    pub fn apply_batch(
+        &self,
+        ctx: &AccessContext,
+        bundle: &Value,
+    ) -> Result<Vec<fhirkeep_engine::bundle::EntryOutcome>> {
+        let _guard = self.lock_writes()?;
+        let result = fhirkeep_engine::bundle::apply_batch(&self.store, ctx, bundle);
+        self.sync_index_locked(&AccessContext::local("fhirkeep-index"))?;
+        Ok(result?)
+    }
+
+    /// Runs `body` in one store write transaction (all or nothing), then brings the index in
+    /// line. The closure must not call other write methods of this database.
+    pub fn write<T>(
+        &self,
+        ctx: &AccessContext,
+        body: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let _guard = self.lock_writes()?;
+        self.write_locked(ctx, body)
+    }
+
+    pub(crate) fn write_locked<T>(
+        &self,
+        ctx: &AccessContext,
+        body: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut txn = self.store.begin_write(ctx)?;
+        let value = match body(&mut txn) {
+            Ok(value) => value,
+            Err(e) => {
+                txn.abort()?;
+                return Err(e);
+            }
+        };
+        txn.commit()?;
+        // The write is durable; an index failure now is repaired by the next catch-up.
+        let index_ctx = AccessContext::local("fhirkeep-index");
+        self.sync_index_locked(&index_ctx)?;
+        Ok(value)
+    }
+
+    /// Brings the index in line with the store (normally automatic).
+    pub fn sync_index(&self, ctx: &AccessContext) -> Result<SyncReport> {
+        let _guard = self.lock_writes()?;
+        self.sync_index_locked(ctx)
+    }
+
+    /// Rebuilds the index from scratch from the store.
+    pub fn reindex(&self, ctx: &AccessContext) -> Result<SyncReport> {
+        // Every stored SearchParameter is known before the first resource is indexed again,
+        // so old resources get the parameters added after them.
+        self.load_custom_parameters(ctx)?;
+        let _guard = self.lock_writes()?;
+        self.index.clear()?;
+        self.index.commit(None)?;
+        self.sync_index_locked(ctx)
+    }
+
+    fn sync_index_locked(&self, ctx: &AccessContext) -> Result<SyncReport> {
+        let mut state = self.index.state()?;
+        let cleared = !SearchIndex::is_current_schema(&state);
+        if cleared {
+            tracing::info!("index schema changed: rebuilding the index");
+            self.index.clear()?;
+            state.store_seq = None;
+        }
+        let mut after = state.store_seq;
+        let mut report = SyncReport::default();
+        let mut pending = 0usize;
+        // Asking for the last seq first is not audited and saves a feed read (and its audit
+        // leaf) when the index is already in line.
+        let mut more = self.store.last_change_seq()? > after.unwrap_or(0);
+        while more {
+            let page = self.store.changes_after(ctx, after, SYNC_BATCH)?;
+            more = page.more;
+            if page.changes.is_empty() {
+                break;
+            }
+            for (seq, stored) in &page.changes {
+                let key = format!("{}/{}", stored.resource_type, stored.id);
+                if stored.is_deleted() {
+                    self.index.put(&key, &stored.resource_type, None)?;
+                } else {
+                    let json = stored.to_json()?;
+                    if stored.resource_type == "SearchParameter" {
+                        // In effect for this resource and every later one.
+                        self.add_parameter(&json);
+                    }
+                    let registry = self.registry()?;
+                    let (entries, failures) = extract(&registry, &stored.resource_type, &json);
+                    drop(registry);
+                    report.expression_failures += failures as u64;
+                    self.index
+                        .put(&key, &stored.resource_type, Some(&entries))?;
+                }
+                after = Some(*seq);
+                report.changes += 1;
+                pending += 1;
+            }
+            if pending >= 20_000 {
+                self.index.commit(after)?;
+                pending = 0;
+            }
+        }
+        if pending > 0 || cleared {
+            self.index.commit(after)?;
+        }
+        Ok(report)
+    }
+
+    fn add_parameter(&self, definition: &Value) {
+        if definition.get("status").and_then(Value::as_str) == Some("retired") {
+            return;
+        }
+        if let Ok(mut registry) = self.registry.write()
+            && let Err(e) = registry.add_definition(definition)
+        {
+            // The definition is stored as given; it just does not take part in search.
+            tracing::warn!(error = %e, "a stored SearchParameter cannot be used for search");
+        }
+    }
+
+    /// Learns every stored SearchParameter (from the store, not the index, so that it works
+    /// before the index is built).
+    fn load_custom_parameters(&self, ctx: &AccessContext) -> Result<()> {
+        let mut query = fhirkeep_engine::store::HistoryQuery {
+            count: Some(1_000),
+            ..Default::default()
+        };
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            let page = self.store.history_type(ctx, "SearchParameter", &query)?;
+            // Newest first: the first version seen of each id is its current one.
+            for stored in &page.entries {
+                if seen.insert(stored.id.clone()) && !stored.is_deleted() {
+                    self.add_parameter(&stored.to_json()?);
+                }
+            }
+            match page.next {
+                Some(cursor) => query.cursor = Some(cursor),
+                None => break,
+            }
+        }
+        Ok(())
+    }
+}

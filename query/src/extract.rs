@@ -1,0 +1,718 @@
+//! What a resource contributes to the index: every search parameter's FHIRPath expression
+//! evaluated, and each value turned into the terms that FHIR search semantics look up.
+//!
+//! All terms of all parameters go into one raw tantivy field as `code ␟ kind ␟ value`
+//! (␟ is U+001F), so a new custom parameter needs no schema change. The kinds:
+//!
+//! | kind | from | value |
+//! |---|---|---|
+//! | `s` | string | normalized text (starts-with is a term range) |
+//! | `e` | string | exact text |
+//! | `t` | token | `code`, `system|code`, `system|`, `|code` (no system) |
+//! | `x` | token | normalized display / text (`:text`) |
+//! | `o` | token (Identifier) | `typesystem|typecode|value` (`:of-type`) |
+//! | `r` | reference | `Type/id`, `id`, absolute URL, canonical with and without version |
+//! | `i` | reference | `system|value`, `value` of `Reference.identifier` (`:identifier`) |
+//! | `u` | uri | the uri |
+//! | `dl`, `dh` | date | ordered low / high instant of the value's range |
+//! | `db` | date | calendar buckets wholly containing the range (`eq` lookups) |
+//! | `n` | number | ordered value |
+//! | `q` | quantity | `unitkey ␟ ordered value`, unit keys `''`, `|code`, `|unit`, `system|code` |
+//! | `c` | composite | component equality forms joined by `$`, `␟`, the last component's term |
+//! | `p` | any | presence: the resource has a value (`:missing`) |
+
+use fhirkeep_fhirpath::Item;
+use serde_json::Value;
+
+use crate::registry::{ParamType, Registry, SearchParam};
+use crate::values::{
+    InstantRange, MAX_MICROS, MIN_MICROS, date_buckets, normalize_string, ordered_f64, ordered_i64,
+    parse_fhir_date,
+};
+
+/// The separator between the parts of an index term.
+pub const SEP: char = '\u{1f}';
+
+/// Everything one resource contributes to the index.
+#[derive(Debug, Default, Clone)]
+pub struct IndexEntries {
+    /// Terms of the `terms` field.
+    pub terms: Vec<String>,
+    /// Narrative text (`_text`).
+    pub narrative: String,
+    /// Every string in the resource (`_content`).
+    pub content: String,
+    /// `code ␟ Type/id` for each reference value (reverse chaining, `_include` via index).
+    pub references: Vec<String>,
+    /// `code ␟ sortable key` for each sortable value.
+    pub sort_keys: Vec<String>,
+}
+
+/// A term for `code` of the given kind and value.
+pub fn term(code: &str, kind: &str, value: &str) -> String {
+    let mut out = String::with_capacity(code.len() + kind.len() + value.len() + 2);
+    out.push_str(code);
+    out.push(SEP);
+    out.push_str(kind);
+    out.push(SEP);
+    out.push_str(value);
+    out
+}
+
+/// Computes the index entries of `resource` (of type `resource_type`).
+///
+/// A parameter whose expression fails on this resource contributes nothing and is counted in
+/// the returned number of failures, so that one odd resource never blocks a write.
+pub fn extract(
+    registry: &Registry,
+    resource_type: &str,
+    resource: &Value,
+) -> (IndexEntries, usize) {
+    let mut entries = IndexEntries::default();
+    let mut failures = 0;
+    for param in registry.for_type(resource_type) {
+        let Some(expression) = &param.expression else {
+            continue;
+        };
+        let items = match expression.evaluate(resource) {
+            Ok(items) => items,
+            Err(_) => {
+                failures += 1;
+                continue;
+            }
+        };
+        let before = entries.terms.len();
+        if param.kind == ParamType::Composite {
+            composite_terms(param, &items, &mut entries.terms);
+        } else {
+            for item in &items {
+                let mut values = Vec::new();
+                item_values(param.kind, item, &mut values);
+                for value in values {
+                    emit(&param.code, &value, &mut entries);
+                }
+            }
+        }
+        if entries.terms.len() > before {
+            entries.terms.push(term(&param.code, "p", ""));
+        }
+    }
+    entries.narrative = narrative_text(resource);
+    let mut content = String::new();
+    collect_strings(resource, &mut content, 0);
+    entries.content = content;
+    entries.terms.sort_unstable();
+    entries.terms.dedup();
+    entries.sort_keys.sort_unstable();
+    entries.sort_keys.dedup();
+    entries.references.sort_unstable();
+    entries.references.dedup();
+    (entries, failures)
+}
+
+/// One typed value found for a parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IndexValue {
+    /// A string value (string parameters).
+    Text(String),
+    /// A token: optional system, code, optional display text.
+    Token {
+        /// The code system (or identifier system).
+        system: Option<String>,
+        /// The code (or identifier value).
+        code: String,
+    },
+    /// Display text of a token (`:text`).
+    TokenText(String),
+    /// An identifier's type and value (`:of-type`).
+    OfType {
+        /// `type.coding.system`.
+        system: String,
+        /// `type.coding.code`.
+        code: String,
+        /// `Identifier.value`.
+        value: String,
+    },
+    /// A reference target as written.
+    Reference(String),
+    /// A logical reference by identifier.
+    ReferenceIdentifier {
+        /// The identifier system.
+        system: Option<String>,
+        /// The identifier value.
+        value: String,
+    },
+    /// A uri.
+    Uri(String),
+    /// A range of instants.
+    Date(InstantRange),
+    /// A number.
+    Number(f64),
+    /// A quantity.
+    Quantity {
+        /// The value.
+        value: f64,
+        /// The unit system.
+        system: Option<String>,
+        /// The unit code.
+        code: Option<String>,
+        /// The human unit.
+        unit: Option<String>,
+    },
+}
+
+fn emit(code: &str, value: &IndexValue, entries: &mut IndexEntries) {
+    let terms = &mut entries.terms;
+    let sort = &mut entries.sort_keys;
+    match value {
+        IndexValue::Text(text) => {
+            let normalized = normalize_string(text);
+            if normalized.is_empty() {
+                return;
+            }
+            terms.push(term(code, "e", text));
+            sort.push(format!("{code}{SEP}{normalized}"));
+            terms.push(term(code, "s", &normalized));
+        }
+        IndexValue::Token {
+            system,
+            code: value,
+        } => {
+            if value.is_empty() {
+                return;
+            }
+            terms.push(term(code, "t", value));
+            match system {
+                Some(system) => {
+                    terms.push(term(code, "t", &format!("{system}|{value}")));
+                    terms.push(term(code, "t", &format!("{system}|")));
+                }
+                None => terms.push(term(code, "t", &format!("|{value}"))),
+            }
+            sort.push(format!("{code}{SEP}{value}"));
+        }
+        IndexValue::TokenText(text) => {
+            let normalized = normalize_string(text);
+            if !normalized.is_empty() {
+                terms.push(term(code, "x", &normalized));
+            }
+        }
+        IndexValue::OfType {
+            system,
+            code: type_code,
+            value,
+        } => terms.push(term(code, "o", &format!("{system}|{type_code}|{value}"))),
+        IndexValue::Reference(reference) => {
+            for form in reference_forms(reference) {
+                if form.matches('/').count() == 1 && !form.contains(':') {
+                    entries.references.push(format!("{code}{SEP}{form}"));
+                }
+                terms.push(term(code, "r", &form));
+            }
+            sort.push(format!("{code}{SEP}{reference}"));
+        }
+        IndexValue::ReferenceIdentifier { system, value } => {
+            terms.push(term(code, "i", value));
+            match system {
+                Some(system) => terms.push(term(code, "i", &format!("{system}|{value}"))),
+                None => terms.push(term(code, "i", &format!("|{value}"))),
+            }
+        }
+        IndexValue::Uri(uri) => {
+            terms.push(term(code, "u", uri));
+            sort.push(format!("{code}{SEP}{uri}"));
+        }
+        IndexValue::Date(range) => {
+            terms.push(term(code, "dl", &ordered_i64(range.low)));
+            terms.push(term(code, "dh", &ordered_i64(range.high)));
+            for bucket in date_buckets(*range) {
+                terms.push(term(code, "db", &bucket));
+            }
+            sort.push(format!("{code}{SEP}{}", ordered_i64(range.low)));
+        }
+        IndexValue::Number(number) => {
+            terms.push(term(code, "n", &ordered_f64(*number)));
+            sort.push(format!("{code}{SEP}{}", ordered_f64(*number)));
+        }
+        IndexValue::Quantity {
+            value,
+            system,
+            code: unit_code,
+            unit,
+        } => {
+            let ordered = ordered_f64(*value);
+            for key in quantity_unit_keys(system.as_deref(), unit_code.as_deref(), unit.as_deref())
+            {
+                terms.push(term(code, "q", &format!("{key}{SEP}{ordered}")));
+            }
+            sort.push(format!("{code}{SEP}{ordered}"));
+        }
+    }
+}
+
+/// The unit namespaces a quantity is findable under.
+pub fn quantity_unit_keys(
+    system: Option<&str>,
+    code: Option<&str>,
+    unit: Option<&str>,
+) -> Vec<String> {
+    let mut keys = vec![String::new()];
+    if let Some(code) = code {
+        keys.push(format!("|{code}"));
+        if let Some(system) = system {
+            keys.push(format!("{system}|{code}"));
+        }
+    }
+    if let Some(unit) = unit
+        && Some(unit) != code
+    {
+        keys.push(format!("|{unit}"));
+    }
+    keys
+}
+
+/// The forms under which a reference value is findable: as written, `Type/id` without
+/// version or base URL, the bare id, and a canonical without its `|version`.
+pub fn reference_forms(reference: &str) -> Vec<String> {
+    let mut forms = vec![reference.to_string()];
+    if reference.starts_with('#') || reference.starts_with("urn:") {
+        return forms;
+    }
+    if let Some((canonical, _version)) = reference.split_once('|') {
+        forms.push(canonical.to_string());
+        return forms;
+    }
+    let path = reference.split(['?', '#']).next().unwrap_or(reference);
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    // [base/]Type/id[/_history/vid]
+    let tail = match segments.as_slice() {
+        [.., t, i, h, _] if *h == "_history" => Some((*t, *i)),
+        [.., t, i] => Some((*t, *i)),
+        _ => None,
+    };
+    if let Some((resource_type, id)) = tail
+        && fhirkeep_engine::resource::is_resource_type(resource_type)
+        && fhirkeep_engine::resource::is_valid_id(id)
+    {
+        let local = format!("{resource_type}/{id}");
+        if local != reference {
+            forms.push(local);
+        }
+        forms.push(id.to_string());
+    }
+    forms
+}
+
+/// The typed values of one evaluated item, for a parameter of type `kind`.
+pub fn item_values(kind: ParamType, item: &Item<'_>, out: &mut Vec<IndexValue>) {
+    let Some(json) = item.json() else {
+        // A computed value (e.g. the boolean of `deceased.exists() and ...`).
+        if let Some(text) = computed_text(item) {
+            json_values(kind, None, &Value::String(text), out);
+        }
+        return;
+    };
+    json_values(kind, item.fhir_type(), json, out);
+}
+
+fn computed_text(item: &Item<'_>) -> Option<String> {
+    match item {
+        // A node without JSON is a resolved reference stand-in: nothing to index.
+        Item::Node(_) => None,
+        computed => Some(computed.to_string()),
+    }
+}
+
+/// The typed values of a JSON node of FHIR type `fhir_type` (when known).
+pub fn json_values(
+    kind: ParamType,
+    fhir_type: Option<&str>,
+    json: &Value,
+    out: &mut Vec<IndexValue>,
+) {
+    match kind {
+        ParamType::String => string_values(json, out),
+        ParamType::Token => token_values(fhir_type, json, out),
+        ParamType::Reference => reference_values(json, out),
+        ParamType::Uri => {
+            if let Some(uri) = json.as_str() {
+                out.push(IndexValue::Uri(uri.to_string()));
+            }
+        }
+        ParamType::Date => date_values(json, out),
+        ParamType::Number => {
+            if let Some(number) = json_number(json) {
+                out.push(IndexValue::Number(number));
+            }
+        }
+        ParamType::Quantity => quantity_values(json, out),
+        ParamType::Composite | ParamType::Special => {}
+    }
+}
+
+fn json_number(json: &Value) -> Option<f64> {
+    let number = match json {
+        Value::Number(n) => n.as_f64()?,
+        Value::String(s) => s.parse::<f64>().ok()?,
+        _ => return None,
+    };
+    number.is_finite().then_some(number)
+}
+
+fn string_values(json: &Value, out: &mut Vec<IndexValue>) {
+    match json {
+        Value::String(s) => out.push(IndexValue::Text(s.clone())),
+        Value::Object(map) => {
+            // HumanName, Address and other structures: every string part is searchable.
+            for (key, value) in map {
+                if key == "extension" || key == "id" || key == "use" || key == "period" {
+                    continue;
+                }
+                match value {
+                    Value::String(s) => out.push(IndexValue::Text(s.clone())),
+                    Value::Array(items) => {
+                        for item in items {
+                            if let Value::String(s) = item {
+                                out.push(IndexValue::Text(s.clone()));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn text_of<'a>(json: &'a Value, key: &str) -> Option<&'a str> {
+    json.get(key).and_then(Value::as_str)
+}
+
+fn token_values(fhir_type: Option<&str>, json: &Value, out: &mut Vec<IndexValue>) {
+    match json {
+        Value::String(s) => out.push(IndexValue::Token {
+            system: None,
+            code: s.clone(),
+        }),
+        Value::Bool(b) => out.push(IndexValue::Token {
+            system: None,
+            code: b.to_string(),
+        }),
+        Value::Number(n) => out.push(IndexValue::Token {
+            system: None,
+            code: n.to_string(),
+        }),
+        Value::Object(map) => {
+            if let Some(codings) = map.get("coding").and_then(Value::as_array) {
+                // CodeableConcept
+                for coding in codings {
+                    coding_values(coding, out);
+                }
+                if let Some(text) = text_of(json, "text") {
+                    out.push(IndexValue::TokenText(text.to_string()));
+                }
+            } else if fhir_type == Some("Identifier")
+                || (map.contains_key("value")
+                    && !map.contains_key("code")
+                    && fhir_type != Some("ContactPoint"))
+            {
+                if let Some(value) = text_of(json, "value") {
+                    out.push(IndexValue::Token {
+                        system: text_of(json, "system").map(String::from),
+                        code: value.to_string(),
+                    });
+                    if let Some(codings) = json
+                        .get("type")
+                        .and_then(|t| t.get("coding"))
+                        .and_then(Value::as_array)
+                    {
+                        for coding in codings {
+                            if let (Some(system), Some(code)) =
+                                (text_of(coding, "system"), text_of(coding, "code"))
+                            {
+                                out.push(IndexValue::OfType {
+                                    system: system.to_string(),
+                                    code: code.to_string(),
+                                    value: value.to_string(),
+                                });
+                            }
+                        }
+                    }
+                }
+                if let Some(text) = json.get("type").and_then(|t| text_of(t, "text")) {
+                    out.push(IndexValue::TokenText(text.to_string()));
+                }
+            } else if fhir_type == Some("ContactPoint") {
+                if let Some(value) = text_of(json, "value") {
+                    out.push(IndexValue::Token {
+                        system: None,
+                        code: value.to_string(),
+                    });
+                }
+            } else {
+                // Coding, or anything else with system/code.
+                coding_values(json, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn coding_values(coding: &Value, out: &mut Vec<IndexValue>) {
+    if let Some(code) = text_of(coding, "code") {
+        out.push(IndexValue::Token {
+            system: text_of(coding, "system").map(String::from),
+            code: code.to_string(),
+        });
+    }
+    if let Some(display) = text_of(coding, "display") {
+        out.push(IndexValue::TokenText(display.to_string()));
+    }
+}
+
+fn reference_values(json: &Value, out: &mut Vec<IndexValue>) {
+    match json {
+        // canonical and uri references
+        Value::String(s) => out.push(IndexValue::Reference(s.clone())),
+        Value::Object(_) => {
+            if let Some(reference) = text_of(json, "reference")
+                && !reference.starts_with('#')
+            {
+                out.push(IndexValue::Reference(reference.to_string()));
+            }
+            if let Some(identifier) = json.get("identifier")
+                && let Some(value) = text_of(identifier, "value")
+            {
+                out.push(IndexValue::ReferenceIdentifier {
+                    system: text_of(identifier, "system").map(String::from),
+                    value: value.to_string(),
+                });
+            }
+        }
+        _ => {}
+    }
+}
+
+fn date_values(json: &Value, out: &mut Vec<IndexValue>) {
+    match json {
+        Value::String(s) => {
+            if let Some(date) = parse_fhir_date(s) {
+                out.push(IndexValue::Date(date.range));
+            }
+        }
+        Value::Object(map) => {
+            if map.contains_key("start") || map.contains_key("end") {
+                // Period: an open end is unbounded.
+                let low = text_of(json, "start")
+                    .and_then(parse_fhir_date)
+                    .map_or(MIN_MICROS, |d| d.range.low);
+                let high = text_of(json, "end")
+                    .and_then(parse_fhir_date)
+                    .map_or(MAX_MICROS, |d| d.range.high);
+                if low <= high {
+                    out.push(IndexValue::Date(InstantRange { low, high }));
+                }
+            } else if map.contains_key("event") || map.contains_key("repeat") {
+                // Timing: each event, and the bounds of the repeat.
+                if let Some(events) = map.get("event").and_then(Value::as_array) {
+                    for event in events {
+                        date_values(event, out);
+                    }
+                }
+                if let Some(bounds) = map.get("repeat").and_then(|r| r.get("boundsPeriod")) {
+                    date_values(bounds, out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn quantity_values(json: &Value, out: &mut Vec<IndexValue>) {
+    match json {
+        Value::Object(map) => {
+            if let Some(value) = map.get("value").and_then(json_number) {
+                let currency = text_of(json, "currency");
+                out.push(IndexValue::Quantity {
+                    value,
+                    system: text_of(json, "system")
+                        .map(String::from)
+                        .or_else(|| currency.map(|_| "urn:iso:std:iso:4217".to_string())),
+                    code: text_of(json, "code").or(currency).map(String::from),
+                    unit: text_of(json, "unit").map(String::from),
+                });
+            } else if map.contains_key("low") || map.contains_key("high") {
+                // Range: findable by both ends.
+                for end in ["low", "high"] {
+                    if let Some(bound) = map.get(end) {
+                        quantity_values(bound, out);
+                    }
+                }
+            }
+        }
+        Value::Number(_) => {
+            if let Some(value) = json_number(json) {
+                out.push(IndexValue::Quantity {
+                    value,
+                    system: None,
+                    code: None,
+                    unit: None,
+                });
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The equality forms of a composite component value (all but the last component).
+pub fn component_equality_forms(value: &IndexValue) -> Vec<String> {
+    match value {
+        IndexValue::Token { system, code } => {
+            let mut forms = vec![code.clone()];
+            match system {
+                Some(system) => {
+                    forms.push(format!("{system}|{code}"));
+                    forms.push(format!("{system}|"));
+                }
+                None => forms.push(format!("|{code}")),
+            }
+            forms
+        }
+        IndexValue::Text(text) => vec![normalize_string(text)],
+        IndexValue::Reference(reference) => reference_forms(reference),
+        IndexValue::Uri(uri) => vec![uri.clone()],
+        _ => Vec::new(),
+    }
+}
+
+fn composite_terms(param: &SearchParam, items: &[Item<'_>], terms: &mut Vec<String>) {
+    let Some((last, leading)) = param.components.split_last() else {
+        return;
+    };
+    for item in items {
+        let Some(node) = item.json() else { continue };
+        // Each leading component contributes its equality forms; the prefix is their product.
+        let mut prefixes = vec![String::new()];
+        for component in leading {
+            let mut forms = Vec::new();
+            if let Ok(values) = component.expression.evaluate(node) {
+                for value_item in &values {
+                    let mut typed = Vec::new();
+                    item_values(component.kind, value_item, &mut typed);
+                    forms.extend(typed.iter().flat_map(component_equality_forms));
+                }
+            }
+            let mut next = Vec::new();
+            for prefix in &prefixes {
+                for form in &forms {
+                    if prefix.is_empty() {
+                        next.push(form.clone());
+                    } else {
+                        next.push(format!("{prefix}${form}"));
+                    }
+                }
+            }
+            prefixes = next;
+            if prefixes.is_empty() {
+                break;
+            }
+        }
+        if prefixes.is_empty() {
+            continue;
+        }
+        let Ok(last_items) = last.expression.evaluate(node) else {
+            continue;
+        };
+        let mut last_values = Vec::new();
+        for value_item in &last_items {
+            item_values(last.kind, value_item, &mut last_values);
+        }
+        let mut scratch = IndexEntries::default();
+        for value in &last_values {
+            emit("", value, &mut scratch);
+        }
+        for prefix in &prefixes {
+            for last_term in &scratch.terms {
+                // `last_term` is `␟kind␟value` (empty code): append it to the prefix.
+                terms.push(format!("{}{SEP}c{SEP}{prefix}{last_term}", param.code));
+            }
+        }
+    }
+}
+
+/// The narrative `text.div` with markup removed, for `_text`.
+fn narrative_text(resource: &Value) -> String {
+    let Some(div) = resource
+        .get("text")
+        .and_then(|t| t.get("div"))
+        .and_then(Value::as_str)
+    else {
+        return String::new();
+    };
+    strip_markup(div)
+}
+
+/// XHTML to text: tags dropped, the common entities decoded.
+pub fn strip_markup(xhtml: &str) -> String {
+    let mut out = String::with_capacity(xhtml.len());
+    let mut in_tag = false;
+    for c in xhtml.chars() {
+        match c {
+            '<' => {
+                in_tag = true;
+                out.push(' ');
+            }
+            '>' => in_tag = false,
+            _ if !in_tag => out.push(c),
+            _ => {}
+        }
+    }
+    out.replace("&nbsp;", " ")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
+}
+
+/// Appends every string value (not keys, not the narrative markup) of `json`.
+fn collect_strings(json: &Value, out: &mut String, depth: usize) {
+    // Resources nest far less than this; the bound keeps hostile input from overflowing the stack.
+    if depth > 64 {
+        return;
+    }
+    match json {
+        Value::String(s) => {
+            out.push_str(s);
+            out.push(' ');
+        }
+        Value::Array(items) => {
+            for item in items {
+                collect_strings(item, out, depth + 1);
+            }
+        }
+        Value::Object(map) => {
+            for (key, value) in map {
+                if key == "div" {
+                    if let Value::String(div) = value {
+                        out.push_str(&strip_markup(div));
+                        out.push(' ');
+                    }
+                    continue;
+                }
+                if key == "resourceType" || key == "url" || key == "system" || key == "reference" {
+                    continue;
+                }
+                collect_strings(value, out, depth + 1);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The instant range of a stored resource's `meta.lastUpdated`, if present.
+pub fn last_updated_range(resource: &Value) -> Option<InstantRange> {
+    let text = resource.get("meta")?.get("lastUpdated")?.as_str()?;
+    parse_fhir_date(text).map(|d| d.range)
+}

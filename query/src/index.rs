@@ -1,0 +1,411 @@
+//! The tantivy index: its schema, how resources' [`IndexEntries`] become documents, how the
+//! store sequence the index has caught up to is recorded, and the primitive queries that FHIR
+//! search semantics are built from.
+//!
+//! One document per current (not deleted) resource. Fields:
+//! - `key` (`Type/id`, raw, stored): identity, deletes, paging order;
+//! - `type` (raw);
+//! - `terms` (raw, many values): every parameter's terms, see [`crate::extract`];
+//! - `narrative`, `content` (tokenized, lower-cased, accent-folded): `_text`, `_content`;
+//! - `refs`, `sort` (stored only): reference targets and sort keys per parameter.
+//!
+//! The commit payload holds the last store change sequence the index contains, so that
+//! reopening after a crash catches up from there (the store is the source of truth).
+
+use std::ops::Bound;
+use std::sync::Mutex;
+
+use tantivy::collector::DocSetCollector;
+use tantivy::directory::Directory;
+use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, RangeQuery, RegexQuery, TermQuery};
+use tantivy::schema::{
+    Field, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions, Value as _,
+};
+use tantivy::tokenizer::{
+    AsciiFoldingFilter, LowerCaser, RemoveLongFilter, SimpleTokenizer, TextAnalyzer,
+};
+use tantivy::{DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
+
+use crate::extract::IndexEntries;
+use crate::{Error, Result};
+
+/// The schema version, stored in the commit payload; a different one means "rebuild".
+const SCHEMA_VERSION: u32 = 1;
+
+const TEXT_TOKENIZER: &str = "fhir_text";
+
+/// Memory the index writer may use before it flushes a segment.
+const WRITER_MEMORY: usize = 64 * 1024 * 1024;
+
+/// The fields of the schema.
+#[derive(Debug, Clone, Copy)]
+pub struct Fields {
+    /// `Type/id`.
+    pub key: Field,
+    /// The resource type.
+    pub resource_type: Field,
+    /// Search terms.
+    pub terms: Field,
+    /// Narrative text.
+    pub narrative: Field,
+    /// All strings of the resource.
+    pub content: Field,
+    /// `code ␟ Type/id` references.
+    pub refs: Field,
+    /// `code ␟ key` sort keys.
+    pub sort: Field,
+}
+
+fn schema() -> (Schema, Fields) {
+    let mut builder = Schema::builder();
+    let text = TextOptions::default().set_indexing_options(
+        TextFieldIndexing::default()
+            .set_tokenizer(TEXT_TOKENIZER)
+            .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+    );
+    let fields = Fields {
+        key: builder.add_text_field("key", STRING | STORED),
+        resource_type: builder.add_text_field("type", STRING),
+        terms: builder.add_text_field("terms", STRING),
+        narrative: builder.add_text_field("narrative", text.clone()),
+        content: builder.add_text_field("content", text),
+        refs: builder.add_text_field("refs", STORED),
+        sort: builder.add_text_field("sort", STORED),
+    };
+    (builder.build(), fields)
+}
+
+/// The index and its single writer.
+pub struct SearchIndex {
+    index: Index,
+    writer: Mutex<IndexWriter>,
+    reader: IndexReader,
+    fields: Fields,
+}
+
+impl std::fmt::Debug for SearchIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SearchIndex").finish_non_exhaustive()
+    }
+}
+
+/// What a document of the index says about one resource.
+#[derive(Debug, Clone)]
+pub struct IndexedDoc {
+    /// `Type/id`.
+    pub key: String,
+    /// `code ␟ target` references.
+    pub refs: Vec<String>,
+    /// `code ␟ key` sort keys.
+    pub sort: Vec<String>,
+}
+
+/// The commit payload: schema version and the store sequence the index holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexState {
+    /// The schema the index was built with.
+    pub schema_version: u32,
+    /// The last store change sequence applied, `None` if none yet.
+    pub store_seq: Option<u64>,
+}
+
+impl SearchIndex {
+    /// Opens the index in `directory`, creating it if empty. An index with another schema
+    /// version is reported by [`SearchIndex::state`] so the caller can rebuild it.
+    pub fn open(directory: Box<dyn Directory>) -> Result<SearchIndex> {
+        let (schema, fields) = schema();
+        let index = Index::open_or_create(directory, schema.clone())?;
+        if index.schema() != schema {
+            return Err(Error::Index(
+                "the index has an unexpected schema; run `fhirkeep reindex`".into(),
+            ));
+        }
+        index.tokenizers().register(
+            TEXT_TOKENIZER,
+            TextAnalyzer::builder(SimpleTokenizer::default())
+                .filter(RemoveLongFilter::limit(64))
+                .filter(LowerCaser)
+                .filter(AsciiFoldingFilter)
+                .build(),
+        );
+        // One indexing thread: the machine has few cores and the store needs them too.
+        let writer = index.writer_with_num_threads(1, WRITER_MEMORY)?;
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()?;
+        Ok(SearchIndex {
+            index,
+            writer: Mutex::new(writer),
+            reader,
+            fields,
+        })
+    }
+
+    /// The fields.
+    pub fn fields(&self) -> Fields {
+        self.fields
+    }
+
+    /// The tantivy index (for query parsing).
+    pub fn tantivy(&self) -> &Index {
+        &self.index
+    }
+
+    /// The committed state (schema version, store sequence).
+    pub fn state(&self) -> Result<IndexState> {
+        let metas = self.index.load_metas()?;
+        let Some(payload) = metas.payload else {
+            return Ok(IndexState {
+                schema_version: SCHEMA_VERSION,
+                store_seq: None,
+            });
+        };
+        parse_payload(&payload)
+            .ok_or_else(|| Error::Index("unreadable index commit payload".into()))
+    }
+
+    /// Whether the index was built with this build's schema.
+    pub fn is_current_schema(state: &IndexState) -> bool {
+        state.schema_version == SCHEMA_VERSION
+    }
+
+    /// Replaces the document of `key` with `entries` (or removes it when `None`).
+    pub fn put(
+        &self,
+        key: &str,
+        resource_type: &str,
+        entries: Option<&IndexEntries>,
+    ) -> Result<()> {
+        let writer = self.lock_writer()?;
+        writer.delete_term(Term::from_field_text(self.fields.key, key));
+        let Some(entries) = entries else {
+            return Ok(());
+        };
+        let f = self.fields;
+        let mut doc = TantivyDocument::new();
+        doc.add_text(f.key, key);
+        doc.add_text(f.resource_type, resource_type);
+        for term in &entries.terms {
+            doc.add_text(f.terms, term);
+        }
+        if !entries.narrative.is_empty() {
+            doc.add_text(f.narrative, &entries.narrative);
+        }
+        if !entries.content.is_empty() {
+            doc.add_text(f.content, &entries.content);
+        }
+        for reference in &entries.references {
+            doc.add_text(f.refs, reference);
+        }
+        for sort in &entries.sort_keys {
+            doc.add_text(f.sort, sort);
+        }
+        writer.add_document(doc)?;
+        Ok(())
+    }
+
+    /// Removes every document (for a rebuild); takes effect at the next commit.
+    pub fn clear(&self) -> Result<()> {
+        self.lock_writer()?.delete_all_documents()?;
+        Ok(())
+    }
+
+    /// Commits everything put so far, recording `store_seq` as caught up, and makes it
+    /// visible to searches.
+    pub fn commit(&self, store_seq: Option<u64>) -> Result<()> {
+        let mut writer = self.lock_writer()?;
+        let mut prepared = writer.prepare_commit()?;
+        prepared.set_payload(&encode_payload(&IndexState {
+            schema_version: SCHEMA_VERSION,
+            store_seq,
+        }));
+        prepared.commit()?;
+        drop(writer);
+        self.reader.reload()?;
+        Ok(())
+    }
+
+    /// Drops uncommitted changes (after a failed batch).
+    pub fn rollback(&self) -> Result<()> {
+        self.lock_writer()?.rollback()?;
+        Ok(())
+    }
+
+    fn lock_writer(&self) -> Result<std::sync::MutexGuard<'_, IndexWriter>> {
+        self.writer
+            .lock()
+            .map_err(|_| Error::Internal("index writer lock poisoned".into()))
+    }
+
+    /// A searcher over the last commit.
+    pub fn searcher(&self) -> tantivy::Searcher {
+        self.reader.searcher()
+    }
+
+    /// Every document matching `query`.
+    pub fn matching(
+        &self,
+        searcher: &tantivy::Searcher,
+        query: &dyn Query,
+    ) -> Result<Vec<DocAddress>> {
+        let mut docs: Vec<DocAddress> = searcher
+            .search(query, &DocSetCollector)?
+            .into_iter()
+            .collect();
+        docs.sort_unstable();
+        Ok(docs)
+    }
+
+    /// The stored fields of a document.
+    pub fn doc(&self, searcher: &tantivy::Searcher, address: DocAddress) -> Result<IndexedDoc> {
+        let doc: TantivyDocument = searcher.doc(address)?;
+        let texts = |field: Field| -> Vec<String> {
+            doc.get_all(field)
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        };
+        let key = texts(self.fields.key)
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Index("an index document has no key".into()))?;
+        Ok(IndexedDoc {
+            key,
+            refs: texts(self.fields.refs),
+            sort: texts(self.fields.sort),
+        })
+    }
+
+    /// A query for one exact term of the `terms` field.
+    pub fn term(&self, text: &str) -> Box<dyn Query> {
+        Box::new(TermQuery::new(
+            Term::from_field_text(self.fields.terms, text),
+            IndexRecordOption::Basic,
+        ))
+    }
+
+    /// A query for one exact term of any raw field.
+    pub fn field_term(&self, field: Field, text: &str) -> Box<dyn Query> {
+        Box::new(TermQuery::new(
+            Term::from_field_text(field, text),
+            IndexRecordOption::Basic,
+        ))
+    }
+
+    /// Terms of the `terms` field in a range.
+    pub fn range(&self, lower: Bound<String>, upper: Bound<String>) -> Box<dyn Query> {
+        let to_term = |b: Bound<String>| match b {
+            Bound::Included(t) => Bound::Included(Term::from_field_text(self.fields.terms, &t)),
+            Bound::Excluded(t) => Bound::Excluded(Term::from_field_text(self.fields.terms, &t)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        Box::new(RangeQuery::new(to_term(lower), to_term(upper)))
+    }
+
+    /// Terms of the `terms` field that start with `prefix`.
+    pub fn prefix(&self, prefix: &str) -> Box<dyn Query> {
+        self.range(
+            Bound::Included(prefix.to_string()),
+            Bound::Excluded(format!("{prefix}{}", char::MAX)),
+        )
+    }
+
+    /// Terms of the `terms` field matching a regular expression (whole term).
+    pub fn regex(&self, pattern: &str) -> Result<Box<dyn Query>> {
+        Ok(Box::new(RegexQuery::from_pattern(
+            pattern,
+            self.fields.terms,
+        )?))
+    }
+}
+
+/// Any of `queries` (an empty list matches nothing).
+pub fn any_of(queries: Vec<Box<dyn Query>>) -> Box<dyn Query> {
+    if queries.len() == 1 {
+        return queries
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Box::new(AllQuery));
+    }
+    Box::new(BooleanQuery::new(
+        queries.into_iter().map(|q| (Occur::Should, q)).collect(),
+    ))
+}
+
+/// All of `queries` (an empty list matches everything).
+pub fn all_of(queries: Vec<Box<dyn Query>>) -> Box<dyn Query> {
+    if queries.is_empty() {
+        return Box::new(AllQuery);
+    }
+    if queries.len() == 1 {
+        return queries
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Box::new(AllQuery));
+    }
+    Box::new(BooleanQuery::new(
+        queries.into_iter().map(|q| (Occur::Must, q)).collect(),
+    ))
+}
+
+/// Everything but `query`.
+pub fn none_of(query: Box<dyn Query>) -> Box<dyn Query> {
+    Box::new(BooleanQuery::new(vec![
+        (Occur::Must, Box::new(AllQuery) as Box<dyn Query>),
+        (Occur::MustNot, query),
+    ]))
+}
+
+fn encode_payload(state: &IndexState) -> String {
+    match state.store_seq {
+        Some(seq) => format!("fhirkeep-index v{} seq {seq}", state.schema_version),
+        None => format!("fhirkeep-index v{} seq none", state.schema_version),
+    }
+}
+
+fn parse_payload(payload: &str) -> Option<IndexState> {
+    let rest = payload.strip_prefix("fhirkeep-index v")?;
+    let (version, seq) = rest.split_once(" seq ")?;
+    Some(IndexState {
+        schema_version: version.parse().ok()?,
+        store_seq: if seq == "none" {
+            None
+        } else {
+            Some(seq.parse().ok()?)
+        },
+    })
+}
+
+/// Escapes regular-expression syntax in `text`.
+pub fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 2);
+    for c in text.chars() {
+        if "\\.+*?()|[]{}^$#&-~\"<>@".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_round_trips() {
+        for state in [
+            IndexState {
+                schema_version: 1,
+                store_seq: None,
+            },
+            IndexState {
+                schema_version: 7,
+                store_seq: Some(123),
+            },
+        ] {
+            assert_eq!(parse_payload(&encode_payload(&state)), Some(state));
+        }
+        assert_eq!(parse_payload("garbage"), None);
+    }
+}

@@ -1,0 +1,1047 @@
+//! Running a [`SearchRequest`]: criteria to tantivy queries, chains and `_has` as inner
+//! searches, ordering and cursor paging, `_include`/`_revinclude`, and the resources read
+//! from the store under one audit leaf.
+
+use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
+use std::ops::Bound;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use fhirkeep_engine::audit::{AuditAction, AuditOutcome};
+use fhirkeep_engine::store::{AccessContext, AccessRecord};
+use serde_json::Value;
+use tantivy::query::{Query, QueryParser};
+
+use crate::database::Database;
+use crate::extract::SEP;
+use crate::index::{SearchIndex, all_of, any_of, none_of, regex_escape};
+use crate::params::{
+    Criterion, Modifier, Prefix, SearchRequest, SortKey, SummaryMode, TotalMode, split_escaped,
+    split_prefix,
+};
+use crate::registry::{ParamType, Registry};
+use crate::summary::{apply_elements, apply_summary};
+use crate::values::{
+    DatePrecision, implied_half_width, normalize_string, ordered_f64, ordered_i64, parse_fhir_date,
+    search_bucket,
+};
+use crate::{Error, Result};
+
+/// How an entry came into a searchset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryMode {
+    /// It matched the criteria.
+    Match,
+    /// It was added by `_include`/`_revinclude`.
+    Include,
+}
+
+/// One entry of a search result.
+#[derive(Debug, Clone)]
+pub struct SearchEntry {
+    /// `Type/id`.
+    pub key: String,
+    /// The resource (after `_summary`/`_elements`).
+    pub resource: Value,
+    /// Match or include.
+    pub mode: EntryMode,
+}
+
+/// One page of a search result.
+#[derive(Debug, Clone)]
+pub struct SearchResult {
+    /// The number of matches (not counting includes), unless `_total=none`.
+    pub total: Option<usize>,
+    /// Matches of this page, then includes.
+    pub entries: Vec<SearchEntry>,
+    /// The cursor of the next page, if there is one.
+    pub next_cursor: Option<String>,
+    /// The cursor of the previous page, if there is one.
+    pub previous_cursor: Option<String>,
+    /// Parameters ignored in lenient mode.
+    pub ignored: Vec<String>,
+    /// The request's canonical query (for the `self` link).
+    pub canonical_query: String,
+    /// The searched path (`Patient`, `Patient/1/Observation`, or empty).
+    pub path: String,
+}
+
+/// A match before paging: its key and its sort values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ranked {
+    sort_values: Vec<Option<String>>,
+    key: String,
+}
+
+/// Server-side paging state: a cursor names the last entry of the previous page, so pages
+/// stay stable while data changes, and no sort value (which may be PHI) is put in a URL.
+#[derive(Debug, Default)]
+struct Cursors {
+    entries: HashMap<String, (Instant, [u8; 32], Anchor)>,
+}
+
+/// Where a page starts: after the last entry of the previous page, or before the first
+/// entry of the next one (for `previous` links).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Anchor {
+    entry: Ranked,
+    backward: bool,
+}
+
+const CURSOR_TTL: Duration = Duration::from_secs(3600);
+const MAX_CURSORS: usize = 10_000;
+
+fn cursor_table() -> Result<std::sync::MutexGuard<'static, Cursors>> {
+    static CURSORS: OnceLock<Mutex<Cursors>> = OnceLock::new();
+    CURSORS
+        .get_or_init(|| Mutex::new(Cursors::default()))
+        .lock()
+        .map_err(|_| Error::Internal("cursor table lock poisoned".into()))
+}
+
+impl Cursors {
+    fn put(&mut self, digest: [u8; 32], last: Anchor) -> String {
+        let now = Instant::now();
+        self.entries
+            .retain(|_, (at, _, _)| now.duration_since(*at) < CURSOR_TTL);
+        if self.entries.len() >= MAX_CURSORS
+            && let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (at, _, _))| *at)
+                .map(|(k, _)| k.clone())
+        {
+            self.entries.remove(&oldest);
+        }
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        self.entries.insert(token.clone(), (now, digest, last));
+        token
+    }
+
+    fn get(&self, token: &str, digest: [u8; 32]) -> Result<Anchor> {
+        match self.entries.get(token) {
+            Some((at, d, last)) if *d == digest && at.elapsed() < CURSOR_TTL => Ok(last.clone()),
+            Some((_, d, _)) if *d != digest => Err(Error::InvalidSearch(
+                "_cursor belongs to a different search".into(),
+            )),
+            _ => Err(Error::InvalidSearch(
+                "_cursor is unknown or expired; run the search again".into(),
+            )),
+        }
+    }
+}
+
+impl Database {
+    /// Runs a search and reads the page's resources (one audit leaf for the search).
+    pub fn search(&self, ctx: &AccessContext, request: &SearchRequest) -> Result<SearchResult> {
+        let digest = request.digest();
+        let result = self.search_inner(ctx, request, digest);
+        if let Err(error) = &result {
+            // A refused search is still an access attempt: record it.
+            let outcome = match error {
+                Error::InvalidSearch(_) | Error::InvalidSearchParameter(_) => AuditOutcome::Invalid,
+                _ => AuditOutcome::Error,
+            };
+            self.store().record_access(
+                ctx,
+                AccessRecord {
+                    action: AuditAction::Search,
+                    resource_type: None,
+                    id: None,
+                    version: None,
+                    outcome,
+                    query_hash: Some(digest),
+                },
+            )?;
+        }
+        result
+    }
+
+    fn search_inner(
+        &self,
+        ctx: &AccessContext,
+        request: &SearchRequest,
+        digest: [u8; 32],
+    ) -> Result<SearchResult> {
+        let searcher = self.index().searcher();
+        let ranked = self.ranked_matches(&searcher, request)?;
+        let total = ranked.len();
+        let count = request
+            .count
+            .unwrap_or(self.limits().default_count)
+            .min(self.limits().max_count);
+        let (start, end) = match &request.cursor {
+            Some(token) => {
+                let anchor = cursor_table()?.get(token, digest)?;
+                let position = |r: &Ranked| compare_ranked(r, &anchor.entry, &request.sort);
+                if anchor.backward {
+                    let end = ranked.partition_point(|r| position(r) == Ordering::Less);
+                    (end.saturating_sub(count), end)
+                } else {
+                    let start = ranked.partition_point(|r| position(r) != Ordering::Greater);
+                    (start, (start + count).min(ranked.len()))
+                }
+            }
+            None => (0, count.min(ranked.len())),
+        };
+        let summary_count = request.summary == Some(SummaryMode::Count);
+        let page: &[Ranked] = if summary_count {
+            &[]
+        } else {
+            &ranked[start..end]
+        };
+        let (mut next_cursor, mut previous_cursor) = (None, None);
+        if let (Some(first), Some(last)) = (page.first(), page.last()) {
+            let mut table = cursor_table()?;
+            if end < ranked.len() {
+                next_cursor = Some(table.put(
+                    digest,
+                    Anchor {
+                        entry: last.clone(),
+                        backward: false,
+                    },
+                ));
+            }
+            if start > 0 {
+                previous_cursor = Some(table.put(
+                    digest,
+                    Anchor {
+                        entry: first.clone(),
+                        backward: true,
+                    },
+                ));
+            }
+        }
+
+        let page_keys: Vec<String> = page.iter().map(|r| r.key.clone()).collect();
+        let include_keys = self.include_keys(&searcher, request, &page_keys)?;
+        let mut all_keys: Vec<(&str, &str)> =
+            Vec::with_capacity(page_keys.len() + include_keys.len());
+        for key in page_keys.iter().chain(include_keys.iter()) {
+            if let Some(pair) = key.split_once('/') {
+                all_keys.push(pair);
+            }
+        }
+        let found = if all_keys.is_empty() && !summary_count {
+            // Record the search even when nothing matched.
+            self.store()
+                .read_many(ctx, AuditAction::Search, digest, &[])?
+        } else if summary_count {
+            self.store()
+                .read_many(ctx, AuditAction::Search, digest, &[])?
+        } else {
+            self.store()
+                .read_many(ctx, AuditAction::Search, digest, &all_keys)?
+        };
+        let mut entries = Vec::with_capacity(found.len());
+        for (position, stored) in found.into_iter().enumerate() {
+            // A resource deleted between the index lookup and the read is left out.
+            let Some(stored) = stored else { continue };
+            let mut resource = stored.to_json()?;
+            if let Some(mode) = request.summary {
+                apply_summary(&mut resource, mode);
+            }
+            if let Some(elements) = &request.elements {
+                apply_elements(&mut resource, elements);
+            }
+            entries.push(SearchEntry {
+                key: format!("{}/{}", stored.resource_type, stored.id),
+                resource,
+                mode: if position < page_keys.len() {
+                    EntryMode::Match
+                } else {
+                    EntryMode::Include
+                },
+            });
+        }
+        let path = match &request.compartment {
+            Some((t, id)) => format!(
+                "{t}/{id}/{}",
+                request.resource_types.first().map_or("*", String::as_str)
+            ),
+            None if request.resource_types.len() == 1 => request.resource_types[0].clone(),
+            None => String::new(),
+        };
+        Ok(SearchResult {
+            total: match request.total {
+                TotalMode::None if !summary_count => None,
+                _ => Some(total),
+            },
+            entries,
+            next_cursor,
+            previous_cursor,
+            ignored: request.ignored.clone(),
+            canonical_query: request.canonical_query.clone(),
+            path,
+        })
+    }
+
+    /// The keys (`Type/id`) of every match, in key order, without reading resources.
+    pub fn matching_keys(&self, request: &SearchRequest) -> Result<Vec<String>> {
+        let searcher = self.index().searcher();
+        let query = self.request_query(&searcher, request)?;
+        let docs = self.index().matching(&searcher, query.as_ref())?;
+        let mut keys = Vec::with_capacity(docs.len());
+        for doc in docs {
+            keys.push(self.index().doc(&searcher, doc)?.key);
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    fn ranked_matches(
+        &self,
+        searcher: &tantivy::Searcher,
+        request: &SearchRequest,
+    ) -> Result<Vec<Ranked>> {
+        let query = self.request_query(searcher, request)?;
+        let docs = self.index().matching(searcher, query.as_ref())?;
+        let mut ranked = Vec::with_capacity(docs.len());
+        for doc in docs {
+            let stored = self.index().doc(searcher, doc)?;
+            let sort_values = request
+                .sort
+                .iter()
+                .map(|key| sort_value(&stored.key, &stored.sort, key))
+                .collect();
+            ranked.push(Ranked {
+                sort_values,
+                key: stored.key,
+            });
+        }
+        ranked.sort_by(|a, b| compare_ranked(a, b, &request.sort));
+        Ok(ranked)
+    }
+
+    /// The whole query of a request: types, compartment, every criterion.
+    fn request_query(
+        &self,
+        searcher: &tantivy::Searcher,
+        request: &SearchRequest,
+    ) -> Result<Box<dyn Query>> {
+        let index = self.index();
+        let fields = index.fields();
+        let registry = self.registry()?;
+        let mut must: Vec<Box<dyn Query>> = Vec::new();
+        if !request.resource_types.is_empty() {
+            must.push(any_of(
+                request
+                    .resource_types
+                    .iter()
+                    .map(|t| index.field_term(fields.resource_type, t))
+                    .collect(),
+            ));
+        }
+        if let Some((compartment_type, id)) = &request.compartment {
+            must.push(compartment_query(
+                index,
+                &request.resource_types,
+                compartment_type,
+                id,
+            )?);
+        }
+        for criterion in &request.criteria {
+            must.push(self.criterion_query(
+                searcher,
+                &registry,
+                &request.resource_types,
+                criterion,
+            )?);
+        }
+        Ok(all_of(must))
+    }
+
+    fn criterion_query(
+        &self,
+        searcher: &tantivy::Searcher,
+        registry: &Registry,
+        types: &[String],
+        criterion: &Criterion,
+    ) -> Result<Box<dyn Query>> {
+        let index = self.index();
+        match criterion {
+            Criterion::Param {
+                code,
+                kind,
+                modifier: modifier @ (Modifier::In | Modifier::NotIn),
+                values,
+            } => {
+                let ctx = AccessContext::local("fhirkeep-search");
+                let mut codes = Vec::new();
+                for url in values {
+                    codes.extend(self.value_set_codes(&ctx, url)?);
+                }
+                let namespace = format!("{code}{SEP}");
+                let query = if codes.is_empty() {
+                    Box::new(tantivy::query::EmptyQuery) as Box<dyn Query>
+                } else {
+                    param_query(
+                        index,
+                        registry,
+                        types,
+                        code,
+                        *kind,
+                        &Modifier::None,
+                        &codes,
+                        &namespace,
+                    )?
+                };
+                Ok(if *modifier == Modifier::NotIn {
+                    none_of(query)
+                } else {
+                    query
+                })
+            }
+            Criterion::Param {
+                code,
+                kind,
+                modifier,
+                values,
+            } => {
+                let namespace = format!("{code}{SEP}");
+                param_query(
+                    index, registry, types, code, *kind, modifier, values, &namespace,
+                )
+            }
+            Criterion::Chain {
+                code,
+                target_types,
+                inner,
+            } => {
+                let inner_query = all_of(vec![
+                    any_of(
+                        target_types
+                            .iter()
+                            .map(|t| index.field_term(index.fields().resource_type, t))
+                            .collect(),
+                    ),
+                    self.criterion_query(searcher, registry, target_types, inner)?,
+                ]);
+                let keys = self.inner_keys(searcher, inner_query.as_ref())?;
+                Ok(any_of(
+                    keys.iter()
+                        .map(|key| index.term(&format!("{code}{SEP}r{SEP}{key}")))
+                        .collect(),
+                ))
+            }
+            Criterion::Has {
+                source_type,
+                reference,
+                inner,
+            } => {
+                let inner_query = all_of(vec![
+                    index.field_term(index.fields().resource_type, source_type),
+                    self.criterion_query(
+                        searcher,
+                        registry,
+                        std::slice::from_ref(source_type),
+                        inner,
+                    )?,
+                ]);
+                let docs = index.matching(searcher, inner_query.as_ref())?;
+                if docs.len() > self.limits().max_inner_matches {
+                    return Err(Error::InvalidSearch(format!(
+                        "_has:{source_type}:{reference} matches more than {} resources; narrow it",
+                        self.limits().max_inner_matches
+                    )));
+                }
+                let prefix = format!("{reference}{SEP}");
+                let mut targets = HashSet::new();
+                for doc in docs {
+                    for entry in index.doc(searcher, doc)?.refs {
+                        if let Some(target) = entry.strip_prefix(&prefix) {
+                            let target_type = target.split('/').next().unwrap_or("");
+                            if types.is_empty() || types.iter().any(|t| t == target_type) {
+                                targets.insert(target.to_string());
+                            }
+                        }
+                    }
+                }
+                Ok(any_of(
+                    targets
+                        .iter()
+                        .map(|key| index.field_term(index.fields().key, key))
+                        .collect(),
+                ))
+            }
+            Criterion::Text(values) => full_text(index, index.fields().narrative, values),
+            Criterion::Content(values) => full_text(index, index.fields().content, values),
+            Criterion::List(values) => {
+                let mut members = Vec::new();
+                for list_id in values {
+                    let ctx = AccessContext::local("fhirkeep-search");
+                    // The List is read like any resource: the read is audited.
+                    match self.store().read(&ctx, "List", list_id) {
+                        Ok(list) => {
+                            let json = list.to_json()?;
+                            for entry in json
+                                .get("entry")
+                                .and_then(Value::as_array)
+                                .into_iter()
+                                .flatten()
+                            {
+                                if let Some(reference) = entry
+                                    .get("item")
+                                    .and_then(|i| i.get("reference"))
+                                    .and_then(Value::as_str)
+                                {
+                                    members.push(index.field_term(index.fields().key, reference));
+                                }
+                            }
+                        }
+                        Err(
+                            fhirkeep_engine::Error::NotFound | fhirkeep_engine::Error::Gone { .. },
+                        ) => {}
+                        Err(fhirkeep_engine::Error::InvalidId) => {
+                            return Err(Error::InvalidSearch("_list needs List ids".into()));
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(any_of(members))
+            }
+        }
+    }
+
+    fn inner_keys(&self, searcher: &tantivy::Searcher, query: &dyn Query) -> Result<Vec<String>> {
+        let index = self.index();
+        let docs = index.matching(searcher, query)?;
+        if docs.len() > self.limits().max_inner_matches {
+            return Err(Error::InvalidSearch(format!(
+                "a chained parameter matches more than {} resources; narrow it",
+                self.limits().max_inner_matches
+            )));
+        }
+        docs.into_iter()
+            .map(|doc| Ok(index.doc(searcher, doc)?.key))
+            .collect()
+    }
+
+    /// Keys to add for `_include` and `_revinclude`, not repeating the page's own.
+    fn include_keys(
+        &self,
+        searcher: &tantivy::Searcher,
+        request: &SearchRequest,
+        page_keys: &[String],
+    ) -> Result<Vec<String>> {
+        if request.includes.is_empty() && request.revincludes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let index = self.index();
+        let max = self.limits().max_includes;
+        let mut seen: HashSet<String> = page_keys.iter().cloned().collect();
+        let mut added: Vec<String> = Vec::new();
+        let mut frontier: Vec<String> = page_keys.to_vec();
+        // Non-iterating includes apply to the matches; iterating ones repeat on what they add.
+        let mut first_round = true;
+        while !frontier.is_empty() && added.len() < max {
+            let mut next = Vec::new();
+            for include in request.includes.iter().filter(|i| first_round || i.iterate) {
+                for key in &frontier {
+                    if !key.starts_with(&format!("{}/", include.source_type)) {
+                        continue;
+                    }
+                    let docs = index
+                        .matching(searcher, index.field_term(index.fields().key, key).as_ref())?;
+                    for doc in docs {
+                        for entry in index.doc(searcher, doc)?.refs {
+                            let Some((code, target)) = entry.split_once(SEP) else {
+                                continue;
+                            };
+                            if include.param.as_deref().is_some_and(|p| p != code) {
+                                continue;
+                            }
+                            if include
+                                .target_type
+                                .as_deref()
+                                .is_some_and(|t| !target.starts_with(&format!("{t}/")))
+                            {
+                                continue;
+                            }
+                            if seen.insert(target.to_string()) {
+                                next.push(target.to_string());
+                            }
+                        }
+                    }
+                }
+            }
+            for include in request
+                .revincludes
+                .iter()
+                .filter(|i| first_round || i.iterate)
+            {
+                let mut refs: Vec<Box<dyn Query>> = Vec::new();
+                for key in &frontier {
+                    match &include.param {
+                        Some(param) => refs.push(index.term(&format!("{param}{SEP}r{SEP}{key}"))),
+                        None => {
+                            let registry = self.registry()?;
+                            for param in registry.for_type(&include.source_type) {
+                                if param.kind == ParamType::Reference {
+                                    refs.push(
+                                        index.term(&format!("{}{SEP}r{SEP}{key}", param.code)),
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+                if refs.is_empty() {
+                    continue;
+                }
+                let query = all_of(vec![
+                    index.field_term(index.fields().resource_type, &include.source_type),
+                    any_of(refs),
+                ]);
+                for doc in index.matching(searcher, query.as_ref())? {
+                    let key = index.doc(searcher, doc)?.key;
+                    if seen.insert(key.clone()) {
+                        next.push(key);
+                    }
+                }
+            }
+            next.sort();
+            added.extend(next.iter().cloned());
+            frontier = next;
+            first_round = false;
+        }
+        added.truncate(max);
+        Ok(added)
+    }
+}
+
+/// The resources in `compartment_type/id` among `types`, per the Patient
+/// CompartmentDefinition.
+fn compartment_query(
+    index: &SearchIndex,
+    types: &[String],
+    compartment_type: &str,
+    id: &str,
+) -> Result<Box<dyn Query>> {
+    let definition = crate::compartment::patient_compartment();
+    let target = format!("{compartment_type}/{id}");
+    let mut alternatives: Vec<Box<dyn Query>> = Vec::new();
+    let all_types: Vec<String>;
+    let types = if types.is_empty() {
+        all_types = definition.keys().cloned().collect();
+        &all_types
+    } else {
+        types
+    };
+    for resource_type in types {
+        if resource_type == compartment_type {
+            alternatives.push(index.field_term(index.fields().key, &target));
+        }
+        let Some(params) = definition.get(resource_type) else {
+            continue;
+        };
+        let refs: Vec<Box<dyn Query>> = params
+            .iter()
+            .map(|code| index.term(&format!("{code}{SEP}r{SEP}{target}")))
+            .collect();
+        alternatives.push(all_of(vec![
+            index.field_term(index.fields().resource_type, resource_type),
+            any_of(refs),
+        ]));
+    }
+    Ok(any_of(alternatives))
+}
+
+fn full_text(
+    index: &SearchIndex,
+    field: tantivy::schema::Field,
+    values: &[String],
+) -> Result<Box<dyn Query>> {
+    let mut parser = QueryParser::for_index(index.tantivy(), vec![field]);
+    parser.set_conjunction_by_default();
+    let mut alternatives = Vec::new();
+    for value in values {
+        let (query, errors) = parser.parse_query_lenient(value);
+        if !errors.is_empty() {
+            // The message would quote the text, which may be PHI.
+            return Err(Error::InvalidSearch(
+                "_text/_content: the search text has a syntax error".into(),
+            ));
+        }
+        alternatives.push(query);
+    }
+    Ok(any_of(alternatives))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn param_query(
+    index: &SearchIndex,
+    registry: &Registry,
+    types: &[String],
+    code: &str,
+    kind: ParamType,
+    modifier: &Modifier,
+    values: &[String],
+    namespace: &str,
+) -> Result<Box<dyn Query>> {
+    if *modifier == Modifier::Missing {
+        let present = index.term(&format!("{code}{SEP}p{SEP}"));
+        // Parsing checked that every value is true or false; mixed values mean "either".
+        let wants_missing = values.iter().any(|v| v == "true");
+        let wants_present = values.iter().any(|v| v == "false");
+        return Ok(match (wants_missing, wants_present) {
+            (true, true) => Box::new(tantivy::query::AllQuery),
+            (true, false) => none_of(present),
+            _ => present,
+        });
+    }
+    let mut alternatives = Vec::with_capacity(values.len());
+    let negate = *modifier == Modifier::Not;
+    for value in values {
+        alternatives.push(value_query(
+            index, registry, types, code, kind, modifier, value, namespace,
+        )?);
+    }
+    let query = any_of(alternatives);
+    Ok(if negate { none_of(query) } else { query })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn value_query(
+    index: &SearchIndex,
+    registry: &Registry,
+    types: &[String],
+    code: &str,
+    kind: ParamType,
+    modifier: &Modifier,
+    value: &str,
+    ns: &str,
+) -> Result<Box<dyn Query>> {
+    let t = |kind: &str, v: &str| format!("{ns}{kind}{SEP}{v}");
+    Ok(match kind {
+        ParamType::String => match modifier {
+            Modifier::Exact => index.term(&t("e", value)),
+            Modifier::Contains => index.regex(&format!(
+                "{}.*{}.*",
+                regex_escape(&t("s", "")),
+                regex_escape(&normalize_string(value))
+            ))?,
+            _ => index.prefix(&t("s", &normalize_string(value))),
+        },
+        ParamType::Token => match modifier {
+            Modifier::Text => index.prefix(&t("x", &normalize_string(value))),
+            Modifier::OfType => {
+                let parts = split_escaped(value, '|');
+                if parts.len() != 3 {
+                    return Err(Error::InvalidSearch(format!(
+                        "parameter {code:?}: :of-type takes system|code|value"
+                    )));
+                }
+                index.term(&t("o", &format!("{}|{}|{}", parts[0], parts[1], parts[2])))
+            }
+            Modifier::In | Modifier::NotIn => {
+                return Err(Error::Internal("`:in` reached the term builder".into()));
+            }
+            _ => index.term(&t("t", &token_form(value))),
+        },
+        ParamType::Reference => {
+            if *modifier == Modifier::Identifier {
+                index.term(&t("i", &token_form(value)))
+            } else {
+                let target = match modifier {
+                    Modifier::Type(target_type) if !value.contains('/') => {
+                        format!("{target_type}/{value}")
+                    }
+                    _ => value.to_string(),
+                };
+                let mut forms = vec![index.term(&t("r", &target))];
+                if let Some(local) = crate::extract::reference_forms(&target).get(1)
+                    && local.contains('/')
+                {
+                    forms.push(index.term(&t("r", local)));
+                }
+                any_of(forms)
+            }
+        }
+        ParamType::Uri => match modifier {
+            Modifier::Below => index.prefix(&t("u", value)),
+            Modifier::Above => {
+                let mut prefixes = Vec::new();
+                let mut current = value;
+                loop {
+                    prefixes.push(index.term(&t("u", current)));
+                    match current.rfind('/') {
+                        Some(pos) if pos > 0 && !current[..pos].ends_with('/') => {
+                            current = &current[..pos]
+                        }
+                        _ => break,
+                    }
+                }
+                any_of(prefixes)
+            }
+            _ => index.term(&t("u", value)),
+        },
+        ParamType::Date => date_query(index, code, value, ns)?,
+        ParamType::Number => {
+            let (prefix, number) = split_prefix(value);
+            let x: f64 = number
+                .parse()
+                .map_err(|_| Error::InvalidSearch(format!("parameter {code:?}: not a number")))?;
+            number_query(
+                index,
+                &format!("{ns}n{SEP}"),
+                prefix,
+                x,
+                implied_half_width(number),
+            )
+        }
+        ParamType::Quantity => {
+            let (prefix, rest) = split_prefix(value);
+            let parts = split_escaped(rest, '|');
+            let x: f64 = parts[0]
+                .parse()
+                .map_err(|_| Error::InvalidSearch(format!("parameter {code:?}: not a number")))?;
+            let unit_key = match (
+                parts.get(1).map(String::as_str),
+                parts.get(2).map(String::as_str),
+            ) {
+                (None, _) | (Some(""), None) | (Some(""), Some("")) => String::new(),
+                (Some(""), Some(code)) => format!("|{code}"),
+                (Some(system), Some(code)) => format!("{system}|{code}"),
+                (Some(_), None) => {
+                    return Err(Error::InvalidSearch(format!(
+                        "parameter {code:?}: a quantity is number|system|code"
+                    )));
+                }
+            };
+            number_query(
+                index,
+                &format!("{ns}q{SEP}{unit_key}{SEP}"),
+                prefix,
+                x,
+                implied_half_width(&parts[0]),
+            )
+        }
+        ParamType::Composite => composite_query(index, registry, types, code, value)?,
+        ParamType::Special => {
+            return Err(Error::InvalidSearch(format!(
+                "parameter {code:?} is not supported"
+            )));
+        }
+    })
+}
+
+/// A token search value in the form it is indexed under.
+fn token_form(value: &str) -> String {
+    let parts = split_escaped(value, '|');
+    match parts.as_slice() {
+        [code] => code.clone(),
+        [system, code] => format!("{system}|{code}"),
+        _ => value.to_string(),
+    }
+}
+
+fn composite_query(
+    index: &SearchIndex,
+    registry: &Registry,
+    types: &[String],
+    code: &str,
+    value: &str,
+) -> Result<Box<dyn Query>> {
+    let param = crate::params::param_on_types(registry, types, code)
+        .ok_or_else(|| Error::InvalidSearch(format!("unknown parameter {code:?}")))?;
+    let parts = split_escaped(value, '$');
+    let Some((last_part, leading_parts)) = parts.split_last() else {
+        return Err(Error::InvalidSearch(format!(
+            "parameter {code:?}: empty composite value"
+        )));
+    };
+    let Some((last, leading)) = param.components.split_last() else {
+        return Err(Error::InvalidSearch(format!(
+            "parameter {code:?} has no components"
+        )));
+    };
+    if leading.len() != leading_parts.len() {
+        return Err(Error::InvalidSearch(format!(
+            "parameter {code:?}: a composite value needs one $-separated part per component"
+        )));
+    }
+    let mut prefix = String::new();
+    for (component, part) in leading.iter().zip(leading_parts) {
+        let form = match component.kind {
+            ParamType::Token => token_form(part),
+            ParamType::String => normalize_string(part),
+            _ => part.clone(),
+        };
+        if !prefix.is_empty() {
+            prefix.push('$');
+        }
+        prefix.push_str(&form);
+    }
+    let ns = format!("{code}{SEP}c{SEP}{prefix}{SEP}");
+    value_query(
+        index,
+        registry,
+        types,
+        code,
+        last.kind,
+        &Modifier::None,
+        last_part,
+        &ns,
+    )
+}
+
+fn date_query(index: &SearchIndex, code: &str, value: &str, ns: &str) -> Result<Box<dyn Query>> {
+    let (prefix, text) = split_prefix(value);
+    let date = parse_fhir_date(text)
+        .ok_or_else(|| Error::InvalidSearch(format!("parameter {code:?}: not a FHIR date")))?;
+    let low = |v: i64| format!("{ns}dl{SEP}{}", ordered_i64(v));
+    let high = |v: i64| format!("{ns}dh{SEP}{}", ordered_i64(v));
+    let lows = (format!("{ns}dl{SEP}"), format!("{ns}dl{SEP}g"));
+    let highs = (format!("{ns}dh{SEP}"), format!("{ns}dh{SEP}g"));
+    let (x_low, x_high) = (date.range.low, date.range.high);
+    let eq = || -> Box<dyn Query> {
+        match search_bucket(&date) {
+            Some(bucket) if date.precision != DatePrecision::Fraction => {
+                index.term(&format!("{ns}db{SEP}{bucket}"))
+            }
+            _ => all_of(vec![
+                index.range(Bound::Included(low(x_low)), Bound::Excluded(lows.1.clone())),
+                index.range(
+                    Bound::Included(highs.0.clone()),
+                    Bound::Included(high(x_high)),
+                ),
+            ]),
+        }
+    };
+    Ok(match prefix {
+        Prefix::Eq => eq(),
+        Prefix::Ne => none_of(eq()),
+        Prefix::Gt => index.range(Bound::Excluded(high(x_high)), Bound::Excluded(highs.1)),
+        Prefix::Ge => index.range(Bound::Included(high(x_low)), Bound::Excluded(highs.1)),
+        Prefix::Lt => index.range(Bound::Included(lows.0), Bound::Excluded(low(x_low))),
+        Prefix::Le => index.range(Bound::Included(lows.0), Bound::Included(low(x_high))),
+        Prefix::Sa => index.range(Bound::Excluded(low(x_high)), Bound::Excluded(lows.1)),
+        Prefix::Eb => index.range(Bound::Included(highs.0), Bound::Excluded(high(x_low))),
+        Prefix::Ap => {
+            // Within 10 % of the distance from now, as the spec suggests, at least a day.
+            let now = chrono::Utc::now().timestamp_micros();
+            let gap = (now.saturating_sub(x_low)).unsigned_abs() / 10;
+            let slack = i64::try_from(gap).unwrap_or(i64::MAX).max(86_400_000_000);
+            all_of(vec![
+                index.range(
+                    Bound::Included(lows.0),
+                    Bound::Included(low(x_high.saturating_add(slack))),
+                ),
+                index.range(
+                    Bound::Included(high(x_low.saturating_sub(slack))),
+                    Bound::Excluded(highs.1),
+                ),
+            ])
+        }
+    })
+}
+
+fn number_query(
+    index: &SearchIndex,
+    ns: &str,
+    prefix: Prefix,
+    x: f64,
+    half: f64,
+) -> Box<dyn Query> {
+    let at = |v: f64| format!("{ns}{}", ordered_f64(v));
+    let (start, end) = (ns.to_string(), format!("{ns}g"));
+    let eq = || index.range(Bound::Included(at(x - half)), Bound::Excluded(at(x + half)));
+    match prefix {
+        Prefix::Eq => eq(),
+        Prefix::Ne => none_of(eq()),
+        Prefix::Gt | Prefix::Sa => index.range(Bound::Excluded(at(x)), Bound::Excluded(end)),
+        Prefix::Ge => index.range(Bound::Included(at(x)), Bound::Excluded(end)),
+        Prefix::Lt | Prefix::Eb => index.range(Bound::Included(start), Bound::Excluded(at(x))),
+        Prefix::Le => index.range(Bound::Included(start), Bound::Included(at(x))),
+        Prefix::Ap => {
+            let slack = (x.abs() * 0.1).max(half);
+            index.range(
+                Bound::Included(at(x - slack)),
+                Bound::Included(at(x + slack)),
+            )
+        }
+    }
+}
+
+/// The sort value of `key` for one document: the smallest (ascending) or largest
+/// (descending) of its values.
+fn sort_value(doc_key: &str, sort: &[String], key: &SortKey) -> Option<String> {
+    if key.code == "_id" {
+        return doc_key.split_once('/').map(|(_, id)| id.to_string());
+    }
+    let prefix = format!("{}{SEP}", key.code);
+    let values = sort.iter().filter_map(|s| s.strip_prefix(&prefix));
+    if key.descending {
+        values.max().map(String::from)
+    } else {
+        values.min().map(String::from)
+    }
+}
+
+fn compare_ranked(a: &Ranked, b: &Ranked, keys: &[SortKey]) -> Ordering {
+    for (i, key) in keys.iter().enumerate() {
+        let ordering = match (&a.sort_values[i], &b.sort_values[i]) {
+            (Some(x), Some(y)) => {
+                if key.descending {
+                    y.cmp(x)
+                } else {
+                    x.cmp(y)
+                }
+            }
+            // Resources without a value come last either way.
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (None, None) => Ordering::Equal,
+        };
+        if ordering != Ordering::Equal {
+            return ordering;
+        }
+    }
+    a.key.cmp(&b.key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranking_puts_missing_values_last_and_breaks_ties_by_key() {
+        let keys = [SortKey {
+            code: "birthdate".into(),
+            descending: true,
+        }];
+        let r = |v: Option<&str>, k: &str| Ranked {
+            sort_values: vec![v.map(String::from)],
+            key: k.into(),
+        };
+        let mut items = [
+            r(None, "Patient/a"),
+            r(Some("1"), "Patient/b"),
+            r(Some("2"), "Patient/c"),
+            r(Some("2"), "Patient/a"),
+        ];
+        items.sort_by(|a, b| compare_ranked(a, b, &keys));
+        let order: Vec<&str> = items.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(order, ["Patient/a", "Patient/c", "Patient/b", "Patient/a"]);
+        assert_eq!(items[0].sort_values[0].as_deref(), Some("2"));
+        assert_eq!(items[3].sort_values[0], None);
+    }
+
+    #[test]
+    fn cursors_are_bound_to_their_search() {
+        let mut table = Cursors::default();
+        let last = Anchor {
+            entry: Ranked {
+                sort_values: vec![],
+                key: "Patient/1".into(),
+            },
+            backward: false,
+        };
+        let token = table.put([1; 32], last.clone());
+        assert_eq!(table.get(&token, [1; 32]).unwrap(), last);
+        assert!(table.get(&token, [2; 32]).is_err());
+        assert!(table.get("nope", [1; 32]).is_err());
+    }
+}

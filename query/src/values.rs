@@ -1,0 +1,394 @@
+//! How FHIR values become comparable index terms: string normalization, date ranges at their
+//! precision, order-preserving encodings of numbers and instants.
+//!
+//! Every index term is text in one tantivy field, so ordered values (instants, numbers) are
+//! encoded as fixed-width hexadecimal whose byte order is the numeric order: a range over
+//! terms is then a range over values.
+
+use std::sync::OnceLock;
+
+use chrono::{DateTime, Datelike, Duration, FixedOffset, NaiveDate, NaiveDateTime, TimeZone, Utc};
+use tantivy::tokenizer::{AsciiFoldingFilter, LowerCaser, RawTokenizer, TextAnalyzer};
+
+/// The smallest and largest instants an index range may hold, in microseconds since the epoch.
+pub const MIN_MICROS: i64 = i64::MIN;
+/// See [`MIN_MICROS`].
+pub const MAX_MICROS: i64 = i64::MAX;
+
+/// A string as FHIR string search compares it: lower case, accents removed.
+pub fn normalize_string(text: &str) -> String {
+    static ANALYZER: OnceLock<TextAnalyzer> = OnceLock::new();
+    let analyzer = ANALYZER.get_or_init(|| {
+        TextAnalyzer::builder(RawTokenizer::default())
+            .filter(LowerCaser)
+            .filter(AsciiFoldingFilter)
+            .build()
+    });
+    // TextAnalyzer::token_stream needs `&mut`; analyzers are cheap to clone.
+    let mut analyzer = analyzer.clone();
+    let mut stream = analyzer.token_stream(text);
+    let mut out = String::new();
+    while let Some(token) = stream.next() {
+        out.push_str(&token.text);
+    }
+    // Whitespace runs compare as one space, as most FHIR servers do.
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// An `i64` as 16 hex digits whose lexical order is the numeric order.
+pub fn ordered_i64(value: i64) -> String {
+    format!("{:016x}", (value as u64) ^ (1 << 63))
+}
+
+/// An `f64` as 16 hex digits whose lexical order is the numeric order (NaN is refused earlier).
+pub fn ordered_f64(value: f64) -> String {
+    let bits = value.to_bits();
+    let key = if bits >> 63 == 1 {
+        !bits
+    } else {
+        bits | (1 << 63)
+    };
+    format!("{key:016x}")
+}
+
+/// The precision a FHIR date, dateTime or instant was written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DatePrecision {
+    /// `YYYY`
+    Year,
+    /// `YYYY-MM`
+    Month,
+    /// `YYYY-MM-DD`
+    Day,
+    /// `YYYY-MM-DDThh:mm`
+    Minute,
+    /// `YYYY-MM-DDThh:mm:ss`
+    Second,
+    /// Fractional seconds.
+    Fraction,
+}
+
+/// A closed range of instants `[low, high]` in microseconds since the epoch (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstantRange {
+    /// The first microsecond in the range.
+    pub low: i64,
+    /// The last microsecond in the range.
+    pub high: i64,
+}
+
+/// A parsed FHIR date/dateTime/instant: the range it denotes and its precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FhirDate {
+    /// The instants the value covers.
+    pub range: InstantRange,
+    /// How precisely the value was written.
+    pub precision: DatePrecision,
+}
+
+/// Parses `YYYY`, `YYYY-MM`, `YYYY-MM-DD`, `YYYY-MM-DDThh:mm[:ss[.fff]][Z|±hh:mm]`.
+///
+/// A value without a time zone is read as UTC: the server has no other local time, and the
+/// choice is the same for stored values and search arguments, so comparisons stay consistent.
+pub fn parse_fhir_date(text: &str) -> Option<FhirDate> {
+    let text = text.trim();
+    let (date_part, time_part) = match text.split_once('T') {
+        Some((d, t)) => (d, Some(t)),
+        None => (text, None),
+    };
+    let mut pieces = date_part.split('-');
+    let year: i32 = parse_digits(pieces.next()?, 4)?;
+    let month: Option<u32> = match pieces.next() {
+        Some(m) => Some(parse_digits(m, 2)?),
+        None => None,
+    };
+    let day: Option<u32> = match pieces.next() {
+        Some(d) => Some(parse_digits(d, 2)?),
+        None => None,
+    };
+    if pieces.next().is_some() {
+        return None;
+    }
+    let Some(time_part) = time_part else {
+        let (start, end, precision) = match (month, day) {
+            (None, None) => (
+                NaiveDate::from_ymd_opt(year, 1, 1)?,
+                NaiveDate::from_ymd_opt(year.checked_add(1)?, 1, 1)?,
+                DatePrecision::Year,
+            ),
+            (Some(m), None) => {
+                let start = NaiveDate::from_ymd_opt(year, m, 1)?;
+                let end = if m == 12 {
+                    NaiveDate::from_ymd_opt(year.checked_add(1)?, 1, 1)?
+                } else {
+                    NaiveDate::from_ymd_opt(year, m + 1, 1)?
+                };
+                (start, end, DatePrecision::Month)
+            }
+            (Some(m), Some(d)) => {
+                let start = NaiveDate::from_ymd_opt(year, m, d)?;
+                (start, start.succ_opt()?, DatePrecision::Day)
+            }
+            (None, Some(_)) => return None,
+        };
+        let low = start.and_hms_opt(0, 0, 0)?.and_utc().timestamp_micros();
+        let high = end.and_hms_opt(0, 0, 0)?.and_utc().timestamp_micros() - 1;
+        return Some(FhirDate {
+            range: InstantRange { low, high },
+            precision,
+        });
+    };
+    let date = NaiveDate::from_ymd_opt(year, month?, day?)?;
+    // Split off the zone: `Z`, `+hh:mm` or `-hh:mm` after the clock.
+    let (clock, offset) = split_zone(time_part)?;
+    let mut fields = clock.split(':');
+    let hour: u32 = parse_digits(fields.next()?, 2)?;
+    let minute: u32 = parse_digits(fields.next()?, 2)?;
+    let (second, micros, precision) = match fields.next() {
+        None => (0, 0, DatePrecision::Minute),
+        Some(sec) => match sec.split_once('.') {
+            None => (parse_digits(sec, 2)?, 0, DatePrecision::Second),
+            Some((whole, frac)) => {
+                if frac.is_empty() || !frac.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                let digits: String = frac.chars().chain("000000".chars()).take(6).collect();
+                (
+                    parse_digits(whole, 2)?,
+                    digits.parse::<u32>().ok()?,
+                    DatePrecision::Fraction,
+                )
+            }
+        },
+    };
+    if fields.next().is_some() {
+        return None;
+    }
+    let naive: NaiveDateTime = date.and_hms_micro_opt(hour, minute, second.min(59), micros)?;
+    let start: DateTime<FixedOffset> = offset.from_local_datetime(&naive).single()?;
+    let low = start.with_timezone(&Utc).timestamp_micros();
+    let width = match precision {
+        DatePrecision::Minute => Duration::minutes(1),
+        DatePrecision::Second => Duration::seconds(1),
+        _ => Duration::microseconds(1),
+    };
+    let high = low.checked_add(width.num_microseconds()?)? - 1;
+    Some(FhirDate {
+        range: InstantRange { low, high },
+        precision,
+    })
+}
+
+fn split_zone(time: &str) -> Option<(&str, FixedOffset)> {
+    if let Some(clock) = time.strip_suffix('Z') {
+        return Some((clock, FixedOffset::east_opt(0)?));
+    }
+    if let Some(pos) = time.rfind(['+', '-']) {
+        let (clock, zone) = time.split_at(pos);
+        let sign = if zone.starts_with('-') { -1 } else { 1 };
+        let (h, m) = zone[1..].split_once(':')?;
+        let hours: i32 = parse_digits(h, 2)?;
+        let minutes: i32 = parse_digits(m, 2)?;
+        if hours > 14 || minutes > 59 {
+            return None;
+        }
+        return Some((
+            clock,
+            FixedOffset::east_opt(sign * (hours * 3600 + minutes * 60))?,
+        ));
+    }
+    Some((time, FixedOffset::east_opt(0)?))
+}
+
+fn parse_digits<T: std::str::FromStr>(text: &str, width: usize) -> Option<T> {
+    if text.len() != width || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// The calendar buckets (UTC) that wholly contain `range`, one per precision, as index terms:
+/// `eq` search at a precision is then a single term lookup.
+pub fn date_buckets(range: InstantRange) -> Vec<String> {
+    let mut out = Vec::with_capacity(5);
+    let (Some(low), Some(high)) = (
+        DateTime::<Utc>::from_timestamp_micros(range.low),
+        DateTime::<Utc>::from_timestamp_micros(range.high),
+    ) else {
+        return out;
+    };
+    if low.year() != high.year() {
+        return out;
+    }
+    out.push(format!("Y{:04}", low.year()));
+    if low.month() != high.month() {
+        return out;
+    }
+    out.push(format!("M{:04}-{:02}", low.year(), low.month()));
+    if low.day() != high.day() {
+        return out;
+    }
+    out.push(format!(
+        "D{:04}-{:02}-{:02}",
+        low.year(),
+        low.month(),
+        low.day()
+    ));
+    let (low_minute, high_minute) = (
+        range.low.div_euclid(60_000_000),
+        range.high.div_euclid(60_000_000),
+    );
+    if low_minute != high_minute {
+        return out;
+    }
+    out.push(format!("m{low_minute}"));
+    let (low_second, high_second) = (
+        range.low.div_euclid(1_000_000),
+        range.high.div_euclid(1_000_000),
+    );
+    if low_second == high_second {
+        out.push(format!("S{low_second}"));
+    }
+    out
+}
+
+/// The bucket term that an `eq` search for `date` looks up, if its precision has buckets.
+pub fn search_bucket(date: &FhirDate) -> Option<String> {
+    let buckets = date_buckets(date.range);
+    let wanted = match date.precision {
+        DatePrecision::Year => 'Y',
+        DatePrecision::Month => 'M',
+        DatePrecision::Day => 'D',
+        DatePrecision::Minute => 'm',
+        DatePrecision::Second => 'S',
+        DatePrecision::Fraction => return None,
+    };
+    buckets.into_iter().find(|b| b.starts_with(wanted))
+}
+
+/// The decimal places of a number as written (`100` → 0, `100.00` → 2).
+///
+/// In exponent form the spec reads one more significant digit than written (`1e2` is the
+/// range 95 to 105), hence the extra place.
+pub fn decimal_places(text: &str) -> i32 {
+    let (mantissa, exponent) = match text.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i32>().unwrap_or(0).clamp(-300, 300) - 1),
+        None => (text, 0),
+    };
+    let places = mantissa
+        .split_once('.')
+        .map_or(0, |(_, f)| i32::try_from(f.len()).unwrap_or(300).min(300));
+    places - exponent
+}
+
+/// Half the width of the implied precision range of a number as written.
+pub fn implied_half_width(text: &str) -> f64 {
+    0.5 * 10f64.powi(-decimal_places(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_fold_case_accents_and_spaces() {
+        assert_eq!(normalize_string("  Élodie  MÜLLER "), "elodie muller");
+        assert_eq!(normalize_string("Chalmers"), "chalmers");
+    }
+
+    #[test]
+    fn ordered_encodings_keep_numeric_order() {
+        let ints = [i64::MIN, -5, -1, 0, 1, 7, i64::MAX];
+        for pair in ints.windows(2) {
+            assert!(ordered_i64(pair[0]) < ordered_i64(pair[1]), "{pair:?}");
+        }
+        let floats = [-1e300, -2.5, -0.0001, 0.0, 0.0001, 2.5, 1e300];
+        for pair in floats.windows(2) {
+            assert!(ordered_f64(pair[0]) < ordered_f64(pair[1]), "{pair:?}");
+        }
+    }
+
+    #[test]
+    fn dates_are_ranges_at_their_precision() {
+        let year = parse_fhir_date("2013").unwrap();
+        assert_eq!(year.precision, DatePrecision::Year);
+        let start = parse_fhir_date("2013-01-01T00:00:00Z").unwrap().range.low;
+        let next = parse_fhir_date("2014-01-01T00:00:00Z").unwrap().range.low;
+        assert_eq!(
+            year.range,
+            InstantRange {
+                low: start,
+                high: next - 1
+            }
+        );
+
+        let feb = parse_fhir_date("2012-02").unwrap();
+        assert_eq!(
+            feb.range.high + 1,
+            parse_fhir_date("2012-03-01").unwrap().range.low
+        );
+        let dec = parse_fhir_date("2012-12").unwrap();
+        assert_eq!(
+            dec.range.high + 1,
+            parse_fhir_date("2013").unwrap().range.low
+        );
+
+        let zoned = parse_fhir_date("2013-04-02T10:30:00+02:00").unwrap();
+        assert_eq!(
+            zoned.range.low,
+            parse_fhir_date("2013-04-02T08:30:00Z").unwrap().range.low
+        );
+        assert_eq!(zoned.range.high - zoned.range.low, 999_999);
+        let minute = parse_fhir_date("2013-04-02T08:30Z").unwrap();
+        assert_eq!(minute.precision, DatePrecision::Minute);
+        let fraction = parse_fhir_date("2013-04-02T08:30:00.25Z").unwrap();
+        assert_eq!(fraction.range.low - zoned.range.low, 250_000);
+    }
+
+    #[test]
+    fn malformed_dates_are_refused() {
+        for bad in [
+            "",
+            "13",
+            "2013-13",
+            "2013-02-30",
+            "2013-1-01",
+            "2013-01-01T",
+            "2013-01-01T25:00Z",
+            "2013-01-01T10:00+15:00",
+            "2013-01-01T10:00:00.Z",
+            "2013-01-01-01",
+            "abcd",
+        ] {
+            assert!(parse_fhir_date(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn buckets_name_every_calendar_unit_containing_the_range() {
+        let day = parse_fhir_date("2013-04-02").unwrap();
+        assert_eq!(day_terms(&day), ["Y2013", "M2013-04", "D2013-04-02"]);
+        let second = parse_fhir_date("2013-04-02T10:30:05Z").unwrap();
+        assert_eq!(date_buckets(second.range).len(), 5);
+        let spanning = InstantRange {
+            low: parse_fhir_date("2013-12-31").unwrap().range.low,
+            high: parse_fhir_date("2014-01-01").unwrap().range.high,
+        };
+        assert!(date_buckets(spanning).is_empty());
+        assert_eq!(
+            search_bucket(&parse_fhir_date("2013-04").unwrap()).unwrap(),
+            "M2013-04"
+        );
+    }
+
+    fn day_terms(date: &FhirDate) -> Vec<String> {
+        date_buckets(date.range)
+    }
+
+    #[test]
+    fn implied_precision_follows_the_written_digits() {
+        assert_eq!(implied_half_width("100"), 0.5);
+        assert!((implied_half_width("100.00") - 0.005).abs() < 1e-12);
+        assert_eq!(implied_half_width("1e2"), 5.0);
+    }
+}

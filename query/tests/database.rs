@@ -1,0 +1,716 @@
+//! The Database boundary: one write path keeping store and index in line, conditional
+//! interactions, and the search features the oracle fixtures do not cover, each on a real
+//! encrypted database in a temporary directory.
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::path::Path;
+
+use fhirkeep_engine::crypto::{KeySource, create_key_file};
+use fhirkeep_engine::store::AccessContext;
+use fhirkeep_query::params::{Handling, parse_search_url};
+use fhirkeep_query::{ConditionalOutcome, Database, EntryMode, Error, SearchResult};
+use serde_json::{Value, json};
+
+struct TestDb {
+    dir: tempfile::TempDir,
+    db: Database,
+}
+
+fn key_source(dir: &Path) -> KeySource {
+    let key = dir.join("key");
+    if !key.exists() {
+        create_key_file(&key).unwrap();
+    }
+    KeySource::KeyFile(key)
+}
+
+fn new_db() -> TestDb {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::builder(dir.path().join("db"))
+        .key(key_source(dir.path()))
+        .create()
+        .unwrap();
+    TestDb { dir, db }
+}
+
+fn reopen(test: TestDb) -> TestDb {
+    let TestDb { dir, db } = test;
+    drop(db);
+    let db = Database::builder(dir.path().join("db"))
+        .key(key_source(dir.path()))
+        .open()
+        .unwrap();
+    TestDb { dir, db }
+}
+
+fn ctx() -> AccessContext {
+    AccessContext::new("tester", "test-app", "127.0.0.1", "req-1")
+}
+
+fn run(db: &Database, query: &str) -> SearchResult {
+    let request = parse_search_url(&db.registry().unwrap(), query, Handling::Strict)
+        .unwrap_or_else(|e| panic!("{query}: {e}"));
+    db.search(&ctx(), &request)
+        .unwrap_or_else(|e| panic!("{query}: {e}"))
+}
+
+/// The keys of the matches (not includes), in result order.
+fn keys(db: &Database, query: &str) -> Vec<String> {
+    run(db, query)
+        .entries
+        .iter()
+        .filter(|e| e.mode == EntryMode::Match)
+        .map(|e| e.key.clone())
+        .collect()
+}
+
+fn put(db: &Database, resource: Value) {
+    let t = resource["resourceType"].as_str().unwrap().to_string();
+    let id = resource["id"].as_str().unwrap().to_string();
+    db.update(&ctx(), &t, &id, resource, None).unwrap();
+}
+
+fn patient(id: &str, family: &str, birth: &str) -> Value {
+    json!({"resourceType": "Patient", "id": id, "name": [{"family": family, "given": ["Ann"]}],
+           "birthDate": birth, "gender": "female",
+           "identifier": [{"system": "http://hospital.example/mrn", "value": format!("mrn-{id}"),
+                           "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}}],
+           "text": {"status": "generated", "div": format!("<div xmlns=\"http://www.w3.org/1999/xhtml\">Patient {family} likes <b>gardening</b></div>")}})
+}
+
+fn observation(id: &str, patient: &str, code: &str, value: f64, unit: &str, when: &str) -> Value {
+    json!({"resourceType": "Observation", "id": id, "status": "final",
+           "code": {"coding": [{"system": "http://loinc.org", "code": code, "display": "Body weight"}], "text": "Weight"},
+           "subject": {"reference": format!("Patient/{patient}")},
+           "effectiveDateTime": when,
+           "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}})
+}
+
+#[test]
+fn writes_are_searchable_at_once_and_updates_and_deletes_follow() {
+    let t = new_db();
+    put(&t.db, patient("p1", "Chalmers", "1974-12-25"));
+    assert_eq!(keys(&t.db, "Patient?family=chal"), ["Patient/p1"]);
+    put(&t.db, patient("p1", "Windsor", "1974-12-25"));
+    assert!(keys(&t.db, "Patient?family=chal").is_empty());
+    assert_eq!(keys(&t.db, "Patient?family=windsor"), ["Patient/p1"]);
+    t.db.delete(&ctx(), "Patient", "p1", None).unwrap();
+    assert!(keys(&t.db, "Patient?family=windsor").is_empty());
+    assert!(keys(&t.db, "Patient").is_empty());
+    let created =
+        t.db.create(&ctx(), json!({"resourceType": "Patient", "gender": "male"}))
+            .unwrap();
+    assert_eq!(
+        keys(&t.db, "Patient?gender=male"),
+        [format!("Patient/{}", created.id)]
+    );
+}
+
+#[test]
+fn the_index_survives_reopening_and_catches_up_with_writes_it_missed() {
+    let t = new_db();
+    put(&t.db, patient("p1", "Chalmers", "1974-12-25"));
+    // A write that bypasses the index (as after a crash between store commit and index
+    // commit): the store is the source of truth.
+    t.db.store()
+        .update(
+            &ctx(),
+            "Patient",
+            "p2",
+            patient("p2", "Chalk", "1980"),
+            None,
+        )
+        .unwrap();
+    assert_eq!(keys(&t.db, "Patient?family=chal"), ["Patient/p1"]);
+    let t = reopen(t);
+    assert_eq!(
+        keys(&t.db, "Patient?family=chal"),
+        ["Patient/p1", "Patient/p2"]
+    );
+    let report = t.db.reindex(&ctx()).unwrap();
+    assert_eq!(report.changes, 2);
+    assert_eq!(
+        keys(&t.db, "Patient?family=chal"),
+        ["Patient/p1", "Patient/p2"]
+    );
+}
+
+#[test]
+fn conditional_create_update_and_delete() {
+    let t = new_db();
+    let condition = "identifier=http://hospital.example/mrn|mrn-x";
+    let mut body = patient("ignored", "Conditional", "1990");
+    body.as_object_mut().unwrap().remove("id");
+    body["identifier"][0]["value"] = json!("mrn-x");
+    let first =
+        t.db.conditional_create(&ctx(), body.clone(), condition)
+            .unwrap();
+    let ConditionalOutcome::Created(created) = first else {
+        panic!("expected a create")
+    };
+    let second =
+        t.db.conditional_create(&ctx(), body.clone(), condition)
+            .unwrap();
+    let ConditionalOutcome::Existing(existing) = second else {
+        panic!("expected the existing one")
+    };
+    assert_eq!(existing.id, created.id);
+
+    let mut changed = body.clone();
+    changed["gender"] = json!("other");
+    let updated =
+        t.db.conditional_update(&ctx(), "Patient", condition, changed)
+            .unwrap();
+    assert_eq!(updated.resource.id, created.id);
+    assert_eq!(updated.resource.version, 2);
+    assert_eq!(
+        keys(&t.db, "Patient?gender=other"),
+        [format!("Patient/{}", created.id)]
+    );
+
+    // Nothing matches: conditional update creates.
+    let mut other = body.clone();
+    other["identifier"][0]["value"] = json!("mrn-y");
+    let made =
+        t.db.conditional_update(
+            &ctx(),
+            "Patient",
+            "identifier=http://hospital.example/mrn|mrn-y",
+            other.clone(),
+        )
+        .unwrap();
+    assert_eq!(made.resource.version, 1);
+
+    // Two match: refused, nothing written.
+    let both = "identifier=http://hospital.example/mrn|mrn-x,http://hospital.example/mrn|mrn-y";
+    assert!(matches!(
+        t.db.conditional_create(&ctx(), other.clone(), both),
+        Err(Error::MultipleMatches(2))
+    ));
+    assert!(matches!(
+        t.db.conditional_delete(&ctx(), "Patient", both),
+        Err(Error::MultipleMatches(2))
+    ));
+    assert_eq!(keys(&t.db, "Patient").len(), 2);
+
+    assert!(
+        t.db.conditional_delete(&ctx(), "Patient", condition)
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        t.db.conditional_delete(&ctx(), "Patient", condition)
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(keys(&t.db, "Patient").len(), 1);
+    // An empty or unknown condition is an error, never "match everything".
+    assert!(matches!(
+        t.db.conditional_delete(&ctx(), "Patient", ""),
+        Err(Error::InvalidSearch(_))
+    ));
+    assert!(matches!(
+        t.db.conditional_delete(&ctx(), "Patient", "bogus=1"),
+        Err(Error::InvalidSearch(_))
+    ));
+}
+
+fn clinical_db() -> TestDb {
+    let t = new_db();
+    put(&t.db, patient("p1", "Chalmers", "1974-12-25"));
+    put(&t.db, patient("p2", "Baker", "1980-01-02"));
+    put(&t.db, patient("p3", "Able", "1965-06-07"));
+    put(
+        &t.db,
+        observation("o1", "p1", "29463-7", 80.0, "kg", "2020-01-01T10:00:00Z"),
+    );
+    put(
+        &t.db,
+        observation("o2", "p1", "29463-7", 82.5, "kg", "2021-01-01T10:00:00Z"),
+    );
+    let mut height = observation("o3", "p2", "8302-2", 180.0, "cm", "2021-06-01");
+    height["code"]["coding"][0]["display"] = json!("Body height");
+    height["code"]["text"] = json!("Height");
+    put(&t.db, height);
+    t
+}
+
+#[test]
+fn sorting_on_several_keys_and_descending() {
+    let t = clinical_db();
+    assert_eq!(
+        keys(&t.db, "Patient?_sort=family"),
+        ["Patient/p3", "Patient/p2", "Patient/p1"]
+    );
+    assert_eq!(
+        keys(&t.db, "Patient?_sort=-birthdate"),
+        ["Patient/p2", "Patient/p1", "Patient/p3"]
+    );
+    assert_eq!(
+        keys(&t.db, "Observation?_sort=patient,-date"),
+        ["Observation/o2", "Observation/o1", "Observation/o3"]
+    );
+    assert_eq!(
+        keys(&t.db, "Patient?_sort=-_id"),
+        ["Patient/p3", "Patient/p2", "Patient/p1"]
+    );
+}
+
+#[test]
+fn includes_revincludes_and_iterate() {
+    let t = clinical_db();
+    let result = run(
+        &t.db,
+        "Observation?code=29463-7&_include=Observation:subject",
+    );
+    let entries: Vec<(String, EntryMode)> = result
+        .entries
+        .iter()
+        .map(|e| (e.key.clone(), e.mode))
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            ("Observation/o1".to_string(), EntryMode::Match),
+            ("Observation/o2".to_string(), EntryMode::Match),
+            ("Patient/p1".to_string(), EntryMode::Include),
+        ]
+    );
+    assert_eq!(result.total, Some(2));
+    let rev = run(&t.db, "Patient?_id=p1&_revinclude=Observation:patient");
+    let included: Vec<&str> = rev
+        .entries
+        .iter()
+        .filter(|e| e.mode == EntryMode::Include)
+        .map(|e| e.key.as_str())
+        .collect();
+    assert_eq!(included, ["Observation/o1", "Observation/o2"]);
+    let bundle = rev.to_bundle("http://x/fhir");
+    assert_eq!(bundle["entry"][1]["search"]["mode"], "include");
+    // :iterate follows includes of includes: Observation -> Patient -> (revinclude) others.
+    let iterated = run(
+        &t.db,
+        "Observation?_id=o1&_include=Observation:subject&_revinclude:iterate=Observation:subject",
+    );
+    let mut all: Vec<&str> = iterated.entries.iter().map(|e| e.key.as_str()).collect();
+    all.sort();
+    assert_eq!(all, ["Observation/o1", "Observation/o2", "Patient/p1"]);
+}
+
+#[test]
+fn compartment_search_finds_only_the_patients_resources() {
+    let t = clinical_db();
+    assert_eq!(
+        keys(&t.db, "Patient/p1/Observation"),
+        ["Observation/o1", "Observation/o2"]
+    );
+    assert_eq!(
+        keys(&t.db, "Patient/p2/Observation?code=8302-2"),
+        ["Observation/o3"]
+    );
+    assert!(keys(&t.db, "Patient/p3/Observation").is_empty());
+}
+
+#[test]
+fn paging_is_stable_while_data_changes() {
+    let t = new_db();
+    for i in 0..10 {
+        put(&t.db, patient(&format!("p{i:02}"), "Same", "1970"));
+    }
+    let registry_query = "Patient?family=same&_count=4";
+    let mut request =
+        parse_search_url(&t.db.registry().unwrap(), registry_query, Handling::Strict).unwrap();
+    let first = t.db.search(&ctx(), &request).unwrap();
+    let first_keys: Vec<String> = first.entries.iter().map(|e| e.key.clone()).collect();
+    assert_eq!(
+        first_keys,
+        ["Patient/p00", "Patient/p01", "Patient/p02", "Patient/p03"]
+    );
+    // A resource that sorts before the cursor appears, one after it disappears: the next page
+    // neither repeats nor skips what was not touched.
+    put(&t.db, patient("p000", "Same", "1970"));
+    t.db.delete(&ctx(), "Patient", "p05", None).unwrap();
+    request.cursor = first.next_cursor.clone();
+    let second = t.db.search(&ctx(), &request).unwrap();
+    let second_keys: Vec<String> = second.entries.iter().map(|e| e.key.clone()).collect();
+    assert_eq!(
+        second_keys,
+        ["Patient/p04", "Patient/p06", "Patient/p07", "Patient/p08"]
+    );
+    let bundle = second.to_bundle("http://x/fhir");
+    let links: Vec<&str> = bundle["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["relation"].as_str().unwrap())
+        .collect();
+    assert_eq!(links, ["self", "next", "previous"]);
+    // previous goes back to the page before.
+    request.cursor = second.previous_cursor.clone();
+    let back = t.db.search(&ctx(), &request).unwrap();
+    let back_keys: Vec<String> = back.entries.iter().map(|e| e.key.clone()).collect();
+    assert_eq!(
+        back_keys,
+        ["Patient/p000", "Patient/p01", "Patient/p02", "Patient/p03"]
+    );
+    // Cursors do not carry sort values (PHI) and are bound to their search.
+    let next = bundle["link"][1]["url"].as_str().unwrap();
+    assert!(!next.contains("Same") && !next.contains("1970"), "{next}");
+    let mut other = parse_search_url(
+        &t.db.registry().unwrap(),
+        "Patient?family=other",
+        Handling::Strict,
+    )
+    .unwrap();
+    other.cursor = second.next_cursor;
+    assert!(matches!(
+        t.db.search(&ctx(), &other),
+        Err(Error::InvalidSearch(_))
+    ));
+}
+
+#[test]
+fn totals_summary_and_elements() {
+    let t = clinical_db();
+    let count = run(&t.db, "Observation?_summary=count");
+    assert_eq!(count.total, Some(3));
+    assert!(count.entries.is_empty());
+    assert_eq!(run(&t.db, "Observation?_total=none").total, None);
+    let summary = run(&t.db, "Patient?_id=p1&_summary=true");
+    let resource = &summary.entries[0].resource;
+    assert!(resource.get("text").is_none() && resource.get("name").is_some());
+    assert_eq!(resource["meta"]["tag"][0]["code"], "SUBSETTED");
+    let elements = run(&t.db, "Patient?_id=p1&_elements=birthDate");
+    let object = elements.entries[0].resource.as_object().unwrap();
+    assert!(object.contains_key("birthDate") && !object.contains_key("name"));
+}
+
+#[test]
+fn every_parameter_type_and_modifier() {
+    let t = clinical_db();
+    let db = &t.db;
+    // token: :text, :of-type, :not, system|
+    assert_eq!(keys(db, "Observation?code:text=body").len(), 3);
+    assert_eq!(
+        keys(db, "Observation?code:text=weight"),
+        ["Observation/o1", "Observation/o2"]
+    );
+    assert_eq!(
+        keys(
+            db,
+            "Patient?identifier:of-type=http://terminology.hl7.org/CodeSystem/v2-0203|MR|mrn-p2"
+        ),
+        ["Patient/p2"]
+    );
+    assert_eq!(keys(db, "Observation?code:not=29463-7"), ["Observation/o3"]);
+    assert_eq!(keys(db, "Observation?code=http://loinc.org|").len(), 3);
+    // quantity with and without units, implied precision
+    assert_eq!(
+        keys(db, "Observation?value-quantity=82.5"),
+        ["Observation/o2"]
+    );
+    assert_eq!(
+        keys(
+            db,
+            "Observation?value-quantity=80|http://unitsofmeasure.org|kg"
+        ),
+        ["Observation/o1"]
+    );
+    assert!(
+        keys(
+            db,
+            "Observation?value-quantity=80|http://unitsofmeasure.org|cm"
+        )
+        .is_empty()
+    );
+    assert_eq!(
+        keys(db, "Observation?value-quantity=ge100||cm"),
+        ["Observation/o3"]
+    );
+    assert_eq!(
+        keys(db, "Observation?value-quantity=ap81"),
+        ["Observation/o1", "Observation/o2"]
+    );
+    // date with time zones and precision
+    assert_eq!(
+        keys(db, "Observation?date=2020-01-01T11:00:00%2B01:00"),
+        ["Observation/o1"]
+    );
+    assert_eq!(
+        keys(db, "Observation?date=2021"),
+        ["Observation/o2", "Observation/o3"]
+    );
+    assert_eq!(keys(db, "Observation?date=ne2021"), ["Observation/o1"]);
+    // reference forms
+    assert_eq!(
+        keys(
+            db,
+            "Observation?subject=http://elsewhere.example/fhir/Patient/p2"
+        ),
+        ["Observation/o3"]
+    );
+    assert_eq!(
+        keys(db, "Observation?subject:Patient=p2"),
+        ["Observation/o3"]
+    );
+    // composite
+    assert_eq!(
+        keys(
+            db,
+            "Observation?code-value-quantity=http://loinc.org|29463-7$gt81"
+        ),
+        ["Observation/o2"]
+    );
+    // full text
+    assert_eq!(
+        keys(db, "Patient?_text=gardening"),
+        ["Patient/p1", "Patient/p2", "Patient/p3"]
+    );
+    assert_eq!(keys(db, "Patient?_text=baker"), ["Patient/p2"]);
+    assert_eq!(keys(db, "Patient?_content=mrn-p3"), ["Patient/p3"]);
+    // _has and chain
+    assert_eq!(
+        keys(db, "Patient?_has:Observation:patient:code=8302-2"),
+        ["Patient/p2"]
+    );
+    assert_eq!(
+        keys(db, "Observation?patient.birthdate=lt1975"),
+        ["Observation/o1", "Observation/o2"]
+    );
+    // :missing, _type across types, _lastUpdated
+    assert_eq!(
+        keys(db, "Observation?value-quantity:missing=true"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        keys(db, "?_type=Patient,Observation&_id=p1,o3"),
+        ["Observation/o3", "Patient/p1"]
+    );
+    assert_eq!(keys(db, "Patient?_lastUpdated=gt2000-01-01").len(), 3);
+    assert!(keys(db, "Patient?_lastUpdated=lt2000-01-01").is_empty());
+}
+
+#[test]
+fn lists_and_uris() {
+    let t = clinical_db();
+    put(
+        &t.db,
+        json!({"resourceType": "List", "id": "l1", "status": "current", "mode": "working",
+        "entry": [{"item": {"reference": "Patient/p3"}}, {"item": {"reference": "Patient/p1"}}]}),
+    );
+    assert_eq!(
+        keys(&t.db, "Patient?_list=l1"),
+        ["Patient/p1", "Patient/p3"]
+    );
+    put(
+        &t.db,
+        json!({"resourceType": "ValueSet", "id": "v1", "status": "draft",
+        "url": "http://example.org/fhir/ValueSet/vital/adult"}),
+    );
+    assert_eq!(
+        keys(
+            &t.db,
+            "ValueSet?url=http://example.org/fhir/ValueSet/vital/adult"
+        ),
+        ["ValueSet/v1"]
+    );
+    assert_eq!(
+        keys(&t.db, "ValueSet?url:below=http://example.org/fhir/ValueSet"),
+        ["ValueSet/v1"]
+    );
+    assert_eq!(
+        keys(
+            &t.db,
+            "ValueSet?url:above=http://example.org/fhir/ValueSet/vital/adult/extra"
+        ),
+        ["ValueSet/v1"]
+    );
+    assert!(keys(&t.db, "ValueSet?url=http://example.org/fhir/ValueSet/vital").is_empty());
+}
+
+#[test]
+fn custom_search_parameters_index_new_writes_and_reindex_covers_old_ones() {
+    let t = new_db();
+    let mut old = patient("old", "Old", "1950");
+    old["extension"] = json!([{"url": "http://example.org/eye", "valueCode": "blue"}]);
+    put(&t.db, old);
+    put(
+        &t.db,
+        json!({"resourceType": "SearchParameter", "id": "eye", "url": "http://example.org/sp/eye",
+        "name": "eye", "status": "active", "description": "eye colour", "code": "eye-colour", "base": ["Patient"],
+        "type": "token", "expression": "Patient.extension('http://example.org/eye').value"}),
+    );
+    let mut new = patient("new", "New", "1990");
+    new["extension"] = json!([{"url": "http://example.org/eye", "valueCode": "blue"}]);
+    put(&t.db, new);
+    assert_eq!(keys(&t.db, "Patient?eye-colour=blue"), ["Patient/new"]);
+    t.db.reindex(&ctx()).unwrap();
+    assert_eq!(
+        keys(&t.db, "Patient?eye-colour=blue"),
+        ["Patient/new", "Patient/old"]
+    );
+    // Known after reopening too.
+    let t = reopen(t);
+    assert_eq!(
+        keys(&t.db, "Patient?eye-colour=blue"),
+        ["Patient/new", "Patient/old"]
+    );
+}
+
+#[test]
+fn searches_are_audited_as_one_leaf_with_a_hash() {
+    let t = clinical_db();
+    t.db.store().flush_audit().unwrap();
+    let before = t.db.store().audit_size().unwrap();
+    let result = run(
+        &t.db,
+        "Observation?subject=Patient/p1&_include=Observation:subject",
+    );
+    assert_eq!(result.entries.len(), 3);
+    t.db.store().flush_audit().unwrap();
+    let after = t.db.store().audit_size().unwrap();
+    assert_eq!(after, before + 1);
+    let leaf = t.db.store().audit_leaf(before).unwrap();
+    assert_eq!(
+        leaf.record.action,
+        fhirkeep_engine::audit::AuditAction::Search
+    );
+    assert!(leaf.record.query_hash.is_some());
+    // A refused search is recorded too.
+    let request = parse_search_url(
+        &t.db.registry().unwrap(),
+        "Patient?_list=not/valid",
+        Handling::Strict,
+    )
+    .unwrap();
+    assert!(t.db.search(&ctx(), &request).is_err());
+    t.db.store().flush_audit().unwrap();
+    assert!(t.db.store().audit_size().unwrap() > after);
+}
+
+#[test]
+fn errors_on_bad_input_hold_no_values() {
+    let t = clinical_db();
+    for (query, fragment) in [
+        ("Patient?birthdate=ge19x0", "birthdate"),
+        ("Patient?family:exact:x=1", "family"),
+        ("Patient?unknown-param=secret", "unknown-param"),
+        ("Observation?value-quantity=abc", "value-quantity"),
+    ] {
+        match parse_search_url(&t.db.registry().unwrap(), query, Handling::Strict) {
+            Err(Error::InvalidSearch(message)) => {
+                assert!(message.contains(fragment), "{message}");
+                assert!(!message.contains("secret"), "{message}");
+            }
+            other => panic!("{query}: {other:?}"),
+        }
+    }
+    let _ = t.dir.path();
+}
+
+#[test]
+fn no_file_of_the_database_holds_resource_or_index_content_in_plaintext() {
+    let t = new_db();
+    let canary = "Quagga-Canary-93f1-Zebu";
+    for i in 0..50 {
+        put(
+            &t.db,
+            patient(&format!("c{i}"), &format!("{canary}{i}"), "1970"),
+        );
+    }
+    assert_eq!(keys(&t.db, "Patient?family=quagga-canary").len(), 50);
+    assert_eq!(keys(&t.db, "Patient?_content=quagga").len(), 50);
+    let TestDb { dir, db } = t;
+    drop(db);
+    let mut needles: Vec<Vec<u8>> = vec![
+        canary.as_bytes().to_vec(),
+        canary.to_lowercase().into_bytes(),
+        b"quagga".to_vec(),
+        canary.encode_utf16().flat_map(u16::to_le_bytes).collect(),
+        canary.encode_utf16().flat_map(u16::to_be_bytes).collect(),
+    ];
+    use base64::Engine as _;
+    for shift in 0..3 {
+        let encoded = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}{canary}", "x".repeat(shift)));
+        let start = (shift * 4).div_ceil(3) + 1;
+        needles.push(encoded.as_bytes()[start..encoded.len() - 4].to_vec());
+    }
+    let mut files = 0;
+    for entry in std::fs::read_dir(dir.path().join("db")).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        files += 1;
+        for needle in &needles {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_slice()),
+                "{} holds content in plaintext",
+                path.display()
+            );
+        }
+    }
+    assert!(
+        files >= 3,
+        "expected the store, the index and the key header, found {files} files"
+    );
+}
+
+#[test]
+fn in_and_not_in_use_stored_value_sets() {
+    let t = clinical_db();
+    put(
+        &t.db,
+        json!({"resourceType": "ValueSet", "id": "weights", "status": "active",
+        "url": "http://example.org/ValueSet/weights",
+        "compose": {"include": [{"system": "http://loinc.org", "concept": [{"code": "29463-7"}, {"code": "3141-9"}]}]}}),
+    );
+    put(
+        &t.db,
+        json!({"resourceType": "CodeSystem", "id": "local", "status": "active", "content": "complete",
+        "url": "http://example.org/cs", "concept": [{"code": "a", "concept": [{"code": "a1"}]}]}),
+    );
+    put(
+        &t.db,
+        json!({"resourceType": "ValueSet", "id": "local-all", "status": "active",
+        "url": "http://example.org/ValueSet/local", "compose": {"include": [{"system": "http://example.org/cs"}]}}),
+    );
+    assert_eq!(
+        keys(
+            &t.db,
+            "Observation?code:in=http://example.org/ValueSet/weights"
+        ),
+        ["Observation/o1", "Observation/o2"]
+    );
+    assert_eq!(
+        keys(&t.db, "Observation?code:in=ValueSet/weights"),
+        ["Observation/o1", "Observation/o2"]
+    );
+    assert_eq!(
+        keys(
+            &t.db,
+            "Observation?code:not-in=http://example.org/ValueSet/weights"
+        ),
+        ["Observation/o3"]
+    );
+    let mut coded = observation("o9", "p3", "x", 1.0, "kg", "2022");
+    coded["code"]["coding"][0] = json!({"system": "http://example.org/cs", "code": "a1"});
+    put(&t.db, coded);
+    assert_eq!(
+        keys(
+            &t.db,
+            "Observation?code:in=http://example.org/ValueSet/local"
+        ),
+        ["Observation/o9"]
+    );
+    let missing = parse_search_url(
+        &t.db.registry().unwrap(),
+        "Observation?code:in=http://nowhere/vs",
+        Handling::Strict,
+    )
+    .unwrap();
+    assert!(matches!(
+        t.db.search(&ctx(), &missing),
+        Err(Error::InvalidSearch(_))
+    ));
+}

@@ -1,0 +1,81 @@
+//! The deterministic random stream every generated value comes from.
+
+/// A small, fast, deterministic PRNG (SplitMix64). Not for cryptography.
+#[derive(Debug, Clone)]
+pub struct SplitMix64 {
+    state: u64,
+}
+
+impl SplitMix64 {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        SplitMix64 { state: seed }
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (`n > 0`; tiny modulo bias is irrelevant here).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// An index into a slice of length `len` (`len > 0`).
+    pub fn index(&mut self, len: usize) -> usize {
+        // Slices here are tiny; the u64 -> usize conversion cannot truncate a value below len.
+        usize::try_from(self.below(len as u64)).unwrap_or(0)
+    }
+
+    /// A float in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Roughly normal (sum of four uniforms), mean `mean`, standard deviation `sd`.
+    pub fn normal(&mut self, mean: f64, sd: f64) -> f64 {
+        let sum: f64 = (0..4).map(|_| self.unit()).sum();
+        // Sum of 4 U(0,1): mean 2, variance 1/3.
+        mean + sd * (sum - 2.0) * 3f64.sqrt()
+    }
+
+    /// Picks an element of a non-empty slice.
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.index(items.len())]
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        self.unit() < p
+    }
+}
+
+/// Mixes several values into one seed (order matters).
+pub fn mix(parts: &[u64]) -> u64 {
+    let mut h = 0x243F_6A88_85A3_08D3u64;
+    for &p in parts {
+        h = SplitMix64::new(h ^ p).next_u64();
+    }
+    h
+}
+
+/// A UUID-shaped id (version-4 and variant-1 bits, like a real random UUID) from `rng`.
+pub(crate) fn uuid_id(rng: &mut SplitMix64) -> String {
+    let hi = rng.next_u64();
+    let lo = rng.next_u64();
+    let hi = (hi & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000;
+    let lo = (lo & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000;
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        hi >> 32,
+        (hi >> 16) & 0xFFFF,
+        hi & 0xFFFF,
+        lo >> 48,
+        lo & 0xFFFF_FFFF_FFFF
+    )
+}
