@@ -117,14 +117,45 @@ pub struct Database {
     /// Serializes writes and index catch-up, so that conditional interactions see a search
     /// result that no other write changes before theirs commits.
     write_lock: Mutex<()>,
+    /// Changes put into the index writer but not yet committed (bulk loads defer commits).
+    progress: Mutex<IndexProgress>,
     limits: SearchLimits,
 }
+
+#[derive(Debug, Default, Clone, Copy)]
+struct IndexProgress {
+    /// The last change put into the writer, committed or not (`None`: as committed).
+    applied: Option<u64>,
+    /// How many changes are put but not committed.
+    uncommitted: usize,
+}
+
+/// When the index makes caught-up changes visible to searches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Visibility {
+    /// Before the write call returns (read-your-writes).
+    Now,
+    /// At the latest every [`DEFERRED_COMMIT_EVERY`] changes, or at [`Database::flush_index`].
+    Deferred,
+}
+
+/// How many changes a bulk load puts into the index between commits.
+const DEFERRED_COMMIT_EVERY: usize = 200_000;
 
 impl std::fmt::Debug for Database {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Database")
             .field("dir", &self.store.dir())
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        // Best effort: a failure here is repaired by the catch-up at the next open.
+        if let Err(error) = self.commit_index() {
+            tracing::warn!(error = %error, "could not commit the search index on close");
+        }
     }
 }
 
@@ -169,21 +200,35 @@ impl Database {
     }
 
     fn with_store(store: Store, limits: SearchLimits) -> Result<Database> {
-        let index_db = store.open_aux_database(INDEX_FILE)?;
-        let directory = RedbDirectory::new(index_db)?;
-        let index = SearchIndex::open(Box::new(directory))?;
+        let open_index = |store: &Store| -> Result<Option<SearchIndex>> {
+            let directory = RedbDirectory::new(store.open_aux_database(INDEX_FILE)?)?;
+            SearchIndex::open(Box::new(directory))
+        };
+        let index = match open_index(&store)? {
+            Some(index) => index,
+            None => {
+                // Built by a version with another schema: the index is derived data, so it
+                // is deleted and rebuilt from the store below.
+                tracing::info!("the search index has another schema: rebuilding it");
+                store.delete_aux_database(INDEX_FILE)?;
+                open_index(&store)?.ok_or_else(|| {
+                    Error::Internal("a new index does not have the current schema".into())
+                })?
+            }
+        };
         let database = Database {
             store,
             index,
             registry: RwLock::new(Registry::r4()?),
             write_lock: Mutex::new(()),
+            progress: Mutex::new(IndexProgress::default()),
             limits,
         };
         let ctx = AccessContext::local("fhirkeep-index");
         database.load_custom_parameters(&ctx)?;
         {
             let _guard = database.lock_writes()?;
-            database.sync_index_locked(&ctx)?;
+            database.sync_index_locked(&ctx, Visibility::Now)?;
         }
         Ok(database)
     }
@@ -263,6 +308,41 @@ impl Database {
         items: Vec<Upsert>,
     ) -> Result<Vec<fhirkeep_engine::Result<UpdateOutcome>>> {
         self.write(ctx, |txn| Ok(txn.update_many(items)?))
+    }
+
+    /// Like [`Database::update_many`], for bulk loads: the index catches up as usual but
+    /// commits only every few hundred thousand changes, so a search may not see the batch
+    /// until [`Database::flush_index`] (or the next ordinary write, or dropping the
+    /// database). Crash safety is unchanged: the store is durable, and reopening catches the
+    /// index up.
+    pub fn load_many(
+        &self,
+        ctx: &AccessContext,
+        items: Vec<Upsert>,
+    ) -> Result<Vec<fhirkeep_engine::Result<UpdateOutcome>>> {
+        let _guard = self.lock_writes()?;
+        self.write_locked_with(ctx, Visibility::Deferred, |txn| Ok(txn.update_many(items)?))
+    }
+
+    /// Makes everything written so far visible to searches (after [`Database::load_many`]).
+    pub fn flush_index(&self) -> Result<()> {
+        let _guard = self.lock_writes()?;
+        self.commit_index()
+    }
+
+    fn commit_index(&self) -> Result<()> {
+        let mut progress = self.lock_progress()?;
+        if progress.uncommitted > 0 {
+            self.index.commit(progress.applied)?;
+            progress.uncommitted = 0;
+        }
+        Ok(())
+    }
+
+    fn lock_progress(&self) -> Result<MutexGuard<'_, IndexProgress>> {
+        self.progress
+            .lock()
+            .map_err(|_| Error::Internal("index progress lock poisoned".into()))
     }
 
     /// Conditional create (`If-None-Exist`): creates `resource` unless `condition` (a search
@@ -390,7 +470,7 @@ impl Database {
     pub fn apply_transaction(&self, ctx: &AccessContext, bundle: &Value) -> Result<Vec<String>> {
         let _guard = self.lock_writes()?;
         let result = fhirkeep_engine::bundle::apply_transaction(&self.store, ctx, bundle);
-        self.sync_index_locked(&AccessContext::local("fhirkeep-index"))?;
+        self.sync_index_locked(&AccessContext::local("fhirkeep-index"), Visibility::Now)?;
         Ok(result?)
     }
 
@@ -402,7 +482,7 @@ impl Database {
     ) -> Result<Vec<fhirkeep_engine::bundle::EntryOutcome>> {
         let _guard = self.lock_writes()?;
         let result = fhirkeep_engine::bundle::apply_batch(&self.store, ctx, bundle);
-        self.sync_index_locked(&AccessContext::local("fhirkeep-index"))?;
+        self.sync_index_locked(&AccessContext::local("fhirkeep-index"), Visibility::Now)?;
         Ok(result?)
     }
 
@@ -422,6 +502,15 @@ impl Database {
         ctx: &AccessContext,
         body: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>,
     ) -> Result<T> {
+        self.write_locked_with(ctx, Visibility::Now, body)
+    }
+
+    fn write_locked_with<T>(
+        &self,
+        ctx: &AccessContext,
+        visibility: Visibility,
+        body: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>,
+    ) -> Result<T> {
         let mut txn = self.store.begin_write(ctx)?;
         let value = match body(&mut txn) {
             Ok(value) => value,
@@ -433,14 +522,14 @@ impl Database {
         txn.commit()?;
         // The write is durable; an index failure now is repaired by the next catch-up.
         let index_ctx = AccessContext::local("fhirkeep-index");
-        self.sync_index_locked(&index_ctx)?;
+        self.sync_index_locked(&index_ctx, visibility)?;
         Ok(value)
     }
 
     /// Brings the index in line with the store (normally automatic).
     pub fn sync_index(&self, ctx: &AccessContext) -> Result<SyncReport> {
         let _guard = self.lock_writes()?;
-        self.sync_index_locked(ctx)
+        self.sync_index_locked(ctx, Visibility::Now)
     }
 
     /// Rebuilds the index from scratch from the store.
@@ -451,10 +540,21 @@ impl Database {
         let _guard = self.lock_writes()?;
         self.index.clear()?;
         self.index.commit(None)?;
-        self.sync_index_locked(ctx)
+        *self.lock_progress()? = IndexProgress::default();
+        self.sync_index_locked(ctx, Visibility::Now)
     }
 
-    fn sync_index_locked(&self, ctx: &AccessContext) -> Result<SyncReport> {
+    fn sync_index_locked(&self, ctx: &AccessContext, visibility: Visibility) -> Result<SyncReport> {
+        let result = self.catch_up(ctx, visibility);
+        if result.is_err() {
+            // Drop what the writer holds; the next catch-up starts again from the last commit.
+            self.index.rollback()?;
+            *self.lock_progress()? = IndexProgress::default();
+        }
+        result
+    }
+
+    fn catch_up(&self, ctx: &AccessContext, visibility: Visibility) -> Result<SyncReport> {
         let mut state = self.index.state()?;
         let cleared = !SearchIndex::is_current_schema(&state);
         if cleared {
@@ -462,9 +562,9 @@ impl Database {
             self.index.clear()?;
             state.store_seq = None;
         }
-        let mut after = state.store_seq;
+        let mut progress = *self.lock_progress()?;
+        let mut after = progress.applied.or(state.store_seq);
         let mut report = SyncReport::default();
-        let mut pending = 0usize;
         // Asking for the last seq first is not audited and saves a feed read (and its audit
         // leaf) when the index is already in line.
         let mut more = self.store.last_change_seq()? > after.unwrap_or(0);
@@ -493,15 +593,21 @@ impl Database {
                 }
                 after = Some(*seq);
                 report.changes += 1;
-                pending += 1;
+                progress.uncommitted += 1;
             }
-            if pending >= 20_000 {
-                self.index.commit(after)?;
-                pending = 0;
+            progress.applied = after;
+            *self.lock_progress()? = progress;
+            if progress.uncommitted >= DEFERRED_COMMIT_EVERY {
+                self.commit_index()?;
+                progress = *self.lock_progress()?;
             }
         }
-        if pending > 0 || cleared {
-            self.index.commit(after)?;
+        if cleared {
+            progress.uncommitted = progress.uncommitted.max(1);
+            *self.lock_progress()? = progress;
+        }
+        if visibility == Visibility::Now {
+            self.commit_index()?;
         }
         Ok(report)
     }

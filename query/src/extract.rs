@@ -568,17 +568,12 @@ fn quantity_values(json: &Value, out: &mut Vec<IndexValue>) {
 /// The equality forms of a composite component value (all but the last component).
 pub fn component_equality_forms(value: &IndexValue) -> Vec<String> {
     match value {
-        IndexValue::Token { system, code } => {
-            let mut forms = vec![code.clone()];
-            match system {
-                Some(system) => {
-                    forms.push(format!("{system}|{code}"));
-                    forms.push(format!("{system}|"));
-                }
-                None => forms.push(format!("|{code}")),
-            }
-            forms
-        }
+        // `system|` (any code of a system) is left out here: as a composite's leading part it
+        // is rarely asked for, and every form multiplies the composite's terms.
+        IndexValue::Token { system, code } => match system {
+            Some(system) => vec![code.clone(), format!("{system}|{code}")],
+            None => vec![code.clone(), format!("|{code}")],
+        },
         IndexValue::Text(text) => vec![normalize_string(text)],
         IndexValue::Reference(reference) => reference_forms(reference),
         IndexValue::Uri(uri) => vec![uri.clone()],

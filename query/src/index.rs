@@ -19,7 +19,8 @@ use tantivy::collector::DocSetCollector;
 use tantivy::directory::Directory;
 use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, RangeQuery, RegexQuery, TermQuery};
 use tantivy::schema::{
-    Field, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions, Value as _,
+    FAST, Field, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions,
+    Value as _,
 };
 use tantivy::tokenizer::{
     AsciiFoldingFilter, LowerCaser, RemoveLongFilter, SimpleTokenizer, TextAnalyzer,
@@ -30,7 +31,7 @@ use crate::extract::IndexEntries;
 use crate::{Error, Result};
 
 /// The schema version, stored in the commit payload; a different one means "rebuild".
-const SCHEMA_VERSION: u32 = 1;
+const SCHEMA_VERSION: u32 = 2;
 
 const TEXT_TOKENIZER: &str = "fhir_text";
 
@@ -64,7 +65,7 @@ fn schema() -> (Schema, Fields) {
             .set_index_option(IndexRecordOption::WithFreqsAndPositions),
     );
     let fields = Fields {
-        key: builder.add_text_field("key", STRING | STORED),
+        key: builder.add_text_field("key", STRING | STORED | FAST),
         resource_type: builder.add_text_field("type", STRING),
         terms: builder.add_text_field("terms", STRING),
         narrative: builder.add_text_field("narrative", text.clone()),
@@ -110,15 +111,14 @@ pub struct IndexState {
 }
 
 impl SearchIndex {
-    /// Opens the index in `directory`, creating it if empty. An index with another schema
-    /// version is reported by [`SearchIndex::state`] so the caller can rebuild it.
-    pub fn open(directory: Box<dyn Directory>) -> Result<SearchIndex> {
+    /// Opens the index in `directory`, creating it if empty. `None` when the directory
+    /// holds an index with another schema (written by another version): the caller deletes
+    /// and rebuilds it.
+    pub fn open(directory: Box<dyn Directory>) -> Result<Option<SearchIndex>> {
         let (schema, fields) = schema();
         let index = Index::open_or_create(directory, schema.clone())?;
         if index.schema() != schema {
-            return Err(Error::Index(
-                "the index has an unexpected schema; run `fhirkeep reindex`".into(),
-            ));
+            return Ok(None);
         }
         index.tokenizers().register(
             TEXT_TOKENIZER,
@@ -134,12 +134,12 @@ impl SearchIndex {
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
             .try_into()?;
-        Ok(SearchIndex {
+        Ok(Some(SearchIndex {
             index,
             writer: Mutex::new(writer),
             reader,
             fields,
-        })
+        }))
     }
 
     /// The fields.

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use fhirkeep_engine::audit::{AuditAction, AuditOutcome};
 use fhirkeep_engine::store::{AccessContext, AccessRecord};
 use serde_json::Value;
+use tantivy::DocAddress;
 use tantivy::query::{Query, QueryParser};
 
 use crate::database::Database;
@@ -72,6 +73,113 @@ pub struct SearchResult {
 struct Ranked {
     sort_values: Vec<Option<String>>,
     key: String,
+}
+
+/// One page of matches and what lies around it.
+#[derive(Debug)]
+struct Paged {
+    page: Vec<Ranked>,
+    total: usize,
+    has_next: bool,
+    has_previous: bool,
+}
+
+/// A page in key order without reading stored documents: each segment's `key` column gives
+/// term ordinals (ordered like the keys within the segment), so only the few keys around the
+/// cursor are turned into strings, however many resources match.
+fn page_by_key(
+    searcher: &tantivy::Searcher,
+    docs: &[DocAddress],
+    anchor: Option<&Anchor>,
+    count: usize,
+) -> Result<Paged> {
+    let mut by_segment: HashMap<u32, Vec<tantivy::DocId>> = HashMap::new();
+    for doc in docs {
+        by_segment
+            .entry(doc.segment_ord)
+            .or_default()
+            .push(doc.doc_id);
+    }
+    let (mut before_total, mut after_total) = (0usize, 0usize);
+    let mut candidates: Vec<String> = Vec::new();
+    let mut text = String::new();
+    for (segment_ord, segment_docs) in by_segment {
+        let reader = searcher.segment_reader(segment_ord);
+        let column = reader
+            .fast_fields()
+            .str("key")?
+            .ok_or_else(|| Error::Index("the key column is missing".into()))?;
+        let mut ords: Vec<u64> = segment_docs
+            .iter()
+            .filter_map(|&doc| column.term_ords(doc).next())
+            .collect();
+        ords.sort_unstable();
+        let key_of = |ord: u64, out: &mut String| -> Result<()> {
+            out.clear();
+            column
+                .ord_to_str(ord, out)
+                .map_err(|e| Error::Index(format!("reading the key column: {e}")))?;
+            Ok(())
+        };
+        // `boundary`: how many of this segment's matches come before the anchor (for a
+        // forward anchor: up to and including it).
+        let boundary = match anchor {
+            None => 0,
+            Some(anchor) => {
+                let (mut low, mut high) = (0usize, ords.len());
+                while low < high {
+                    let mid = (low + high) / 2;
+                    key_of(ords[mid], &mut text)?;
+                    let before = if anchor.backward {
+                        text.as_str() < anchor.entry.key.as_str()
+                    } else {
+                        text.as_str() <= anchor.entry.key.as_str()
+                    };
+                    if before {
+                        low = mid + 1;
+                    } else {
+                        high = mid;
+                    }
+                }
+                low
+            }
+        };
+        before_total += boundary;
+        after_total += ords.len() - boundary;
+        let wanted: &[u64] = match anchor {
+            Some(anchor) if anchor.backward => &ords[boundary.saturating_sub(count)..boundary],
+            _ => &ords[boundary..(boundary + count).min(ords.len())],
+        };
+        for &ord in wanted {
+            key_of(ord, &mut text)?;
+            candidates.push(text.clone());
+        }
+    }
+    candidates.sort_unstable();
+    let backward = anchor.is_some_and(|a| a.backward);
+    let page: Vec<String> = if backward {
+        let skip = candidates.len().saturating_sub(count);
+        candidates.into_iter().skip(skip).collect()
+    } else {
+        candidates.into_iter().take(count).collect()
+    };
+    let (has_previous, has_next) = if backward {
+        (before_total > page.len(), after_total > 0)
+    } else {
+        (before_total > 0, after_total > page.len())
+    };
+    Ok(Paged {
+        total: docs.len(),
+        has_next,
+        has_previous,
+        page: page
+            .into_iter()
+            .map(|key| Ranked {
+                sort_values: Vec::new(),
+                key,
+            })
+            .collect(),
+    })
 }
 
 /// Server-side paging state: a cursor names the last entry of the previous page, so pages
@@ -165,36 +273,27 @@ impl Database {
         digest: [u8; 32],
     ) -> Result<SearchResult> {
         let searcher = self.index().searcher();
-        let ranked = self.ranked_matches(&searcher, request)?;
-        let total = ranked.len();
         let count = request
             .count
             .unwrap_or(self.limits().default_count)
             .min(self.limits().max_count);
-        let (start, end) = match &request.cursor {
-            Some(token) => {
-                let anchor = cursor_table()?.get(token, digest)?;
-                let position = |r: &Ranked| compare_ranked(r, &anchor.entry, &request.sort);
-                if anchor.backward {
-                    let end = ranked.partition_point(|r| position(r) == Ordering::Less);
-                    (end.saturating_sub(count), end)
-                } else {
-                    let start = ranked.partition_point(|r| position(r) != Ordering::Greater);
-                    (start, (start + count).min(ranked.len()))
-                }
-            }
-            None => (0, count.min(ranked.len())),
+        let anchor = match &request.cursor {
+            Some(token) => Some(cursor_table()?.get(token, digest)?),
+            None => None,
         };
         let summary_count = request.summary == Some(SummaryMode::Count);
-        let page: &[Ranked] = if summary_count {
-            &[]
-        } else {
-            &ranked[start..end]
-        };
+        let paged = self.page(
+            &searcher,
+            request,
+            anchor.as_ref(),
+            if summary_count { 0 } else { count },
+        )?;
+        let total = paged.total;
+        let page = &paged.page;
         let (mut next_cursor, mut previous_cursor) = (None, None);
         if let (Some(first), Some(last)) = (page.first(), page.last()) {
             let mut table = cursor_table()?;
-            if end < ranked.len() {
+            if paged.has_next {
                 next_cursor = Some(table.put(
                     digest,
                     Anchor {
@@ -203,7 +302,7 @@ impl Database {
                     },
                 ));
             }
-            if start > 0 {
+            if paged.has_previous {
                 previous_cursor = Some(table.put(
                     digest,
                     Anchor {
@@ -290,15 +389,50 @@ impl Database {
         Ok(keys)
     }
 
-    fn ranked_matches(
+    /// One page of matches in result order, after `anchor`, with the total.
+    fn page(
         &self,
         searcher: &tantivy::Searcher,
         request: &SearchRequest,
-    ) -> Result<Vec<Ranked>> {
+        anchor: Option<&Anchor>,
+        count: usize,
+    ) -> Result<Paged> {
         let query = self.request_query(searcher, request)?;
         let docs = self.index().matching(searcher, query.as_ref())?;
+        if request.sort.is_empty() {
+            return page_by_key(searcher, &docs, anchor, count);
+        }
+        let ranked = self.rank(searcher, &docs, request)?;
+        let (start, end) = match anchor {
+            Some(anchor) => {
+                let position = |r: &Ranked| compare_ranked(r, &anchor.entry, &request.sort);
+                if anchor.backward {
+                    let end = ranked.partition_point(|r| position(r) == Ordering::Less);
+                    (end.saturating_sub(count), end)
+                } else {
+                    let start = ranked.partition_point(|r| position(r) != Ordering::Greater);
+                    (start, (start + count).min(ranked.len()))
+                }
+            }
+            None => (0, count.min(ranked.len())),
+        };
+        Ok(Paged {
+            total: ranked.len(),
+            has_next: end < ranked.len(),
+            has_previous: start > 0,
+            page: ranked[start..end].to_vec(),
+        })
+    }
+
+    /// Every match with its sort values, in result order (reads each match's stored fields).
+    fn rank(
+        &self,
+        searcher: &tantivy::Searcher,
+        docs: &[DocAddress],
+        request: &SearchRequest,
+    ) -> Result<Vec<Ranked>> {
         let mut ranked = Vec::with_capacity(docs.len());
-        for doc in docs {
+        for &doc in docs {
             let stored = self.index().doc(searcher, doc)?;
             let sort_values = request
                 .sort

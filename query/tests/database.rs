@@ -714,3 +714,21 @@ fn in_and_not_in_use_stored_value_sets() {
         Err(Error::InvalidSearch(_))
     ));
 }
+
+#[test]
+fn a_deleted_index_is_rebuilt_from_the_store_on_open() {
+    let TestDb { dir, db } = clinical_db();
+    drop(db);
+    let index_file = dir.path().join("db").join("index.redb");
+    assert!(index_file.exists());
+    std::fs::remove_file(&index_file).unwrap();
+    let db = Database::builder(dir.path().join("db"))
+        .key(key_source(dir.path()))
+        .open()
+        .unwrap();
+    assert_eq!(
+        keys(&db, "Observation?patient=p1"),
+        ["Observation/o1", "Observation/o2"]
+    );
+    assert_eq!(keys(&db, "Patient?_count=2"), ["Patient/p1", "Patient/p2"]);
+}

@@ -139,6 +139,8 @@ impl<'a> Importer<'a> {
     /// Commits what is pending and returns the totals.
     pub(crate) fn finish(mut self) -> Result<Summary> {
         self.flush()?;
+        // Bulk loads defer index commits; make everything searchable before reporting.
+        self.db.flush_index()?;
         self.progress.finish_and_clear();
         Ok(self.summary)
     }
@@ -254,7 +256,7 @@ impl<'a> Importer<'a> {
             });
             locations.push(item.location);
         }
-        let results = self.db.update_many(self.ctx, items)?;
+        let results = self.db.load_many(self.ctx, items)?;
         let mut rejected = Vec::new();
         let mut loaded = 0;
         for (location, result) in locations.into_iter().zip(results) {
