@@ -31,7 +31,7 @@ use crate::extract::IndexEntries;
 use crate::{Error, Result};
 
 /// The schema version, stored in the commit payload; a different one means "rebuild".
-const SCHEMA_VERSION: u32 = 2;
+const SCHEMA_VERSION: u32 = 3;
 
 const TEXT_TOKENIZER: &str = "fhir_text";
 
@@ -71,7 +71,8 @@ fn schema() -> (Schema, Fields) {
         narrative: builder.add_text_field("narrative", text.clone()),
         content: builder.add_text_field("content", text),
         refs: builder.add_text_field("refs", STORED),
-        sort: builder.add_text_field("sort", STORED),
+        // Fast as well as stored: single-key sorts read ordinals from the column.
+        sort: builder.add_text_field("sort", TextOptions::default().set_stored().set_fast("raw")),
     };
     (builder.build(), fields)
 }
@@ -116,10 +117,11 @@ impl SearchIndex {
     /// and rebuilds it.
     pub fn open(directory: Box<dyn Directory>) -> Result<Option<SearchIndex>> {
         let (schema, fields) = schema();
-        let index = Index::open_or_create(directory, schema.clone())?;
-        if index.schema() != schema {
-            return Ok(None);
-        }
+        let index = match Index::open_or_create(directory, schema.clone()) {
+            Ok(index) if index.schema() == schema => index,
+            Ok(_) | Err(tantivy::TantivyError::SchemaError(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
         index.tokenizers().register(
             TEXT_TOKENIZER,
             TextAnalyzer::builder(SimpleTokenizer::default())

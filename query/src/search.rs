@@ -182,6 +182,158 @@ fn page_by_key(
     })
 }
 
+/// A page ordered by one sort key, from the `sort` and `key` columns: within a segment,
+/// term ordinals are ordered like the strings, so docs are ranked by integers and only the
+/// strings around the cursor and on the page are read.
+fn page_by_sort_key(
+    searcher: &tantivy::Searcher,
+    docs: &[DocAddress],
+    sort: &SortKey,
+    anchor: Option<&Anchor>,
+    count: usize,
+) -> Result<Paged> {
+    let keys = std::slice::from_ref(sort);
+    let prefix = format!("{}{SEP}", sort.code);
+    let prefix_end = format!("{}{}", sort.code, char::from_u32(0x20).unwrap_or(' '));
+    let mut by_segment: HashMap<u32, Vec<tantivy::DocId>> = HashMap::new();
+    for doc in docs {
+        by_segment
+            .entry(doc.segment_ord)
+            .or_default()
+            .push(doc.doc_id);
+    }
+    let column_error = |e: std::io::Error| Error::Index(format!("reading a sort column: {e}"));
+    let (mut before_total, mut after_total) = (0usize, 0usize);
+    let mut candidates: Vec<Ranked> = Vec::new();
+    for (segment_ord, segment_docs) in by_segment {
+        let reader = searcher.segment_reader(segment_ord);
+        let fast = reader.fast_fields();
+        let key_column = fast
+            .str("key")?
+            .ok_or_else(|| Error::Index("the key column is missing".into()))?;
+        let sort_column = fast.str("sort")?;
+        // The ordinals of this parameter's values: [low, high).
+        let (low, high) = match &sort_column {
+            Some(column) => {
+                let (low, high) = column
+                    .dictionary()
+                    .term_bounds_to_ord(
+                        Bound::Included(prefix.as_bytes()),
+                        Bound::Excluded(prefix_end.as_bytes()),
+                    )
+                    .map_err(column_error)?;
+                let low = match low {
+                    Bound::Included(o) => o,
+                    Bound::Excluded(o) => o.saturating_add(1),
+                    Bound::Unbounded => 0,
+                };
+                let high = match high {
+                    Bound::Included(o) => o.saturating_add(1),
+                    Bound::Excluded(o) => o,
+                    Bound::Unbounded => u64::MAX,
+                };
+                (low, high)
+            }
+            None => (0, 0),
+        };
+        // (sort ordinal, key ordinal) per doc; None sorts last either way.
+        let mut items: Vec<(Option<u64>, u64)> = Vec::with_capacity(segment_docs.len());
+        for &doc in &segment_docs {
+            let Some(key_ord) = key_column.term_ords(doc).next() else {
+                continue;
+            };
+            let values = sort_column
+                .as_ref()
+                .into_iter()
+                .flat_map(|c| c.term_ords(doc))
+                .filter(|o| (low..high).contains(o));
+            let value = if sort.descending {
+                values.max()
+            } else {
+                values.min()
+            };
+            items.push((value, key_ord));
+        }
+        items.sort_unstable_by(|a, b| {
+            let by_value = match (a.0, b.0) {
+                (Some(x), Some(y)) if sort.descending => y.cmp(&x),
+                (Some(x), Some(y)) => x.cmp(&y),
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (None, None) => Ordering::Equal,
+            };
+            by_value.then(a.1.cmp(&b.1))
+        });
+        let resolve = |item: &(Option<u64>, u64)| -> Result<Ranked> {
+            let mut key = String::new();
+            key_column
+                .ord_to_str(item.1, &mut key)
+                .map_err(column_error)?;
+            let value = match (item.0, &sort_column) {
+                (Some(ord), Some(column)) => {
+                    let mut text = String::new();
+                    column.ord_to_str(ord, &mut text).map_err(column_error)?;
+                    text.strip_prefix(&prefix).map(String::from)
+                }
+                _ => None,
+            };
+            Ok(Ranked {
+                sort_values: vec![value],
+                key,
+            })
+        };
+        let boundary = match anchor {
+            None => 0,
+            Some(anchor) => {
+                let (mut lo, mut hi) = (0usize, items.len());
+                while lo < hi {
+                    let mid = (lo + hi) / 2;
+                    let ordering = compare_ranked(&resolve(&items[mid])?, &anchor.entry, keys);
+                    let before = if anchor.backward {
+                        ordering == Ordering::Less
+                    } else {
+                        ordering != Ordering::Greater
+                    };
+                    if before {
+                        lo = mid + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                lo
+            }
+        };
+        before_total += boundary;
+        after_total += items.len() - boundary;
+        let wanted = match anchor {
+            Some(anchor) if anchor.backward => &items[boundary.saturating_sub(count)..boundary],
+            _ => &items[boundary..(boundary + count).min(items.len())],
+        };
+        for item in wanted {
+            candidates.push(resolve(item)?);
+        }
+    }
+    candidates.sort_by(|a, b| compare_ranked(a, b, keys));
+    let backward = anchor.is_some_and(|a| a.backward);
+    let page: Vec<Ranked> = if backward {
+        let skip = candidates.len().saturating_sub(count);
+        candidates.into_iter().skip(skip).collect()
+    } else {
+        candidates.into_iter().take(count).collect()
+    };
+    let (has_previous, has_next) = if backward {
+        (before_total > page.len(), after_total > 0)
+    } else {
+        (before_total > 0, after_total > page.len())
+    };
+    Ok(Paged {
+        total: docs.len(),
+        has_next,
+        has_previous,
+        page,
+    })
+}
+
 /// Server-side paging state: a cursor names the last entry of the previous page, so pages
 /// stay stable while data changes, and no sort value (which may be PHI) is put in a URL.
 #[derive(Debug, Default)]
@@ -401,6 +553,9 @@ impl Database {
         let docs = self.index().matching(searcher, query.as_ref())?;
         if request.sort.is_empty() {
             return page_by_key(searcher, &docs, anchor, count);
+        }
+        if let [key] = request.sort.as_slice() {
+            return page_by_sort_key(searcher, &docs, key, anchor, count);
         }
         let ranked = self.rank(searcher, &docs, request)?;
         let (start, end) = match anchor {
