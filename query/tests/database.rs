@@ -816,3 +816,85 @@ fn single_key_sorts_agree_with_the_general_sort_across_pages() {
     backward_pages.reverse();
     assert_eq!(backward_pages, forward_pages);
 }
+
+#[test]
+fn common_parameters_deep_chains_nested_has_and_wildcard_includes() {
+    let t = clinical_db();
+    let db = &t.db;
+    put(
+        db,
+        json!({"resourceType": "Practitioner", "id": "dr", "name": [{"family": "House"}]}),
+    );
+    let mut p1 = patient("p1", "Chalmers", "1974-12-25");
+    p1["generalPractitioner"] = json!([{"reference": "Practitioner/dr"}]);
+    p1["meta"] = json!({"tag": [{"system": "http://example.org/tags", "code": "vip"}],
+        "security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"}],
+        "profile": ["http://example.org/StructureDefinition/special-patient"],
+        "source": "http://example.org/feeds/ward-7"});
+    put(db, p1);
+    put(
+        db,
+        json!({"resourceType": "Provenance", "id": "prov", "recorded": "2021-01-01T00:00:00Z",
+        "target": [{"reference": "Observation/o1"}], "agent": [{"who": {"reference": "Practitioner/dr"}}]}),
+    );
+
+    assert_eq!(
+        keys(db, "Patient?_tag=http://example.org/tags|vip"),
+        ["Patient/p1"]
+    );
+    assert_eq!(keys(db, "Patient?_security=R"), ["Patient/p1"]);
+    assert_eq!(
+        keys(
+            db,
+            "Patient?_profile=http://example.org/StructureDefinition/special-patient"
+        ),
+        ["Patient/p1"]
+    );
+    assert_eq!(
+        keys(db, "Patient?_source=http://example.org/feeds/ward-7"),
+        ["Patient/p1"]
+    );
+    // Two levels of chaining: Observation -> Patient -> Practitioner.
+    assert_eq!(
+        keys(db, "Observation?patient.general-practitioner.name=house"),
+        ["Observation/o1", "Observation/o2"]
+    );
+    // Nested reverse chaining: patients with an observation that a provenance targets.
+    assert_eq!(
+        keys(
+            db,
+            "Patient?_has:Observation:patient:_has:Provenance:target:agent=Practitioner/dr"
+        ),
+        ["Patient/p1"]
+    );
+    // `_include=Type:*` follows every reference parameter.
+    let wildcard = run(db, "Provenance?_id=prov&_include=Provenance:*");
+    let mut included: Vec<&str> = wildcard
+        .entries
+        .iter()
+        .filter(|e| e.mode == EntryMode::Include)
+        .map(|e| e.key.as_str())
+        .collect();
+    included.sort();
+    assert_eq!(included, ["Observation/o1", "Practitioner/dr"]);
+}
+
+#[test]
+fn page_sizes_are_capped_by_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::builder(dir.path().join("db"))
+        .key(key_source(dir.path()))
+        .limits(fhirkeep_query::SearchLimits {
+            max_count: 3,
+            ..Default::default()
+        })
+        .create()
+        .unwrap();
+    for i in 0..5 {
+        put(&db, patient(&format!("p{i}"), "Same", "1970"));
+    }
+    let result = run(&db, "Patient?_count=100");
+    assert_eq!(result.entries.len(), 3);
+    assert_eq!(result.total, Some(5));
+    assert!(result.next_cursor.is_some());
+}
