@@ -18,7 +18,7 @@ mod search_read;
 mod txn;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -319,6 +319,7 @@ impl StoreBuilder {
             dir: self.dir,
             read_audit: self.read_audit,
             pending_reads: Mutex::new(Vec::new()),
+            reads_in_flight: AtomicUsize::new(0),
             clock: AtomicI64::new(0),
             aux_cache_size: (self.cache_size / 4).max(8 << 20),
             counters: CounterGuard(keyring),
@@ -353,6 +354,10 @@ struct Inner {
     dir: PathBuf,
     read_audit: ReadAudit,
     pending_reads: Mutex<Vec<AuditRecord>>,
+    /// Commits that have taken buffered read leaves and not finished yet; `flush_audit`
+    /// waits for them (through redb's writer lock) so that it never returns while taken
+    /// leaves are still uncommitted.
+    reads_in_flight: AtomicUsize,
     /// Last timestamp handed out, in µs since the epoch; loaded from the store on open.
     clock: AtomicI64,
     /// redb cache of each auxiliary database opened through this store.
@@ -922,7 +927,14 @@ impl Inner {
         txn: redb::WriteTransaction,
         extra: Vec<AuditRecord>,
     ) -> Result<SignedTreeHead> {
-        let buffered = std::mem::take(&mut *lock(&self.pending_reads));
+        let buffered = {
+            let mut pending = lock(&self.pending_reads);
+            let taken = std::mem::take(&mut *pending);
+            if !taken.is_empty() {
+                self.reads_in_flight.fetch_add(1, Ordering::SeqCst);
+            }
+            taken
+        };
         let result = (|| {
             audit::log::append_many(&txn, buffered.iter().cloned().chain(extra), |_| {})?;
             let head = audit::log::sign_head(&txn, self.tick())?;
@@ -933,17 +945,23 @@ impl Inner {
             txn.commit()?;
             Ok(head)
         })();
-        if result.is_err() && !buffered.is_empty() {
+        if !buffered.is_empty() {
             let mut pending = lock(&self.pending_reads);
-            let newer = std::mem::replace(&mut *pending, buffered);
-            pending.extend(newer);
+            if result.is_err() {
+                let newer = std::mem::replace(&mut *pending, buffered);
+                pending.extend(newer);
+            }
+            self.reads_in_flight.fetch_sub(1, Ordering::SeqCst);
         }
         result
     }
 
     fn flush_pending(&self) -> Result<()> {
-        if lock(&self.pending_reads).is_empty() {
-            return Ok(());
+        {
+            let pending = lock(&self.pending_reads);
+            if pending.is_empty() && self.reads_in_flight.load(Ordering::SeqCst) == 0 {
+                return Ok(());
+            }
         }
         let txn = self.begin_write_txn()?;
         self.commit_audited(txn, Vec::new()).map(drop)
