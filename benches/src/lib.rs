@@ -235,6 +235,139 @@ pub fn load(
     Ok(())
 }
 
+/// A query-layer [`Database`](fhirkeep_query::Database) (encrypted store plus encrypted search
+/// index) in a temporary directory, removed on drop.
+#[derive(Debug)]
+pub struct BenchDatabase {
+    /// The open database (dropped before the directory is removed).
+    pub db: fhirkeep_query::Database,
+    db_dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl BenchDatabase {
+    /// A new, empty database in [`BENCH_DIR_ENV`] (or the system temporary directory), its key
+    /// file next to (not inside) the database directory.
+    pub fn create() -> fhirkeep_query::Result<Self> {
+        let tmp = match std::env::var_os(BENCH_DIR_ENV) {
+            Some(dir) => tempfile::Builder::new()
+                .prefix("fhirkeep-bench-")
+                .tempdir_in(dir),
+            None => tempfile::Builder::new().prefix("fhirkeep-bench-").tempdir(),
+        }
+        .map_err(fhirkeep_engine::Error::Io)?;
+        let key_path = tmp.path().join("bench.key");
+        create_key_file(&key_path)?;
+        let db_dir = tmp.path().join("db");
+        let db = fhirkeep_query::Database::builder(&db_dir)
+            .key(KeySource::KeyFile(key_path))
+            .create()?;
+        Ok(BenchDatabase {
+            db,
+            db_dir,
+            _tmp: tmp,
+        })
+    }
+
+    /// The database directory (`fhirkeep.redb`, `fhirkeep.keys`, `index.redb`).
+    pub fn db_dir(&self) -> &Path {
+        &self.db_dir
+    }
+
+    /// Apparent size of the store file `fhirkeep.redb`.
+    pub fn store_file_bytes(&self) -> std::io::Result<u64> {
+        Ok(std::fs::metadata(self.db_dir.join("fhirkeep.redb"))?.len())
+    }
+
+    /// Apparent size of the search index file `index.redb`.
+    pub fn index_file_bytes(&self) -> std::io::Result<u64> {
+        Ok(std::fs::metadata(self.db_dir.join("index.redb"))?.len())
+    }
+}
+
+/// The resources of patients `range` of `cohort` (each patient's record in order), parsed.
+pub fn cohort_parsed(
+    cohort: &fhirkeep_synth::Cohort,
+    range: Range<u64>,
+) -> serde_json::Result<Vec<ParsedResource>> {
+    cohort
+        .patients(range)
+        .flat_map(fhirkeep_synth::PatientRecord::into_resources)
+        .map(|r| {
+            Ok(ParsedResource {
+                body: r.to_value()?,
+                resource_type: r.resource_type,
+                id: r.id,
+            })
+        })
+        .collect()
+}
+
+/// `batch` as update-as-create items with their client ids, for
+/// [`Database::load_many`](fhirkeep_query::Database::load_many).
+pub fn upserts(batch: Vec<ParsedResource>) -> Vec<fhirkeep_engine::store::Upsert> {
+    batch
+        .into_iter()
+        .map(|r| fhirkeep_engine::store::Upsert {
+            resource_type: r.resource_type.to_owned(),
+            id: Some(r.id),
+            resource: r.body,
+            expected_version: None,
+        })
+        .collect()
+}
+
+/// The query-layer benchmark searches, as `(name, search URL)`, for a database holding a
+/// [`fhirkeep_synth::Cohort`]. `family` is a family name present in the data (the chained and
+/// string-prefix searches use it; take it from the first patient).
+pub fn query_searches(family: &str) -> Vec<(&'static str, String)> {
+    let prefix: String = family.chars().take(3).collect();
+    vec![
+        (
+            "token_code",
+            "Observation?code=http://loinc.org|4548-4".to_owned(),
+        ),
+        (
+            "date_range",
+            "Observation?date=ge2023-03-01&date=lt2023-04-01".to_owned(),
+        ),
+        // The same month as an equality: one precomputed bucket term, for contrast.
+        ("date_eq_month", "Observation?date=2023-03".to_owned()),
+        ("string_prefix_name", format!("Patient?name={prefix}")),
+        (
+            "chain_patient_family",
+            format!("Observation?patient.family={family}"),
+        ),
+        (
+            "sort_date_desc_count10",
+            "Observation?code=http://loinc.org|8867-4&_sort=-date&_count=10".to_owned(),
+        ),
+        (
+            "include_subject",
+            "Observation?code=http://loinc.org|4548-4&_include=Observation:subject".to_owned(),
+        ),
+        (
+            "revinclude_encounters",
+            format!("Patient?family={family}&_revinclude=Encounter:subject"),
+        ),
+        (
+            "all_observations_count10",
+            "Observation?_count=10".to_owned(),
+        ),
+    ]
+}
+
+/// The first `family` of a generated Patient's first `name`.
+pub fn family_of(patient: &fhirkeep_synth::GeneratedResource) -> Option<String> {
+    let value = patient.to_value().ok()?;
+    value
+        .get("name")?
+        .get(0)?
+        .get("family")?
+        .as_str()
+        .map(str::to_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

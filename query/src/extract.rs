@@ -14,7 +14,7 @@
 //! | `r` | reference | `Type/id`, `id`, absolute URL, canonical with and without version |
 //! | `i` | reference | `system|value`, `value` of `Reference.identifier` (`:identifier`) |
 //! | `u` | uri | the uri |
-//! | `dl`, `dh` | date | ordered low / high instant of the value's range |
+//! | `dlC`, `dhC` | date | ordered low / high instant of the value's range, `C` the finest calendar unit holding it (`D`, `M`, `Y`, `S`) |
 //! | `db` | date | calendar buckets wholly containing the range (`eq` lookups) |
 //! | `n` | number | ordered value |
 //! | `q` | quantity | `unitkey ␟ ordered value`, unit keys `''`, `|code`, `|unit`, `system|code` |
@@ -223,9 +223,14 @@ fn emit(code: &str, value: &IndexValue, entries: &mut IndexEntries) {
             sort.push(format!("{code}{SEP}{uri}"));
         }
         IndexValue::Date(range) => {
-            terms.push(term(code, "dl", &ordered_i64(range.low)));
-            terms.push(term(code, "dh", &ordered_i64(range.high)));
-            for bucket in date_buckets(*range) {
+            let buckets = date_buckets(*range);
+            // The bounds are filed under the finest calendar unit that holds the whole value
+            // (day, month, year, or S for spanning years), so a range search scans the bound
+            // terms of one unit only and takes whole later or earlier units as bucket terms.
+            let class = date_class(&buckets);
+            terms.push(term(code, &format!("dl{class}"), &ordered_i64(range.low)));
+            terms.push(term(code, &format!("dh{class}"), &ordered_i64(range.high)));
+            for bucket in buckets {
                 terms.push(term(code, "db", &bucket));
             }
             sort.push(format!("{code}{SEP}{}", ordered_i64(range.low)));
@@ -247,6 +252,17 @@ fn emit(code: &str, value: &IndexValue, entries: &mut IndexEntries) {
             }
             sort.push(format!("{code}{SEP}{ordered}"));
         }
+    }
+}
+
+/// The finest calendar unit wholly holding a date value, from its buckets: `D`, `M`, `Y`, or
+/// `S` (spans years, or open-ended).
+pub fn date_class(buckets: &[String]) -> char {
+    match buckets.len() {
+        0 => 'S',
+        1 => 'Y',
+        2 => 'M',
+        _ => 'D',
     }
 }
 

@@ -31,7 +31,7 @@ use crate::extract::IndexEntries;
 use crate::{Error, Result};
 
 /// The schema version, stored in the commit payload; a different one means "rebuild".
-const SCHEMA_VERSION: u32 = 3;
+const SCHEMA_VERSION: u32 = 4;
 
 const TEXT_TOKENIZER: &str = "fhir_text";
 

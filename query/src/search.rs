@@ -1180,51 +1180,145 @@ fn date_query(index: &SearchIndex, code: &str, value: &str, ns: &str) -> Result<
     let (prefix, text) = split_prefix(value);
     let date = parse_fhir_date(text)
         .ok_or_else(|| Error::InvalidSearch(format!("parameter {code:?}: not a FHIR date")))?;
-    let low = |v: i64| format!("{ns}dl{SEP}{}", ordered_i64(v));
-    let high = |v: i64| format!("{ns}dh{SEP}{}", ordered_i64(v));
-    let lows = (format!("{ns}dl{SEP}"), format!("{ns}dl{SEP}g"));
-    let highs = (format!("{ns}dh{SEP}"), format!("{ns}dh{SEP}g"));
     let (x_low, x_high) = (date.range.low, date.range.high);
+    let at_least = |bound: char, t: i64| date_bound(index, ns, bound, Side::AtLeast, t);
+    let at_most = |bound: char, t: i64| date_bound(index, ns, bound, Side::AtMost, t);
     let eq = || -> Box<dyn Query> {
         match search_bucket(&date) {
             Some(bucket) if date.precision != DatePrecision::Fraction => {
                 index.term(&format!("{ns}db{SEP}{bucket}"))
             }
-            _ => all_of(vec![
-                index.range(Bound::Included(low(x_low)), Bound::Excluded(lows.1.clone())),
-                index.range(
-                    Bound::Included(highs.0.clone()),
-                    Bound::Included(high(x_high)),
-                ),
-            ]),
+            _ => all_of(vec![at_least('l', x_low), at_most('h', x_high)]),
         }
     };
     Ok(match prefix {
         Prefix::Eq => eq(),
         Prefix::Ne => none_of(eq()),
-        Prefix::Gt => index.range(Bound::Excluded(high(x_high)), Bound::Excluded(highs.1)),
-        Prefix::Ge => index.range(Bound::Included(high(x_low)), Bound::Excluded(highs.1)),
-        Prefix::Lt => index.range(Bound::Included(lows.0), Bound::Excluded(low(x_low))),
-        Prefix::Le => index.range(Bound::Included(lows.0), Bound::Included(low(x_high))),
-        Prefix::Sa => index.range(Bound::Excluded(low(x_high)), Bound::Excluded(lows.1)),
-        Prefix::Eb => index.range(Bound::Included(highs.0), Bound::Excluded(high(x_low))),
+        Prefix::Gt => at_least('h', x_high.saturating_add(1)),
+        Prefix::Ge => at_least('h', x_low),
+        Prefix::Lt => at_most('l', x_low.saturating_sub(1)),
+        Prefix::Le => at_most('l', x_high),
+        Prefix::Sa => at_least('l', x_high.saturating_add(1)),
+        Prefix::Eb => at_most('h', x_low.saturating_sub(1)),
         Prefix::Ap => {
             // Within 10 % of the distance from now, as the spec suggests, at least a day.
             let now = chrono::Utc::now().timestamp_micros();
             let gap = (now.saturating_sub(x_low)).unsigned_abs() / 10;
             let slack = i64::try_from(gap).unwrap_or(i64::MAX).max(86_400_000_000);
             all_of(vec![
-                index.range(
-                    Bound::Included(lows.0),
-                    Bound::Included(low(x_high.saturating_add(slack))),
-                ),
-                index.range(
-                    Bound::Included(high(x_low.saturating_sub(slack))),
-                    Bound::Excluded(highs.1),
-                ),
+                at_most('l', x_high.saturating_add(slack)),
+                at_least('h', x_low.saturating_sub(slack)),
             ])
         }
     })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    AtLeast,
+    AtMost,
+}
+
+/// Date values whose low (`bound` = 'l') or high ('h') instant is at least / at most `t`.
+///
+/// Values are filed by the finest calendar unit that holds them (see
+/// [`crate::extract::date_class`]). Whole units after (or before) the one containing `t` are
+/// taken as bucket terms — a handful of terms, however many values they hold — and only the
+/// bound terms inside `t`'s own day, month and year (per class) and of year-spanning values
+/// are scanned as ranges.
+fn date_bound(index: &SearchIndex, ns: &str, bound: char, side: Side, t: i64) -> Box<dyn Query> {
+    let term_of = |class: char, v: i64| format!("{ns}d{bound}{class}{SEP}{}", ordered_i64(v));
+    let class_start = |class: char| format!("{ns}d{bound}{class}{SEP}");
+    let class_end = |class: char| format!("{ns}d{bound}{class}{SEP}g");
+    let bucket = |b: String| format!("{ns}db{SEP}{b}");
+    let Some(at) = chrono::DateTime::<chrono::Utc>::from_timestamp_micros(t) else {
+        // Beyond the calendar: scan every class (rare; only for extreme `ap` slack).
+        let parts = ['D', 'M', 'Y', 'S']
+            .into_iter()
+            .map(|class| match side {
+                Side::AtLeast => index.range(
+                    Bound::Included(term_of(class, t)),
+                    Bound::Excluded(class_end(class)),
+                ),
+                Side::AtMost => index.range(
+                    Bound::Included(class_start(class)),
+                    Bound::Included(term_of(class, t)),
+                ),
+            })
+            .collect();
+        return any_of(parts);
+    };
+    use chrono::Datelike as _;
+    let (year, month, day) = (at.year(), at.month(), at.day());
+    // Start and end (inclusive) of the day, month and year holding `t`, in µs.
+    let day_start = t - t.rem_euclid(86_400_000_000);
+    let day_end = day_start + 86_400_000_000 - 1;
+    let micros = |y: i32, m: u32| -> Option<i64> {
+        chrono::NaiveDate::from_ymd_opt(y, m, 1)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|d| d.and_utc().timestamp_micros())
+    };
+    let month_start = micros(year, month).unwrap_or(day_start);
+    let month_end = if month == 12 {
+        micros(year + 1, 1)
+    } else {
+        micros(year, month + 1)
+    }
+    .map_or(day_end, |next| next - 1);
+    let year_start = micros(year, 1).unwrap_or(month_start);
+    let year_end = micros(year + 1, 1).map_or(month_end, |next| next - 1);
+    let mut parts: Vec<Box<dyn Query>> = Vec::with_capacity(7);
+    match side {
+        Side::AtLeast => {
+            parts.push(index.range(
+                Bound::Excluded(bucket(format!("Y{year:04}"))),
+                Bound::Included(bucket("Y9999".into())),
+            ));
+            parts.push(index.range(
+                Bound::Excluded(bucket(format!("M{year:04}-{month:02}"))),
+                Bound::Included(bucket(format!("M{year:04}-12"))),
+            ));
+            parts.push(index.range(
+                Bound::Excluded(bucket(format!("D{year:04}-{month:02}-{day:02}"))),
+                Bound::Included(bucket(format!("D{year:04}-{month:02}-31"))),
+            ));
+            for (class, end) in [('D', day_end), ('M', month_end), ('Y', year_end)] {
+                parts.push(index.range(
+                    Bound::Included(term_of(class, t)),
+                    Bound::Included(term_of(class, end)),
+                ));
+            }
+            parts.push(index.range(
+                Bound::Included(term_of('S', t)),
+                Bound::Excluded(class_end('S')),
+            ));
+        }
+        Side::AtMost => {
+            parts.push(index.range(
+                Bound::Included(bucket("Y".into())),
+                Bound::Excluded(bucket(format!("Y{year:04}"))),
+            ));
+            parts.push(index.range(
+                Bound::Included(bucket(format!("M{year:04}-01"))),
+                Bound::Excluded(bucket(format!("M{year:04}-{month:02}"))),
+            ));
+            parts.push(index.range(
+                Bound::Included(bucket(format!("D{year:04}-{month:02}-01"))),
+                Bound::Excluded(bucket(format!("D{year:04}-{month:02}-{day:02}"))),
+            ));
+            for (class, start) in [('D', day_start), ('M', month_start), ('Y', year_start)] {
+                parts.push(index.range(
+                    Bound::Included(term_of(class, start)),
+                    Bound::Included(term_of(class, t)),
+                ));
+            }
+            parts.push(index.range(
+                Bound::Included(class_start('S')),
+                Bound::Included(term_of('S', t)),
+            ));
+        }
+    }
+    any_of(parts)
 }
 
 fn number_query(

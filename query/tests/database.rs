@@ -898,3 +898,106 @@ fn page_sizes_are_capped_by_the_server() {
     assert_eq!(result.total, Some(5));
     assert!(result.next_cursor.is_some());
 }
+
+#[test]
+fn date_prefixes_agree_with_brute_force_on_every_calendar_class() {
+    use fhirkeep_query::values::parse_fhir_date;
+    let t = new_db();
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    // Values of every class: days, months, years, instants, and periods inside a day, a
+    // month, a year, across years and open-ended.
+    let mut values: Vec<(String, Value)> = Vec::new();
+    for i in 0..120 {
+        let (y, m, d, h) = (2019 + next(3) as i32, 1 + next(12), 1 + next(28), next(24));
+        let effective = match i % 8 {
+            0 => json!({"effectiveDateTime": format!("{y}-{m:02}-{d:02}")}),
+            1 => json!({"effectiveDateTime": format!("{y}-{m:02}")}),
+            2 => json!({"effectiveDateTime": format!("{y}")}),
+            3 => json!({"effectiveDateTime": format!("{y}-{m:02}-{d:02}T{h:02}:15:00Z")}),
+            4 => {
+                json!({"effectivePeriod": {"start": format!("{y}-{m:02}-{d:02}T01:00:00Z"), "end": format!("{y}-{m:02}-{d:02}T05:00:00Z")}})
+            }
+            5 => {
+                json!({"effectivePeriod": {"start": format!("{y}-{m:02}-01"), "end": format!("{y}-{m:02}-{:02}", 1 + next(27))}})
+            }
+            6 => {
+                json!({"effectivePeriod": {"start": format!("{y}-01-15"), "end": format!("{y}-{:02}-02", 2 + next(11))}})
+            }
+            _ => {
+                if next(2) == 0 {
+                    json!({"effectivePeriod": {"start": format!("{y}-{m:02}-{d:02}"), "end": format!("{}-02-03", y + 1)}})
+                } else {
+                    json!({"effectivePeriod": {"start": format!("{y}-{m:02}-{d:02}")}})
+                }
+            }
+        };
+        let id = format!("o{i}");
+        let mut resource = json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "x"}});
+        for (k, v) in effective.as_object().unwrap() {
+            resource[k] = v.clone();
+        }
+        put(&t.db, resource.clone());
+        values.push((format!("Observation/{id}"), effective));
+    }
+    let range_of = |effective: &Value| -> (i64, i64) {
+        if let Some(text) = effective.get("effectiveDateTime").and_then(Value::as_str) {
+            let r = parse_fhir_date(text).unwrap().range;
+            return (r.low, r.high);
+        }
+        let period = &effective["effectivePeriod"];
+        let low = period["start"]
+            .as_str()
+            .map_or(i64::MIN, |s| parse_fhir_date(s).unwrap().range.low);
+        let high = period["end"]
+            .as_str()
+            .map_or(i64::MAX, |s| parse_fhir_date(s).unwrap().range.high);
+        (low, high)
+    };
+    let mut checked = 0;
+    for _ in 0..60 {
+        let (y, m, d) = (2019 + next(3) as i32, 1 + next(12), 1 + next(28));
+        let point = match next(4) {
+            0 => format!("{y}"),
+            1 => format!("{y}-{m:02}"),
+            2 => format!("{y}-{m:02}-{d:02}"),
+            _ => format!("{y}-{m:02}-{d:02}T{:02}:30:00Z", next(24)),
+        };
+        let x = parse_fhir_date(&point).unwrap().range;
+        for prefix in ["ge", "gt", "le", "lt", "sa", "eb", "eq", "ne"] {
+            let mut expected: Vec<String> = values
+                .iter()
+                .filter(|(_, e)| {
+                    let (low, high) = range_of(e);
+                    match prefix {
+                        "ge" => high >= x.low,
+                        "gt" => high > x.high,
+                        "le" => low <= x.high,
+                        "lt" => low < x.low,
+                        "sa" => low > x.high,
+                        "eb" => high < x.low,
+                        "eq" => low >= x.low && high <= x.high,
+                        _ => !(low >= x.low && high <= x.high),
+                    }
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            expected.sort();
+            let found = all_pages(
+                &t.db,
+                &format!(
+                    "Observation?date={prefix}{}&_count=1000",
+                    point.replace('+', "%2B")
+                ),
+            );
+            assert_eq!(found, expected, "date={prefix}{point}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 480);
+}

@@ -1,0 +1,417 @@
+//! Prints the query layer's headline figures as markdown: indexed bulk ingest
+//! (`Database::load_many` in batches, then `flush_index`) against store-only ingest of the
+//! same cohort data in the same run, bytes on disk of the store and index files, single-write
+//! latency with and without the index, and warm search latencies (median and p95).
+//!
+//! ```text
+//! cargo run --release -p fhirkeep-benches --bin query_figures -- [--patients N] [--batch B]
+//!     [--runs R] [--updates U] [--seed S]
+//! ```
+//!
+//! The store-only load runs before and after the indexed load (A-B-A), each into a new store,
+//! so a drift of the shared machine shows as a difference between the two baselines and the
+//! ratio is taken against their mean. Searches run round-robin (run `i` of every search, then
+//! run `i + 1`), after five warm-up runs each.
+//!
+//! Databases are created in `$FHIRKEEP_BENCH_DIR` (default: the system temporary directory).
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use fhirkeep_benches::{
+    BENCH_DIR_ENV, Backend, BenchDatabase, BenchStore, DEFAULT_SEED, GeneratedResource,
+    ParsedResource, bench_context, family_of, query_searches, upserts, write_batch,
+};
+use fhirkeep_query::params::{Handling, parse_search_url};
+use fhirkeep_synth::Cohort;
+use serde_json::Value;
+
+#[derive(Debug, Clone)]
+struct Args {
+    patients: u64,
+    batch: usize,
+    runs: usize,
+    updates: usize,
+    seed: u64,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        patients: 1_000,
+        batch: 1_000,
+        runs: 50,
+        updates: 50,
+        seed: DEFAULT_SEED,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| -> Result<u64, String> {
+            let v = it.next().ok_or_else(|| format!("{name} needs a value"))?;
+            v.replace('_', "")
+                .parse::<u64>()
+                .map_err(|e| format!("{name} {v}: {e}"))
+        };
+        let size = |v: u64| usize::try_from(v).map_err(|e| e.to_string());
+        match flag.as_str() {
+            "--patients" => args.patients = value("--patients")?,
+            "--batch" => args.batch = size(value("--batch")?.max(1))?,
+            "--runs" => args.runs = size(value("--runs")?.max(1))?,
+            "--updates" => args.updates = size(value("--updates")?)?,
+            "--seed" => args.seed = value("--seed")?,
+            "-h" | "--help" => {
+                return Err(
+                    "usage: query_figures [--patients N] [--batch B] [--runs R] \
+                            [--updates U] [--seed S]"
+                        .into(),
+                );
+            }
+            // cargo bench passes --bench to every bench target; ignore it.
+            "--bench" => {}
+            other => return Err(format!("unknown argument {other} (try --help)")),
+        }
+    }
+    if args.patients == 0 {
+        return Err("--patients must be at least 1".into());
+    }
+    Ok(args)
+}
+
+#[derive(Debug, Default, Clone)]
+struct Samples(Vec<Duration>);
+
+impl Samples {
+    fn total(&self) -> Duration {
+        self.0.iter().sum()
+    }
+
+    fn quantile(&self, q: f64) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        let mut v = self.0.clone();
+        v.sort_unstable();
+        let last = v.len() - 1;
+        let at = ((last as f64) * q).round() as usize;
+        v[at.min(last)]
+    }
+}
+
+fn per_second(count: u64, time: Duration) -> f64 {
+    count as f64 / time.as_secs_f64().max(1e-9)
+}
+
+fn fmt_int(x: f64) -> String {
+    let s = (x.round() as u64).to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A latency with a unit that keeps three significant digits.
+fn lat(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 1_000.0 {
+        format!("{us:.0} µs")
+    } else if us < 10_000.0 {
+        format!("{:.2} ms", us / 1e3)
+    } else if us < 100_000.0 {
+        format!("{:.1} ms", us / 1e3)
+    } else {
+        format!("{:.0} ms", us / 1e3)
+    }
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("query_figures failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type AnyResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn parse(batch: &[GeneratedResource]) -> AnyResult<Vec<ParsedResource>> {
+    Ok(batch
+        .iter()
+        .map(|r| {
+            Ok(ParsedResource {
+                body: r.to_value()?,
+                resource_type: r.resource_type,
+                id: r.id.clone(),
+            })
+        })
+        .collect::<serde_json::Result<_>>()?)
+}
+
+/// Store-only load of `resources` in commits of `batch` into a new store.
+fn load_store_only(
+    resources: &[GeneratedResource],
+    batch: usize,
+) -> AnyResult<(BenchStore, Samples)> {
+    let ctx = bench_context();
+    let store = BenchStore::create(Backend::Encrypted)?;
+    let mut times = Samples::default();
+    for chunk in resources.chunks(batch) {
+        let parsed = parse(chunk)?;
+        let t = Instant::now();
+        write_batch(&store.store, &ctx, parsed)?;
+        times.0.push(t.elapsed());
+    }
+    store.store.flush_audit()?;
+    Ok((store, times))
+}
+
+fn run(args: &Args) -> AnyResult<()> {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let bench_dir =
+        std::env::var(BENCH_DIR_ENV).unwrap_or_else(|_| std::env::temp_dir().display().to_string());
+    eprintln!(
+        "query_figures: {} patients, batches of {}, {} search runs, {} cores ({}), databases in {}",
+        args.patients,
+        args.batch,
+        args.runs,
+        cores,
+        cpu_model(),
+        bench_dir
+    );
+    let ctx = bench_context();
+    let cohort = Cohort::new(args.seed);
+
+    // ---- Data: every resource of the cohort, as JSON text (parsed per batch, untimed). ----
+    let t = Instant::now();
+    let records: Vec<_> = cohort.patients(0..args.patients).collect();
+    let family = family_of(records[0].patient()).ok_or("patient 0 has no family name")?;
+    let patient_ids: Vec<String> = records.iter().map(|r| r.patient().id.clone()).collect();
+    let resources: Vec<GeneratedResource> = records
+        .into_iter()
+        .flat_map(fhirkeep_synth::PatientRecord::into_resources)
+        .collect();
+    let generate = t.elapsed();
+    let n = resources.len() as u64;
+    let json_bytes: u64 = resources.iter().map(|r| r.json.len() as u64).sum();
+    eprintln!(
+        "  generated {n} resources ({:.1} s), mean JSON {:.0} bytes",
+        generate.as_secs_f64(),
+        json_bytes as f64 / n as f64
+    );
+
+    // ---- A: store only. ----
+    let (store_a, store_a_times) = load_store_only(&resources, args.batch)?;
+    let store_a_bytes = store_a.bytes_on_disk()?;
+    drop(store_a);
+    eprintln!(
+        "  store-only (before): {} resources/s",
+        fmt_int(per_second(n, store_a_times.total()))
+    );
+
+    // ---- B: store and index, load_many per batch, one flush_index at the end. ----
+    let bdb = BenchDatabase::create()?;
+    let mut load_times = Samples::default();
+    let mut last_report = Instant::now();
+    for (k, chunk) in resources.chunks(args.batch).enumerate() {
+        let items = upserts(parse(chunk)?);
+        let t = Instant::now();
+        for result in bdb.db.load_many(&ctx, items)? {
+            result?;
+        }
+        load_times.0.push(t.elapsed());
+        if last_report.elapsed() > Duration::from_secs(10) {
+            eprintln!("  indexed {} / {n} ...", (k + 1) * args.batch);
+            last_report = Instant::now();
+        }
+    }
+    let t = Instant::now();
+    bdb.db.flush_index()?;
+    let flush = t.elapsed();
+    bdb.db.store().flush_audit()?;
+    let indexed_total = load_times.total() + flush;
+    let db_store_bytes = bdb.store_file_bytes()?;
+    let db_index_bytes = bdb.index_file_bytes()?;
+    eprintln!(
+        "  indexed: {} resources/s (flush {:.1} s)",
+        fmt_int(per_second(n, indexed_total)),
+        flush.as_secs_f64()
+    );
+
+    // ---- C: store only again (drift check). ----
+    let (store_c, store_c_times) = load_store_only(&resources, args.batch)?;
+    eprintln!(
+        "  store-only (after): {} resources/s",
+        fmt_int(per_second(n, store_c_times.total()))
+    );
+    drop(resources);
+
+    // ---- Single writes: Database::update (index commit per write) vs store only. ----
+    let mut update_db = Samples::default();
+    let mut update_store = Samples::default();
+    let mut patient_bodies: Vec<(String, Value)> = Vec::new();
+    for id in patient_ids.iter().take(args.updates.max(1)) {
+        let stored = bdb.db.store().read(&ctx, "Patient", id)?;
+        patient_bodies.push((id.clone(), stored.to_json()?));
+    }
+    for i in 0..args.updates {
+        let (id, body) = &patient_bodies[i % patient_bodies.len()];
+        let mut body = body.clone();
+        if let Some(object) = body.as_object_mut() {
+            object.remove("meta");
+            object.insert("active".into(), Value::Bool(i.is_multiple_of(2)));
+        }
+        let order = if i.is_multiple_of(2) { [0, 1] } else { [1, 0] };
+        for which in order {
+            let body = body.clone();
+            let t = Instant::now();
+            if which == 0 {
+                bdb.db.update(&ctx, "Patient", id, body, None)?;
+                update_db.0.push(t.elapsed());
+            } else {
+                store_c.store.update(&ctx, "Patient", id, body, None)?;
+                update_store.0.push(t.elapsed());
+            }
+        }
+    }
+    drop(store_c);
+
+    // ---- Searches: warm, round-robin. ----
+    let searches = query_searches(&family);
+    let mut requests = Vec::new();
+    for (name, url) in &searches {
+        let request = parse_search_url(&*bdb.db.registry()?, url, Handling::Strict)
+            .map_err(|e| format!("{url}: {e}"))?;
+        let mut first = None;
+        for _ in 0..5 {
+            first = Some(bdb.db.search(&ctx, &request)?);
+        }
+        let first = first.ok_or("no warm-up run")?;
+        let matches = first
+            .entries
+            .iter()
+            .filter(|e| e.mode == fhirkeep_query::EntryMode::Match)
+            .count();
+        let included = first.entries.len() - matches;
+        requests.push((*name, url.clone(), request, first.total, matches, included));
+    }
+    let mut search_times = vec![Samples::default(); requests.len()];
+    for _ in 0..args.runs {
+        for (i, (_, _, request, _, _, _)) in requests.iter().enumerate() {
+            let t = Instant::now();
+            let result = bdb.db.search(&ctx, request)?;
+            search_times[i].0.push(t.elapsed());
+            std::hint::black_box(result);
+        }
+    }
+
+    // ---- Report. ----
+    let rate_a = per_second(n, store_a_times.total());
+    let rate_c = per_second(n, store_c_times.total());
+    let rate_store = (rate_a + rate_c) / 2.0;
+    let rate_indexed = per_second(n, indexed_total);
+    let per_res = |b: u64| b as f64 / n as f64;
+    println!();
+    println!(
+        "fhirkeep query-layer figures: {} patients, {} resources (mean JSON {:.0} B), \
+         batches of {}, {} cores, {}",
+        args.patients,
+        fmt_int(n as f64),
+        json_bytes as f64 / n as f64,
+        args.batch,
+        cores,
+        cpu_model()
+    );
+    println!();
+    println!("| ingest figure | value |");
+    println!("|---|---:|");
+    println!(
+        "| store only, `update_many` commits of {} (resources/s), before / after | {} / {} |",
+        args.batch,
+        fmt_int(rate_a),
+        fmt_int(rate_c)
+    );
+    println!(
+        "| store + index, `load_many` batches of {} + one `flush_index` (resources/s) | {} |",
+        args.batch,
+        fmt_int(rate_indexed)
+    );
+    println!(
+        "| indexed / store-only time (mean of before and after) | {:.2}× |",
+        rate_store / rate_indexed
+    );
+    println!(
+        "| `load_many` of {}: median / p95 | {} / {} |",
+        args.batch,
+        lat(load_times.quantile(0.5)),
+        lat(load_times.quantile(0.95))
+    );
+    println!(
+        "| store-only commit of {}: median / p95 | {} / {} |",
+        args.batch,
+        lat(store_a_times.quantile(0.5)),
+        lat(store_a_times.quantile(0.95))
+    );
+    println!("| final `flush_index` | {} |", lat(flush));
+    println!(
+        "| store file per resource (`fhirkeep.redb` of the database / of the store-only run) | {} B / {} B |",
+        fmt_int(per_res(db_store_bytes)),
+        fmt_int(per_res(store_a_bytes))
+    );
+    println!(
+        "| index file per resource (`index.redb`) | {} B ({:.2}× the store file) |",
+        fmt_int(per_res(db_index_bytes)),
+        db_index_bytes as f64 / db_store_bytes as f64
+    );
+    println!(
+        "| single write, `Database::update` (store commit + index catch-up + index commit): median / p95 | {} / {} |",
+        lat(update_db.quantile(0.5)),
+        lat(update_db.quantile(0.95))
+    );
+    println!(
+        "| single write, store only: median / p95 | {} / {} |",
+        lat(update_store.quantile(0.5)),
+        lat(update_store.quantile(0.95))
+    );
+    println!();
+    println!(
+        "Search latency, warm, {} runs each (round-robin, after 5 warm-up runs), one thread:",
+        args.runs
+    );
+    println!();
+    println!("| search | matches (total) | entries returned (incl.) | median | p95 |");
+    println!("|---|---:|---:|---:|---:|");
+    for ((name, url, _, total, matches, included), times) in requests.iter().zip(&search_times) {
+        println!(
+            "| {name}: `{}` | {} | {matches} (+{included}) | {} | {} |",
+            // A pipe inside a table cell must be escaped, even in a code span.
+            url.replace('|', "\\|"),
+            total.map_or_else(|| "-".to_owned(), |t| fmt_int(t as f64)),
+            lat(times.quantile(0.5)),
+            lat(times.quantile(0.95))
+        );
+    }
+    Ok(())
+}
