@@ -791,8 +791,7 @@ fn single_key_sorts_agree_with_the_general_sort_across_pages() {
     )
     .unwrap();
     let mut forward_pages = Vec::new();
-    let mut last = None;
-    loop {
+    let last = loop {
         let page = t.db.search(&ctx(), &request).unwrap();
         forward_pages.push(
             page.entries
@@ -800,14 +799,13 @@ fn single_key_sorts_agree_with_the_general_sort_across_pages() {
                 .map(|e| e.key.clone())
                 .collect::<Vec<_>>(),
         );
-        last = Some(page.clone());
-        match page.next_cursor {
+        match page.next_cursor.clone() {
             Some(cursor) => request.cursor = Some(cursor),
-            None => break,
+            None => break page,
         }
-    }
+    };
     let mut backward_pages = vec![forward_pages.last().unwrap().clone()];
-    let mut page = last.unwrap();
+    let mut page = last;
     while let Some(cursor) = page.previous_cursor.clone() {
         request.cursor = Some(cursor);
         page = t.db.search(&ctx(), &request).unwrap();
