@@ -1,6 +1,7 @@
 //! The `fhirkeep` command-line tool: create, load, read, search, check and audit a database.
 
 mod r#gen;
+mod http;
 mod import;
 
 use std::path::{Path, PathBuf};
@@ -110,6 +111,27 @@ enum Command {
             default_value = "testdata/r4/hl7.fhir.r4.examples-4.0.1.tgz"
         )]
         samples: PathBuf,
+    },
+    /// Serve the database as a FHIR R4 REST server (application/fhir+json).
+    ///
+    /// With no arguments: the database in ./data (created, with its key file, on first start),
+    /// listening on 127.0.0.1:8080. Authentication (SMART on FHIR) is not implemented yet, so
+    /// the server refuses to listen on anything but a loopback address.
+    Serve {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Address to listen on (loopback only until authentication exists); port 0 picks a
+        /// free port.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// The URL clients reach the server at (for Location headers and Bundle links); the
+        /// API is served at its path (http://HOST/fhir serves /fhir/metadata). Default:
+        /// http://ADDR.
+        #[arg(long, value_name = "URL")]
+        base_url: Option<String>,
+        /// Largest request body in bytes (larger ones are answered 413).
+        #[arg(long, value_name = "BYTES", default_value_t = http::DEFAULT_BODY_LIMIT)]
+        max_body_bytes: usize,
     },
     /// Generate deterministic synthetic FHIR R4 data: NDJSON, one file per resource type.
     ///
@@ -285,6 +307,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Init { db } => init(&db),
         Command::Gen(args) => r#gen::run(&args),
         Command::Demo { db, samples } => demo(&db, &samples),
+        Command::Serve {
+            db,
+            listen,
+            base_url,
+            max_body_bytes,
+        } => serve(&db, listen, base_url, max_body_bytes),
         Command::Import { db, paths, batch } => {
             let database = db.open_database()?;
             let summary = import::import_paths(&database, &ctx("import"), &paths, batch.max(1))?;
@@ -397,7 +425,9 @@ fn init(db: &DbArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn demo(db: &DbArgs, samples: &Path) -> Result<ExitCode> {
+/// The embedded default of `demo` and `serve`: without --key-file or FHIRKEEP_PASSPHRASE,
+/// create `DIR/fhirkeep.keyfile` (mode 0600) on first start, and say where it is.
+fn ensure_embedded_key(db: &DbArgs) -> Result<()> {
     let explicit_key = db.key_file.is_some() || std::env::var_os("FHIRKEEP_PASSPHRASE").is_some();
     let key_file = db.default_key_file();
     if !explicit_key && !key_file.exists() {
@@ -409,6 +439,71 @@ fn demo(db: &DbArgs, samples: &Path) -> Result<ExitCode> {
             key_file.display()
         );
     }
+    Ok(())
+}
+
+fn serve(
+    db: &DbArgs,
+    listen: std::net::SocketAddr,
+    base_url: Option<String>,
+    max_body_bytes: usize,
+) -> Result<ExitCode> {
+    // Checked before anything is created: a refused start leaves no trace on disk.
+    if !http::is_loopback(&listen) {
+        bail!(
+            "refusing to listen on {listen}: authentication (SMART on FHIR) is not implemented \
+             yet, so the server only listens on a loopback address (127.0.0.1 or [::1])"
+        );
+    }
+    ensure_embedded_key(db)?;
+    let database = Database::builder(&db.db)
+        .key(db.key_source()?)
+        .kdf(db.kdf())
+        .verify_on_open(db.verify_on_open)
+        .open_or_create()?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Another subscriber already set (none in this binary) is not worth failing for.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: log files and collectors get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let local = listener.local_addr()?;
+        let base_url = base_url.unwrap_or_else(|| format!("http://{local}"));
+        let state = http::AppState::new(
+            database,
+            http::ServerConfig {
+                base_url: base_url.clone(),
+                max_body_bytes,
+            },
+        );
+        eprintln!(
+            "warning: authentication is off (SMART on FHIR is not implemented yet); this is \
+             allowed only because {local} is a loopback address"
+        );
+        println!(
+            "fhirkeep serving {} on http://{local} (base URL {base_url})",
+            db.db.display()
+        );
+        std::io::stdout().flush()?;
+        http::serve(listener, state, http::shutdown_signal()).await?;
+        eprintln!("server stopped");
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn demo(db: &DbArgs, samples: &Path) -> Result<ExitCode> {
+    ensure_embedded_key(db)?;
     let database = Database::builder(&db.db)
         .key(db.key_source()?)
         .kdf(db.kdf())

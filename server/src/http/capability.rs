@@ -1,0 +1,89 @@
+//! The CapabilityStatement of `/metadata`, generated from what the server really supports:
+//! every R4 resource type, the interactions the router implements, and every search
+//! parameter the database's registry knows (official R4 plus stored SearchParameters).
+
+use chrono::{SecondsFormat, Utc};
+use fhirkeep_engine::resource::resource_types;
+use fhirkeep_query::{Database, Result};
+use serde_json::{Value, json};
+
+/// The type-level interactions of every resource type (see `routes` in `mod.rs`).
+const TYPE_INTERACTIONS: [&str; 8] = [
+    "read",
+    "vread",
+    "update",
+    "delete",
+    "history-instance",
+    "history-type",
+    "create",
+    "search-type",
+];
+
+/// The whole-system interactions.
+const SYSTEM_INTERACTIONS: [&str; 4] = ["transaction", "batch", "search-system", "history-system"];
+
+/// The CapabilityStatement for a server reached at `base`.
+pub(crate) fn statement(db: &Database, base: &str) -> Result<Value> {
+    let registry = db.registry()?;
+    let interactions: Vec<Value> = TYPE_INTERACTIONS
+        .iter()
+        .map(|code| json!({"code": code}))
+        .collect();
+    let resources: Vec<Value> = resource_types()
+        .iter()
+        .map(|resource_type| {
+            let mut params: Vec<(&str, Value)> = registry
+                .for_type(resource_type)
+                .map(|param| {
+                    (
+                        param.code.as_str(),
+                        json!({
+                            "name": param.code,
+                            "definition": param.url,
+                            "type": param.kind.name(),
+                        }),
+                    )
+                })
+                .collect();
+            params.sort_by(|a, b| a.0.cmp(b.0));
+            json!({
+                "type": resource_type,
+                "profile": format!("http://hl7.org/fhir/StructureDefinition/{resource_type}"),
+                "interaction": interactions,
+                "versioning": "versioned-update",
+                "readHistory": true,
+                "updateCreate": true,
+                "conditionalCreate": true,
+                "conditionalRead": "not-supported",
+                "conditionalUpdate": true,
+                "conditionalDelete": "single",
+                "searchParam": params.into_iter().map(|(_, p)| p).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
+        "publisher": "fhirkeep",
+        "kind": "instance",
+        "software": {"name": "fhirkeep", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {"description": "fhirkeep FHIR R4 server", "url": base},
+        "fhirVersion": "4.0.1",
+        "format": ["json", "application/fhir+json"],
+        "rest": [{
+            "mode": "server",
+            "security": {
+                "cors": false,
+                "description": "Authentication is not implemented yet: the server only \
+                                listens on loopback addresses.",
+            },
+            "resource": resources,
+            "interaction": SYSTEM_INTERACTIONS
+                .iter()
+                .map(|code| json!({"code": code}))
+                .collect::<Vec<_>>(),
+            "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
+        }],
+    }))
+}

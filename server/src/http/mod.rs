@@ -1,0 +1,187 @@
+//! The FHIR R4 REST server behind `fhirkeep serve`: an axum [`Router`] over a [`Database`].
+//!
+//! [`app`] builds the router; [`serve`] runs it on a listener until a shutdown signal. Every
+//! route goes through one envelope middleware (see `envelope.rs`) that negotiates the format,
+//! serializes FHIR bodies, sets the security headers, logs without PHI and audits requests
+//! the engine never saw. Engine calls are blocking and run in `spawn_blocking`.
+
+mod capability;
+mod envelope;
+mod handlers;
+mod response;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use fhirkeep_query::Database;
+use tower_http::catch_panic::CatchPanicLayer;
+
+/// Default largest request body: a big transaction Bundle fits, a runaway upload does not.
+pub(crate) const DEFAULT_BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Settings of the HTTP layer.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerConfig {
+    /// The URL clients reach the server at, without a trailing slash (for `Location`,
+    /// `fullUrl` and paging links).
+    pub(crate) base_url: String,
+    /// Largest accepted request body in bytes (larger ones are answered 413).
+    pub(crate) max_body_bytes: usize,
+}
+
+/// What every handler shares: the database and the settings.
+#[derive(Debug, Clone)]
+pub(crate) struct AppState {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    db: Arc<Database>,
+    config: ServerConfig,
+}
+
+impl AppState {
+    pub(crate) fn new(db: Database, mut config: ServerConfig) -> Self {
+        config.base_url = config.base_url.trim_end_matches('/').to_owned();
+        AppState {
+            inner: Arc::new(Shared {
+                db: Arc::new(db),
+                config,
+            }),
+        }
+    }
+
+    /// The database, shareable with blocking tasks.
+    pub(crate) fn db(&self) -> Arc<Database> {
+        Arc::clone(&self.inner.db)
+    }
+
+    pub(crate) fn base(&self) -> &str {
+        &self.inner.config.base_url
+    }
+
+    /// The path of the base URL (`/fhir` of `http://host/fhir`), empty for the root.
+    fn base_path(&self) -> &str {
+        let base = self.base();
+        let after_scheme = base.split_once("://").map_or(base, |(_, rest)| rest);
+        after_scheme
+            .find('/')
+            .map_or("", |slash| &after_scheme[slash..])
+    }
+
+    fn max_body_bytes(&self) -> usize {
+        self.inner.config.max_body_bytes
+    }
+}
+
+/// The FHIR REST API as a router (state included, ready to serve), at the path of the base
+/// URL (`http://host/fhir` serves `/fhir/Patient/1`), so that every link the server makes
+/// leads back to it.
+pub(crate) fn app(state: AppState) -> Router {
+    let prefix = state.base_path().to_owned();
+    let router = if prefix.is_empty() {
+        routes()
+    } else {
+        Router::new()
+            .nest(&prefix, routes())
+            .fallback(handlers::unknown_route)
+    };
+    layered(router, state)
+}
+
+/// Every FHIR route; the layers are added by [`layered`].
+fn routes() -> Router<AppState> {
+    use handlers as h;
+    Router::new()
+        .route("/", get(h::search_system).post(h::bundle))
+        .route("/metadata", get(h::metadata))
+        .route("/_search", post(h::search_system_post))
+        .route("/_history", get(h::history_system))
+        .route(
+            "/{type}",
+            get(h::search_type)
+                .post(h::create)
+                .put(h::conditional_update)
+                .delete(h::conditional_delete),
+        )
+        .route("/{type}/_search", post(h::search_type_post))
+        .route("/{type}/_history", get(h::history_type))
+        .route(
+            "/{type}/{id}",
+            get(h::read).put(h::update).delete(h::delete),
+        )
+        .route("/{type}/{id}/_history", get(h::history_instance))
+        .route("/{type}/{id}/_history/{vid}", get(h::vread))
+        .route(
+            "/{type}/{id}/{compartment_type}",
+            get(h::search_compartment),
+        )
+        .fallback(h::unknown_route)
+}
+
+/// Wraps `router` in the layers every route gets. Separate from [`routes`] so that tests can
+/// add routes (e.g. one that panics) under the same layers.
+fn layered(router: Router<AppState>, state: AppState) -> Router {
+    router
+        .layer(DefaultBodyLimit::max(state.max_body_bytes()))
+        // Inside the envelope, so that a panic's 500 is still logged, audited and given the
+        // security headers.
+        .layer(CatchPanicLayer::custom(response::panic_response))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            envelope::envelope,
+        ))
+        .with_state(state)
+}
+
+/// Whether `addr` is a loopback address (the only place the server may run without auth).
+pub(crate) fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+/// Serves `state` on `listener` until `shutdown` completes, then waits for requests in
+/// flight to finish.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+/// Completes on Ctrl-C or (on Unix) SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            // No handler could be installed: only SIGTERM (or killing) stops the server.
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutdown signal received: finishing requests in flight");
+}

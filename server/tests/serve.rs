@@ -1,0 +1,209 @@
+//! `fhirkeep serve` end to end: the real binary on a loopback port, real HTTP requests, a
+//! graceful stop on SIGTERM, and the refusal of non-loopback addresses.
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+/// A running server, killed if the test ends before stopping it.
+struct Server {
+    child: Child,
+    base: String,
+    stderr_file: std::path::PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Starts `fhirkeep serve ARGS` in `cwd` and waits for its "serving" line.
+    // The child is waited for by `Drop`, which clippy cannot see.
+    #[allow(clippy::zombie_processes)]
+    fn start(cwd: &Path, args: &[&str]) -> Server {
+        let stderr_file = cwd.join("serve.stderr");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fhirkeep"))
+            .arg("serve")
+            .args(args)
+            .current_dir(cwd)
+            .env_remove("FHIRKEEP_PASSPHRASE")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_file).unwrap())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if stdout.read_line(&mut line).unwrap() == 0 {
+                let _ = child.wait();
+                panic!(
+                    "the server exited before serving:\n{}",
+                    std::fs::read_to_string(&stderr_file).unwrap()
+                );
+            }
+            if let Some((_, rest)) = line.split_once(" on http://") {
+                let address = rest.split_whitespace().next().unwrap();
+                return Server {
+                    child,
+                    base: format!("http://{address}"),
+                    stderr_file,
+                };
+            }
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_file).unwrap()
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+fn body_of(mut response: ureq::http::Response<ureq::Body>) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap();
+    let value = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap()
+    };
+    (status, value)
+}
+
+#[test]
+fn serve_answers_create_read_and_search_over_http_and_stops_on_sigterm() {
+    let dir = TempDir::new().unwrap();
+    // No arguments but a free port: the embedded default in ./data with its key file.
+    let server = Server::start(dir.path(), &["--listen", "127.0.0.1:0"]);
+    let key_file = dir.path().join("data/fhirkeep.keyfile");
+    assert!(key_file.exists());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let agent = agent();
+
+    let created = agent
+        .post(format!("{}/Patient", server.base))
+        .header("Content-Type", "application/fhir+json")
+        .send(json!({"resourceType": "Patient", "name": [{"family": "Endtoend"}]}).to_string())
+        .unwrap();
+    let location = created
+        .headers()
+        .get("location")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        created.headers().get("x-content-type-options").unwrap(),
+        "nosniff"
+    );
+    let (status, patient) = body_of(created);
+    assert_eq!(status, 201, "{patient}");
+    let id = patient["id"].as_str().unwrap();
+    assert_eq!(location, format!("{}/Patient/{id}/_history/1", server.base));
+
+    let read = agent
+        .get(format!("{}/Patient/{id}", server.base))
+        .call()
+        .unwrap();
+    assert_eq!(read.headers().get("etag").unwrap(), "W/\"1\"");
+    let (status, again) = body_of(read);
+    assert_eq!(status, 200);
+    assert_eq!(again["name"][0]["family"], "Endtoend");
+
+    let (status, bundle) = body_of(
+        agent
+            .get(format!("{}/Patient?family=endtoend", server.base))
+            .call()
+            .unwrap(),
+    );
+    assert_eq!(status, 200, "{bundle}");
+    assert_eq!(bundle["total"], 1);
+    assert_eq!(
+        bundle["entry"][0]["fullUrl"],
+        format!("{}/Patient/{id}", server.base)
+    );
+
+    let (status, outcome) = body_of(
+        agent
+            .get(format!("{}/Patient/{id}", server.base))
+            .header("Accept", "application/fhir+xml")
+            .call()
+            .unwrap(),
+    );
+    assert_eq!(status, 406);
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+
+    let stderr = server.stderr();
+    assert!(stderr.contains("fhirkeep.keyfile"), "{stderr}");
+    assert!(stderr.contains("production"), "{stderr}");
+    assert!(stderr.contains("authentication is off"), "{stderr}");
+    assert!(stderr.contains("route=/{type}/{id}"), "{stderr}");
+    assert!(!stderr.contains(id), "a resource id was logged:\n{stderr}");
+
+    // A graceful stop: SIGTERM, then a clean exit.
+    #[cfg(unix)]
+    {
+        let mut server = server;
+        let killed = Command::new("kill")
+            .args(["-TERM", &server.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "{status:?}\n{}", server.stderr());
+        assert!(server.stderr().contains("server stopped"));
+    }
+}
+
+#[test]
+fn serve_refuses_a_non_loopback_address_without_auth() {
+    let dir = TempDir::new().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_fhirkeep"))
+        .args(["serve", "--listen", "0.0.0.0:8080"])
+        .current_dir(dir.path())
+        .env_remove("FHIRKEEP_PASSPHRASE")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("refusing to listen on 0.0.0.0:8080"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("SMART"), "{stderr}");
+    assert!(stderr.contains("not implemented"), "{stderr}");
+    // Refused before anything was created.
+    assert!(!dir.path().join("data").exists());
+}
