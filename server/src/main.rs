@@ -132,6 +132,15 @@ enum Command {
         /// Largest request body in bytes (larger ones are answered 413).
         #[arg(long, value_name = "BYTES", default_value_t = http::DEFAULT_BODY_LIMIT)]
         max_body_bytes: usize,
+        /// Load the official R4 examples first if the database is empty (default archive:
+        /// the one shipped in testdata/).
+        #[arg(
+            long,
+            value_name = "TGZ",
+            num_args = 0..=1,
+            default_missing_value = "testdata/r4/hl7.fhir.r4.examples-4.0.1.tgz"
+        )]
+        load_samples: Option<PathBuf>,
     },
     /// Generate deterministic synthetic FHIR R4 data: NDJSON, one file per resource type.
     ///
@@ -312,7 +321,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             listen,
             base_url,
             max_body_bytes,
-        } => serve(&db, listen, base_url, max_body_bytes),
+            load_samples,
+        } => serve(
+            &db,
+            listen,
+            base_url,
+            max_body_bytes,
+            load_samples.as_deref(),
+        ),
         Command::Import { db, paths, batch } => {
             let database = db.open_database()?;
             let summary = import::import_paths(&database, &ctx("import"), &paths, batch.max(1))?;
@@ -447,6 +463,7 @@ fn serve(
     listen: std::net::SocketAddr,
     base_url: Option<String>,
     max_body_bytes: usize,
+    load_samples: Option<&Path>,
 ) -> Result<ExitCode> {
     // Checked before anything is created: a refused start leaves no trace on disk.
     if !http::is_loopback(&listen) {
@@ -461,6 +478,9 @@ fn serve(
         .kdf(db.kdf())
         .verify_on_open(db.verify_on_open)
         .open_or_create()?;
+    if let Some(samples) = load_samples {
+        load_samples_if_empty(&database, &ctx("serve"), samples)?;
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Another subscriber already set (none in this binary) is not worth failing for.
@@ -509,38 +529,7 @@ fn demo(db: &DbArgs, samples: &Path) -> Result<ExitCode> {
         .kdf(db.kdf())
         .open_or_create()?;
     let store = database.store();
-    let ctx = ctx("demo");
-    let already = store
-        .history_system(
-            &ctx,
-            &HistoryQuery {
-                count: Some(1),
-                ..HistoryQuery::default()
-            },
-        )?
-        .entries
-        .len();
-    if already == 0 {
-        if samples.exists() {
-            let started = std::time::Instant::now();
-            let summary = import::import_tgz(&database, &ctx, samples)?;
-            summary.print();
-            eprintln!(
-                "loaded the R4 examples in {:.1} s",
-                started.elapsed().as_secs_f64()
-            );
-        } else {
-            eprintln!(
-                "sample data {} not found: run from the project root",
-                samples.display()
-            );
-        }
-    } else {
-        eprintln!(
-            "database in {} already has data; nothing loaded",
-            db.db.display()
-        );
-    }
+    load_samples_if_empty(&database, &ctx("demo"), samples)?;
     let head = store.audit_head()?;
     println!(
         "database: {} (audit log: {} leaves)",
@@ -556,6 +545,44 @@ fn demo(db: &DbArgs, samples: &Path) -> Result<ExitCode> {
     println!("      cargo run --release --bin fhirkeep -- check");
     println!("      cargo run --release --bin fhirkeep -- audit head");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Loads the R4 examples archive into `database` if it holds no resource yet (the embedded
+/// default's "sample data"); a database with data is left alone.
+fn load_samples_if_empty(database: &Database, ctx: &AccessContext, samples: &Path) -> Result<()> {
+    let already = database
+        .store()
+        .history_system(
+            ctx,
+            &HistoryQuery {
+                count: Some(1),
+                ..HistoryQuery::default()
+            },
+        )?
+        .entries
+        .len();
+    if already > 0 {
+        eprintln!(
+            "database in {} already has data; no samples loaded",
+            database.dir().display()
+        );
+        return Ok(());
+    }
+    if !samples.exists() {
+        eprintln!(
+            "sample data {} not found: run from the project root",
+            samples.display()
+        );
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let summary = import::import_tgz(database, ctx, samples)?;
+    summary.print();
+    eprintln!(
+        "loaded the R4 examples in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn search(db: &DbArgs, query: &str, ids: bool, lenient: bool, base: &str) -> Result<ExitCode> {

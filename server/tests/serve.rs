@@ -207,3 +207,61 @@ fn serve_refuses_a_non_loopback_address_without_auth() {
     // Refused before anything was created.
     assert!(!dir.path().join("data").exists());
 }
+
+/// A tiny examples package (`package/<Type>-<id>.json`), as `--load-samples` reads it.
+fn write_samples(path: &Path) {
+    let file = std::fs::File::create(path).unwrap();
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    let mut archive = tar::Builder::new(gz);
+    for (name, resource) in [
+        (
+            "package/Patient-s1.json",
+            json!({"resourceType": "Patient", "id": "s1", "name": [{"family": "Sample"}]}),
+        ),
+        (
+            "package/Observation-s2.json",
+            json!({"resourceType": "Observation", "id": "s2", "status": "final",
+            "code": {"text": "x"}, "subject": {"reference": "Patient/s1"}}),
+        ),
+    ] {
+        let bytes = serde_json::to_vec(&resource).unwrap();
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        archive
+            .append_data(&mut header, name, bytes.as_slice())
+            .unwrap();
+    }
+    archive.into_inner().unwrap().finish().unwrap();
+}
+
+#[test]
+fn serve_loads_samples_into_an_empty_database_only() {
+    let dir = TempDir::new().unwrap();
+    let samples = dir.path().join("samples.tgz");
+    write_samples(&samples);
+    let samples_arg = samples.to_str().unwrap().to_string();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--load-samples",
+        samples_arg.as_str(),
+    ];
+    let server = Server::start(dir.path(), &args);
+    let response = agent()
+        .get(format!("{}/Observation?patient.family=sample", server.base))
+        .call()
+        .unwrap();
+    let (status, bundle) = body_of(response);
+    assert_eq!(status, 200);
+    assert_eq!(bundle["total"], 1);
+    drop(server);
+    // A second start finds data and loads nothing again.
+    let server = Server::start(dir.path(), &args);
+    assert!(
+        server.stderr().contains("already has data"),
+        "{}",
+        server.stderr()
+    );
+}
