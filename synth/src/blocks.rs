@@ -193,7 +193,7 @@ impl Dataset {
         range.map(|i| self.resource(i)).collect()
     }
 
-    /// Generates resources `range` and parses them, ready for [`write_batch`].
+    /// Generates resources `range` and parses them, ready for a store write (`update_many`).
     pub fn parsed_batch(&self, range: Range<u64>) -> serde_json::Result<Vec<ParsedResource>> {
         range
             .map(|i| {
