@@ -472,6 +472,9 @@ fn parse_entry(index: usize, entry: &Value) -> Result<Entry> {
     };
     let path = strip_base(path);
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if segments.iter().any(|s| s.starts_with('$')) {
+        return Err(bad("operations ($...) in bundles are not supported yet"));
+    }
     let (resource_type, id, version) = match segments.as_slice() {
         [t] => (*t, None, None),
         [t, id] => (*t, Some((*id).to_string()), None),
@@ -523,10 +526,11 @@ fn parse_entry(index: usize, entry: &Value) -> Result<Entry> {
             .get("fullUrl")
             .and_then(Value::as_str)
             .map(String::from),
+        // The query part; some clients send `Type?query` or `?query` instead.
         if_none_exist: request
             .get("ifNoneExist")
             .and_then(Value::as_str)
-            .map(|s| s.trim_start_matches('?').to_string()),
+            .map(|s| s.split_once('?').map_or(s, |(_, query)| query).to_string()),
         if_match,
     })
 }
@@ -576,6 +580,26 @@ mod tests {
         let ok = json!({"request": {"method": "GET", "url": "Patient/1/_history/2"}});
         let entry = parse_entry(0, &ok).unwrap();
         assert_eq!((entry.id.as_deref(), entry.version), (Some("1"), Some(2)));
+        for condition in [
+            "identifier=a|b",
+            "?identifier=a|b",
+            "Patient?identifier=a|b",
+        ] {
+            let post = json!({"request": {"method": "POST", "url": "Patient", "ifNoneExist": condition},
+                              "resource": {"resourceType": "Patient"}});
+            assert_eq!(
+                parse_entry(0, &post).unwrap().if_none_exist.as_deref(),
+                Some("identifier=a|b")
+            );
+        }
+        let operation = json!({"request": {"method": "POST", "url": "ValueSet/$lookup"},
+                               "resource": {"resourceType": "Parameters"}});
+        match parse_entry(0, &operation) {
+            Err(Error::Unprocessable(message)) => {
+                assert!(message.contains("operations"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
         for bad in [
             json!({}),
             json!({"request": {"method": "PATCH", "url": "Patient/1"}}),
