@@ -379,12 +379,15 @@ impl Database {
     /// Conditional update (`PUT Type?condition`): updates the one match, or creates when
     /// nothing matches (with the resource's own id if it has one). Several matches are
     /// [`Error::MultipleMatches`]; a resource id that differs from the match's is refused.
+    /// With `expected_version` (`If-Match`), the match must be at that version (a create
+    /// expects version 0).
     pub fn conditional_update(
         &self,
         ctx: &AccessContext,
         resource_type: &str,
         condition: &str,
         resource: Value,
+        expected_version: Option<u64>,
     ) -> Result<UpdateOutcome> {
         if resource_type_of(&resource)? != resource_type {
             return Err(Error::Unprocessable(
@@ -411,7 +414,7 @@ impl Database {
             many => return Err(Error::MultipleMatches(many.len())),
         };
         self.write_locked(ctx, |txn| {
-            Ok(txn.update(resource_type, &id, resource, None)?)
+            Ok(txn.update(resource_type, &id, resource, expected_version)?)
         })
     }
 

@@ -160,7 +160,7 @@ fn conditional_create_update_and_delete() {
     let mut changed = body.clone();
     changed["gender"] = json!("other");
     let updated =
-        t.db.conditional_update(&ctx(), "Patient", condition, changed)
+        t.db.conditional_update(&ctx(), "Patient", condition, changed.clone(), None)
             .unwrap();
     assert_eq!(updated.resource.id, created.id);
     assert_eq!(updated.resource.version, 2);
@@ -178,9 +178,29 @@ fn conditional_create_update_and_delete() {
             "Patient",
             "identifier=http://hospital.example/mrn|mrn-y",
             other.clone(),
+            None,
         )
         .unwrap();
     assert_eq!(made.resource.version, 1);
+    // If-Match: the match must be at the expected version.
+    let stale = t.db.conditional_update(
+        &ctx(),
+        "Patient",
+        "identifier=http://hospital.example/mrn|mrn-y",
+        other.clone(),
+        Some(7),
+    );
+    assert_eq!(stale.unwrap_err().http_status(), 412);
+    let fresh =
+        t.db.conditional_update(
+            &ctx(),
+            "Patient",
+            "identifier=http://hospital.example/mrn|mrn-y",
+            other.clone(),
+            Some(1),
+        )
+        .unwrap();
+    assert_eq!(fresh.resource.version, 2);
 
     // Two match: refused, nothing written.
     let both = "identifier=http://hospital.example/mrn|mrn-x,http://hospital.example/mrn|mrn-y";

@@ -374,17 +374,14 @@ pub(crate) async fn conditional_update(
 ) -> HandlerResult {
     check_type(&resource_type)?;
     let resource = resource_of_type(&headers, &body, &resource_type)?;
-    if headers.contains_key(IF_MATCH) {
-        return Err(ApiError::bad_request(
-            "If-Match is not supported with a conditional update: update by id instead",
-        ));
-    }
+    let expected = if_match(&headers)?;
     let condition = query.unwrap_or_default();
     let db = state.db();
-    let outcome =
-        blocking(move || db.conditional_update(&info.ctx, &resource_type, &condition, resource))
-            .await?
-            .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))?;
+    let outcome = blocking(move || {
+        db.conditional_update(&info.ctx, &resource_type, &condition, resource, expected)
+    })
+    .await?
+    .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))?;
     let (status, message) = if outcome.created {
         (StatusCode::CREATED, "created")
     } else {

@@ -325,6 +325,24 @@ async fn conditional_create_update_and_delete() {
     assert_eq!(updated.status, StatusCode::OK, "{}", updated.body);
     assert_eq!(updated.body["id"], id.as_str());
     assert_eq!(updated.header(ETAG), "W/\"2\"");
+    // If-Match applies to the resource the condition matched.
+    let conditional_put = |version: &str| {
+        Request::put("/Patient?identifier=http://mrn.test|42")
+            .header(CONTENT_TYPE, "application/fhir+json")
+            .header(IF_MATCH, version)
+            .body(Body::from(changed.to_string()))
+            .unwrap()
+    };
+    let stale = h.send(conditional_put("W/\"1\"")).await;
+    assert_eq!(
+        stale.status,
+        StatusCode::PRECONDITION_FAILED,
+        "{}",
+        stale.body
+    );
+    let fresh = h.send(conditional_put("W/\"2\"")).await;
+    assert_eq!(fresh.status, StatusCode::OK, "{}", fresh.body);
+    assert_eq!(fresh.header(ETAG), "W/\"3\"");
 
     let mut other = changed.clone();
     other["identifier"] = json!([{"system": "http://mrn.test", "value": "43"}]);
@@ -351,7 +369,7 @@ async fn conditional_create_update_and_delete() {
         )
         .await;
     assert_eq!(deleted.status, StatusCode::NO_CONTENT);
-    assert_eq!(deleted.header(ETAG), "W/\"3\"");
+    assert_eq!(deleted.header(ETAG), "W/\"4\"");
     assert_eq!(
         h.get(&format!("/Patient/{id}")).await.status,
         StatusCode::GONE
