@@ -18,9 +18,10 @@ use serde_json::Value;
 
 use crate::directory::RedbDirectory;
 use crate::extract::extract;
-use crate::index::SearchIndex;
+use crate::index::{DocumentChange, SearchIndex};
 use crate::registry::Registry;
 use crate::{Error, Result};
+use rayon::prelude::*;
 
 /// The auxiliary encrypted file that holds the index.
 const INDEX_FILE: &str = "index";
@@ -153,7 +154,11 @@ impl std::fmt::Debug for Database {
 impl Drop for Database {
     fn drop(&mut self) {
         // Best effort: a failure here is repaired by the catch-up at the next open.
-        if let Err(error) = self.commit_index() {
+        let ctx = AccessContext::local("fhirkeep-index");
+        if let Err(error) = self
+            .lock_writes()
+            .and_then(|_guard| self.sync_index_locked(&ctx, Visibility::Now))
+        {
             tracing::warn!(error = %error, "could not commit the search index on close");
         }
     }
@@ -166,6 +171,10 @@ pub enum ConditionalOutcome {
     Created(StoredResource),
     /// One resource matched: it is returned and nothing was written.
     Existing(StoredResource),
+}
+
+fn is_search_parameter(stored: &StoredResource) -> bool {
+    stored.resource_type == "SearchParameter" && !stored.is_deleted()
 }
 
 fn resource_type_of(resource: &Value) -> Result<String> {
@@ -310,24 +319,40 @@ impl Database {
         self.write(ctx, |txn| Ok(txn.update_many(items)?))
     }
 
-    /// Like [`Database::update_many`], for bulk loads: the index catches up as usual but
-    /// commits only every few hundred thousand changes, so a search may not see the batch
-    /// until [`Database::flush_index`] (or the next ordinary write, or dropping the
-    /// database). Crash safety is unchanged: the store is durable, and reopening catches the
-    /// index up.
+    /// Like [`Database::update_many`], for bulk loads: while this batch commits in the store,
+    /// the index catches up with the batches before it on the other cores, and it commits
+    /// only every few hundred thousand changes. So a search may not see a loaded batch until
+    /// [`Database::flush_index`] (or the next ordinary write, or reopening). Crash safety is
+    /// unchanged: the store is durable, and reopening catches the index up.
     pub fn load_many(
         &self,
         ctx: &AccessContext,
         items: Vec<Upsert>,
     ) -> Result<Vec<fhirkeep_engine::Result<UpdateOutcome>>> {
         let _guard = self.lock_writes()?;
-        self.write_locked_with(ctx, Visibility::Deferred, |txn| Ok(txn.update_many(items)?))
+        let index_ctx = AccessContext::local("fhirkeep-index");
+        let (written, caught_up) = std::thread::scope(|scope| {
+            // The catch-up reads committed changes only (its own read transaction), so it
+            // cannot see this batch half written; whatever of it is committed before the
+            // catch-up looks is indexed now, the rest next time.
+            let catch_up = scope.spawn(|| self.sync_index_locked(&index_ctx, Visibility::Deferred));
+            let written = self.store.write(ctx, |txn| txn.update_many(items));
+            let caught_up = catch_up.join().unwrap_or_else(|_| {
+                Err(Error::Internal("the index catch-up thread panicked".into()))
+            });
+            (written, caught_up)
+        });
+        let written = written?;
+        caught_up?;
+        Ok(written)
     }
 
     /// Makes everything written so far visible to searches (after [`Database::load_many`]).
     pub fn flush_index(&self) -> Result<()> {
         let _guard = self.lock_writes()?;
-        self.commit_index()
+        let index_ctx = AccessContext::local("fhirkeep-index");
+        self.sync_index_locked(&index_ctx, Visibility::Now)?;
+        Ok(())
     }
 
     fn commit_index(&self) -> Result<()> {
@@ -577,27 +602,32 @@ impl Database {
             if page.changes.is_empty() {
                 break;
             }
-            for (seq, stored) in &page.changes {
-                let key = format!("{}/{}", stored.resource_type, stored.id);
-                if stored.is_deleted() {
-                    self.index.put(&key, &stored.resource_type, None)?;
-                } else {
-                    let json = stored.to_json()?;
-                    if stored.resource_type == "SearchParameter" {
-                        // In effect for this resource and every later one.
-                        self.add_parameter(&json);
-                    }
-                    let registry = self.registry()?;
-                    let (entries, failures) = extract(&registry, &stored.resource_type, &json);
-                    drop(registry);
-                    report.expression_failures += failures as u64;
-                    self.index
-                        .put(&key, &stored.resource_type, Some(&entries))?;
+            // A stored SearchParameter is in effect for itself and every later change, so
+            // the page is cut into runs that each start with one and share a registry.
+            let mut rest = page.changes.as_slice();
+            while let Some(first) = rest.first() {
+                let run_len = 1 + rest[1..]
+                    .iter()
+                    .position(|(_, stored)| is_search_parameter(stored))
+                    .unwrap_or(rest.len() - 1);
+                let (run, tail) = rest.split_at(run_len);
+                rest = tail;
+                if is_search_parameter(&first.1) {
+                    self.add_parameter(&first.1.to_json()?);
                 }
-                after = Some(*seq);
-                report.changes += 1;
-                progress.uncommitted += 1;
+                let registry = self.registry()?;
+                let prepared = run
+                    .par_iter()
+                    .map(|(_, stored)| self.document_change(&registry, stored))
+                    .collect::<Result<Vec<_>>>()?;
+                drop(registry);
+                report.expression_failures += prepared.iter().map(|(_, f)| *f).sum::<u64>();
+                self.index
+                    .apply(prepared.into_iter().map(|(change, _)| change))?;
+                report.changes += run.len() as u64;
+                progress.uncommitted += run.len();
             }
+            after = page.changes.last().map(|(seq, _)| *seq).or(after);
             progress.applied = after;
             *self.lock_progress()? = progress;
             if progress.uncommitted >= DEFERRED_COMMIT_EVERY {
@@ -613,6 +643,39 @@ impl Database {
             self.commit_index()?;
         }
         Ok(report)
+    }
+
+    /// The index change for one stored version, with the number of parameters whose
+    /// expression failed on it. Runs on any thread.
+    fn document_change(
+        &self,
+        registry: &Registry,
+        stored: &StoredResource,
+    ) -> Result<(DocumentChange, u64)> {
+        let key = format!("{}/{}", stored.resource_type, stored.id);
+        let replaces = stored.version > 1;
+        if stored.is_deleted() {
+            return Ok((
+                DocumentChange {
+                    key,
+                    replaces: true,
+                    document: None,
+                },
+                0,
+            ));
+        }
+        let json = stored.to_json()?;
+        let (entries, failures) = extract(registry, &stored.resource_type, &json);
+        drop(json);
+        let document = self.index.document(&key, &stored.resource_type, &entries);
+        Ok((
+            DocumentChange {
+                key,
+                replaces,
+                document: Some(document),
+            },
+            failures as u64,
+        ))
     }
 
     fn add_parameter(&self, definition: &Value) {

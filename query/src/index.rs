@@ -102,6 +102,19 @@ pub struct IndexedDoc {
     pub sort: Vec<String>,
 }
 
+/// One change of the index: the new document of `key`, if any, and whether an earlier one
+/// may exist and must go.
+#[derive(Debug)]
+pub struct DocumentChange {
+    /// `Type/id`.
+    pub key: String,
+    /// Whether the index may hold a document of `key` already (false only for a resource's
+    /// first version, which saves tantivy a delete term per created resource).
+    pub replaces: bool,
+    /// The resource's new document; `None` for a deletion.
+    pub document: Option<TantivyDocument>,
+}
+
 /// The commit payload: schema version and the store sequence the index holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexState {
@@ -172,18 +185,14 @@ impl SearchIndex {
         state.schema_version == SCHEMA_VERSION
     }
 
-    /// Replaces the document of `key` with `entries` (or removes it when `None`).
-    pub fn put(
+    /// The document of one resource. Pure, so that documents of a batch can be built on
+    /// every core before [`SearchIndex::apply`] hands them to the single writer.
+    pub fn document(
         &self,
         key: &str,
         resource_type: &str,
-        entries: Option<&IndexEntries>,
-    ) -> Result<()> {
-        let writer = self.lock_writer()?;
-        writer.delete_term(Term::from_field_text(self.fields.key, key));
-        let Some(entries) = entries else {
-            return Ok(());
-        };
+        entries: &IndexEntries,
+    ) -> TantivyDocument {
         let f = self.fields;
         let mut doc = TantivyDocument::new();
         doc.add_text(f.key, key);
@@ -203,7 +212,20 @@ impl SearchIndex {
         for sort in &entries.sort_keys {
             doc.add_text(f.sort, sort);
         }
-        writer.add_document(doc)?;
+        doc
+    }
+
+    /// Applies changes in order, under one hold of the writer.
+    pub fn apply(&self, changes: impl IntoIterator<Item = DocumentChange>) -> Result<()> {
+        let writer = self.lock_writer()?;
+        for change in changes {
+            if change.replaces {
+                writer.delete_term(Term::from_field_text(self.fields.key, &change.key));
+            }
+            if let Some(doc) = change.document {
+                writer.add_document(doc)?;
+            }
+        }
         Ok(())
     }
 

@@ -1019,3 +1019,57 @@ fn date_prefixes_agree_with_brute_force_on_every_calendar_class() {
     }
     assert_eq!(checked, 480);
 }
+
+fn upsert(resource: Value) -> fhirkeep_engine::store::Upsert {
+    fhirkeep_engine::store::Upsert {
+        resource_type: resource["resourceType"].as_str().unwrap().to_string(),
+        id: resource["id"].as_str().map(str::to_string),
+        resource,
+        expected_version: None,
+    }
+}
+
+#[test]
+fn bulk_loads_index_every_batch_by_the_flush_and_by_the_next_open() {
+    let t = new_db();
+    // Enough resources per batch that the extraction runs on several threads, with a
+    // SearchParameter in the middle of a batch: it applies to the resources after it in the
+    // same batch, and not to those before it (until a reindex).
+    let eye = |id: &str| {
+        let mut p = patient(id, "Bulk", "1970");
+        p["extension"] = json!([{"url": "http://example.org/eye", "valueCode": "green"}]);
+        p
+    };
+    let mut first: Vec<_> = (0..300).map(|i| upsert(eye(&format!("a{i}")))).collect();
+    first.insert(
+        150,
+        upsert(json!({"resourceType": "SearchParameter", "id": "eye", "url": "http://example.org/sp/eye",
+            "name": "eye", "status": "active", "description": "eye colour", "code": "eye-colour",
+            "base": ["Patient"], "type": "token",
+            "expression": "Patient.extension('http://example.org/eye').value"})),
+    );
+    let second: Vec<_> = (0..300).map(|i| upsert(eye(&format!("b{i}")))).collect();
+    // Version 2 of resources loaded in the first batch: the old documents must go.
+    let third: Vec<_> = (0..100)
+        .map(|i| upsert(patient(&format!("a{i}"), "Renamed", "1970")))
+        .collect();
+    for batch in [first, second, third] {
+        let results = t.db.load_many(&ctx(), batch).unwrap();
+        assert!(results.iter().all(Result::is_ok));
+    }
+    t.db.flush_index().unwrap();
+    let count = |db: &Database, query: &str| run(db, &format!("{query}&_total=accurate")).total;
+    assert_eq!(count(&t.db, "Patient?family=Bulk"), Some(500));
+    assert_eq!(count(&t.db, "Patient?family=Renamed"), Some(100));
+    // a150..a299 (after the definition) and every b.
+    assert_eq!(count(&t.db, "Patient?eye-colour=green"), Some(450));
+
+    // Loaded but never flushed: dropping or reopening brings the index in line.
+    let batch: Vec<_> = (0..200)
+        .map(|i| upsert(patient(&format!("c{i}"), "Late", "1980")))
+        .collect();
+    t.db.load_many(&ctx(), batch).unwrap();
+    let t = reopen(t);
+    assert_eq!(count(&t.db, "Patient?family=Late"), Some(200));
+    assert_eq!(count(&t.db, "Patient?family=Bulk"), Some(500));
+}

@@ -15,6 +15,10 @@
 //!
 //! Databases are created in `$FHIRKEEP_BENCH_DIR` (default: the system temporary directory).
 
+/// The same allocator as the `fhirkeep` binary, so the figures are the product's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
