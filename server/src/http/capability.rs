@@ -22,8 +22,34 @@ const TYPE_INTERACTIONS: [&str; 8] = [
 /// The whole-system interactions.
 const SYSTEM_INTERACTIONS: [&str; 4] = ["transaction", "batch", "search-system", "history-system"];
 
-/// The CapabilityStatement for a server reached at `base`.
-pub(crate) fn statement(db: &Database, base: &str) -> Result<Value> {
+/// The `rest[0].security` of the statement: SMART on FHIR (`smart`) or none, loopback only.
+fn security(smart: bool) -> Value {
+    if !smart {
+        return json!({
+            "cors": false,
+            "description": "No authentication (--auth none): the server only listens on \
+                            loopback addresses.",
+        });
+    }
+    json!({
+        "cors": false,
+        "service": [{
+            "coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                "code": "SMART-on-FHIR",
+                "display": "SMART-on-FHIR",
+            }],
+            "text": "OAuth2 using SMART-on-FHIR profile (see http://docs.smarthealthit.org)",
+        }],
+        "description": "Every interaction but /metadata and /.well-known/smart-configuration \
+                        needs a bearer JWT (RS256, ES256 or EdDSA) whose aud is this base URL; \
+                        SMART v1 and v2 scopes decide what it may do. See \
+                        /.well-known/smart-configuration.",
+    })
+}
+
+/// The CapabilityStatement for a server reached at `base` (`smart`: under `--auth smart`).
+pub(crate) fn statement(db: &Database, base: &str, smart: bool) -> Result<Value> {
     let registry = db.registry()?;
     let interactions: Vec<Value> = TYPE_INTERACTIONS
         .iter()
@@ -73,11 +99,7 @@ pub(crate) fn statement(db: &Database, base: &str) -> Result<Value> {
         "format": ["json", "application/fhir+json"],
         "rest": [{
             "mode": "server",
-            "security": {
-                "cors": false,
-                "description": "Authentication is not implemented yet: the server only \
-                                listens on loopback addresses.",
-            },
+            "security": security(smart),
             "resource": resources,
             "interaction": SYSTEM_INTERACTIONS
                 .iter()
