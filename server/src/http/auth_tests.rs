@@ -485,6 +485,10 @@ async fn the_wrong_scope_for_an_interaction_is_403() {
         .await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
     assert_eq!(reply.issue_code(), "forbidden");
+    assert_eq!(
+        reply.www_authenticate,
+        "Bearer realm=\"fhirkeep\", error=\"insufficient_scope\""
+    );
     let leaves = h.leaves_of(&reply.request_id);
     assert_eq!(leaves[0].outcome, AuditOutcome::Denied);
     assert_eq!(leaves[0].actor.subject, "dr-secret-subject");
@@ -821,4 +825,30 @@ async fn privileged_scopes_need_mfa_when_required() {
     assert_eq!(write(with).await, StatusCode::CREATED);
     // The read part of the user scope stays usable without MFA.
     assert_eq!(h.get("/Patient/p1", &without).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_patient_tokens_search_pages_stay_in_the_compartment() {
+    let h = harness();
+    let p1 = token("patient/*.rs", Some("p1"));
+    let mut uri = "/Observation?_count=1".to_owned();
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let reply = h.get(&uri, &p1).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_eq!(reply.body["total"], 3, "{}", reply.body);
+        assert_eq!(reply.keys().len(), 1, "{}", reply.body);
+        seen.extend(reply.keys());
+        let next = reply.body["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_owned());
+        match next {
+            Some(url) => uri = url.strip_prefix(BASE).unwrap().to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["Observation/o1", "Observation/o3", "Observation/o4"]);
 }

@@ -120,6 +120,16 @@ pub(crate) async fn envelope(
             next.run(req).await
         }
     };
+    if auth == "token"
+        && response.status() == StatusCode::FORBIDDEN
+        && response.extensions().get::<Denied>().is_some()
+    {
+        // RFC 6750: a valid token whose scopes do not allow the request.
+        response.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"fhirkeep\", error=\"insufficient_scope\""),
+        );
+    }
     finish(&mut response, control.pretty, &request_id);
     let status = response.status();
     if response.extensions().get::<Audited>().is_none() {
