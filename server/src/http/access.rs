@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use axum::http::StatusCode;
+use fhirkeep_engine::store::StoredResource;
 use fhirkeep_query::extract::{SEP, extract};
 use fhirkeep_query::params::{Handling, SearchRequest, decode_query, parse_search};
 use fhirkeep_query::registry::Registry;
@@ -160,6 +161,40 @@ pub(crate) fn in_compartment(
         let term = format!("{code}{SEP}r{SEP}{target}");
         entries.terms.contains(&term)
     })
+}
+
+/// Whether one stored version of a resource (already let through by [`check_instance`]) is
+/// itself inside the compartment the grant's filters name: an old version from before the
+/// resource moved into the token's patient's compartment is not. Deletions pass (no body).
+/// Search restrictions are checked on the current version only (by `check_instance`).
+pub(crate) fn version_reached(
+    db: &Database,
+    grant: &Grant,
+    interaction: Interaction,
+    stored: &StoredResource,
+) -> Result<bool, ApiError> {
+    let filters = match authorize(grant, interaction, Some(&stored.resource_type)) {
+        Decision::All => return Ok(true),
+        Decision::Forbidden => return Ok(false),
+        Decision::Filtered(filters) => filters,
+    };
+    if stored.is_deleted() {
+        return Ok(true);
+    }
+    let resource = stored
+        .to_json()
+        .map_err(|e| ApiError::query(&fhirkeep_query::Error::Engine(e), false))?;
+    let registry = db.registry().map_err(|e| ApiError::query(&e, false))?;
+    Ok(filters.iter().any(|f| match &f.compartment {
+        None => true,
+        Some(patient) => in_compartment(
+            &registry,
+            &stored.resource_type,
+            Some(&stored.id),
+            &resource,
+            patient,
+        ),
+    }))
 }
 
 /// The keys of `resource_type` resources matching a condition (`identifier=x`).

@@ -852,3 +852,44 @@ async fn a_patient_tokens_search_pages_stay_in_the_compartment() {
     }
     assert_eq!(seen, ["Observation/o1", "Observation/o3", "Observation/o4"]);
 }
+
+#[tokio::test]
+async fn versions_from_before_a_resource_moved_into_the_compartment_stay_hidden() {
+    let h = harness();
+    let system = token("system/*.*", None);
+    // o2 belonged to p2; its second version belongs to p1.
+    let moved = h
+        .call(
+            Method::PUT,
+            "/Observation/o2",
+            Some(&system),
+            Some(observation("o2", "p1", "laboratory")),
+        )
+        .await;
+    assert_eq!(moved.status, StatusCode::OK, "{}", moved.body);
+    let p1 = token("patient/*.rs", Some("p1"));
+    assert_eq!(h.get("/Observation/o2", &p1).await.status, StatusCode::OK);
+    assert_eq!(
+        h.get("/Observation/o2/_history/2", &p1).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.get("/Observation/o2/_history/1", &p1).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let history = h.get("/Observation/o2/_history", &p1).await;
+    assert_eq!(history.status, StatusCode::OK, "{}", history.body);
+    let versions: Vec<&str> = history.body["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["meta"]["versionId"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, ["2"]);
+    // p2 no longer reaches any version of it.
+    let p2 = token("patient/*.rs", Some("p2"));
+    assert_eq!(
+        h.get("/Observation/o2/_history/1", &p2).await.status,
+        StatusCode::NOT_FOUND
+    );
+}

@@ -298,9 +298,16 @@ pub(crate) async fn vread(
     let deny = state.deny_status();
     let stored = blocking(move || {
         access::check_instance(&db, &info.grant, deny, Letter::Read, &resource_type, &id)?;
-        db.store()
+        let stored = db
+            .store()
             .vread(&info.ctx, &resource_type, &id, version)
-            .map_err(|e| ApiError::query(&Error::Engine(e), true))
+            .map_err(|e| ApiError::query(&Error::Engine(e), true))?;
+        // An old version may predate the resource's move into the token's compartment.
+        if access::version_reached(&db, &info.grant, Letter::Read, &stored)? {
+            Ok(stored)
+        } else {
+            Err(ApiError::hidden(deny))
+        }
     })
     .await??;
     Ok(with_version(
@@ -825,6 +832,18 @@ async fn run_history(
             HistoryScope::System => store.history_system(&info.ctx, &history_query),
         }
         .map_err(|e| ApiError::query(&Error::Engine(e), true))
+        .and_then(|mut page| {
+            // Versions from before the resource came into the token's compartment are left
+            // out (type and system history need unfiltered scopes).
+            let mut kept = Vec::with_capacity(page.entries.len());
+            for stored in page.entries.drain(..) {
+                if access::version_reached(&db, &info.grant, Letter::Search, &stored)? {
+                    kept.push(stored);
+                }
+            }
+            page.entries = kept;
+            Ok(page)
+        })
     })
     .await??;
     Ok(FhirResponse::ok(history_bundle(
