@@ -318,6 +318,13 @@ struct AuthArgs {
     /// claim contains "mfa".
     #[arg(long)]
     require_mfa_for_privileged: bool,
+    /// The authorization endpoint of the authorization server that issues the tokens, to
+    /// advertise in /.well-known/smart-configuration and /metadata (fhirkeep has none).
+    #[arg(long, value_name = "URL")]
+    authorize_url: Option<String>,
+    /// The token endpoint of that authorization server, advertised likewise.
+    #[arg(long, value_name = "URL")]
+    token_url: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -545,8 +552,16 @@ fn ensure_embedded_key(db: &DbArgs) -> Result<()> {
 /// The `--auth` settings as the HTTP layer takes them (reads and checks `--jwks`).
 fn auth_mode(auth: &AuthArgs) -> Result<http::AuthMode> {
     if auth.auth == AuthKind::None {
-        if auth.jwks.is_some() || auth.issuer.is_some() || auth.require_mfa_for_privileged {
-            bail!("--jwks, --issuer and --require-mfa-for-privileged need --auth smart");
+        if auth.jwks.is_some()
+            || auth.issuer.is_some()
+            || auth.require_mfa_for_privileged
+            || auth.authorize_url.is_some()
+            || auth.token_url.is_some()
+        {
+            bail!(
+                "--jwks, --issuer, --require-mfa-for-privileged, --authorize-url and \
+                 --token-url need --auth smart"
+            );
         }
         return Ok(http::AuthMode::None);
     }
@@ -575,6 +590,10 @@ fn auth_mode(auth: &AuthArgs) -> Result<http::AuthMode> {
         jwks,
         issuer: auth.issuer.clone(),
         require_mfa: auth.require_mfa_for_privileged,
+        endpoints: http::OAuthUris {
+            authorize: auth.authorize_url.clone(),
+            token: auth.token_url.clone(),
+        },
     }))
 }
 

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
+use super::OAuthUris;
 use super::scopes::{Context, Letter, Scope, drop_privileged, parse_scopes};
 
 /// The purpose under which the server's issuer key is derived from the database key.
@@ -370,6 +371,7 @@ pub(crate) struct SmartAuth {
     keys: Vec<TrustedKey>,
     require_mfa: bool,
     own_jwk: Value,
+    endpoints: OAuthUris,
 }
 
 impl SmartAuth {
@@ -379,6 +381,7 @@ impl SmartAuth {
         jwks: Vec<TrustedKey>,
         issuer: Option<String>,
         require_mfa: bool,
+        endpoints: OAuthUris,
     ) -> SmartAuth {
         let mut keys = vec![own.trusted()];
         keys.extend(jwks);
@@ -388,7 +391,13 @@ impl SmartAuth {
             keys,
             require_mfa,
             own_jwk: own.public_jwk(),
+            endpoints,
         }
+    }
+
+    /// The external authorization server's endpoints, if configured.
+    pub(crate) fn endpoints(&self) -> &OAuthUris {
+        &self.endpoints
     }
 
     /// The server's own public key as a JWK.

@@ -109,6 +109,10 @@ fn harness_with(options: Options) -> Harness {
                 jwks,
                 issuer: options.issuer,
                 require_mfa: options.require_mfa,
+                endpoints: super::OAuthUris {
+                    authorize: Some(format!("{ISSUER}/authorize")),
+                    token: Some(format!("{ISSUER}/token")),
+                },
             }),
             deny_status: options.deny_status,
         },
@@ -345,6 +349,13 @@ async fn without_a_token_every_route_but_metadata_and_smart_configuration_is_401
         "http://terminology.hl7.org/CodeSystem/restful-security-service"
     );
     assert_eq!(security["service"][0]["coding"][0]["code"], "SMART-on-FHIR");
+    let oauth = &security["extension"][0];
+    assert_eq!(
+        oauth["url"],
+        "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+    );
+    assert_eq!(oauth["extension"][0]["url"], "authorize");
+    assert_eq!(oauth["extension"][1]["valueUri"], format!("{ISSUER}/token"));
 
     let smart = h
         .call(Method::GET, "/.well-known/smart-configuration", None, None)
@@ -355,7 +366,11 @@ async fn without_a_token_every_route_but_metadata_and_smart_configuration_is_401
     assert!(capabilities.contains(&json!("permission-v2")));
     assert!(capabilities.contains(&json!("permission-patient")));
     assert_eq!(smart.body["fhirkeep_issuer_key"]["kty"], "OKP");
-    assert!(smart.body.get("token_endpoint").is_none());
+    assert_eq!(smart.body["token_endpoint"], format!("{ISSUER}/token"));
+    assert_eq!(
+        smart.body["authorization_endpoint"],
+        format!("{ISSUER}/authorize")
+    );
 }
 
 #[tokio::test]

@@ -22,16 +22,19 @@ const TYPE_INTERACTIONS: [&str; 8] = [
 /// The whole-system interactions.
 const SYSTEM_INTERACTIONS: [&str; 4] = ["transaction", "batch", "search-system", "history-system"];
 
-/// The `rest[0].security` of the statement: SMART on FHIR (`smart`) or none, loopback only.
-fn security(smart: bool) -> Value {
-    if !smart {
+use super::OAuthUris;
+
+/// The `rest[0].security` of the statement: SMART on FHIR (`smart`, with the authorization
+/// server's endpoints when configured) or none, loopback only.
+fn security(smart: Option<&OAuthUris>) -> Value {
+    let Some(endpoints) = smart else {
         return json!({
             "cors": false,
             "description": "No authentication (--auth none): the server only listens on \
                             loopback addresses.",
         });
-    }
-    json!({
+    };
+    let mut security = json!({
         "cors": false,
         "service": [{
             "coding": [{
@@ -45,11 +48,28 @@ fn security(smart: bool) -> Value {
                         needs a bearer JWT (RS256, ES256 or EdDSA) whose aud is this base URL; \
                         SMART v1 and v2 scopes decide what it may do. See \
                         /.well-known/smart-configuration.",
+    });
+    let uris: Vec<Value> = [
+        ("authorize", &endpoints.authorize),
+        ("token", &endpoints.token),
+    ]
+    .into_iter()
+    .filter_map(|(name, uri)| {
+        uri.as_ref()
+            .map(|uri| json!({"url": name, "valueUri": uri}))
     })
+    .collect();
+    if !uris.is_empty() {
+        security["extension"] = json!([{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": uris,
+        }]);
+    }
+    security
 }
 
 /// The CapabilityStatement for a server reached at `base` (`smart`: under `--auth smart`).
-pub(crate) fn statement(db: &Database, base: &str, smart: bool) -> Result<Value> {
+pub(crate) fn statement(db: &Database, base: &str, smart: Option<&OAuthUris>) -> Result<Value> {
     let registry = db.registry()?;
     let interactions: Vec<Value> = TYPE_INTERACTIONS
         .iter()

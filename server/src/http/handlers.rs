@@ -912,8 +912,8 @@ pub(crate) async fn bundle(
 pub(crate) async fn metadata(State(state): State<AppState>) -> HandlerResult {
     let db = state.db();
     let base = state.base().to_owned();
-    let smart = state.smart().is_some();
-    let statement = blocking(move || capability::statement(&db, &base, smart))
+    let smart = state.smart().map(|s| s.endpoints().clone());
+    let statement = blocking(move || capability::statement(&db, &base, smart.as_ref()))
         .await?
         .map_err(|e| ApiError::query(&e, false))?;
     let mut response = FhirResponse::ok(statement);
@@ -938,10 +938,22 @@ pub(crate) async fn smart_configuration(State(state): State<AppState>) -> Handle
             "permission-user",
         ],
         "scopes_supported": auth::scopes_supported(),
-        "grant_types_supported": [],
-        "code_challenge_methods_supported": [],
         "fhirkeep_issuer_key": smart.own_jwk(),
     });
+    // The external authorization server's endpoints, when the operator named them.
+    let endpoints = smart.endpoints();
+    let mut grant_types = Vec::new();
+    if let Some(authorize) = &endpoints.authorize {
+        body["authorization_endpoint"] = json!(authorize);
+        // SMART requires PKCE with S256 of authorization servers.
+        body["code_challenge_methods_supported"] = json!(["S256"]);
+        grant_types.push("authorization_code");
+    }
+    if let Some(token) = &endpoints.token {
+        body["token_endpoint"] = json!(token);
+        grant_types.push("client_credentials");
+    }
+    body["grant_types_supported"] = json!(grant_types);
     if smart.requires_mfa() {
         body["fhirkeep_mfa_required_for_privileged"] = json!(true);
     }

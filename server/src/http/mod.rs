@@ -64,6 +64,16 @@ pub(crate) struct SmartSettings {
     pub(crate) issuer: Option<String>,
     /// `--require-mfa-for-privileged`.
     pub(crate) require_mfa: bool,
+    /// The endpoints of the external authorization server, to advertise.
+    pub(crate) endpoints: OAuthUris,
+}
+
+/// The endpoints of the authorization server that issues tokens (`--authorize-url`,
+/// `--token-url`), advertised in `/metadata` and `/.well-known/smart-configuration`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct OAuthUris {
+    pub(crate) authorize: Option<String>,
+    pub(crate) token: Option<String>,
 }
 
 /// What every handler shares: the database and the settings.
@@ -95,6 +105,7 @@ impl AppState {
                     settings.jwks.clone(),
                     settings.issuer.clone(),
                     settings.require_mfa,
+                    settings.endpoints.clone(),
                 ))
             }
         };
