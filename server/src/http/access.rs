@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashSet};
 use axum::http::StatusCode;
 use fhirkeep_engine::store::StoredResource;
 use fhirkeep_query::extract::{SEP, extract};
-use fhirkeep_query::params::{Handling, SearchRequest, decode_query, parse_search};
+use fhirkeep_query::params::{Criterion, Handling, SearchRequest, decode_query, parse_search};
 use fhirkeep_query::registry::Registry;
 use fhirkeep_query::{Database, EntryMode, SearchResult, patient_compartment};
 use serde_json::Value;
@@ -346,16 +346,53 @@ fn new_resource_allowed(
     }
 }
 
+/// Chained (`subject:Patient.name=`), reverse-chained (`_has`) and `_list` criteria look into
+/// other resources: their types must be searchable by the token without patient or search
+/// restrictions, or what those resources hold would leak through which results match.
+fn check_criteria(grant: &Grant, criteria: &[Criterion]) -> Result<(), ApiError> {
+    for criterion in criteria {
+        let (types, inner): (Vec<&str>, Option<&Criterion>) = match criterion {
+            Criterion::Chain {
+                target_types,
+                inner,
+                ..
+            } => (
+                target_types.iter().map(String::as_str).collect(),
+                Some(inner),
+            ),
+            Criterion::Has {
+                source_type, inner, ..
+            } => (vec![source_type.as_str()], Some(inner)),
+            Criterion::List(_) => (vec!["List"], None),
+            _ => continue,
+        };
+        for resource_type in types {
+            if authorize(grant, Letter::Search, Some(resource_type)) != Decision::All {
+                return Err(forbidden(
+                    "chained, _has and _list criteria need search scopes without patient or \
+                     search restrictions on the types they look into (name the type, as in \
+                     subject:Patient.name)",
+                ));
+            }
+        }
+        if let Some(inner) = inner {
+            check_criteria(grant, std::slice::from_ref(inner))?;
+        }
+    }
+    Ok(())
+}
+
 /// Narrows a parsed search to what `grant` reaches: 403 without a search scope for every
-/// searched type; otherwise the patient compartment and the v2 restriction are added to
-/// the request. Returns whether the grant is filtered (then the result must go through
-/// [`filter_result`] too).
+/// searched type (or for the types chained criteria look into); otherwise the patient
+/// compartment and the v2 restriction are added to the request. The result must still go
+/// through [`filter_result`] (for `_include`d resources).
 pub(crate) fn narrow_search(
     registry: &Registry,
     grant: &Grant,
     deny: StatusCode,
     request: &mut SearchRequest,
-) -> Result<bool, ApiError> {
+) -> Result<(), ApiError> {
+    check_criteria(grant, &request.criteria)?;
     let types = request.resource_types.clone();
     let decisions: Vec<Option<Vec<Filter>>> = if types.is_empty() {
         vec![decide(grant, Letter::Search, None)?]
@@ -366,7 +403,7 @@ pub(crate) fn narrow_search(
             .collect::<Result<_, _>>()?
     };
     if decisions.iter().all(Option::is_none) {
-        return Ok(false);
+        return Ok(());
     }
     let first = decisions.first().cloned().flatten();
     if decisions.iter().any(|d| *d != first) {
@@ -408,7 +445,7 @@ pub(crate) fn narrow_search(
             )?;
         request.criteria.extend(restriction.criteria);
     }
-    Ok(true)
+    Ok(())
 }
 
 /// One filter equivalent to the union of `filters`: the filter itself when there is one;
@@ -438,7 +475,8 @@ fn merge(filters: &[Filter]) -> Option<Filter> {
 }
 
 /// Removes from a search result every entry (match or `_include`d) the grant does not reach
-/// for search; the total counts the removed matches out.
+/// for search; the total counts the removed matches out. Cheap for types the grant reaches
+/// entirely (no index look-up).
 pub(crate) fn filter_result(
     db: &Database,
     grant: &Grant,

@@ -624,8 +624,31 @@ async fn a_patient_tokens_searches_return_only_its_patients_data() {
         .get("/Patient?_revinclude=Observation:performer", &p1)
         .await;
     assert!(!reply.keys().contains(&"Patient/p2".to_owned()));
-    // A user token sees the includes.
+    // Chained criteria may not look into resources the token reaches only partly.
+    for uri in [
+        "/Observation?performer:Patient.name=Two",
+        "/Patient?_has:Observation:performer:category=laboratory",
+    ] {
+        let reply = h.get(uri, &p1).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{uri}: {}", reply.body);
+    }
+    // Nor are includes of types the token has no scope for returned.
+    let observations_only = token("user/Observation.rs", None);
+    let reply = h
+        .get(
+            "/Observation?_id=o4&_include=Observation:performer",
+            &observations_only,
+        )
+        .await;
+    assert_eq!(reply.keys(), ["Observation/o4"]);
+    let reply = h
+        .get("/Observation?subject:Patient.name=Two", &observations_only)
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+    // A user token sees the includes and may chain.
     let user = token("user/*.rs", None);
+    let reply = h.get("/Observation?subject:Patient.name=Two", &user).await;
+    assert_eq!(reply.keys(), ["Observation/o2"]);
     let reply = h
         .get("/Observation?_id=o4&_include=Observation:performer", &user)
         .await;

@@ -528,23 +528,21 @@ async fn run_search(
     let base = state.base().to_owned();
     let deny = state.deny_status();
     let bundle = blocking(move || -> Result<Value, ApiError> {
-        let (request, filtered) = {
+        let request = {
             let registry = db.registry().map_err(|e| ApiError::query(&e, false))?;
             let mut request = parse_search(&registry, types, compartment, &pairs, handling)
                 .map_err(|e| ApiError::query(&e, false))?;
             // The token's patient compartment and search restrictions become part of it.
-            let filtered = access::narrow_search(&registry, &info.grant, deny, &mut request)?;
-            (request, filtered)
+            access::narrow_search(&registry, &info.grant, deny, &mut request)?;
+            request
         };
         // The search records its own audit leaf, failed or not.
         let mut result = db
             .search(&info.ctx, &request)
             .map_err(|e| ApiError::query(&e, true))?;
-        if filtered {
-            // `_include`d resources (and patients linked to the token's patient) the token
-            // does not reach are left out.
-            access::filter_result(&db, &info.grant, &mut result)?;
-        }
+        // `_include`d resources (and patients linked to the token's patient) the token does
+        // not reach are left out.
+        access::filter_result(&db, &info.grant, &mut result)?;
         Ok(result.to_bundle(&base))
     })
     .await??;
