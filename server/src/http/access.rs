@@ -197,17 +197,25 @@ pub(crate) fn version_reached(
     }))
 }
 
-/// The keys of `resource_type` resources matching a condition (`identifier=x`).
+/// The keys of `resource_type` resources matching a condition (`identifier=x`), as the
+/// library will find them; none for an empty condition (which the library refuses). Chained
+/// criteria in it are checked like a search's.
 fn condition_keys(
     db: &Database,
+    grant: &Grant,
     resource_type: &str,
     condition: &str,
 ) -> Result<Vec<String>, ApiError> {
+    let condition = condition.trim_start_matches('?');
+    if condition.trim().is_empty() {
+        return Ok(Vec::new());
+    }
     let pairs = decode_query(condition).map_err(|e| ApiError::query(&e, false))?;
     let registry = db.registry().map_err(|e| ApiError::query(&e, false))?;
     let request =
         parse(&registry, resource_type, None, &pairs).map_err(|e| ApiError::query(&e, false))?;
     drop(registry);
+    check_criteria(grant, &request.criteria)?;
     db.matching_keys(&request)
         .map_err(|e| ApiError::query(&e, false))
 }
@@ -256,10 +264,10 @@ pub(crate) fn check_write(
         WriteTarget::New => Vec::new(),
         WriteTarget::Id(id) => {
             let id_condition = format!("_id={id}");
-            condition_keys(db, resource_type, &id_condition)?
+            condition_keys(db, grant, resource_type, &id_condition)?
         }
         WriteTarget::IfNoneExist(condition) | WriteTarget::Condition(condition) => {
-            condition_keys(db, resource_type, condition)?
+            condition_keys(db, grant, resource_type, condition)?
         }
     };
     let Some(new) = new else {
@@ -547,6 +555,15 @@ pub(crate) fn check_bundle(grant: &Grant, bundle: &Value) -> Result<(), ApiError
                 ));
             }
         };
+        // A search in an entry (a GET with a query, a condition, `ifNoneExist`) is not
+        // narrowed or filtered like a search request: it needs search on every type.
+        let searches = has_query || request.and_then(|r| r.get("ifNoneExist")).is_some();
+        if searches && authorize(grant, Letter::Search, None) != Decision::All {
+            return Err(forbidden(
+                "searches and conditions inside bundles need search scopes for every type \
+                 (such as system/*.rs)",
+            ));
+        }
         let body_type = entry
             .get("resource")
             .and_then(|r| r.get("resourceType"))

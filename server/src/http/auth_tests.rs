@@ -821,6 +821,27 @@ async fn a_system_token_can_do_everything() {
         .call(Method::POST, "/", Some(&system), Some(bundle.clone()))
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    // Searches inside bundles (which could `_include` anything) need search on every type.
+    let search_bundle = json!({
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"request": {"method": "GET",
+                               "url": "Observation?_include=Observation:subject"}}],
+    });
+    let observations = token("user/Observation.rs", None);
+    let reply = h
+        .call(
+            Method::POST,
+            "/",
+            Some(&observations),
+            Some(search_bundle.clone()),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+    let reply = h
+        .call(Method::POST, "/", Some(&system), Some(search_bundle))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     // The same bundle with a token that may not delete is refused before anything happens.
     let no_delete = token("system/*.cru", None);
     let reply = h
