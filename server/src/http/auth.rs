@@ -495,9 +495,12 @@ impl SmartAuth {
             ));
         };
         if own {
-            // Tokens of the server's own issuer live an hour at most.
+            // Tokens of the server's own issuer live an hour at most, from when they were
+            // issued (not later than now).
+            let latest_iat = chrono::Utc::now().timestamp() + LEEWAY_SECONDS as i64;
             match (claims.iat, claims.exp) {
-                (Some(iat), Some(exp)) if exp - iat <= MAX_OWN_TOKEN_SECONDS => {}
+                (Some(iat), Some(exp))
+                    if exp - iat <= MAX_OWN_TOKEN_SECONDS && iat <= latest_iat => {}
                 _ => {
                     return Err(AuthError::Invalid(
                         "the token's lifetime exceeds what this server issues",

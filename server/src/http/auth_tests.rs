@@ -481,6 +481,31 @@ async fn the_servers_own_tokens_are_accepted_within_an_hour_of_lifetime() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     let too_long = own(2 * 3600, BASE);
     assert_invalid_token(&h.get("/Patient/p2", &too_long).await, &too_long);
+    let mut claims = TokenClaims {
+        iss: BASE.to_owned(),
+        aud: BASE.to_owned(),
+        sub: "admin".to_owned(),
+        client_id: "cli".to_owned(),
+        iat: now() + 86_400,
+        nbf: now(),
+        exp: now() + 86_400 + 900,
+        jti: "j".to_owned(),
+        scope: "user/Patient.rs".to_owned(),
+        patient: None,
+    };
+    let issued_in_the_future = key.sign(&claims).unwrap();
+    assert_invalid_token(
+        &h.get("/Patient/p2", &issued_in_the_future).await,
+        &issued_in_the_future,
+    );
+    claims.iat = now();
+    claims.exp = now() + 900;
+    assert_eq!(
+        h.get("/Patient/p2", &key.sign(&claims).unwrap())
+            .await
+            .status,
+        StatusCode::OK
+    );
     // The own key only vouches for tokens naming the server as issuer.
     let foreign = own(900, ISSUER);
     assert_invalid_token(&h.get("/Patient/p2", &foreign).await, &foreign);
