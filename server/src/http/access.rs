@@ -57,14 +57,14 @@ fn parse(
     )
 }
 
-/// The ids among `ids` (of `resource_type`) that `filter` reaches.
+/// The search for the ids among `ids` (of `resource_type`) that `filter` reaches; `None`
+/// when it reaches none of them.
 fn reached_by(
-    db: &Database,
     registry: &Registry,
     resource_type: &str,
     ids: &[&str],
     filter: &Filter,
-) -> Result<Vec<String>, ApiError> {
+) -> Option<SearchRequest> {
     let mut ids: Vec<&str> = ids.to_vec();
     let mut compartment = filter.compartment.as_deref();
     if resource_type == "Patient"
@@ -75,16 +75,12 @@ fn reached_by(
         compartment = None;
     }
     if ids.is_empty() {
-        return Ok(Vec::new());
+        return None;
     }
     let mut pairs = vec![("_id".to_owned(), ids.join(","))];
     pairs.extend(filter.restriction.iter().cloned());
-    let Ok(request) = parse(registry, resource_type, compartment, &pairs) else {
-        // A restriction that does not apply to this type reaches nothing (fails closed).
-        return Ok(Vec::new());
-    };
-    db.matching_keys(&request)
-        .map_err(|e| ApiError::query(&e, false))
+    // A restriction that does not apply to this type reaches nothing (fails closed).
+    parse(registry, resource_type, compartment, &pairs).ok()
 }
 
 /// The keys (`Type/id`) among `keys` that `grant` reaches for `interaction`.
@@ -101,19 +97,29 @@ pub(crate) fn visible_keys(
         }
     }
     let mut visible = HashSet::new();
-    let registry = db.registry().map_err(|e| ApiError::query(&e, false))?;
-    for (resource_type, ids) in by_type {
-        match authorize(grant, interaction, Some(resource_type)) {
-            Decision::Forbidden => {}
-            Decision::All => {
-                visible.extend(ids.iter().map(|id| format!("{resource_type}/{id}")));
-            }
-            Decision::Filtered(filters) => {
-                for filter in &filters {
-                    visible.extend(reached_by(db, &registry, resource_type, &ids, filter)?);
+    let mut searches = Vec::new();
+    {
+        let registry = db.registry().map_err(|e| ApiError::query(&e, false))?;
+        for (resource_type, ids) in by_type {
+            match authorize(grant, interaction, Some(resource_type)) {
+                Decision::Forbidden => {}
+                Decision::All => {
+                    visible.extend(ids.iter().map(|id| format!("{resource_type}/{id}")));
                 }
+                Decision::Filtered(filters) => searches.extend(
+                    filters
+                        .iter()
+                        .filter_map(|f| reached_by(&registry, resource_type, &ids, f)),
+                ),
             }
         }
+        // The registry lock is released before searching, which takes it again.
+    }
+    for request in &searches {
+        visible.extend(
+            db.matching_keys(request)
+                .map_err(|e| ApiError::query(&e, false))?,
+        );
     }
     Ok(visible)
 }
