@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use axum::http::StatusCode;
+use fhirkeep_engine::resource::is_valid_id;
 use fhirkeep_engine::store::StoredResource;
 use fhirkeep_query::extract::{SEP, extract};
 use fhirkeep_query::params::{Criterion, Handling, SearchRequest, decode_query, parse_search};
@@ -122,6 +123,33 @@ pub(crate) fn visible_keys(
         );
     }
     Ok(visible)
+}
+
+/// The keys among `keys` (all of `resource_type`) that one filter reaches.
+fn reached_keys(
+    db: &Database,
+    resource_type: &str,
+    keys: &[String],
+    filter: &Filter,
+) -> Result<HashSet<String>, ApiError> {
+    let ids: Vec<&str> = keys
+        .iter()
+        .filter_map(|k| k.split_once('/'))
+        .filter(|(t, _)| *t == resource_type)
+        .map(|(_, id)| id)
+        .collect();
+    let request = {
+        let registry = db.registry().map_err(|e| ApiError::query(&e, false))?;
+        reached_by(&registry, resource_type, &ids, filter)
+    };
+    match request {
+        None => Ok(HashSet::new()),
+        Some(request) => Ok(db
+            .matching_keys(&request)
+            .map_err(|e| ApiError::query(&e, false))?
+            .into_iter()
+            .collect()),
+    }
 }
 
 /// Checks `interaction` on one existing resource: 403 without a scope for it, the deny
@@ -268,6 +296,8 @@ pub(crate) fn check_write(
     // Which existing resources the write touches.
     let existing: Vec<String> = match target {
         WriteTarget::New => Vec::new(),
+        // An invalid id names nothing (and the library refuses it).
+        WriteTarget::Id(id) if !is_valid_id(id) => Vec::new(),
         WriteTarget::Id(id) => {
             let id_condition = format!("_id={id}");
             condition_keys(db, grant, resource_type, &id_condition)?
@@ -286,8 +316,9 @@ pub(crate) fn check_write(
             let filters = decide(grant, Letter::Read, Some(resource_type))?;
             return all_visible(db, grant, deny, Letter::Read, filters, &existing);
         }
-        let filters = decide(grant, Letter::Update, Some(resource_type))?;
-        all_visible(db, grant, deny, Letter::Update, filters.clone(), &existing)?;
+        let Some(filters) = decide(grant, Letter::Update, Some(resource_type))? else {
+            return Ok(());
+        };
         let id = match target {
             WriteTarget::Id(id) => Some(id.to_owned()),
             _ => existing
@@ -295,7 +326,30 @@ pub(crate) fn check_write(
                 .and_then(|k| k.split_once('/'))
                 .map(|(_, id)| id.to_owned()),
         };
-        return new_resource_allowed(db, filters, resource_type, id.as_deref(), new);
+        // One filter must reach what is there and admit what replaces it: a patient scope
+        // does not move another patient's resource in, whatever other scopes reach.
+        let unrestricted: Vec<&Filter> = filters
+            .iter()
+            .filter(|f| f.restriction.is_empty())
+            .collect();
+        if unrestricted.is_empty() {
+            return Err(forbidden(
+                "writes through scopes with search restrictions are not supported",
+            ));
+        }
+        for filter in unrestricted {
+            let reached = reached_keys(db, resource_type, &existing, filter)?;
+            if existing.iter().all(|k| reached.contains(k)) {
+                return new_resource_allowed(
+                    db,
+                    Some(vec![filter.clone()]),
+                    resource_type,
+                    id.as_deref(),
+                    new,
+                );
+            }
+        }
+        return Err(ApiError::hidden(deny));
     }
     let filters = decide(grant, Letter::Create, Some(resource_type))?;
     let id = match target {

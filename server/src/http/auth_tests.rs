@@ -769,6 +769,20 @@ async fn a_patient_token_writes_only_inside_its_patients_compartment() {
         )
         .await;
     assert_eq!(theirs.status, StatusCode::NOT_FOUND, "{}", theirs.body);
+    // Nor through a restricted scope that reaches it, combined with the patient scope.
+    let combined = token(
+        "patient/Observation.cruds user/Observation.u?category=laboratory",
+        Some("p1"),
+    );
+    let theirs = h
+        .call(
+            Method::PUT,
+            "/Observation/o2",
+            Some(&combined),
+            Some(observation("o2", "p1", "laboratory")),
+        )
+        .await;
+    assert_eq!(theirs.status, StatusCode::NOT_FOUND, "{}", theirs.body);
     let delete = h
         .call(Method::DELETE, "/Observation/o2", Some(&p1), None)
         .await;
