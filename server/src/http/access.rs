@@ -590,10 +590,15 @@ pub(crate) fn check_bundle(grant: &Grant, bundle: &Value) -> Result<(), ApiError
             .unwrap_or("");
         let path = url.split(['?', '#']).next().unwrap_or("");
         let has_query = url.contains('?');
+        let if_none_exist = request.and_then(|r| r.get("ifNoneExist")).is_some();
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         let resource_type = segments.first().copied();
         let (letters, types): (&[Letter], Vec<Option<&str>>) = match (method, segments.as_slice()) {
-            ("POST", [_]) => (&[Letter::Create, Letter::Read], vec![resource_type]),
+            // With `ifNoneExist`, a match is returned instead: a read.
+            ("POST", [_]) if if_none_exist => {
+                (&[Letter::Create, Letter::Read], vec![resource_type])
+            }
+            ("POST", [_]) => (&[Letter::Create], vec![resource_type]),
             ("PUT" | "PATCH", [_]) if has_query => {
                 (&[Letter::Create, Letter::Update], vec![resource_type])
             }
@@ -617,7 +622,7 @@ pub(crate) fn check_bundle(grant: &Grant, bundle: &Value) -> Result<(), ApiError
         };
         // A search in an entry (a GET with a query, a condition, `ifNoneExist`) is not
         // narrowed or filtered like a search request: it needs search on every type.
-        let searches = has_query || request.and_then(|r| r.get("ifNoneExist")).is_some();
+        let searches = has_query || if_none_exist;
         if searches && authorize(grant, Letter::Search, None) != Decision::All {
             return Err(forbidden(
                 "searches and conditions inside bundles need search scopes for every type \
