@@ -64,6 +64,11 @@ impl Grant {
         }
     }
 
+    /// Whether everything is allowed (`--auth none`).
+    pub(crate) fn is_unrestricted(&self) -> bool {
+        self.unrestricted
+    }
+
     /// A grant from already validated parts (patient scopes without a patient are dropped).
     pub(crate) fn from_token(
         subject: String,
