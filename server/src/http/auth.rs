@@ -597,3 +597,249 @@ pub(crate) fn scopes_supported() -> Vec<&'static str> {
         "system/*.write",
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn grant(scopes: &str, patient: Option<&str>) -> Grant {
+        Grant::from_token(
+            "s".into(),
+            "c".into(),
+            patient.map(str::to_owned),
+            parse_scopes([scopes]),
+        )
+    }
+
+    fn compartment(patient: &str) -> Filter {
+        Filter {
+            compartment: Some(patient.to_owned()),
+            restriction: Vec::new(),
+        }
+    }
+
+    fn restricted(name: &str, value: &str) -> Filter {
+        Filter {
+            compartment: None,
+            restriction: vec![(name.to_owned(), value.to_owned())],
+        }
+    }
+
+    #[test]
+    fn authorize_decides_by_letter_type_context_and_restriction() {
+        use Letter::{Create, Delete, Read, Search, Update};
+        let p1 = Some("p1");
+        type Row = (
+            &'static str,
+            Option<&'static str>,
+            Letter,
+            Option<&'static str>,
+            Decision,
+        );
+        let table: Vec<Row> = vec![
+            ("system/*.*", None, Delete, Some("Patient"), Decision::All),
+            ("system/*.*", None, Search, None, Decision::All),
+            (
+                "user/Observation.rs",
+                None,
+                Read,
+                Some("Observation"),
+                Decision::All,
+            ),
+            (
+                "user/Observation.rs",
+                None,
+                Update,
+                Some("Observation"),
+                Decision::Forbidden,
+            ),
+            (
+                "user/Observation.rs",
+                None,
+                Read,
+                Some("Patient"),
+                Decision::Forbidden,
+            ),
+            (
+                "user/Observation.rs",
+                None,
+                Search,
+                None,
+                Decision::Forbidden,
+            ),
+            (
+                "user/*.write",
+                None,
+                Create,
+                Some("Encounter"),
+                Decision::All,
+            ),
+            (
+                "user/*.write",
+                None,
+                Read,
+                Some("Encounter"),
+                Decision::Forbidden,
+            ),
+            (
+                "patient/*.rs",
+                p1,
+                Read,
+                Some("Observation"),
+                Decision::Filtered(vec![compartment("p1")]),
+            ),
+            (
+                "patient/*.rs",
+                None,
+                Read,
+                Some("Observation"),
+                Decision::Forbidden,
+            ),
+            // A broader scope wins over a narrower one.
+            (
+                "patient/*.rs user/Observation.r",
+                p1,
+                Read,
+                Some("Observation"),
+                Decision::All,
+            ),
+            (
+                "patient/Observation.rs?category=laboratory patient/Observation.rs",
+                p1,
+                Search,
+                Some("Observation"),
+                Decision::Filtered(vec![compartment("p1")]),
+            ),
+            (
+                "user/Observation.rs?category=laboratory user/Observation.rs?category=vital-signs",
+                None,
+                Search,
+                Some("Observation"),
+                Decision::Filtered(vec![
+                    restricted("category", "laboratory"),
+                    restricted("category", "vital-signs"),
+                ]),
+            ),
+            (
+                "openid fhirUser",
+                None,
+                Read,
+                Some("Patient"),
+                Decision::Forbidden,
+            ),
+            ("", None, Read, Some("Patient"), Decision::Forbidden),
+        ];
+        for (scopes, patient, letter, resource_type, expected) in table {
+            assert_eq!(
+                authorize(&grant(scopes, patient), letter, resource_type),
+                expected,
+                "{scopes} {letter:?} {resource_type:?}"
+            );
+        }
+        assert_eq!(
+            authorize(&Grant::unrestricted("x"), Delete, Some("Patient")),
+            Decision::All
+        );
+        assert_eq!(
+            authorize(&Grant::nothing("x"), Read, Some("Patient")),
+            Decision::Forbidden
+        );
+    }
+
+    #[test]
+    fn only_signature_keys_of_the_accepted_kinds_are_trusted() {
+        let jwks: JwkSet = serde_json::from_value(json!({"keys": [
+            // RSA of 512 bits: too small.
+            {"kty": "RSA", "kid": "small", "e": "AQAB",
+             "n": "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXbw"},
+            // An encryption key.
+            {"kty": "EC", "use": "enc", "crv": "P-256",
+             "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+             "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"},
+            // Declared for another algorithm.
+            {"kty": "EC", "alg": "ES384", "crv": "P-256",
+             "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+             "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"},
+            // A usable ES256 key.
+            {"kty": "EC", "kid": "ok", "use": "sig", "crv": "P-256",
+             "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+             "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"},
+        ]}))
+        .unwrap();
+        let (keys, skipped) = trusted_keys(&jwks);
+        assert_eq!(skipped, 3);
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].kid.as_deref(), Some("ok"));
+        assert_eq!(keys[0].algorithm, Algorithm::ES256);
+    }
+
+    #[test]
+    fn bearer_tokens_are_found_only_in_a_single_bearer_authorization_header() {
+        use axum::http::header::AUTHORIZATION;
+        use axum::http::{HeaderMap, HeaderValue};
+        let mut headers = HeaderMap::new();
+        assert_eq!(bearer_token(&headers), Ok(None));
+        headers.insert(
+            AUTHORIZATION,
+            HeaderValue::from_static("bearer  abc.def.ghi "),
+        );
+        assert_eq!(bearer_token(&headers), Ok(Some("abc.def.ghi")));
+        headers.insert(AUTHORIZATION, HeaderValue::from_static("Basic dTpw"));
+        assert_eq!(bearer_token(&headers), Ok(None));
+        headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        assert_eq!(bearer_token(&headers), Ok(None));
+        headers.append(AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        assert!(bearer_token(&headers).is_err());
+    }
+
+    #[test]
+    fn the_issuer_key_signs_tokens_its_public_key_verifies() {
+        let key = IssuerKey::from_secret(Zeroizing::new([7u8; 32]));
+        let auth = SmartAuth::new(
+            "http://h.test/",
+            &key,
+            Vec::new(),
+            None,
+            false,
+            OAuthUris::default(),
+        );
+        let now = chrono::Utc::now().timestamp();
+        let token = key
+            .sign(&TokenClaims {
+                iss: "http://h.test".into(),
+                aud: "http://h.test".into(),
+                sub: "me".into(),
+                client_id: "cli".into(),
+                iat: now,
+                nbf: now,
+                exp: now + 60,
+                jti: "1".into(),
+                scope: "patient/*.rs launch".into(),
+                patient: Some("p9".into()),
+            })
+            .unwrap();
+        let grant = auth.validate(&token).unwrap();
+        assert_eq!(grant.subject, "me");
+        assert_eq!(grant.client, "cli");
+        assert_eq!(grant.patient.as_deref(), Some("p9"));
+        assert_eq!(
+            authorize(&grant, Letter::Read, Some("Observation")),
+            Decision::Filtered(vec![compartment("p9")])
+        );
+        // Another database's key does not verify it.
+        let other = IssuerKey::from_secret(Zeroizing::new([8u8; 32]));
+        let other_auth = SmartAuth::new(
+            "http://h.test",
+            &other,
+            Vec::new(),
+            None,
+            false,
+            OAuthUris::default(),
+        );
+        assert!(other_auth.validate(&token).is_err());
+        assert_ne!(key.kid(), other.kid());
+        assert!(!format!("{key:?}").contains("seed"));
+    }
+}
