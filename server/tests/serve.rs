@@ -401,3 +401,32 @@ fn serve_with_smart_auth_accepts_tokens_minted_by_fhirkeep_token_only() {
     assert!(stderr.contains("auth=token"), "{stderr}");
     assert!(stderr.contains("auth=refused"), "{stderr}");
 }
+
+#[test]
+fn serve_refuses_inconsistent_auth_options_before_creating_anything() {
+    let dir = TempDir::new().unwrap();
+    let empty_jwks = dir.path().join("empty.json");
+    std::fs::write(&empty_jwks, r#"{"keys": []}"#).unwrap();
+    let empty = empty_jwks.to_str().unwrap();
+    for (args, expected) in [
+        (vec!["--jwks", empty], "need --auth smart"),
+        (vec!["--auth", "smart", "--deny-status", "500"], "500"),
+        (
+            vec!["--auth", "smart", "--jwks", empty],
+            "no usable signature key",
+        ),
+        (
+            vec!["--auth", "smart", "--jwks", "missing.json"],
+            "reading the JWKS",
+        ),
+        (vec!["--auth", "basic"], "basic"),
+    ] {
+        let (ok, _, stderr) = fhirkeep(
+            dir.path(),
+            &[&["serve", "--listen", "127.0.0.1:0"][..], &args[..]].concat(),
+        );
+        assert!(!ok, "{args:?} started");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    assert!(!dir.path().join("data").exists());
+}
