@@ -121,15 +121,18 @@ enum Command {
     /// Serve the database as a FHIR R4 REST server (application/fhir+json).
     ///
     /// With no arguments: the database in ./data (created, with its key file, on first start),
-    /// listening on 127.0.0.1:8080. Authentication (SMART on FHIR) is not implemented yet, so
-    /// the server refuses to listen on anything but a loopback address.
+    /// listening on 127.0.0.1:8080 without authentication, which is allowed on a loopback
+    /// address only. With `--auth smart` every request but /metadata and
+    /// /.well-known/smart-configuration needs a SMART on FHIR bearer token (a JWT signed by a
+    /// key of `--jwks` or minted by `fhirkeep token`), and any address may be used.
     Serve {
         #[command(flatten)]
         db: DbArgs,
-        /// Address to listen on (loopback only until authentication exists); port 0 picks a
-        /// free port.
+        /// Address to listen on (loopback only with `--auth none`); port 0 picks a free port.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
+        #[command(flatten)]
+        auth: AuthArgs,
         /// The URL clients reach the server at (for Location headers and Bundle links); the
         /// API is served at its path (http://HOST/fhir serves /fhir/metadata). Default:
         /// http://ADDR.
@@ -147,6 +150,34 @@ enum Command {
             default_missing_value = "testdata/r4/hl7.fhir.r4.examples-4.0.1.tgz"
         )]
         load_samples: Option<PathBuf>,
+    },
+    /// Mint a SMART on FHIR access token signed by the server's own issuer key.
+    ///
+    /// The key is derived from the database key (nothing is stored), so only someone holding
+    /// the database key can mint tokens, and `fhirkeep serve --auth smart` on this database
+    /// accepts them. The token is printed on stdout, nothing else; it works while the server
+    /// runs. Keep it secret: it is a password until it expires.
+    Token {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Space-separated SMART scopes, e.g. "patient/*.rs" or "system/Observation.cruds".
+        #[arg(long)]
+        scope: String,
+        /// The patient of the launch context (needed by patient/ scopes).
+        #[arg(long, value_name = "ID")]
+        patient: Option<String>,
+        /// Lifetime: e.g. 90s, 15m, 1h (at most 60 minutes).
+        #[arg(long, default_value = "15m")]
+        ttl: String,
+        /// The subject (`sub`) recorded in the audit log for requests with this token.
+        #[arg(long, value_name = "NAME")]
+        subject: Option<String>,
+        /// The client application (`client_id`) recorded in the audit log.
+        #[arg(long, value_name = "NAME", default_value = "fhirkeep-token")]
+        client_id: String,
+        /// The server's base URL (the token's `iss` and `aud`); must match `serve --base-url`.
+        #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8080")]
+        base_url: String,
     },
     /// Generate deterministic synthetic FHIR R4 data: NDJSON, one file per resource type.
     ///
@@ -263,6 +294,45 @@ enum Command {
     },
 }
 
+/// How `serve` authenticates requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AuthKind {
+    /// No authentication (loopback addresses only).
+    None,
+    /// SMART on FHIR bearer tokens (JWT).
+    Smart,
+}
+
+#[derive(Debug, Args, Clone)]
+struct AuthArgs {
+    /// Authentication: none (loopback only) or smart (SMART on FHIR bearer tokens).
+    #[arg(long, value_enum, default_value = "none")]
+    auth: AuthKind,
+    /// JSON Web Key Set file with the public keys of trusted token issuers (RS256, ES256,
+    /// EdDSA). The server's own issuer key (`fhirkeep token`) is always trusted.
+    #[arg(long, value_name = "FILE")]
+    jwks: Option<PathBuf>,
+    /// The only issuer (`iss`) accepted for tokens signed by `--jwks` keys.
+    #[arg(long, value_name = "URL")]
+    issuer: Option<String>,
+    /// The status for a resource outside the token's reach: 404 (default: its existence is
+    /// not revealed) or 403.
+    #[arg(long, value_name = "STATUS", default_value_t = 404,
+          value_parser = clap::value_parser!(u16).range(403..=404))]
+    deny_status: u16,
+    /// Drop system/ scopes and the write letters of user/ scopes unless the token's `amr`
+    /// claim contains "mfa".
+    #[arg(long)]
+    require_mfa_for_privileged: bool,
+    /// The authorization endpoint of the authorization server that issues the tokens, to
+    /// advertise in /.well-known/smart-configuration and /metadata (fhirkeep has none).
+    #[arg(long, value_name = "URL")]
+    authorize_url: Option<String>,
+    /// The token endpoint of that authorization server, advertised likewise.
+    #[arg(long, value_name = "URL")]
+    token_url: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Print the current signed tree head as JSON (keep it: it is what later audits check against).
@@ -325,15 +395,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve {
             db,
             listen,
+            auth,
             base_url,
             max_body_bytes,
             load_samples,
         } => serve(
             &db,
             listen,
+            &auth,
             base_url,
             max_body_bytes,
             load_samples.as_deref(),
+        ),
+        Command::Token {
+            db,
+            scope,
+            patient,
+            ttl,
+            subject,
+            client_id,
+            base_url,
+        } => token(
+            &db,
+            &TokenArgs {
+                scope,
+                patient,
+                ttl,
+                subject,
+                client_id,
+                base_url,
+            },
         ),
         Command::Import { db, paths, batch } => {
             let database = db.open_database()?;
@@ -464,20 +555,73 @@ fn ensure_embedded_key(db: &DbArgs) -> Result<()> {
     Ok(())
 }
 
+/// The `--auth` settings as the HTTP layer takes them (reads and checks `--jwks`).
+fn auth_mode(auth: &AuthArgs) -> Result<http::AuthMode> {
+    if auth.auth == AuthKind::None {
+        if auth.jwks.is_some()
+            || auth.issuer.is_some()
+            || auth.require_mfa_for_privileged
+            || auth.authorize_url.is_some()
+            || auth.token_url.is_some()
+        {
+            bail!(
+                "--jwks, --issuer, --require-mfa-for-privileged, --authorize-url and \
+                 --token-url need --auth smart"
+            );
+        }
+        return Ok(http::AuthMode::None);
+    }
+    let jwks = match &auth.jwks {
+        None => Vec::new(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the JWKS {}", path.display()))?;
+            let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a JSON Web Key Set", path.display()))?;
+            let (keys, skipped) = http::auth::trusted_keys(&set);
+            if skipped > 0 {
+                eprintln!(
+                    "warning: {skipped} key(s) of {} are not usable signature keys (RSA of \
+                     2048 bits or more, EC P-256, Ed25519) and are ignored",
+                    path.display()
+                );
+            }
+            if keys.is_empty() {
+                bail!("{} holds no usable signature key", path.display());
+            }
+            keys
+        }
+    };
+    Ok(http::AuthMode::Smart(http::SmartSettings {
+        jwks,
+        issuer: auth.issuer.clone(),
+        require_mfa: auth.require_mfa_for_privileged,
+        endpoints: http::OAuthUris {
+            authorize: auth.authorize_url.clone(),
+            token: auth.token_url.clone(),
+        },
+    }))
+}
+
 fn serve(
     db: &DbArgs,
     listen: std::net::SocketAddr,
+    auth: &AuthArgs,
     base_url: Option<String>,
     max_body_bytes: usize,
     load_samples: Option<&Path>,
 ) -> Result<ExitCode> {
     // Checked before anything is created: a refused start leaves no trace on disk.
-    if !http::is_loopback(&listen) {
+    if auth.auth == AuthKind::None && !http::is_loopback(&listen) {
         bail!(
-            "refusing to listen on {listen}: authentication (SMART on FHIR) is not implemented \
-             yet, so the server only listens on a loopback address (127.0.0.1 or [::1])"
+            "refusing to listen on {listen} with --auth none: without authentication the \
+             server only listens on a loopback address (127.0.0.1 or [::1]); use --auth smart \
+             (SMART on FHIR bearer tokens) to listen on other addresses"
         );
     }
+    let auth_mode = auth_mode(auth)?;
+    let deny_status = axum::http::StatusCode::from_u16(auth.deny_status)
+        .unwrap_or(axum::http::StatusCode::NOT_FOUND);
     ensure_embedded_key(db)?;
     let database = Database::builder(&db.db)
         .key(db.key_source()?)
@@ -510,12 +654,21 @@ fn serve(
             http::ServerConfig {
                 base_url: base_url.clone(),
                 max_body_bytes,
+                auth: auth_mode,
+                deny_status,
             },
         );
-        eprintln!(
-            "warning: authentication is off (SMART on FHIR is not implemented yet); this is \
-             allowed only because {local} is a loopback address"
-        );
+        if state.smart().is_some() {
+            eprintln!(
+                "authentication: SMART on FHIR bearer tokens (aud must be {base_url}); mint one \
+                 with `fhirkeep token --base-url {base_url}`"
+            );
+        } else {
+            eprintln!(
+                "warning: authentication is off (--auth none); this is allowed only because \
+                 {local} is a loopback address"
+            );
+        }
         println!(
             "fhirkeep serving {} on http://{local} (base URL {base_url})",
             db.db.display()
@@ -525,6 +678,84 @@ fn serve(
         eprintln!("server stopped");
         anyhow::Ok(())
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The arguments of `fhirkeep token`.
+#[derive(Debug)]
+struct TokenArgs {
+    scope: String,
+    patient: Option<String>,
+    ttl: String,
+    subject: Option<String>,
+    client_id: String,
+    base_url: String,
+}
+
+/// `90s`, `15m`, `1h`, or a number of seconds.
+fn parse_duration_seconds(text: &str) -> Result<i64> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let number: i64 = number
+        .parse()
+        .with_context(|| format!("{text:?} is not a duration such as 15m"))?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => bail!("{text:?} is not a duration such as 90s, 15m or 1h"),
+    };
+    number.checked_mul(unit).context("the duration is too long")
+}
+
+fn token(db: &DbArgs, args: &TokenArgs) -> Result<ExitCode> {
+    let ttl = parse_duration_seconds(&args.ttl)?;
+    if ttl <= 0 || ttl > http::auth::MAX_OWN_TOKEN_SECONDS {
+        bail!("--ttl must be between 1 second and 60 minutes");
+    }
+    let scopes = http::scopes_of(&args.scope);
+    if scopes.usable == 0 {
+        bail!("--scope names no usable SMART scope (e.g. patient/*.rs, user/Observation.cruds)");
+    }
+    for ignored in &scopes.ignored {
+        eprintln!("warning: scope {ignored:?} is not a usable SMART scope and grants nothing");
+    }
+    if let Some(patient) = &args.patient
+        && !fhirkeep_engine::resource::is_valid_id(patient)
+    {
+        bail!("--patient must be a resource id");
+    }
+    if scopes.patient_scopes && args.patient.is_none() {
+        bail!("patient/ scopes need --patient ID (the patient of the launch context)");
+    }
+    // The key header only: works while a server holds the database open.
+    let keyring = Keyring::open(&db.db, &db.key_source()?)?;
+    let key =
+        http::auth::IssuerKey::from_secret(keyring.derive_subkey(http::auth::ISSUER_KEY_PURPOSE));
+    drop(keyring);
+    let now = chrono::Utc::now().timestamp();
+    let base_url = args.base_url.trim_end_matches('/').to_owned();
+    let subject = args
+        .subject
+        .clone()
+        .unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "local".into()));
+    let claims = http::auth::TokenClaims {
+        iss: base_url.clone(),
+        aud: base_url,
+        sub: subject,
+        client_id: args.client_id.clone(),
+        iat: now,
+        nbf: now,
+        exp: now + ttl,
+        jti: uuid::Uuid::new_v4().to_string(),
+        scope: args.scope.split_whitespace().collect::<Vec<_>>().join(" "),
+        patient: args.patient.clone(),
+    };
+    let token = key.sign(&claims).context("signing the token")?;
+    println!("{token}");
     Ok(ExitCode::SUCCESS)
 }
 

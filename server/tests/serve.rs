@@ -1,5 +1,6 @@
 //! `fhirkeep serve` end to end: the real binary on a loopback port, real HTTP requests, a
-//! graceful stop on SIGTERM, and the refusal of non-loopback addresses.
+//! graceful stop on SIGTERM, the refusal of non-loopback addresses without authentication,
+//! and SMART on FHIR with a token minted by `fhirkeep token`.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -202,8 +203,8 @@ fn serve_refuses_a_non_loopback_address_without_auth() {
         stderr.contains("refusing to listen on 0.0.0.0:8080"),
         "{stderr}"
     );
-    assert!(stderr.contains("SMART"), "{stderr}");
-    assert!(stderr.contains("not implemented"), "{stderr}");
+    assert!(stderr.contains("--auth none"), "{stderr}");
+    assert!(stderr.contains("--auth smart"), "{stderr}");
     // Refused before anything was created.
     assert!(!dir.path().join("data").exists());
 }
@@ -264,4 +265,168 @@ fn serve_loads_samples_into_an_empty_database_only() {
         "{}",
         server.stderr()
     );
+}
+
+/// Runs `fhirkeep ARGS` in `cwd`; returns (success, stdout, stderr).
+fn fhirkeep(cwd: &Path, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_fhirkeep"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("FHIRKEEP_PASSPHRASE")
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn serve_with_smart_auth_accepts_tokens_minted_by_fhirkeep_token_only() {
+    let dir = TempDir::new().unwrap();
+    let (ok, _, stderr) = fhirkeep(dir.path(), &["init", "--db", "data", "--key-file", "key"]);
+    assert!(ok, "{stderr}");
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, include_str!("fixtures/test-only-jwks.json")).unwrap();
+    // With authentication, a non-loopback address is allowed.
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--db",
+            "data",
+            "--key-file",
+            "key",
+            "--listen",
+            "0.0.0.0:0",
+            "--auth",
+            "smart",
+            "--jwks",
+            jwks.to_str().unwrap(),
+        ],
+    );
+    let base = server.base.clone();
+    // Minted while the server holds the database open.
+    let mint = |scope: &str, base_url: &str, ttl: &str| {
+        fhirkeep(
+            dir.path(),
+            &[
+                "token",
+                "--db",
+                "data",
+                "--key-file",
+                "key",
+                "--scope",
+                scope,
+                "--base-url",
+                base_url,
+                "--ttl",
+                ttl,
+                "--subject",
+                "e2e-admin",
+            ],
+        )
+    };
+    let (ok, token, stderr) = mint("system/*.*", &base, "5m");
+    assert!(ok, "{stderr}");
+    let token = token.trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "{token}");
+    let agent = agent();
+
+    let anonymous = agent.get(format!("{base}/Patient")).call().unwrap();
+    assert_eq!(
+        anonymous.headers().get("www-authenticate").unwrap(),
+        "Bearer realm=\"fhirkeep\""
+    );
+    let (status, outcome) = body_of(anonymous);
+    assert_eq!(status, 401);
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    let (status, _) = body_of(agent.get(format!("{base}/metadata")).call().unwrap());
+    assert_eq!(status, 200);
+
+    let (status, created) = body_of(
+        agent
+            .post(format!("{base}/Patient"))
+            .header("Content-Type", "application/fhir+json")
+            .header("Authorization", &format!("Bearer {token}"))
+            .send(json!({"resourceType": "Patient", "name": [{"family": "Smart"}]}).to_string())
+            .unwrap(),
+    );
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap();
+    let (status, read) = body_of(
+        agent
+            .get(format!("{base}/Patient/{id}"))
+            .header("Authorization", &format!("Bearer {token}"))
+            .call()
+            .unwrap(),
+    );
+    assert_eq!(status, 200, "{read}");
+    assert_eq!(read["name"][0]["family"], "Smart");
+
+    // A token for another server (aud) is refused.
+    let (ok, other, _) = mint("system/*.*", "http://elsewhere.test", "5m");
+    assert!(ok);
+    let refused = agent
+        .get(format!("{base}/Patient/{id}"))
+        .header("Authorization", &format!("Bearer {}", other.trim()))
+        .call()
+        .unwrap();
+    assert!(
+        refused
+            .headers()
+            .get("www-authenticate")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .contains("invalid_token")
+    );
+    assert_eq!(refused.status().as_u16(), 401);
+
+    // The minting side refuses long lifetimes and scopes that grant nothing.
+    let (ok, _, stderr) = mint("system/*.*", &base, "2h");
+    assert!(!ok && stderr.contains("60 minutes"), "{stderr}");
+    let (ok, _, stderr) = mint("openid profile", &base, "5m");
+    assert!(!ok && stderr.contains("no usable SMART scope"), "{stderr}");
+    let (ok, _, stderr) = mint("patient/*.rs", &base, "5m");
+    assert!(!ok && stderr.contains("--patient"), "{stderr}");
+
+    let stderr = server.stderr();
+    assert!(stderr.contains("SMART on FHIR"), "{stderr}");
+    assert!(!stderr.contains(&token), "a token was logged");
+    assert!(
+        !stderr.contains("e2e-admin"),
+        "a token's subject was logged"
+    );
+    assert!(stderr.contains("auth=token"), "{stderr}");
+    assert!(stderr.contains("auth=refused"), "{stderr}");
+}
+
+#[test]
+fn serve_refuses_inconsistent_auth_options_before_creating_anything() {
+    let dir = TempDir::new().unwrap();
+    let empty_jwks = dir.path().join("empty.json");
+    std::fs::write(&empty_jwks, r#"{"keys": []}"#).unwrap();
+    let empty = empty_jwks.to_str().unwrap();
+    for (args, expected) in [
+        (vec!["--jwks", empty], "need --auth smart"),
+        (vec!["--auth", "smart", "--deny-status", "500"], "500"),
+        (
+            vec!["--auth", "smart", "--jwks", empty],
+            "no usable signature key",
+        ),
+        (
+            vec!["--auth", "smart", "--jwks", "missing.json"],
+            "reading the JWKS",
+        ),
+        (vec!["--auth", "basic"], "basic"),
+    ] {
+        let (ok, _, stderr) = fhirkeep(
+            dir.path(),
+            &[&["serve", "--listen", "127.0.0.1:0"][..], &args[..]].concat(),
+        );
+        assert!(!ok, "{args:?} started");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    assert!(!dir.path().join("data").exists());
 }

@@ -393,6 +393,15 @@ impl Store {
         &self.inner.dir
     }
 
+    /// A 32-byte secret for `purpose` (e.g. `"smart token issuer v1"`), derived from the
+    /// database's key hierarchy ([`Keyring::derive_subkey`]): the same for every open of this
+    /// database, unchanged by data-key rotation and passphrase changes, and never stored.
+    /// Different purposes give independent secrets; the engine uses its own purposes, so pick
+    /// a name of your own.
+    pub fn derive_secret(&self, purpose: &str) -> zeroize::Zeroizing<[u8; 32]> {
+        self.inner.counters.0.derive_subkey(purpose)
+    }
+
     /// Begins a write transaction: every write in it commits atomically, with its audit leaves.
     ///
     /// redb has one writer at a time, so while a `WriteTxn` is open, store calls that need a

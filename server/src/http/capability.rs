@@ -22,8 +22,54 @@ const TYPE_INTERACTIONS: [&str; 8] = [
 /// The whole-system interactions.
 const SYSTEM_INTERACTIONS: [&str; 4] = ["transaction", "batch", "search-system", "history-system"];
 
-/// The CapabilityStatement for a server reached at `base`.
-pub(crate) fn statement(db: &Database, base: &str) -> Result<Value> {
+use super::OAuthUris;
+
+/// The `rest[0].security` of the statement: SMART on FHIR (`smart`, with the authorization
+/// server's endpoints when configured) or none, loopback only.
+fn security(smart: Option<&OAuthUris>) -> Value {
+    let Some(endpoints) = smart else {
+        return json!({
+            "cors": false,
+            "description": "No authentication (--auth none): the server only listens on \
+                            loopback addresses.",
+        });
+    };
+    let mut security = json!({
+        "cors": false,
+        "service": [{
+            "coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                "code": "SMART-on-FHIR",
+                "display": "SMART-on-FHIR",
+            }],
+            "text": "OAuth2 using SMART-on-FHIR profile (see http://docs.smarthealthit.org)",
+        }],
+        "description": "Every interaction but /metadata and /.well-known/smart-configuration \
+                        needs a bearer JWT (RS256, ES256 or EdDSA) whose aud is this base URL; \
+                        SMART v1 and v2 scopes decide what it may do. See \
+                        /.well-known/smart-configuration.",
+    });
+    let uris: Vec<Value> = [
+        ("authorize", &endpoints.authorize),
+        ("token", &endpoints.token),
+    ]
+    .into_iter()
+    .filter_map(|(name, uri)| {
+        uri.as_ref()
+            .map(|uri| json!({"url": name, "valueUri": uri}))
+    })
+    .collect();
+    if !uris.is_empty() {
+        security["extension"] = json!([{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": uris,
+        }]);
+    }
+    security
+}
+
+/// The CapabilityStatement for a server reached at `base` (`smart`: under `--auth smart`).
+pub(crate) fn statement(db: &Database, base: &str, smart: Option<&OAuthUris>) -> Result<Value> {
     let registry = db.registry()?;
     let interactions: Vec<Value> = TYPE_INTERACTIONS
         .iter()
@@ -73,11 +119,7 @@ pub(crate) fn statement(db: &Database, base: &str) -> Result<Value> {
         "format": ["json", "application/fhir+json"],
         "rest": [{
             "mode": "server",
-            "security": {
-                "cors": false,
-                "description": "Authentication is not implemented yet: the server only \
-                                listens on loopback addresses.",
-            },
+            "security": security(smart),
             "resource": resources,
             "interaction": SYSTEM_INTERACTIONS
                 .iter()

@@ -1,4 +1,6 @@
-//! The middleware around every route: request id and access context, format negotiation
+//! The middleware around every route: request id, authentication (under `--auth smart`:
+//! the bearer token becomes the request's [`Grant`] and its access context, or a 401), format
+//! negotiation
 //! (`_format`, `Accept`: 406 for anything but JSON), serialization of FHIR bodies (`_pretty`),
 //! OperationOutcomes for error responses made outside the handlers, security headers, the
 //! audit leaf of requests the engine never saw, and one PHI-free log line per request.
@@ -9,19 +11,18 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::header::{ACCEPT, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::header::{ACCEPT, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use fhirkeep_engine::audit::{AuditAction, AuditOutcome};
 use fhirkeep_engine::store::{AccessContext, AccessRecord};
 
-use super::AppState;
-use super::response::{ApiError, Audited, PendingBody, outcome_for_status};
+use super::auth::{AuthError, Grant, bearer_token};
+use super::response::{ApiError, Audited, Denied, PendingBody, outcome, outcome_for_status};
+use super::{AppState, is_public_path};
 
-/// The subject of every request while authentication is not implemented.
-pub(crate) const ANONYMOUS: &str = "anonymous";
-/// The client recorded for HTTP requests (until tokens name the client application).
+/// The client recorded for HTTP requests without a token (`--auth none`, refusals).
 pub(crate) const HTTP_CLIENT: &str = "fhirkeep-http";
 /// The FHIR JSON media type of every body the server sends.
 pub(crate) const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
@@ -34,6 +35,51 @@ static NOSNIFF: HeaderName = HeaderName::from_static("x-content-type-options");
 pub(crate) struct RequestInfo {
     /// Who asks, from where, under which request id: passed to every engine call.
     pub(crate) ctx: AccessContext,
+    /// What the request may do (everything under `--auth none`).
+    pub(crate) grant: Grant,
+}
+
+/// Authenticates a request: its grant, a PHI-free label for the log, or the refusal.
+fn authenticate(state: &AppState, req: &Request) -> (Grant, &'static str, Option<AuthError>) {
+    let Some(smart) = state.smart() else {
+        return (Grant::unrestricted(HTTP_CLIENT), "none", None);
+    };
+    if req.method() == Method::GET && is_public_path(state, req.uri().path()) {
+        return (Grant::nothing(HTTP_CLIENT), "public", None);
+    }
+    let validated = bearer_token(req.headers())
+        .and_then(|token| token.ok_or(AuthError::Missing))
+        .and_then(|token| smart.validate(token));
+    match validated {
+        Ok(grant) => (grant, "token", None),
+        Err(error) => (Grant::nothing(HTTP_CLIENT), "refused", Some(error)),
+    }
+}
+
+/// The 401 of a missing or invalid token (RFC 6750): no `error` when there was no token.
+fn unauthorized(error: AuthError) -> Response {
+    let (challenge, code) = match error {
+        AuthError::Missing => ("Bearer realm=\"fhirkeep\"".to_owned(), "login"),
+        AuthError::Invalid(description) => (
+            format!(
+                "Bearer realm=\"fhirkeep\", error=\"invalid_token\", error_description=\"{description}\""
+            ),
+            if description.contains("expired") {
+                "expired"
+            } else {
+                "security"
+            },
+        ),
+    };
+    let mut response = StatusCode::UNAUTHORIZED.into_response();
+    if let Ok(value) = HeaderValue::from_str(&challenge) {
+        response.headers_mut().insert(WWW_AUTHENTICATE, value);
+    }
+    response
+        .extensions_mut()
+        .insert(PendingBody(outcome("error", code, error.description())));
+    response.extensions_mut().insert(Denied);
+    response
 }
 
 /// The middleware itself (see the module documentation).
@@ -54,21 +100,41 @@ pub(crate) async fn envelope(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string());
-    let ctx = AccessContext::new(ANONYMOUS, HTTP_CLIENT, source, request_id.clone());
+    let (grant, auth, refusal) = authenticate(&state, &req);
+    let ctx = AccessContext::new(
+        grant.subject.clone(),
+        grant.client.clone(),
+        source,
+        request_id.clone(),
+    );
     let control = ControlParams::of(req.uri().query());
 
-    let mut response = match negotiate(req.headers(), control.format.as_deref()) {
-        Err(refusal) => refusal.into_response(),
-        Ok(()) => {
-            req.extensions_mut()
-                .insert(Arc::new(RequestInfo { ctx: ctx.clone() }));
+    let mut response = match (refusal, negotiate(req.headers(), control.format.as_deref())) {
+        (Some(error), _) => unauthorized(error),
+        (None, Err(refusal)) => refusal.into_response(),
+        (None, Ok(())) => {
+            req.extensions_mut().insert(Arc::new(RequestInfo {
+                ctx: ctx.clone(),
+                grant,
+            }));
             next.run(req).await
         }
     };
+    if auth == "token"
+        && response.status() == StatusCode::FORBIDDEN
+        && response.extensions().get::<Denied>().is_some()
+    {
+        // RFC 6750: a valid token whose scopes do not allow the request.
+        response.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"fhirkeep\", error=\"insufficient_scope\""),
+        );
+    }
     finish(&mut response, control.pretty, &request_id);
     let status = response.status();
     if response.extensions().get::<Audited>().is_none() {
-        record_unaudited(&state, ctx, status).await;
+        let denied = response.extensions().get::<Denied>().is_some();
+        record_unaudited(&state, ctx, status, denied).await;
     }
     tracing::info!(
         method = %method,
@@ -76,7 +142,7 @@ pub(crate) async fn envelope(
         status = status.as_u16(),
         duration_ms = started.elapsed().as_secs_f64() * 1000.0,
         request_id = %request_id,
-        subject = ANONYMOUS,
+        auth = %auth,
         "request"
     );
     response
@@ -204,11 +270,15 @@ fn finish(response: &mut Response, pretty: bool, request_id: &str) {
 
 /// Records a request the engine did not audit (refused before reaching it, or answered
 /// without it, such as `/metadata`), so that every request leaves a leaf.
-async fn record_unaudited(state: &AppState, ctx: AccessContext, status: StatusCode) {
+/// `denied`: refused by authentication or authorization (recorded as such even when the
+/// client was told 404).
+async fn record_unaudited(state: &AppState, ctx: AccessContext, status: StatusCode, denied: bool) {
     let (action, outcome) = if status.is_success() || status.is_redirection() {
         (AuditAction::Other("http".into()), AuditOutcome::Success)
     } else {
         let outcome = match status {
+            _ if denied => AuditOutcome::Denied,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => AuditOutcome::Denied,
             StatusCode::NOT_FOUND => AuditOutcome::NotFound,
             s if s.is_server_error() => AuditOutcome::Error,
             _ => AuditOutcome::Invalid,

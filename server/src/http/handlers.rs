@@ -22,9 +22,12 @@ use fhirkeep_query::{ConditionalOutcome, Error};
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::access::{self, WriteTarget};
+use super::auth::{self, Decision, authorize};
 use super::capability;
 use super::envelope::{RequestInfo, is_json_type};
 use super::response::{ApiError, FhirResponse, outcome};
+use super::scopes::Letter;
 
 type Info = Extension<Arc<RequestInfo>>;
 type HandlerResult = Result<FhirResponse, ApiError>;
@@ -254,9 +257,14 @@ pub(crate) async fn read(
 ) -> HandlerResult {
     check_type(&resource_type)?;
     let db = state.db();
-    let stored = blocking(move || db.store().read(&info.ctx, &resource_type, &id))
-        .await?
-        .map_err(|e| ApiError::query(&Error::Engine(e), true))?;
+    let deny = state.deny_status();
+    let stored = blocking(move || {
+        access::check_instance(&db, &info.grant, deny, Letter::Read, &resource_type, &id)?;
+        db.store()
+            .read(&info.ctx, &resource_type, &id)
+            .map_err(|e| ApiError::query(&Error::Engine(e), true))
+    })
+    .await??;
     if not_modified(&headers, &stored) {
         let response = FhirResponse {
             status: StatusCode::NOT_MODIFIED,
@@ -287,9 +295,21 @@ pub(crate) async fn vread(
         ));
     };
     let db = state.db();
-    let stored = blocking(move || db.store().vread(&info.ctx, &resource_type, &id, version))
-        .await?
-        .map_err(|e| ApiError::query(&Error::Engine(e), true))?;
+    let deny = state.deny_status();
+    let stored = blocking(move || {
+        access::check_instance(&db, &info.grant, deny, Letter::Read, &resource_type, &id)?;
+        let stored = db
+            .store()
+            .vread(&info.ctx, &resource_type, &id, version)
+            .map_err(|e| ApiError::query(&Error::Engine(e), true))?;
+        // An old version may predate the resource's move into the token's compartment.
+        if access::version_reached(&db, &info.grant, Letter::Read, &stored)? {
+            Ok(stored)
+        } else {
+            Err(ApiError::hidden(deny))
+        }
+    })
+    .await??;
     Ok(with_version(
         FhirResponse::ok(stored_json(&stored)?),
         &stored,
@@ -317,14 +337,29 @@ pub(crate) async fn create(
         }
     };
     let db = state.db();
-    let outcome = blocking(move || match condition {
-        None => db
-            .create(&info.ctx, resource)
-            .map(ConditionalOutcome::Created),
-        Some(condition) => db.conditional_create(&info.ctx, resource, &condition),
+    let deny = state.deny_status();
+    let outcome = blocking(move || {
+        let target = match &condition {
+            None => WriteTarget::New,
+            Some(condition) => WriteTarget::IfNoneExist(condition),
+        };
+        access::check_write(
+            &db,
+            &info.grant,
+            deny,
+            &resource_type,
+            target,
+            Some(&resource),
+        )?;
+        match condition {
+            None => db
+                .create(&info.ctx, resource)
+                .map(ConditionalOutcome::Created),
+            Some(condition) => db.conditional_create(&info.ctx, resource, &condition),
+        }
+        .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))
     })
-    .await?
-    .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))?;
+    .await??;
     match outcome {
         ConditionalOutcome::Created(stored) => {
             written(&state, &headers, StatusCode::CREATED, &stored, "created")
@@ -352,9 +387,20 @@ pub(crate) async fn update(
     let resource = resource_of_type(&headers, &body, &resource_type)?;
     let expected = if_match(&headers)?;
     let db = state.db();
-    let outcome = blocking(move || db.update(&info.ctx, &resource_type, &id, resource, expected))
-        .await?
-        .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))?;
+    let deny = state.deny_status();
+    let outcome = blocking(move || {
+        access::check_write(
+            &db,
+            &info.grant,
+            deny,
+            &resource_type,
+            WriteTarget::Id(&id),
+            Some(&resource),
+        )?;
+        db.update(&info.ctx, &resource_type, &id, resource, expected)
+            .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))
+    })
+    .await??;
     let (status, message) = if outcome.created {
         (StatusCode::CREATED, "created")
     } else {
@@ -377,11 +423,20 @@ pub(crate) async fn conditional_update(
     let expected = if_match(&headers)?;
     let condition = query.unwrap_or_default();
     let db = state.db();
+    let deny = state.deny_status();
     let outcome = blocking(move || {
+        access::check_write(
+            &db,
+            &info.grant,
+            deny,
+            &resource_type,
+            WriteTarget::Condition(&condition),
+            Some(&resource),
+        )?;
         db.conditional_update(&info.ctx, &resource_type, &condition, resource, expected)
+            .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))
     })
-    .await?
-    .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))?;
+    .await??;
     let (status, message) = if outcome.created {
         (StatusCode::CREATED, "created")
     } else {
@@ -414,9 +469,20 @@ pub(crate) async fn delete(
     check_type(&resource_type)?;
     let expected = if_match(&headers)?;
     let db = state.db();
-    let outcome = blocking(move || db.delete(&info.ctx, &resource_type, &id, expected))
-        .await?
-        .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))?;
+    let deny = state.deny_status();
+    let outcome = blocking(move || {
+        access::check_write(
+            &db,
+            &info.grant,
+            deny,
+            &resource_type,
+            WriteTarget::Id(&id),
+            None,
+        )?;
+        db.delete(&info.ctx, &resource_type, &id, expected)
+            .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))
+    })
+    .await??;
     Ok(deleted(Some(outcome.version)))
 }
 
@@ -430,9 +496,20 @@ pub(crate) async fn conditional_delete(
     check_type(&resource_type)?;
     let condition = query.unwrap_or_default();
     let db = state.db();
-    let outcome = blocking(move || db.conditional_delete(&info.ctx, &resource_type, &condition))
-        .await?
-        .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))?;
+    let deny = state.deny_status();
+    let outcome = blocking(move || {
+        access::check_write(
+            &db,
+            &info.grant,
+            deny,
+            &resource_type,
+            WriteTarget::Condition(&condition),
+            None,
+        )?;
+        db.conditional_delete(&info.ctx, &resource_type, &condition)
+            .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))
+    })
+    .await??;
     Ok(deleted(outcome.map(|o| o.version)))
 }
 
@@ -449,16 +526,23 @@ async fn run_search(
     let pairs = decode_query(query).map_err(|e| ApiError::query(&e, false))?;
     let db = state.db();
     let base = state.base().to_owned();
+    let deny = state.deny_status();
     let bundle = blocking(move || -> Result<Value, ApiError> {
         let request = {
             let registry = db.registry().map_err(|e| ApiError::query(&e, false))?;
-            parse_search(&registry, types, compartment, &pairs, handling)
-                .map_err(|e| ApiError::query(&e, false))?
+            let mut request = parse_search(&registry, types, compartment, &pairs, handling)
+                .map_err(|e| ApiError::query(&e, false))?;
+            // The token's patient compartment and search restrictions become part of it.
+            access::narrow_search(&registry, &info.grant, deny, &mut request)?;
+            request
         };
         // The search records its own audit leaf, failed or not.
-        let result = db
+        let mut result = db
             .search(&info.ctx, &request)
             .map_err(|e| ApiError::query(&e, true))?;
+        // `_include`d resources (and patients linked to the token's patient) the token does
+        // not reach are left out.
+        access::filter_result(&db, &info.grant, &mut result)?;
         Ok(result.to_bundle(&base))
     })
     .await??;
@@ -691,6 +775,34 @@ enum HistoryScope {
     System,
 }
 
+/// History is a search (`s`): of one resource, it needs the resource to be within the
+/// token's reach; of a whole type or of everything, a scope without patient or search
+/// restrictions (history cannot be narrowed to a compartment).
+fn history_allowed(
+    db: &fhirkeep_query::Database,
+    info: &RequestInfo,
+    deny: StatusCode,
+    scope: &HistoryScope,
+) -> Result<(), ApiError> {
+    let resource_type = match scope {
+        HistoryScope::Instance(t, id) => {
+            return access::check_instance(db, &info.grant, deny, Letter::Search, t, id);
+        }
+        HistoryScope::Type(t) => Some(t.as_str()),
+        HistoryScope::System => None,
+    };
+    match authorize(&info.grant, Letter::Search, resource_type) {
+        Decision::All => Ok(()),
+        Decision::Forbidden => Err(ApiError::forbidden(
+            "the token's scopes do not allow this history",
+        )),
+        Decision::Filtered(_) => Err(ApiError::forbidden(
+            "the history of a whole type needs a scope without patient or search \
+             restrictions; read the history of single resources instead",
+        )),
+    }
+}
+
 async fn run_history(
     state: &AppState,
     info: Arc<RequestInfo>,
@@ -706,7 +818,9 @@ async fn run_history(
         HistoryScope::System => "_history".to_owned(),
     };
     let history_query = params.query.clone();
+    let deny = state.deny_status();
     let page = blocking(move || {
+        history_allowed(&db, &info, deny, &scope)?;
         let store = db.store();
         match scope {
             HistoryScope::Instance(t, id) => {
@@ -715,9 +829,21 @@ async fn run_history(
             HistoryScope::Type(t) => store.history_type(&info.ctx, &t, &history_query),
             HistoryScope::System => store.history_system(&info.ctx, &history_query),
         }
+        .map_err(|e| ApiError::query(&Error::Engine(e), true))
+        .and_then(|mut page| {
+            // Versions from before the resource came into the token's compartment are left
+            // out (type and system history need unfiltered scopes).
+            let mut kept = Vec::with_capacity(page.entries.len());
+            for stored in page.entries.drain(..) {
+                if access::version_reached(&db, &info.grant, Letter::Search, &stored)? {
+                    kept.push(stored);
+                }
+            }
+            page.entries = kept;
+            Ok(page)
+        })
     })
-    .await?
-    .map_err(|e| ApiError::query(&Error::Engine(e), true))?;
+    .await??;
     Ok(FhirResponse::ok(history_bundle(
         &page,
         state.base(),
@@ -770,6 +896,8 @@ pub(crate) async fn bundle(
     body: Bytes,
 ) -> HandlerResult {
     let bundle = json_body(&headers, &body)?;
+    // Every entry is checked before anything is applied.
+    access::check_bundle(&info.grant, &bundle)?;
     let db = state.db();
     let base = state.base().to_owned();
     let response = blocking(move || db.process_bundle(&info.ctx, &bundle, &base))
@@ -782,11 +910,52 @@ pub(crate) async fn bundle(
 pub(crate) async fn metadata(State(state): State<AppState>) -> HandlerResult {
     let db = state.db();
     let base = state.base().to_owned();
-    let statement = blocking(move || capability::statement(&db, &base))
+    let smart = state.smart().map(|s| s.endpoints().clone());
+    let statement = blocking(move || capability::statement(&db, &base, smart.as_ref()))
         .await?
         .map_err(|e| ApiError::query(&e, false))?;
     let mut response = FhirResponse::ok(statement);
     // Reads no patient data; the envelope records it as a plain HTTP request.
+    response.audited = false;
+    Ok(response)
+}
+
+/// `GET /.well-known/smart-configuration`: what a SMART client needs to know (404 without
+/// `--auth smart`). There is no authorization server here: tokens come from an external
+/// one (`--jwks`) or from `fhirkeep token`, so no authorization or token endpoint is named.
+pub(crate) async fn smart_configuration(State(state): State<AppState>) -> HandlerResult {
+    let Some(smart) = state.smart() else {
+        return Err(unknown_route().await);
+    };
+    let mut body = json!({
+        "issuer": state.base(),
+        "capabilities": [
+            "permission-v1",
+            "permission-v2",
+            "permission-patient",
+            "permission-user",
+        ],
+        "scopes_supported": auth::scopes_supported(),
+        "fhirkeep_issuer_key": smart.own_jwk(),
+    });
+    // The external authorization server's endpoints, when the operator named them.
+    let endpoints = smart.endpoints();
+    let mut grant_types = Vec::new();
+    if let Some(authorize) = &endpoints.authorize {
+        body["authorization_endpoint"] = json!(authorize);
+        // SMART requires PKCE with S256 of authorization servers.
+        body["code_challenge_methods_supported"] = json!(["S256"]);
+        grant_types.push("authorization_code");
+    }
+    if let Some(token) = &endpoints.token {
+        body["token_endpoint"] = json!(token);
+        grant_types.push("client_credentials");
+    }
+    body["grant_types_supported"] = json!(grant_types);
+    if smart.requires_mfa() {
+        body["fhirkeep_mfa_required_for_privileged"] = json!(true);
+    }
+    let mut response = FhirResponse::ok(body);
     response.audited = false;
     Ok(response)
 }

@@ -5,10 +5,15 @@
 //! serializes FHIR bodies, sets the security headers, logs without PHI and audits requests
 //! the engine never saw. Engine calls are blocking and run in `spawn_blocking`.
 
+mod access;
+pub(crate) mod auth;
+#[cfg(test)]
+mod auth_tests;
 mod capability;
 mod envelope;
 mod handlers;
 mod response;
+mod scopes;
 #[cfg(test)]
 mod tests;
 
@@ -17,6 +22,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use fhirkeep_query::Database;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -32,6 +38,42 @@ pub(crate) struct ServerConfig {
     pub(crate) base_url: String,
     /// Largest accepted request body in bytes (larger ones are answered 413).
     pub(crate) max_body_bytes: usize,
+    /// `--auth`: none (loopback only) or SMART on FHIR bearer tokens.
+    pub(crate) auth: AuthMode,
+    /// The answer for a resource outside the token's reach: 404 (default: existence is not
+    /// revealed) or 403.
+    pub(crate) deny_status: StatusCode,
+}
+
+/// How requests are authenticated.
+#[derive(Debug, Clone)]
+pub(crate) enum AuthMode {
+    /// No authentication: every request may do everything (loopback addresses only).
+    None,
+    /// SMART on FHIR: every route but `/metadata` and `/.well-known/smart-configuration`
+    /// needs a valid bearer token, and its scopes decide what it may do.
+    Smart(SmartSettings),
+}
+
+/// The settings of `--auth smart`.
+#[derive(Debug, Clone)]
+pub(crate) struct SmartSettings {
+    /// Keys of trusted issuers (`--jwks`), besides the server's own issuer key.
+    pub(crate) jwks: Vec<auth::TrustedKey>,
+    /// `--issuer`: the only `iss` accepted from `jwks` keys.
+    pub(crate) issuer: Option<String>,
+    /// `--require-mfa-for-privileged`.
+    pub(crate) require_mfa: bool,
+    /// The endpoints of the external authorization server, to advertise.
+    pub(crate) endpoints: OAuthUris,
+}
+
+/// The endpoints of the authorization server that issues tokens (`--authorize-url`,
+/// `--token-url`), advertised in `/metadata` and `/.well-known/smart-configuration`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct OAuthUris {
+    pub(crate) authorize: Option<String>,
+    pub(crate) token: Option<String>,
 }
 
 /// What every handler shares: the database and the settings.
@@ -44,17 +86,46 @@ pub(crate) struct AppState {
 struct Shared {
     db: Arc<Database>,
     config: ServerConfig,
+    /// Token validation, under `--auth smart`.
+    smart: Option<auth::SmartAuth>,
 }
 
 impl AppState {
     pub(crate) fn new(db: Database, mut config: ServerConfig) -> Self {
         config.base_url = config.base_url.trim_end_matches('/').to_owned();
+        let smart = match &config.auth {
+            AuthMode::None => None,
+            AuthMode::Smart(settings) => {
+                let own = auth::IssuerKey::from_secret(
+                    db.store().derive_secret(auth::ISSUER_KEY_PURPOSE),
+                );
+                Some(auth::SmartAuth::new(
+                    &config.base_url,
+                    &own,
+                    settings.jwks.clone(),
+                    settings.issuer.clone(),
+                    settings.require_mfa,
+                    settings.endpoints.clone(),
+                ))
+            }
+        };
         AppState {
             inner: Arc::new(Shared {
                 db: Arc::new(db),
                 config,
+                smart,
             }),
         }
+    }
+
+    /// Token validation, if the server runs with `--auth smart`.
+    pub(crate) fn smart(&self) -> Option<&auth::SmartAuth> {
+        self.inner.smart.as_ref()
+    }
+
+    /// The status of a refusal that must not reveal whether a resource exists.
+    pub(crate) fn deny_status(&self) -> StatusCode {
+        self.inner.config.deny_status
     }
 
     /// The database, shareable with blocking tasks.
@@ -101,6 +172,10 @@ fn routes() -> Router<AppState> {
     Router::new()
         .route("/", get(h::search_system).post(h::bundle))
         .route("/metadata", get(h::metadata))
+        .route(
+            "/.well-known/smart-configuration",
+            get(h::smart_configuration),
+        )
         .route("/_search", post(h::search_system_post))
         .route("/_history", get(h::history_system))
         .route(
@@ -138,6 +213,45 @@ fn layered(router: Router<AppState>, state: AppState) -> Router {
             envelope::envelope,
         ))
         .with_state(state)
+}
+
+/// What `fhirkeep token` needs to know about a `--scope` text.
+#[derive(Debug)]
+pub(crate) struct ScopeSummary {
+    /// How many scopes grant something.
+    pub(crate) usable: usize,
+    /// The scopes that grant nothing.
+    pub(crate) ignored: Vec<String>,
+    /// Whether some usable scope is a `patient/` scope.
+    pub(crate) patient_scopes: bool,
+}
+
+/// Sorts a `--scope` text into usable and ignored scopes.
+pub(crate) fn scopes_of(text: &str) -> ScopeSummary {
+    let mut summary = ScopeSummary {
+        usable: 0,
+        ignored: Vec::new(),
+        patient_scopes: false,
+    };
+    for word in text.split_whitespace() {
+        match scopes::parse_scope(word) {
+            Some(scope) => {
+                summary.usable += 1;
+                summary.patient_scopes |= scope.context == scopes::Context::Patient;
+            }
+            None => summary.ignored.push(word.to_owned()),
+        }
+    }
+    summary
+}
+
+/// Whether `path` is one of the routes served without a token: `/metadata` and
+/// `/.well-known/smart-configuration` under the base path.
+fn is_public_path(state: &AppState, path: &str) -> bool {
+    let Some(rest) = path.strip_prefix(state.base_path()) else {
+        return false;
+    };
+    matches!(rest, "/metadata" | "/.well-known/smart-configuration")
 }
 
 /// Whether `addr` is a loopback address (the only place the server may run without auth).

@@ -20,6 +20,11 @@ pub(crate) struct PendingBody(pub(crate) Value);
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Audited;
 
+/// Marks a response that refused a request for authorization reasons (401, 403, or a
+/// resource hidden as 404), so that the envelope audits it as denied.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Denied;
+
 /// A successful FHIR response.
 #[derive(Debug)]
 pub(crate) struct FhirResponse {
@@ -71,6 +76,8 @@ pub(crate) struct ApiError {
     outcome: Value,
     /// Whether the engine audited the failed request.
     audited: bool,
+    /// Whether authorization refused the request.
+    denied: bool,
 }
 
 impl ApiError {
@@ -87,6 +94,7 @@ impl ApiError {
             status,
             outcome: error.operation_outcome(),
             audited,
+            denied: false,
         }
     }
 
@@ -96,6 +104,33 @@ impl ApiError {
             status,
             outcome: outcome("error", code, diagnostics),
             audited: false,
+            denied: false,
+        }
+    }
+
+    /// 403: the token's scopes do not allow the interaction.
+    pub(crate) fn forbidden(diagnostics: &str) -> Self {
+        ApiError {
+            denied: true,
+            ..ApiError::http(StatusCode::FORBIDDEN, "forbidden", diagnostics)
+        }
+    }
+
+    /// A resource outside the token's reach: with the deny status 404 the answer is the
+    /// same as for a resource that does not exist; otherwise a 403.
+    pub(crate) fn hidden(deny: StatusCode) -> Self {
+        let error = if deny == StatusCode::NOT_FOUND {
+            ApiError::query(&Error::Engine(fhirkeep_engine::Error::NotFound), false)
+        } else {
+            ApiError::http(
+                deny,
+                "forbidden",
+                "the resource is outside what the token may reach",
+            )
+        };
+        ApiError {
+            denied: true,
+            ..error
         }
     }
 
@@ -120,6 +155,9 @@ impl IntoResponse for ApiError {
         response.extensions_mut().insert(PendingBody(self.outcome));
         if self.audited {
             response.extensions_mut().insert(Audited);
+        }
+        if self.denied {
+            response.extensions_mut().insert(Denied);
         }
         response
     }

@@ -48,6 +48,8 @@ fn harness_at(base_url: &str, max_body_bytes: usize) -> Harness {
         ServerConfig {
             base_url: base_url.to_owned(),
             max_body_bytes,
+            auth: super::AuthMode::None,
+            deny_status: StatusCode::NOT_FOUND,
         },
     );
     Harness {
