@@ -213,12 +213,13 @@ fn search(c: &mut Criterion) {
     }
     bdb.db.flush_index().expect("flush_index");
     let family = family_of(cohort.patient(0).patient()).expect("patient 0 has a family name");
+    let patient_id = cohort.patient(0).patient().id.clone();
 
     let mut group = c.benchmark_group("search");
     group.sample_size(20);
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(3));
-    for (name, url) in query_searches(&family) {
+    for (name, url) in query_searches(&family, &patient_id) {
         let request = parse_search_url(
             &bdb.db.registry().expect("registry"),
             &url,

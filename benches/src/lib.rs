@@ -242,7 +242,7 @@ pub struct BenchDatabase {
     /// The open database (dropped before the directory is removed).
     pub db: fhirkeep_query::Database,
     db_dir: PathBuf,
-    _tmp: tempfile::TempDir,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl BenchDatabase {
@@ -265,8 +265,35 @@ impl BenchDatabase {
         Ok(BenchDatabase {
             db,
             db_dir,
-            _tmp: tmp,
+            _tmp: Some(tmp),
         })
+    }
+
+    /// The database kept in `dir` (key file `dir/bench.key`, database `dir/db`), created if
+    /// it does not exist, and never removed: a large data set is loaded once and measured
+    /// many times. The flag says whether it already existed.
+    pub fn keep_in(dir: &Path) -> fhirkeep_query::Result<(Self, bool)> {
+        std::fs::create_dir_all(dir).map_err(fhirkeep_engine::Error::Io)?;
+        let key_path = dir.join("bench.key");
+        let db_dir = dir.join("db");
+        let existed = db_dir.join("fhirkeep.redb").exists();
+        if !key_path.exists() {
+            create_key_file(&key_path)?;
+        }
+        let builder = fhirkeep_query::Database::builder(&db_dir).key(KeySource::KeyFile(key_path));
+        let db = if existed {
+            builder.open()?
+        } else {
+            builder.create()?
+        };
+        Ok((
+            BenchDatabase {
+                db,
+                db_dir,
+                _tmp: None,
+            },
+            existed,
+        ))
     }
 
     /// The database directory (`fhirkeep.redb`, `fhirkeep.keys`, `index.redb`).
@@ -320,9 +347,25 @@ pub fn upserts(batch: Vec<ParsedResource>) -> Vec<fhirkeep_engine::store::Upsert
 /// The query-layer benchmark searches, as `(name, search URL)`, for a database holding a
 /// [`fhirkeep_synth::Cohort`]. `family` is a family name present in the data (the chained and
 /// string-prefix searches use it; take it from the first patient).
-pub fn query_searches(family: &str) -> Vec<(&'static str, String)> {
+pub fn query_searches(family: &str, patient_id: &str) -> Vec<(&'static str, String)> {
     let prefix: String = family.chars().take(3).collect();
     vec![
+        // The count goal: matches counted per second, no resource read.
+        (
+            "count_token",
+            "Observation?code=http://loinc.org|8867-4&_summary=count".to_owned(),
+        ),
+        // The first-page goal: a common code within half a year.
+        (
+            "code_date_first_page",
+            "Observation?code=http://loinc.org|8867-4&date=ge2023-01-01&date=lt2023-07-01"
+                .to_owned(),
+        ),
+        // `Patient/$everything`-shaped: one patient's whole compartment, first page of 100.
+        (
+            "compartment_everything",
+            format!("Patient/{patient_id}/*?_count=100"),
+        ),
         (
             "token_code",
             "Observation?code=http://loinc.org|4548-4".to_owned(),

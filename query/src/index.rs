@@ -15,7 +15,7 @@
 use std::ops::Bound;
 use std::sync::Mutex;
 
-use tantivy::collector::DocSetCollector;
+use tantivy::collector::{Collector, SegmentCollector};
 use tantivy::directory::Directory;
 use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, RangeQuery, RegexQuery, TermQuery};
 use tantivy::schema::{
@@ -100,6 +100,57 @@ pub struct IndexedDoc {
     pub refs: Vec<String>,
     /// `code ␟ key` sort keys.
     pub sort: Vec<String>,
+}
+
+/// Collects the matching documents in address order. Segments are visited in order and each
+/// one yields its documents in id order, so this is `DocSetCollector` without the hash set
+/// and the sort (a large share of a search with many matches).
+struct SortedDocs;
+
+impl Collector for SortedDocs {
+    type Fruit = Vec<DocAddress>;
+    type Child = SortedSegmentDocs;
+
+    fn for_segment(
+        &self,
+        segment: tantivy::SegmentOrdinal,
+        _reader: &tantivy::SegmentReader,
+    ) -> tantivy::Result<SortedSegmentDocs> {
+        Ok(SortedSegmentDocs {
+            segment,
+            docs: Vec::new(),
+        })
+    }
+
+    fn requires_scoring(&self) -> bool {
+        false
+    }
+
+    fn merge_fruits(&self, fruits: Vec<Vec<DocAddress>>) -> tantivy::Result<Vec<DocAddress>> {
+        let mut docs: Vec<DocAddress> = fruits.into_iter().flatten().collect();
+        // Already sorted when tantivy merges in segment order; cheap to make sure.
+        if !docs.is_sorted() {
+            docs.sort_unstable();
+        }
+        Ok(docs)
+    }
+}
+
+struct SortedSegmentDocs {
+    segment: tantivy::SegmentOrdinal,
+    docs: Vec<DocAddress>,
+}
+
+impl SegmentCollector for SortedSegmentDocs {
+    type Fruit = Vec<DocAddress>;
+
+    fn collect(&mut self, doc: tantivy::DocId, _score: tantivy::Score) {
+        self.docs.push(DocAddress::new(self.segment, doc));
+    }
+
+    fn harvest(self) -> Vec<DocAddress> {
+        self.docs
+    }
 }
 
 /// One change of the index: the new document of `key`, if any, and whether an earlier one
@@ -273,12 +324,12 @@ impl SearchIndex {
         searcher: &tantivy::Searcher,
         query: &dyn Query,
     ) -> Result<Vec<DocAddress>> {
-        let mut docs: Vec<DocAddress> = searcher
-            .search(query, &DocSetCollector)?
-            .into_iter()
-            .collect();
-        docs.sort_unstable();
-        Ok(docs)
+        Ok(searcher.search(query, &SortedDocs)?)
+    }
+
+    /// How many documents match `query` (nothing collected, nothing read).
+    pub fn count(&self, searcher: &tantivy::Searcher, query: &dyn Query) -> Result<usize> {
+        Ok(searcher.search(query, &tantivy::collector::Count)?)
     }
 
     /// The stored fields of a document.

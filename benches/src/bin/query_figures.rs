@@ -5,8 +5,12 @@
 //!
 //! ```text
 //! cargo run --release -p fhirkeep-benches --bin query_figures -- [--patients N] [--batch B]
-//!     [--runs R] [--updates U] [--seed S]
+//!     [--runs R] [--updates U] [--seed S] [--keep DIR] [--no-baseline]
 //! ```
+//!
+//! `--keep DIR` keeps the indexed database in `DIR` and, when it exists already, skips every
+//! load and measures searches and single writes on it (a large data set is loaded once).
+//! `--no-baseline` skips the two store-only loads.
 //!
 //! The store-only load runs before and after the indexed load (A-B-A), each into a new store,
 //! so a drift of the shared machine shows as a difference between the two baselines and the
@@ -37,6 +41,10 @@ struct Args {
     runs: usize,
     updates: usize,
     seed: u64,
+    /// Keep the indexed database here; if it exists, skip every load and only measure.
+    keep: Option<std::path::PathBuf>,
+    /// Skip the store-only loads before and after the indexed one.
+    no_baseline: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -46,6 +54,8 @@ fn parse_args() -> Result<Args, String> {
         runs: 50,
         updates: 50,
         seed: DEFAULT_SEED,
+        keep: None,
+        no_baseline: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -62,10 +72,12 @@ fn parse_args() -> Result<Args, String> {
             "--runs" => args.runs = size(value("--runs")?.max(1))?,
             "--updates" => args.updates = size(value("--updates")?)?,
             "--seed" => args.seed = value("--seed")?,
+            "--keep" => args.keep = Some(it.next().ok_or("--keep needs a directory")?.into()),
+            "--no-baseline" => args.no_baseline = true,
             "-h" | "--help" => {
                 return Err(
                     "usage: query_figures [--patients N] [--batch B] [--runs R] \
-                            [--updates U] [--seed S]"
+                            [--updates U] [--seed S] [--keep DIR] [--no-baseline]"
                         .into(),
                 );
             }
@@ -192,6 +204,14 @@ fn load_store_only(
     Ok((store, times))
 }
 
+/// What the indexed load measured (absent when an existing database was reused).
+struct LoadFigures {
+    times: Samples,
+    flush: Duration,
+    store_bytes: u64,
+    index_bytes: u64,
+}
+
 fn run(args: &Args) -> AnyResult<()> {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let bench_dir =
@@ -203,80 +223,111 @@ fn run(args: &Args) -> AnyResult<()> {
         args.runs,
         cores,
         cpu_model(),
-        bench_dir
+        args.keep
+            .as_ref()
+            .map_or(bench_dir, |d| d.display().to_string())
     );
     let ctx = bench_context();
     let cohort = Cohort::new(args.seed);
+    let first_patient = cohort.patient(0);
+    let family = family_of(first_patient.patient()).ok_or("patient 0 has no family name")?;
+    // The compartment fetch takes the patient with the largest record among the first 50: a
+    // heavy patient, not the cohort's first (which may have a handful of resources).
+    let heavy_patient_id = (0..args.patients.min(50))
+        .map(|p| cohort.patient(p))
+        .max_by_key(|record| record.resources().len())
+        .map(|record| record.patient().id.clone())
+        .ok_or("no patients")?;
+    let patient_ids: Vec<String> = (0..args.patients.min(args.updates.max(1) as u64))
+        .map(|p| cohort.patient(p).patient().id.clone())
+        .collect();
+
+    let (bdb, existed) = match &args.keep {
+        Some(dir) => BenchDatabase::keep_in(dir)?,
+        None => (BenchDatabase::create()?, false),
+    };
 
     // ---- Data: every resource of the cohort, as JSON text (parsed per batch, untimed). ----
-    let t = Instant::now();
-    let records: Vec<_> = cohort.patients(0..args.patients).collect();
-    let family = family_of(records[0].patient()).ok_or("patient 0 has no family name")?;
-    let patient_ids: Vec<String> = records.iter().map(|r| r.patient().id.clone()).collect();
-    let resources: Vec<GeneratedResource> = records
-        .into_iter()
-        .flat_map(fhirkeep_synth::PatientRecord::into_resources)
-        .collect();
-    let generate = t.elapsed();
-    let n = resources.len() as u64;
-    let json_bytes: u64 = resources.iter().map(|r| r.json.len() as u64).sum();
-    eprintln!(
-        "  generated {n} resources ({:.1} s), mean JSON {:.0} bytes",
-        generate.as_secs_f64(),
-        json_bytes as f64 / n as f64
-    );
-
-    // ---- A: store only. ----
-    let (store_a, store_a_times) = load_store_only(&resources, args.batch)?;
-    let store_a_bytes = store_a.bytes_on_disk()?;
-    drop(store_a);
-    eprintln!(
-        "  store-only (before): {} resources/s",
-        fmt_int(per_second(n, store_a_times.total()))
-    );
-
-    // ---- B: store and index, load_many per batch, one flush_index at the end. ----
-    let bdb = BenchDatabase::create()?;
-    let mut load_times = Samples::default();
-    let mut last_report = Instant::now();
-    for (k, chunk) in resources.chunks(args.batch).enumerate() {
-        let items = upserts(parse(chunk)?);
+    let mut n = 0u64;
+    let mut json_bytes = 0u64;
+    let mut baseline: Option<(Samples, Samples, u64)> = None;
+    let mut load: Option<LoadFigures> = None;
+    let mut store_c = None;
+    if !existed {
         let t = Instant::now();
-        for result in bdb.db.load_many(&ctx, items)? {
-            result?;
+        let resources: Vec<GeneratedResource> = cohort
+            .patients(0..args.patients)
+            .flat_map(fhirkeep_synth::PatientRecord::into_resources)
+            .collect();
+        n = resources.len() as u64;
+        json_bytes = resources.iter().map(|r| r.json.len() as u64).sum();
+        eprintln!(
+            "  generated {n} resources ({:.1} s), mean JSON {:.0} bytes",
+            t.elapsed().as_secs_f64(),
+            json_bytes as f64 / n as f64
+        );
+
+        // ---- A: store only. ----
+        let store_a = if args.no_baseline {
+            None
+        } else {
+            let (store_a, times) = load_store_only(&resources, args.batch)?;
+            let bytes = store_a.bytes_on_disk()?;
+            eprintln!(
+                "  store-only (before): {} resources/s",
+                fmt_int(per_second(n, times.total()))
+            );
+            Some((times, bytes))
+        };
+
+        // ---- B: store and index, load_many per batch, one flush_index at the end. ----
+        let mut times = Samples::default();
+        let mut last_report = Instant::now();
+        for (k, chunk) in resources.chunks(args.batch).enumerate() {
+            let items = upserts(parse(chunk)?);
+            let t = Instant::now();
+            for result in bdb.db.load_many(&ctx, items)? {
+                result?;
+            }
+            times.0.push(t.elapsed());
+            if last_report.elapsed() > Duration::from_secs(10) {
+                eprintln!("  indexed {} / {n} ...", (k + 1) * args.batch);
+                last_report = Instant::now();
+            }
         }
-        load_times.0.push(t.elapsed());
-        if last_report.elapsed() > Duration::from_secs(10) {
-            eprintln!("  indexed {} / {n} ...", (k + 1) * args.batch);
-            last_report = Instant::now();
+        let t = Instant::now();
+        bdb.db.flush_index()?;
+        let flush = t.elapsed();
+        bdb.db.store().flush_audit()?;
+        eprintln!(
+            "  indexed: {} resources/s (flush {:.1} s)",
+            fmt_int(per_second(n, times.total() + flush)),
+            flush.as_secs_f64()
+        );
+        load = Some(LoadFigures {
+            times,
+            flush,
+            store_bytes: bdb.store_file_bytes()?,
+            index_bytes: bdb.index_file_bytes()?,
+        });
+
+        // ---- C: store only again (drift check). ----
+        if let Some((times_a, bytes_a)) = store_a {
+            let (store, times_c) = load_store_only(&resources, args.batch)?;
+            eprintln!(
+                "  store-only (after): {} resources/s",
+                fmt_int(per_second(n, times_c.total()))
+            );
+            baseline = Some((times_a, times_c, bytes_a));
+            store_c = Some(store);
         }
     }
-    let t = Instant::now();
-    bdb.db.flush_index()?;
-    let flush = t.elapsed();
-    bdb.db.store().flush_audit()?;
-    let indexed_total = load_times.total() + flush;
-    let db_store_bytes = bdb.store_file_bytes()?;
-    let db_index_bytes = bdb.index_file_bytes()?;
-    eprintln!(
-        "  indexed: {} resources/s (flush {:.1} s)",
-        fmt_int(per_second(n, indexed_total)),
-        flush.as_secs_f64()
-    );
-
-    // ---- C: store only again (drift check). ----
-    let (store_c, store_c_times) = load_store_only(&resources, args.batch)?;
-    eprintln!(
-        "  store-only (after): {} resources/s",
-        fmt_int(per_second(n, store_c_times.total()))
-    );
-    drop(resources);
 
     // ---- Single writes: Database::update (index commit per write) vs store only. ----
     let mut update_db = Samples::default();
     let mut update_store = Samples::default();
     let mut patient_bodies: Vec<(String, Value)> = Vec::new();
-    for id in patient_ids.iter().take(args.updates.max(1)) {
+    for id in &patient_ids {
         let stored = bdb.db.store().read(&ctx, "Patient", id)?;
         patient_bodies.push((id.clone(), stored.to_json()?));
     }
@@ -294,8 +345,8 @@ fn run(args: &Args) -> AnyResult<()> {
             if which == 0 {
                 bdb.db.update(&ctx, "Patient", id, body, None)?;
                 update_db.0.push(t.elapsed());
-            } else {
-                store_c.store.update(&ctx, "Patient", id, body, None)?;
+            } else if let Some(store) = &store_c {
+                store.store.update(&ctx, "Patient", id, body, None)?;
                 update_store.0.push(t.elapsed());
             }
         }
@@ -303,7 +354,7 @@ fn run(args: &Args) -> AnyResult<()> {
     drop(store_c);
 
     // ---- Searches: warm, round-robin. ----
-    let searches = query_searches(&family);
+    let searches = query_searches(&family, &heavy_patient_id);
     let mut requests = Vec::new();
     for (name, url) in &searches {
         let request = parse_search_url(&*bdb.db.registry()?, url, Handling::Strict)
@@ -330,92 +381,128 @@ fn run(args: &Args) -> AnyResult<()> {
             std::hint::black_box(result);
         }
     }
+    let resources_in_db = bdb.db.store().last_change_seq()?;
 
     // ---- Report. ----
-    let rate_a = per_second(n, store_a_times.total());
-    let rate_c = per_second(n, store_c_times.total());
-    let rate_store = (rate_a + rate_c) / 2.0;
-    let rate_indexed = per_second(n, indexed_total);
-    let per_res = |b: u64| b as f64 / n as f64;
+    let per_res = |b: u64| b as f64 / n.max(1) as f64;
     println!();
     println!(
-        "fhirkeep query-layer figures: {} patients, {} resources (mean JSON {:.0} B), \
-         batches of {}, {} cores, {}",
+        "fhirkeep query-layer figures: {} patients, {} changes in the store, batches of {}, \
+         {} cores, {}",
         args.patients,
-        fmt_int(n as f64),
-        json_bytes as f64 / n as f64,
+        fmt_int(resources_in_db as f64),
         args.batch,
         cores,
         cpu_model()
     );
-    println!();
-    println!("| ingest figure | value |");
-    println!("|---|---:|");
-    println!(
-        "| store only, `update_many` commits of {} (resources/s), before / after | {} / {} |",
-        args.batch,
-        fmt_int(rate_a),
-        fmt_int(rate_c)
-    );
-    println!(
-        "| store + index, `load_many` batches of {} + one `flush_index` (resources/s) | {} |",
-        args.batch,
-        fmt_int(rate_indexed)
-    );
-    println!(
-        "| indexed / store-only time (mean of before and after) | {:.2}× |",
-        rate_store / rate_indexed
-    );
-    println!(
-        "| `load_many` of {}: median / p95 | {} / {} |",
-        args.batch,
-        lat(load_times.quantile(0.5)),
-        lat(load_times.quantile(0.95))
-    );
-    println!(
-        "| store-only commit of {}: median / p95 | {} / {} |",
-        args.batch,
-        lat(store_a_times.quantile(0.5)),
-        lat(store_a_times.quantile(0.95))
-    );
-    println!("| final `flush_index` | {} |", lat(flush));
-    println!(
-        "| store file per resource (`fhirkeep.redb` of the database / of the store-only run) | {} B / {} B |",
-        fmt_int(per_res(db_store_bytes)),
-        fmt_int(per_res(store_a_bytes))
-    );
-    println!(
-        "| index file per resource (`index.redb`) | {} B ({:.2}× the store file) |",
-        fmt_int(per_res(db_index_bytes)),
-        db_index_bytes as f64 / db_store_bytes as f64
-    );
-    println!(
-        "| single write, `Database::update` (store commit + index catch-up + index commit): median / p95 | {} / {} |",
-        lat(update_db.quantile(0.5)),
-        lat(update_db.quantile(0.95))
-    );
-    println!(
-        "| single write, store only: median / p95 | {} / {} |",
-        lat(update_store.quantile(0.5)),
-        lat(update_store.quantile(0.95))
-    );
+    if let Some(load) = &load {
+        let rate_indexed = per_second(n, load.times.total() + load.flush);
+        println!();
+        println!(
+            "Loaded {} resources (mean JSON {:.0} B).",
+            fmt_int(n as f64),
+            json_bytes as f64 / n as f64
+        );
+        println!();
+        println!("| ingest figure | value |");
+        println!("|---|---:|");
+        if let Some((times_a, times_c, _)) = &baseline {
+            println!(
+                "| store only, `update_many` commits of {} (resources/s), before / after | {} / {} |",
+                args.batch,
+                fmt_int(per_second(n, times_a.total())),
+                fmt_int(per_second(n, times_c.total()))
+            );
+        }
+        println!(
+            "| store + index, `load_many` batches of {} + one `flush_index` (resources/s) | {} |",
+            args.batch,
+            fmt_int(rate_indexed)
+        );
+        if let Some((times_a, times_c, _)) = &baseline {
+            let rate_store =
+                (per_second(n, times_a.total()) + per_second(n, times_c.total())) / 2.0;
+            println!(
+                "| indexed / store-only time (mean of before and after) | {:.2}× |",
+                rate_store / rate_indexed
+            );
+            println!(
+                "| store-only commit of {}: median / p95 | {} / {} |",
+                args.batch,
+                lat(times_a.quantile(0.5)),
+                lat(times_a.quantile(0.95))
+            );
+        }
+        println!(
+            "| `load_many` of {}: median / p95 | {} / {} |",
+            args.batch,
+            lat(load.times.quantile(0.5)),
+            lat(load.times.quantile(0.95))
+        );
+        println!("| final `flush_index` | {} |", lat(load.flush));
+        println!(
+            "| store file per resource (`fhirkeep.redb`) | {} B |",
+            fmt_int(per_res(load.store_bytes))
+        );
+        if let Some((_, _, bytes_a)) = &baseline {
+            println!(
+                "| ... of the store-only run | {} B |",
+                fmt_int(per_res(*bytes_a))
+            );
+        }
+        println!(
+            "| index file per resource (`index.redb`) | {} B ({:.2}× the store file) |",
+            fmt_int(per_res(load.index_bytes)),
+            load.index_bytes as f64 / load.store_bytes.max(1) as f64
+        );
+        println!(
+            "| **disk per resource, store + index + audit** | **{} B** |",
+            fmt_int(per_res(load.store_bytes + load.index_bytes))
+        );
+    }
+    if args.updates > 0 {
+        println!();
+        println!("| single write | median | p95 |");
+        println!("|---|---:|---:|");
+        println!(
+            "| `Database::update` (store commit + index catch-up + index commit) | {} | {} |",
+            lat(update_db.quantile(0.5)),
+            lat(update_db.quantile(0.95))
+        );
+        if !update_store.0.is_empty() {
+            println!(
+                "| store only | {} | {} |",
+                lat(update_store.quantile(0.5)),
+                lat(update_store.quantile(0.95))
+            );
+        }
+    }
     println!();
     println!(
         "Search latency, warm, {} runs each (round-robin, after 5 warm-up runs), one thread:",
         args.runs
     );
     println!();
-    println!("| search | matches (total) | entries returned (incl.) | median | p95 |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| search | matches (total) | entries returned (incl.) | median | p95 | p99 |");
+    println!("|---|---:|---:|---:|---:|---:|");
     for ((name, url, _, total, matches, included), times) in requests.iter().zip(&search_times) {
         println!(
-            "| {name}: `{}` | {} | {matches} (+{included}) | {} | {} |",
+            "| {name}: `{}` | {} | {matches} (+{included}) | {} | {} | {} |",
             // A pipe inside a table cell must be escaped, even in a code span.
             url.replace('|', "\\|"),
             total.map_or_else(|| "-".to_owned(), |t| fmt_int(t as f64)),
             lat(times.quantile(0.5)),
-            lat(times.quantile(0.95))
+            lat(times.quantile(0.95)),
+            lat(times.quantile(0.99))
         );
+        if *name == "count_token"
+            && let Some(total) = total
+        {
+            println!(
+                "| ... counted matches per second (median) | {} | | | | |",
+                fmt_int(per_second(*total as u64, times.quantile(0.5)))
+            );
+        }
     }
     Ok(())
 }
