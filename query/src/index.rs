@@ -12,10 +12,12 @@
 //! The commit payload holds the last store change sequence the index contains, so that
 //! reopening after a crash catches up from there (the store is the source of truth).
 
+use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::Mutex;
 
 use tantivy::collector::{Collector, SegmentCollector};
+use tantivy::columnar::StrColumn;
 use tantivy::directory::Directory;
 use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, RangeQuery, RegexQuery, TermQuery};
 use tantivy::schema::{
@@ -83,6 +85,11 @@ pub struct SearchIndex {
     writer: Mutex<IndexWriter>,
     reader: IndexReader,
     fields: Fields,
+    /// Opened string columns by segment. Opening a column reads all of it through the
+    /// encrypted directory (tantivy expects a memory map), so each is opened once per segment
+    /// rather than once per search; segments are immutable, and entries of merged-away
+    /// segments are dropped at the next commit.
+    columns: Mutex<HashMap<(tantivy::index::SegmentId, &'static str), Option<StrColumn>>>,
 }
 
 impl std::fmt::Debug for SearchIndex {
@@ -205,6 +212,7 @@ impl SearchIndex {
             writer: Mutex::new(writer),
             reader,
             fields,
+            columns: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -298,7 +306,46 @@ impl SearchIndex {
         prepared.commit()?;
         drop(writer);
         self.reader.reload()?;
+        let live: HashSet<tantivy::index::SegmentId> = self
+            .reader
+            .searcher()
+            .segment_readers()
+            .iter()
+            .map(tantivy::SegmentReader::segment_id)
+            .collect();
+        self.lock_columns()?
+            .retain(|(segment, _), _| live.contains(segment));
         Ok(())
+    }
+
+    /// The string fast-field column `field` of a segment (`None` if the segment has no
+    /// value in it), opened once and shared.
+    pub fn str_column(
+        &self,
+        reader: &tantivy::SegmentReader,
+        field: &'static str,
+    ) -> Result<Option<StrColumn>> {
+        let key = (reader.segment_id(), field);
+        if let Some(column) = self.lock_columns()?.get(&key) {
+            return Ok(column.clone());
+        }
+        // Opened without the lock held: two searches may both open it; one copy is kept.
+        let column = reader.fast_fields().str(field)?;
+        self.lock_columns()?.insert(key, column.clone());
+        Ok(column)
+    }
+
+    fn lock_columns(
+        &self,
+    ) -> Result<
+        std::sync::MutexGuard<
+            '_,
+            HashMap<(tantivy::index::SegmentId, &'static str), Option<StrColumn>>,
+        >,
+    > {
+        self.columns
+            .lock()
+            .map_err(|_| Error::Internal("column cache lock poisoned".into()))
     }
 
     /// Drops uncommitted changes (after a failed batch).

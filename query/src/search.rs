@@ -102,6 +102,7 @@ fn result_path(request: &SearchRequest) -> String {
 /// term ordinals (ordered like the keys within the segment), so only the few keys around the
 /// cursor are turned into strings, however many resources match.
 fn page_by_key(
+    index: &SearchIndex,
     searcher: &tantivy::Searcher,
     docs: &[DocAddress],
     anchor: Option<&Anchor>,
@@ -119,14 +120,20 @@ fn page_by_key(
     let mut text = String::new();
     for (segment_ord, segment_docs) in by_segment {
         let reader = searcher.segment_reader(segment_ord);
-        let column = reader
-            .fast_fields()
-            .str("key")?
+        let column = index
+            .str_column(reader, "key")?
             .ok_or_else(|| Error::Index("the key column is missing".into()))?;
         let mut ords: Vec<u64> = segment_docs
             .iter()
             .filter_map(|&doc| column.term_ords(doc).next())
             .collect();
+        if anchor.is_none() && ords.len() > count {
+            // A first page needs only the `count` smallest: select them in linear time and
+            // sort those alone. The rest only counts (all of it lies after the page).
+            ords.select_nth_unstable(count);
+            after_total += ords.len() - count;
+            ords.truncate(count);
+        }
         ords.sort_unstable();
         let key_of = |ord: u64, out: &mut String| -> Result<()> {
             out.clear();
@@ -200,6 +207,7 @@ fn page_by_key(
 /// term ordinals are ordered like the strings, so docs are ranked by integers and only the
 /// strings around the cursor and on the page are read.
 fn page_by_sort_key(
+    index: &SearchIndex,
     searcher: &tantivy::Searcher,
     docs: &[DocAddress],
     sort: &SortKey,
@@ -221,11 +229,10 @@ fn page_by_sort_key(
     let mut candidates: Vec<Ranked> = Vec::new();
     for (segment_ord, segment_docs) in by_segment {
         let reader = searcher.segment_reader(segment_ord);
-        let fast = reader.fast_fields();
-        let key_column = fast
-            .str("key")?
+        let key_column = index
+            .str_column(reader, "key")?
             .ok_or_else(|| Error::Index("the key column is missing".into()))?;
-        let sort_column = fast.str("sort")?;
+        let sort_column = index.str_column(reader, "sort")?;
         // The ordinals of this parameter's values: [low, high).
         let (low, high) = match &sort_column {
             Some(column) => {
@@ -268,7 +275,7 @@ fn page_by_sort_key(
             };
             items.push((value, key_ord));
         }
-        items.sort_unstable_by(|a, b| {
+        let order = |a: &(Option<u64>, u64), b: &(Option<u64>, u64)| {
             let by_value = match (a.0, b.0) {
                 (Some(x), Some(y)) if sort.descending => y.cmp(&x),
                 (Some(x), Some(y)) => x.cmp(&y),
@@ -277,7 +284,14 @@ fn page_by_sort_key(
                 (None, None) => Ordering::Equal,
             };
             by_value.then(a.1.cmp(&b.1))
-        });
+        };
+        if anchor.is_none() && items.len() > count {
+            // A first page: select the `count` first in linear time, as in `page_by_key`.
+            items.select_nth_unstable_by(count, order);
+            after_total += items.len() - count;
+            items.truncate(count);
+        }
+        items.sort_unstable_by(order);
         let resolve = |item: &(Option<u64>, u64)| -> Result<Ranked> {
             let mut key = String::new();
             key_column
@@ -567,10 +581,10 @@ impl Database {
         let query = self.request_query(searcher, request)?;
         let docs = self.index().matching(searcher, query.as_ref())?;
         if request.sort.is_empty() {
-            return page_by_key(searcher, &docs, anchor, count);
+            return page_by_key(self.index(), searcher, &docs, anchor, count);
         }
         if let [key] = request.sort.as_slice() {
-            return page_by_sort_key(searcher, &docs, key, anchor, count);
+            return page_by_sort_key(self.index(), searcher, &docs, key, anchor, count);
         }
         let ranked = self.rank(searcher, &docs, request)?;
         let (start, end) = match anchor {

@@ -45,6 +45,8 @@ struct Args {
     keep: Option<std::path::PathBuf>,
     /// Skip the store-only loads before and after the indexed one.
     no_baseline: bool,
+    /// Run only the searches whose name contains this (for profiling one of them).
+    only: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -56,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
         seed: DEFAULT_SEED,
         keep: None,
         no_baseline: false,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -74,10 +77,11 @@ fn parse_args() -> Result<Args, String> {
             "--seed" => args.seed = value("--seed")?,
             "--keep" => args.keep = Some(it.next().ok_or("--keep needs a directory")?.into()),
             "--no-baseline" => args.no_baseline = true,
+            "--only" => args.only = Some(it.next().ok_or("--only needs a search name")?),
             "-h" | "--help" => {
                 return Err(
                     "usage: query_figures [--patients N] [--batch B] [--runs R] \
-                            [--updates U] [--seed S] [--keep DIR] [--no-baseline]"
+                            [--updates U] [--seed S] [--keep DIR] [--no-baseline] [--only NAME]"
                         .into(),
                 );
             }
@@ -354,7 +358,10 @@ fn run(args: &Args) -> AnyResult<()> {
     drop(store_c);
 
     // ---- Searches: warm, round-robin. ----
-    let searches = query_searches(&family, &heavy_patient_id);
+    let mut searches = query_searches(&family, &heavy_patient_id);
+    if let Some(only) = &args.only {
+        searches.retain(|(name, _)| name.contains(only.as_str()));
+    }
     let mut requests = Vec::new();
     for (name, url) in &searches {
         let request = parse_search_url(&*bdb.db.registry()?, url, Handling::Strict)
