@@ -79,6 +79,9 @@ fn schema() -> (Schema, Fields) {
     (builder.build(), fields)
 }
 
+/// Opened string columns by (segment, field name).
+type ColumnCache = HashMap<(tantivy::index::SegmentId, &'static str), Option<StrColumn>>;
+
 /// The index and its single writer.
 pub struct SearchIndex {
     index: Index,
@@ -89,7 +92,7 @@ pub struct SearchIndex {
     /// encrypted directory (tantivy expects a memory map), so each is opened once per segment
     /// rather than once per search; segments are immutable, and entries of merged-away
     /// segments are dropped at the next commit.
-    columns: Mutex<HashMap<(tantivy::index::SegmentId, &'static str), Option<StrColumn>>>,
+    columns: Mutex<ColumnCache>,
 }
 
 impl std::fmt::Debug for SearchIndex {
@@ -335,14 +338,7 @@ impl SearchIndex {
         Ok(column)
     }
 
-    fn lock_columns(
-        &self,
-    ) -> Result<
-        std::sync::MutexGuard<
-            '_,
-            HashMap<(tantivy::index::SegmentId, &'static str), Option<StrColumn>>,
-        >,
-    > {
+    fn lock_columns(&self) -> Result<std::sync::MutexGuard<'_, ColumnCache>> {
         self.columns
             .lock()
             .map_err(|_| Error::Internal("column cache lock poisoned".into()))
