@@ -101,6 +101,7 @@ pub(crate) async fn envelope(
         .get::<ConnectInfo<SocketAddr>>()
         .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string());
     let (grant, auth, refusal) = authenticate(&state, &req);
+    let throttled = super::limits::throttle(&state, auth == "token", &grant.subject, &source);
     let ctx = AccessContext::new(
         grant.subject.clone(),
         grant.client.clone(),
@@ -109,10 +110,12 @@ pub(crate) async fn envelope(
     );
     let control = ControlParams::of(req.uri().query());
 
-    let mut response = match (refusal, negotiate(req.headers(), control.format.as_deref())) {
-        (Some(error), _) => unauthorized(error),
-        (None, Err(refusal)) => refusal.into_response(),
-        (None, Ok(())) => {
+    let negotiated = negotiate(req.headers(), control.format.as_deref());
+    let mut response = match (throttled, refusal, negotiated) {
+        (Some(too_many), _, _) => too_many,
+        (None, Some(error), _) => unauthorized(error),
+        (None, None, Err(refusal)) => refusal.into_response(),
+        (None, None, Ok(())) => {
             req.extensions_mut().insert(Arc::new(RequestInfo {
                 ctx: ctx.clone(),
                 grant,
