@@ -13,6 +13,8 @@ mod capability;
 mod envelope;
 mod handlers;
 pub(crate) mod hardening;
+#[cfg(test)]
+mod hardening_tests;
 mod limits;
 pub(crate) use limits::RateLimiter;
 mod response;
