@@ -1,5 +1,6 @@
 //! The middleware around every route: request id, authentication (under `--auth smart`:
-//! the bearer token becomes the request's [`Grant`] and its access context, or a 401), format
+//! the bearer token becomes the request's [`Grant`] and its access context, or a 401), the
+//! per-client rate limit (429, `limits.rs`), format
 //! negotiation
 //! (`_format`, `Accept`: 406 for anything but JSON), serialization of FHIR bodies (`_pretty`),
 //! OperationOutcomes for error responses made outside the handlers, security headers, the
