@@ -207,6 +207,30 @@ fn serve_over_tls_13_with_hsts_and_refuses_tls_12_unless_allowed() {
     );
     let response = https_get(&server.address, tls12, "/metadata").unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    // A graceful stop over TLS too: SIGTERM, then a clean exit.
+    #[cfg(unix)]
+    {
+        let mut server = server;
+        let killed = Command::new("kill")
+            .args(["-TERM", &server.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "{}", server.stderr());
+        assert!(server.stderr().contains("server stopped"));
+    }
 }
 
 #[test]
