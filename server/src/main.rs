@@ -3,6 +3,7 @@
 mod r#gen;
 mod http;
 mod import;
+mod serve_config;
 
 /// mimalloc: the store, the index and the server allocate and free many small objects
 /// across threads, where it costs about a fifth less CPU than the system allocator
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use fhirkeep_engine::audit::AuditAction;
 use fhirkeep_engine::audit::SignedTreeHead;
 use fhirkeep_engine::crypto::{KdfParams, KeySource, Keyring, create_key_file};
@@ -150,6 +151,8 @@ enum Command {
             default_missing_value = "testdata/r4/hl7.fhir.r4.examples-4.0.1.tgz"
         )]
         load_samples: Option<PathBuf>,
+        #[command(flatten)]
+        hardening: serve_config::HardeningArgs,
     },
     /// Mint a SMART on FHIR access token signed by the server's own issuer key.
     ///
@@ -368,8 +371,10 @@ enum AuditCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    // The matches are kept: `serve --config` needs to know which flags were typed.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    match run(cli, &matches) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -387,26 +392,43 @@ fn print_json(value: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
+fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<ExitCode> {
     match cli.command {
         Command::Init { db } => init(&db),
         Command::Gen(args) => r#gen::run(&args),
         Command::Demo { db, samples } => demo(&db, &samples),
         Command::Serve {
-            db,
-            listen,
-            auth,
-            base_url,
-            max_body_bytes,
+            mut db,
+            mut listen,
+            mut auth,
+            mut base_url,
+            mut max_body_bytes,
             load_samples,
-        } => serve(
-            &db,
-            listen,
-            &auth,
-            base_url,
-            max_body_bytes,
-            load_samples.as_deref(),
-        ),
+            mut hardening,
+        } => {
+            if let Some(serve_matches) = matches.subcommand_matches("serve") {
+                serve_config::apply_config_file(
+                    serve_config::ServeSettings {
+                        db: &mut db,
+                        listen: &mut listen,
+                        auth: &mut auth,
+                        base_url: &mut base_url,
+                        max_body_bytes: &mut max_body_bytes,
+                        hardening: &mut hardening,
+                    },
+                    serve_matches,
+                )?;
+            }
+            serve(
+                &db,
+                listen,
+                &auth,
+                base_url,
+                max_body_bytes,
+                load_samples.as_deref(),
+                &hardening,
+            )
+        }
         Command::Token {
             db,
             scope,
@@ -610,6 +632,7 @@ fn serve(
     base_url: Option<String>,
     max_body_bytes: usize,
     load_samples: Option<&Path>,
+    hardening: &serve_config::HardeningArgs,
 ) -> Result<ExitCode> {
     // Checked before anything is created: a refused start leaves no trace on disk.
     if auth.auth == AuthKind::None && !http::is_loopback(&listen) {
@@ -620,6 +643,13 @@ fn serve(
         );
     }
     let auth_mode = auth_mode(auth)?;
+    let (hardened, tls) = serve_config::hardening(hardening)?;
+    if auth.auth == AuthKind::Smart && tls.is_none() && !http::is_loopback(&listen) {
+        eprintln!(
+            "warning: serving {listen} without TLS: bearer tokens and health data travel in \
+             clear text; use --tls-cert and --tls-key (or a TLS proxy in front)"
+        );
+    }
     let deny_status = axum::http::StatusCode::from_u16(auth.deny_status)
         .unwrap_or(axum::http::StatusCode::NOT_FOUND);
     ensure_embedded_key(db)?;
@@ -627,6 +657,7 @@ fn serve(
         .key(db.key_source()?)
         .kdf(db.kdf())
         .verify_on_open(db.verify_on_open)
+        .limits(serve_config::search_limits(hardening))
         .open_or_create()?;
     if let Some(samples) = load_samples {
         load_samples_if_empty(&database, &ctx("serve"), samples)?;
@@ -648,7 +679,8 @@ fn serve(
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let local = listener.local_addr()?;
-        let base_url = base_url.unwrap_or_else(|| format!("http://{local}"));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base_url = base_url.unwrap_or_else(|| format!("{scheme}://{local}"));
         let state = http::AppState::new(
             database,
             http::ServerConfig {
@@ -656,6 +688,7 @@ fn serve(
                 max_body_bytes,
                 auth: auth_mode,
                 deny_status,
+                hardening: hardened,
             },
         );
         if state.smart().is_some() {
@@ -670,11 +703,14 @@ fn serve(
             );
         }
         println!(
-            "fhirkeep serving {} on http://{local} (base URL {base_url})",
+            "fhirkeep serving {} on {scheme}://{local} (base URL {base_url})",
             db.db.display()
         );
         std::io::stdout().flush()?;
-        http::serve(listener, state, http::shutdown_signal()).await?;
+        match tls {
+            Some(tls) => http::tls::serve(listener, tls, state, http::shutdown_signal()).await?,
+            None => http::serve(listener, state, http::shutdown_signal()).await?,
+        }
         eprintln!("server stopped");
         anyhow::Ok(())
     })?;

@@ -115,6 +115,7 @@ fn harness_with(options: Options) -> Harness {
                 },
             }),
             deny_status: options.deny_status,
+            hardening: Default::default(),
         },
     );
     Harness {

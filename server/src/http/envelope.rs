@@ -1,5 +1,6 @@
 //! The middleware around every route: request id, authentication (under `--auth smart`:
-//! the bearer token becomes the request's [`Grant`] and its access context, or a 401), format
+//! the bearer token becomes the request's [`Grant`] and its access context, or a 401), the
+//! per-client rate limit (429, `limits.rs`), format
 //! negotiation
 //! (`_format`, `Accept`: 406 for anything but JSON), serialization of FHIR bodies (`_pretty`),
 //! OperationOutcomes for error responses made outside the handlers, security headers, the
@@ -101,6 +102,7 @@ pub(crate) async fn envelope(
         .get::<ConnectInfo<SocketAddr>>()
         .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string());
     let (grant, auth, refusal) = authenticate(&state, &req);
+    let throttled = super::limits::throttle(&state, auth == "token", &grant.subject, &source);
     let ctx = AccessContext::new(
         grant.subject.clone(),
         grant.client.clone(),
@@ -109,10 +111,12 @@ pub(crate) async fn envelope(
     );
     let control = ControlParams::of(req.uri().query());
 
-    let mut response = match (refusal, negotiate(req.headers(), control.format.as_deref())) {
-        (Some(error), _) => unauthorized(error),
-        (None, Err(refusal)) => refusal.into_response(),
-        (None, Ok(())) => {
+    let negotiated = negotiate(req.headers(), control.format.as_deref());
+    let mut response = match (throttled, refusal, negotiated) {
+        (Some(too_many), _, _) => too_many,
+        (None, Some(error), _) => unauthorized(error),
+        (None, None, Err(refusal)) => refusal.into_response(),
+        (None, None, Ok(())) => {
             req.extensions_mut().insert(Arc::new(RequestInfo {
                 ctx: ctx.clone(),
                 grant,

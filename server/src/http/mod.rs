@@ -12,10 +12,16 @@ mod auth_tests;
 mod capability;
 mod envelope;
 mod handlers;
+pub(crate) mod hardening;
+#[cfg(test)]
+mod hardening_tests;
+mod limits;
+pub(crate) use limits::RateLimiter;
 mod response;
 mod scopes;
 #[cfg(test)]
 mod tests;
+pub(crate) mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +49,8 @@ pub(crate) struct ServerConfig {
     /// The answer for a resource outside the token's reach: 404 (default: existence is not
     /// revealed) or 403.
     pub(crate) deny_status: StatusCode,
+    /// TLS flag, CORS allowlist, JSON depth, rate limit and timeout (`hardening.rs`).
+    pub(crate) hardening: hardening::Hardening,
 }
 
 /// How requests are authenticated.
@@ -149,6 +157,10 @@ impl AppState {
     fn max_body_bytes(&self) -> usize {
         self.inner.config.max_body_bytes
     }
+
+    fn hardening(&self) -> &hardening::Hardening {
+        &self.inner.config.hardening
+    }
 }
 
 /// The FHIR REST API as a router (state included, ready to serve), at the path of the base
@@ -203,8 +215,13 @@ fn routes() -> Router<AppState> {
 /// Wraps `router` in the layers every route gets. Separate from [`routes`] so that tests can
 /// add routes (e.g. one that panics) under the same layers.
 fn layered(router: Router<AppState>, state: AppState) -> Router {
-    router
+    let router = router
         .layer(DefaultBodyLimit::max(state.max_body_bytes()))
+        // JSON depth and request timeout, inside the envelope so that refusals are audited.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::guard,
+        ))
         // Inside the envelope, so that a panic's 500 is still logged, audited and given the
         // security headers.
         .layer(CatchPanicLayer::custom(response::panic_response))
@@ -212,7 +229,8 @@ fn layered(router: Router<AppState>, state: AppState) -> Router {
             state.clone(),
             envelope::envelope,
         ))
-        .with_state(state)
+        .with_state(state.clone());
+    hardening::outer_layers(router, state.hardening())
 }
 
 /// What `fhirkeep token` needs to know about a `--scope` text.

@@ -50,6 +50,7 @@ fn harness_at(base_url: &str, max_body_bytes: usize) -> Harness {
             max_body_bytes,
             auth: super::AuthMode::None,
             deny_status: StatusCode::NOT_FOUND,
+            hardening: Default::default(),
         },
     );
     Harness {

@@ -1,0 +1,92 @@
+//! TLS for `fhirkeep serve --tls-cert --tls-key`: the rustls configuration (ring provider,
+//! TLS 1.3 only unless `--tls12`) and the HTTPS server loop (axum-server over the same router).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use axum_server::tls_rustls::RustlsConfig;
+use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::{AppState, app};
+
+/// How long a shutdown waits for connections to finish their requests.
+const GRACEFUL_SHUTDOWN: Duration = Duration::from_secs(30);
+
+/// The process-wide crypto provider (ring), installed on first use. The only provider
+/// compiled in, so the provider that another part of the process might install is ring too.
+fn provider() -> Arc<CryptoProvider> {
+    if let Some(provider) = CryptoProvider::get_default() {
+        return Arc::clone(provider);
+    }
+    // Losing a race with another installer is fine: whichever won is read back below.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    CryptoProvider::get_default()
+        .map(Arc::clone)
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
+}
+
+/// The server configuration from PEM files: the certificate chain in `cert`, its private
+/// key in `key`. TLS 1.3 only unless `allow_tls12`. Errors name the file and the problem,
+/// never key material.
+pub(crate) fn server_config(cert: &Path, key: &Path, allow_tls12: bool) -> Result<ServerConfig> {
+    let cert_pem = std::fs::read(cert)
+        .with_context(|| format!("cannot read the TLS certificate {}", cert.display()))?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| anyhow!("{} is not a PEM certificate file", cert.display()))?;
+    if chain.is_empty() {
+        bail!("{} holds no PEM certificate", cert.display());
+    }
+    let key_pem =
+        std::fs::read(key).with_context(|| format!("cannot read the TLS key {}", key.display()))?;
+    let private_key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|_| anyhow!("{} holds no PEM private key", key.display()))?;
+    let versions: &[&rustls::SupportedProtocolVersion] = if allow_tls12 {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .context("the TLS protocol versions")?
+        .with_no_client_auth()
+        // Checks that the key is the certificate's (rustls compares the public keys).
+        .with_single_cert(chain, private_key)
+        .map_err(|error| {
+            anyhow!(
+                "the TLS key {} does not fit the certificate {}: {error}",
+                key.display(),
+                cert.display()
+            )
+        })?;
+    // The router speaks HTTP/1.1 only.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Serves `state` over TLS on `listener` until `shutdown` completes, then lets requests in
+/// flight finish (for at most 30 s).
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    config: ServerConfig,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let handle = axum_server::Handle::new();
+    let on_signal = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        on_signal.graceful_shutdown(Some(GRACEFUL_SHUTDOWN));
+    });
+    let listener = listener.into_std()?;
+    axum_server::from_tcp_rustls(listener, RustlsConfig::from_config(Arc::new(config)))?
+        .handle(handle)
+        .serve(app(state).into_make_service_with_connect_info::<SocketAddr>())
+        .await
+}
