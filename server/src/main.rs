@@ -150,6 +150,10 @@ enum Command {
             default_missing_value = "testdata/r4/hl7.fhir.r4.examples-4.0.1.tgz"
         )]
         load_samples: Option<PathBuf>,
+        /// How long Bulk Data `$export` jobs and their (encrypted) files are kept: e.g. 90s,
+        /// 15m, 1h.
+        #[arg(long, value_name = "DURATION", default_value = "1h")]
+        export_ttl: String,
     },
     /// Mint a SMART on FHIR access token signed by the server's own issuer key.
     ///
@@ -399,6 +403,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             base_url,
             max_body_bytes,
             load_samples,
+            export_ttl,
         } => serve(
             &db,
             listen,
@@ -406,6 +411,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             base_url,
             max_body_bytes,
             load_samples.as_deref(),
+            &export_ttl,
         ),
         Command::Token {
             db,
@@ -610,6 +616,7 @@ fn serve(
     base_url: Option<String>,
     max_body_bytes: usize,
     load_samples: Option<&Path>,
+    export_ttl: &str,
 ) -> Result<ExitCode> {
     // Checked before anything is created: a refused start leaves no trace on disk.
     if auth.auth == AuthKind::None && !http::is_loopback(&listen) {
@@ -620,6 +627,12 @@ fn serve(
         );
     }
     let auth_mode = auth_mode(auth)?;
+    let export_ttl = parse_duration_seconds(export_ttl)
+        .ok()
+        .and_then(|s| u64::try_from(s).ok())
+        .filter(|&s| s > 0)
+        .map(std::time::Duration::from_secs)
+        .context("--export-ttl must be a positive duration such as 90s, 15m or 1h")?;
     let deny_status = axum::http::StatusCode::from_u16(auth.deny_status)
         .unwrap_or(axum::http::StatusCode::NOT_FOUND);
     ensure_embedded_key(db)?;
@@ -658,6 +671,9 @@ fn serve(
                 deny_status,
             },
         );
+        state
+            .start_exports(export_ttl)
+            .map_err(|_| anyhow::anyhow!("could not open the export store (exports.redb)"))?;
         if state.smart().is_some() {
             eprintln!(
                 "authentication: SMART on FHIR bearer tokens (aud must be {base_url}); mint one \

@@ -108,8 +108,15 @@ pub(crate) async fn envelope(
         request_id.clone(),
     );
     let control = ControlParams::of(req.uri().query());
+    // Export files are NDJSON: clients ask for that, not for JSON.
+    let ndjson = super::export::is_file_path(req.uri().path());
 
-    let mut response = match (refusal, negotiate(req.headers(), control.format.as_deref())) {
+    let negotiated = if ndjson {
+        Ok(())
+    } else {
+        negotiate(req.headers(), control.format.as_deref())
+    };
+    let mut response = match (refusal, negotiated) {
         (Some(error), _) => unauthorized(error),
         (None, Err(refusal)) => refusal.into_response(),
         (None, Ok(())) => {
