@@ -49,7 +49,7 @@ const CHUNK_BYTES: usize = 1 << 20;
 const READ_BATCH: usize = 500;
 
 /// (job id, file name, chunk number) → NDJSON bytes.
-const FILES: TableDefinition<'static, (&str, &str, u64), &[u8]> =
+pub(crate) const FILES: TableDefinition<'static, (&str, &str, u64), &[u8]> =
     TableDefinition::new("export_files");
 /// job id → the job record as JSON.
 const JOBS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("export_jobs");
@@ -147,7 +147,7 @@ impl Exports {
 
     /// The aux database, opened on first use; at that moment the jobs of an earlier run are
     /// loaded, and the expired or unfinished ones deleted.
-    fn db(&self, store: &Store) -> Result<Arc<redb::Database>, ApiError> {
+    pub(crate) fn db(&self, store: &Store) -> Result<Arc<redb::Database>, ApiError> {
         let mut slot = lock(&self.db);
         if let Some(db) = slot.as_ref() {
             return Ok(Arc::clone(db));
@@ -261,7 +261,7 @@ fn persist_job(db: &redb::Database, id: &str, job: &Job) -> Result<(), ApiError>
 }
 
 impl AppState {
-    fn exports(&self) -> &Exports {
+    pub(crate) fn exports(&self) -> &Exports {
         &self.inner.exports
     }
 

@@ -13,6 +13,8 @@ mod auth_tests;
 mod capability;
 mod envelope;
 mod export;
+#[cfg(test)]
+mod export_tests;
 mod handlers;
 mod response;
 mod scopes;
