@@ -92,7 +92,7 @@ struct Job {
     /// The kick-off URL (for the manifest's `request`).
     request: String,
     transaction_time: String,
-    expires_unix: i64,
+    expires_ms: i64,
     progress: Progress,
 }
 
@@ -169,12 +169,12 @@ impl Exports {
             stored
         };
         txn.commit().map_err(storage_error)?;
-        let now = Utc::now().timestamp();
+        let now = Utc::now().timestamp_millis();
         let mut jobs = lock(&self.jobs);
         let mut stale = Vec::new();
         for (id, bytes) in stored {
             match serde_json::from_slice::<Job>(&bytes) {
-                Ok(job) if matches!(job.progress, Progress::Done(_)) && job.expires_unix > now => {
+                Ok(job) if matches!(job.progress, Progress::Done(_)) && job.expires_ms > now => {
                     jobs.insert(id, (job, Arc::new(AtomicBool::new(false))));
                 }
                 // Expired, failed, or cut off by the restart.
@@ -189,14 +189,14 @@ impl Exports {
         Ok(db)
     }
 
-    /// Deletes the jobs (and files) that expired by `now_unix`; returns how many.
-    pub(crate) fn sweep(&self, store: &Store, now_unix: i64) -> Result<usize, ApiError> {
+    /// Deletes the jobs (and files) that expired by `now_ms`; returns how many.
+    pub(crate) fn sweep(&self, store: &Store, now_ms: i64) -> Result<usize, ApiError> {
         let db = self.db(store)?;
         let expired: Vec<(String, Arc<AtomicBool>)> = {
             let mut jobs = lock(&self.jobs);
             let ids: Vec<String> = jobs
                 .iter()
-                .filter(|(_, (job, _))| job.expires_unix <= now_unix)
+                .filter(|(_, (job, _))| job.expires_ms <= now_ms)
                 .map(|(id, _)| id.clone())
                 .collect();
             ids.into_iter()
@@ -270,7 +270,8 @@ impl AppState {
     pub(crate) fn start_exports(&self, ttl: Duration) -> Result<(), ApiError> {
         self.exports().set_ttl(ttl);
         let db = self.db();
-        self.exports().sweep(db.store(), Utc::now().timestamp())?;
+        self.exports()
+            .sweep(db.store(), Utc::now().timestamp_millis())?;
         let state = self.clone();
         let period = Duration::from_secs((ttl.as_secs() / 4).clamp(1, 60));
         tokio::spawn(async move {
@@ -280,7 +281,9 @@ impl AppState {
                 let state = state.clone();
                 let swept = tokio::task::spawn_blocking(move || {
                     let db = state.db();
-                    state.exports().sweep(db.store(), Utc::now().timestamp())
+                    state
+                        .exports()
+                        .sweep(db.store(), Utc::now().timestamp_millis())
                 })
                 .await;
                 if !matches!(swept, Ok(Ok(_))) {
@@ -291,13 +294,25 @@ impl AppState {
         Ok(())
     }
 
+    /// Opens the export store (loading the jobs of an earlier run) if no request has yet.
+    async fn exports_loaded(&self) -> Result<(), ApiError> {
+        if lock(&self.exports().db).is_some() {
+            return Ok(());
+        }
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let db = state.db();
+            state.exports().db(db.store()).map(drop)
+        })
+        .await
+        .map_err(|_| ApiError::internal())?
+    }
+
     /// Deletes expired jobs now (the periodic task's work), for tests.
     #[cfg(test)]
-    pub(crate) fn sweep_exports_at(&self, now_unix: i64) -> usize {
+    pub(crate) fn sweep_exports_at(&self, now_ms: i64) -> usize {
         let db = self.db();
-        self.exports()
-            .sweep(db.store(), now_unix)
-            .unwrap_or_default()
+        self.exports().sweep(db.store(), now_ms).unwrap_or_default()
     }
 }
 
@@ -494,7 +509,9 @@ async fn kick_off(
         owner_client: info.grant.client.clone(),
         request,
         transaction_time: Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
-        expires_unix: Utc::now().timestamp() + state.exports().ttl(),
+        expires_ms: Utc::now()
+            .timestamp_millis()
+            .saturating_add(state.exports().ttl().saturating_mul(1000)),
         progress: Progress::Running {
             done: 0,
             total: types.len(),
@@ -552,26 +569,40 @@ struct ExportWork {
 impl ExportWork {
     fn run(self) {
         let exports = self.state.exports();
-        let progress = match self.export() {
-            Ok(Some(outputs)) => Progress::Done(outputs),
-            // Cancelled: the DELETE removed the job already.
-            Ok(None) => return,
+        let db = self.state.db();
+        let Ok(aux) = exports.db(db.store()) else {
+            tracing::error!("an export job could not open the export store");
+            exports.update(&self.id, Progress::Failed);
+            return;
+        };
+        let progress = match self.export(&db, &aux) {
+            Ok(Some(outputs)) => Some(Progress::Done(outputs)),
+            Ok(None) => None,
             Err(_) => {
                 tracing::error!("an export job failed");
-                Progress::Failed
+                Some(Progress::Failed)
             }
         };
-        exports.update(&self.id, progress);
         let job = lock(&exports.jobs)
             .get(&self.id)
             .map(|(job, _)| job.clone());
-        let db = self.state.db();
-        let persisted = match (job, exports.db(db.store())) {
-            (Some(job), Ok(aux)) => persist_job(&aux, &self.id, &job),
-            (None, Ok(aux)) => delete_job_rows(&aux, &self.id),
-            (_, Err(e)) => Err(e),
+        let stored = match (job, progress) {
+            // Stored before it is shown: a manifest a client saw survives a restart.
+            (Some(mut job), Some(progress)) => {
+                job.progress = progress.clone();
+                persist_job(&aux, &self.id, &job).map(|()| exports.update(&self.id, progress))
+            }
+            // Cancelled or expired meanwhile: remove what the job wrote since.
+            _ => delete_job_rows(&aux, &self.id),
         };
-        if persisted.is_err() {
+        // A DELETE between the look-up and the write would leave the row behind.
+        let removed = !lock(&exports.jobs).contains_key(&self.id);
+        let cleaned = if removed {
+            delete_job_rows(&aux, &self.id)
+        } else {
+            Ok(())
+        };
+        if stored.is_err() || cleaned.is_err() {
             tracing::error!("could not store the state of an export job");
         }
     }
@@ -581,13 +612,11 @@ impl ExportWork {
     }
 
     /// The outputs, or `None` if the job was cancelled.
-    fn export(&self) -> Result<Option<Vec<Output>>, ApiError> {
-        let db = self.state.db();
-        let aux = self.state.exports().db(db.store())?;
+    fn export(&self, db: &Database, aux: &redb::Database) -> Result<Option<Vec<Output>>, ApiError> {
         let patients = match &self.scope {
             Scope::System => None,
             Scope::Patients => Some(
-                self.keys(&db, "Patient", None)?
+                self.keys(db, "Patient", None)?
                     .into_iter()
                     .filter_map(|k| k.strip_prefix("Patient/").map(str::to_owned))
                     .collect::<Vec<_>>(),
@@ -600,20 +629,20 @@ impl ExportWork {
                 return Ok(None);
             }
             let keys: BTreeSet<String> = match &patients {
-                None => self.keys(&db, resource_type, None)?.into_iter().collect(),
+                None => self.keys(db, resource_type, None)?.into_iter().collect(),
                 Some(patients) if resource_type == "Patient" => {
                     patients.iter().map(|p| format!("Patient/{p}")).collect()
                 }
                 Some(patients) => {
                     let mut keys = BTreeSet::new();
                     for patient in patients {
-                        keys.extend(self.keys(&db, resource_type, Some(patient))?);
+                        keys.extend(self.keys(db, resource_type, Some(patient))?);
                     }
                     keys
                 }
             };
             let name = format!("{resource_type}.ndjson");
-            let count = self.write_file(&db, &aux, &name, &keys)?;
+            let count = self.write_file(db, aux, &name, &keys)?;
             if count > 0 {
                 outputs.push(Output {
                     resource_type: resource_type.clone(),
@@ -727,8 +756,9 @@ pub(crate) async fn status(
     Extension(info): Info,
     Path(id): Path<String>,
 ) -> Result<FhirResponse, ApiError> {
+    state.exports_loaded().await?;
     let job = state.exports().job(&id, &info.grant).ok_or_else(no_job)?;
-    if job.expires_unix <= Utc::now().timestamp() {
+    if job.expires_ms <= Utc::now().timestamp_millis() {
         return Err(no_job());
     }
     match job.progress {
@@ -770,7 +800,7 @@ pub(crate) async fn status(
             }
             .header(
                 axum::http::header::EXPIRES,
-                &DateTime::from_timestamp(job.expires_unix, 0)
+                &DateTime::from_timestamp_millis(job.expires_ms)
                     .unwrap_or_default()
                     .format("%a, %d %b %Y %H:%M:%S GMT")
                     .to_string(),
@@ -785,6 +815,7 @@ pub(crate) async fn cancel(
     Extension(info): Info,
     Path(id): Path<String>,
 ) -> Result<FhirResponse, ApiError> {
+    state.exports_loaded().await?;
     state.exports().job(&id, &info.grant).ok_or_else(no_job)?;
     let removed = lock(&state.exports().jobs).remove(&id);
     if let Some((_, cancel)) = removed {
@@ -815,11 +846,12 @@ pub(crate) async fn file(
     Extension(info): Info,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    state.exports_loaded().await?;
     let job = state.exports().job(&id, &info.grant).ok_or_else(no_job)?;
     let Progress::Done(outputs) = job.progress else {
         return Err(no_job());
     };
-    if job.expires_unix <= Utc::now().timestamp() || !outputs.iter().any(|o| o.name == name) {
+    if job.expires_ms <= Utc::now().timestamp_millis() || !outputs.iter().any(|o| o.name == name) {
         return Err(no_job());
     }
     let bytes = tokio::task::spawn_blocking(move || {

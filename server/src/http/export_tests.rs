@@ -425,8 +425,12 @@ async fn delete_and_expiry_remove_jobs_and_files() {
         .to_owned();
     assert_eq!(h.get(&file, None).await.status, StatusCode::OK);
     // Not expired yet: nothing is swept.
-    assert_eq!(h.state.sweep_exports_at(chrono::Utc::now().timestamp()), 0);
-    let later = chrono::Utc::now().timestamp() + 2 * 3600;
+    assert_eq!(
+        h.state
+            .sweep_exports_at(chrono::Utc::now().timestamp_millis()),
+        0
+    );
+    let later = chrono::Utc::now().timestamp_millis() + 2 * 3600 * 1000;
     assert_eq!(h.state.sweep_exports_at(later), 1);
     assert_eq!(h.get(&status, None).await.status, StatusCode::NOT_FOUND);
     assert_eq!(h.get(&file, None).await.status, StatusCode::NOT_FOUND);
@@ -446,12 +450,12 @@ fn file_chunks(h: &Harness) -> u64 {
 #[tokio::test]
 async fn a_tiny_ttl_expires_jobs_on_the_periodic_task() {
     let h = harness(false);
-    h.state.start_exports(Duration::from_secs(1)).unwrap();
+    h.state.start_exports(Duration::from_secs(2)).unwrap();
     let status = h.kick_off("/$export?_type=Patient", None).await;
     h.manifest(&status, None).await;
     assert!(file_chunks(&h) > 0);
     let mut gone = false;
-    for _ in 0..60 {
+    for _ in 0..80 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         // The periodic task, not the status check, removes the files.
         if file_chunks(&h) == 0 {
@@ -722,4 +726,83 @@ async fn the_audit_log_needs_a_system_audit_scope() {
             "{uri}"
         );
     }
+}
+
+#[tokio::test]
+async fn finished_jobs_survive_a_restart_until_they_expire() {
+    let h = harness(false);
+    let status = h.kick_off("/$export?_type=Patient", None).await;
+    let manifest = h.manifest(&status, None).await;
+    let before = h.files(&manifest, None).await;
+    let Harness {
+        dir,
+        state,
+        app: router,
+    } = h;
+    drop(router);
+    drop(state);
+    // The job's thread lets go of the database a moment after the manifest appears.
+    let mut db = None;
+    for _ in 0..100 {
+        match Database::builder(dir.path().join("db"))
+            .key(KeySource::KeyFile(dir.path().join("key")))
+            .open()
+        {
+            Ok(opened) => {
+                db = Some(opened);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let db = db.unwrap();
+    let state = AppState::new(
+        db,
+        ServerConfig {
+            base_url: format!("{BASE}/"),
+            max_body_bytes: super::DEFAULT_BODY_LIMIT,
+            auth: AuthMode::None,
+            deny_status: StatusCode::NOT_FOUND,
+        },
+    );
+    let h = Harness {
+        dir,
+        app: app(state.clone()),
+        state,
+    };
+    assert_eq!(h.manifest(&status, None).await, manifest);
+    assert_eq!(h.files(&manifest, None).await, before);
+}
+
+#[tokio::test]
+async fn metadata_lists_the_operations_and_a_read_only_audit_event() {
+    let h = harness(false);
+    let statement = h.get("/metadata", None).await.json();
+    let rest = &statement["rest"][0];
+    let names: Vec<&str> = rest["operation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "export",
+        "patient-export",
+        "group-export",
+        "audit-head",
+        "audit-proof",
+        "audit-consistency",
+    ] {
+        assert!(names.contains(&name), "{name}");
+    }
+    let audit = rest["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "AuditEvent")
+        .unwrap();
+    assert_eq!(
+        audit["interaction"],
+        json!([{"code": "read"}, {"code": "search-type"}])
+    );
 }
