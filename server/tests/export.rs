@@ -125,7 +125,8 @@ fn export_over_http_is_downloadable_expires_and_leaves_no_plaintext() {
         match response.status().as_u16() {
             202 => std::thread::sleep(Duration::from_millis(50)),
             200 => {
-                break serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+                break serde_json::from_str(&response.body_mut().read_to_string().unwrap())
+                    .unwrap();
             }
             other => panic!("status {other}"),
         }

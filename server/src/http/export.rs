@@ -43,8 +43,13 @@ pub(crate) const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 /// The media type of the files.
 const NDJSON: &str = "application/fhir+ndjson";
 /// File contents in chunks of this size: one redb value per chunk, so a large file never
-/// needs one huge value (and a download can read it piece by piece).
-const CHUNK_BYTES: usize = 1 << 20;
+/// needs one huge value. (Small in tests, so that they cross chunk and file boundaries.)
+const CHUNK_BYTES: usize = if cfg!(test) { 1024 } else { 1 << 20 };
+/// A type's resources are split into files of about this size: a download is read whole
+/// into memory, so this bounds the memory of one download.
+const FILE_BYTES: usize = if cfg!(test) { 4096 } else { 32 << 20 };
+/// Jobs one client may have running at once (more: 429).
+const MAX_RUNNING_PER_CLIENT: usize = 4;
 /// Keys read from the store per call (one audit leaf per call).
 const READ_BATCH: usize = 500;
 
@@ -308,6 +313,23 @@ impl AppState {
         .map_err(|_| ApiError::internal())?
     }
 
+    /// Registers `n` running jobs of `grant`'s client that never finish, for tests.
+    #[cfg(test)]
+    pub(crate) fn fake_running_exports(&self, grant: &Grant, n: usize) {
+        let mut jobs = lock(&self.exports().jobs);
+        for i in 0..n {
+            let job = Job {
+                owner_subject: grant.subject.clone(),
+                owner_client: grant.client.clone(),
+                request: String::new(),
+                transaction_time: String::new(),
+                expires_ms: i64::MAX,
+                progress: Progress::Running { done: 0, total: 1 },
+            };
+            jobs.insert(format!("fake{i}"), (job, Arc::new(AtomicBool::new(false))));
+        }
+    }
+
     /// Deletes expired jobs now (the periodic task's work), for tests.
     #[cfg(test)]
     pub(crate) fn sweep_exports_at(&self, now_ms: i64) -> usize {
@@ -488,6 +510,19 @@ async fn kick_off(
         ));
     }
     let params = parse_params(query.as_deref())?;
+    let running = lock(&state.exports().jobs)
+        .values()
+        .filter(|(job, _)| {
+            job.owned_by(&info.grant) && matches!(job.progress, Progress::Running { .. })
+        })
+        .count();
+    if running >= MAX_RUNNING_PER_CLIENT {
+        return Err(ApiError::http(
+            StatusCode::TOO_MANY_REQUESTS,
+            "throttled",
+            "too many exports of this client are running; wait for one to finish",
+        ));
+    }
     let types = allowed_types(&info.grant, &scope, params.types.as_deref());
     if types.is_empty() {
         return Err(ApiError::forbidden(
@@ -641,15 +676,7 @@ impl ExportWork {
                     keys
                 }
             };
-            let name = format!("{resource_type}.ndjson");
-            let count = self.write_file(db, aux, &name, &keys)?;
-            if count > 0 {
-                outputs.push(Output {
-                    resource_type: resource_type.clone(),
-                    name,
-                    count,
-                });
-            }
+            outputs.extend(self.write_files(db, aux, resource_type, &keys)?);
             self.state.exports().update(
                 &self.id,
                 Progress::Running {
@@ -683,24 +710,22 @@ impl ExportWork {
             .map_err(|e| ApiError::query(&e, false))
     }
 
-    /// Reads `keys` and writes the current versions (changed after `_since`) as one NDJSON
-    /// file in chunks; returns the number of resources.
-    fn write_file(
+    /// Reads `keys` and writes the current versions (changed after `_since`) as NDJSON
+    /// files `Type.ndjson`, `Type.2.ndjson`, ... of about [`FILE_BYTES`], in chunks.
+    fn write_files(
         &self,
         db: &Database,
         aux: &redb::Database,
-        name: &str,
+        resource_type: &str,
         keys: &BTreeSet<String>,
-    ) -> Result<u64, ApiError> {
+    ) -> Result<Vec<Output>, ApiError> {
         let keys: Vec<(&str, &str)> = keys.iter().filter_map(|k| k.split_once('/')).collect();
         // One audit leaf per batch, action `export`; the hash names the job, not the data.
-        let digest = leaf_hash(format!("$export {} {name}", self.id).as_bytes());
-        let mut buffer = Vec::new();
-        let mut chunk = 0u64;
-        let mut count = 0u64;
+        let digest = leaf_hash(format!("$export {} {resource_type}", self.id).as_bytes());
+        let mut file = FileWriter::new(resource_type);
         for batch in keys.chunks(READ_BATCH) {
             if self.cancelled() {
-                return Ok(0);
+                return Ok(Vec::new());
             }
             let found = db
                 .store()
@@ -713,20 +738,87 @@ impl ExportWork {
                 let json = stored
                     .to_json()
                     .map_err(|e| ApiError::query(&Error::Engine(e), true))?;
-                serde_json::to_writer(&mut buffer, &json).map_err(storage_error)?;
-                buffer.push(b'\n');
-                count += 1;
-                if buffer.len() >= CHUNK_BYTES {
-                    write_chunk(aux, &self.id, name, chunk, &buffer)?;
-                    chunk += 1;
-                    buffer.clear();
-                }
+                file.push(aux, &self.id, &json)?;
             }
         }
-        if !buffer.is_empty() {
-            write_chunk(aux, &self.id, name, chunk, &buffer)?;
+        file.finish(aux, &self.id)
+    }
+}
+
+/// Writes one type's NDJSON into chunks and files.
+struct FileWriter {
+    resource_type: String,
+    outputs: Vec<Output>,
+    /// The current file: its number (from 1), chunks written, bytes written, resources.
+    part: u64,
+    chunk: u64,
+    bytes: usize,
+    count: u64,
+    buffer: Vec<u8>,
+}
+
+impl FileWriter {
+    fn new(resource_type: &str) -> Self {
+        FileWriter {
+            resource_type: resource_type.to_owned(),
+            outputs: Vec::new(),
+            part: 1,
+            chunk: 0,
+            bytes: 0,
+            count: 0,
+            buffer: Vec::new(),
         }
-        Ok(count)
+    }
+
+    fn name(&self) -> String {
+        match self.part {
+            1 => format!("{}.ndjson", self.resource_type),
+            n => format!("{}.{n}.ndjson", self.resource_type),
+        }
+    }
+
+    fn push(&mut self, aux: &redb::Database, id: &str, resource: &Value) -> Result<(), ApiError> {
+        serde_json::to_writer(&mut self.buffer, resource).map_err(storage_error)?;
+        self.buffer.push(b'\n');
+        self.count += 1;
+        if self.buffer.len() >= CHUNK_BYTES {
+            self.flush(aux, id)?;
+        }
+        if self.bytes >= FILE_BYTES {
+            self.close_file(aux, id)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, aux: &redb::Database, id: &str) -> Result<(), ApiError> {
+        if !self.buffer.is_empty() {
+            write_chunk(aux, id, &self.name(), self.chunk, &self.buffer)?;
+            self.chunk += 1;
+            self.bytes += self.buffer.len();
+            self.buffer.clear();
+        }
+        Ok(())
+    }
+
+    fn close_file(&mut self, aux: &redb::Database, id: &str) -> Result<(), ApiError> {
+        self.flush(aux, id)?;
+        if self.count > 0 {
+            self.outputs.push(Output {
+                resource_type: self.resource_type.clone(),
+                name: self.name(),
+                count: self.count,
+            });
+            self.part += 1;
+        }
+        self.chunk = 0;
+        self.bytes = 0;
+        self.count = 0;
+        Ok(())
+    }
+
+    fn finish(mut self, aux: &redb::Database, id: &str) -> Result<Vec<Output>, ApiError> {
+        self.close_file(aux, id)?;
+        Ok(self.outputs)
     }
 }
 

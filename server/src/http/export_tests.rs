@@ -806,3 +806,63 @@ async fn metadata_lists_the_operations_and_a_read_only_audit_event() {
         json!([{"code": "read"}, {"code": "search-type"}])
     );
 }
+
+#[tokio::test]
+async fn large_types_are_split_into_several_files_and_chunks() {
+    let h = harness(false);
+    let db = h.state.db();
+    let ctx = AccessContext::local("seed");
+    for i in 0..120 {
+        let id = format!("many{i}");
+        let patient = json!({"resourceType": "Patient", "id": id, "name": [{"family": format!("Family number {i}"), "given": ["A", "rather", "long", "given", "name"]}]});
+        db.update(&ctx, "Patient", &id, patient, None).unwrap();
+    }
+    let status = h.kick_off("/$export?_type=Patient", None).await;
+    let manifest = h.manifest(&status, None).await;
+    let outputs = manifest["output"].as_array().unwrap();
+    assert!(outputs.len() >= 3, "{manifest}");
+    assert_eq!(
+        outputs[0]["url"],
+        format!("{BASE}{}", status.replace("$export-status", "$export-file")) + "/Patient.ndjson"
+    );
+    assert_eq!(
+        outputs[1]["url"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap(),
+        "Patient.2.ndjson"
+    );
+    assert!(outputs.iter().all(|o| o["type"] == "Patient"));
+    let files = h.files(&manifest, None).await;
+    let keys = keys(&files);
+    assert_eq!(keys.len(), 122);
+    let unique: std::collections::BTreeSet<_> = keys.iter().collect();
+    assert_eq!(unique.len(), 122, "a resource in two files");
+    for (_, lines) in &files {
+        for line in lines {
+            let key = format!("Patient/{}", line["id"].as_str().unwrap());
+            assert_eq!(line, &h.stored(&key));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_may_run_only_a_few_exports_at_once() {
+    let h = harness(true);
+    let busy = token("system/*.read", "busy-client", None);
+    let calm = token("system/*.read", "calm-client", None);
+    let grant = |client: &str| {
+        super::auth::Grant::from_token("bulk-subject".into(), client.into(), None, Vec::new())
+    };
+    h.state.fake_running_exports(&grant("busy-client"), 3);
+    // Three running: a fourth is let in, a fifth is not.
+    h.kick_off("/$export?_type=Patient", Some(&busy)).await;
+    h.state.fake_running_exports(&grant("busy-client"), 4);
+    let refused = h.call(Method::GET, "/$export", Some(&busy), true).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.json()["issue"][0]["code"], "throttled");
+    // Another client is not affected.
+    h.kick_off("/$export?_type=Patient", Some(&calm)).await;
+}
