@@ -113,19 +113,21 @@ fn audit_event(leaf: &AuditLeaf) -> Value {
     let recorded = DateTime::from_timestamp_micros(record.time_micros)
         .unwrap_or_default()
         .to_rfc3339_opts(SecondsFormat::Micros, true);
-    let (code, action) = match &record.action {
-        AuditAction::Create => ("create", "C"),
-        AuditAction::Read => ("read", "R"),
-        AuditAction::VRead => ("vread", "R"),
-        AuditAction::Update => ("update", "U"),
-        AuditAction::Patch => ("patch", "U"),
-        AuditAction::Delete => ("delete", "D"),
-        AuditAction::HistoryInstance => ("history-instance", "R"),
-        AuditAction::HistoryType => ("history-type", "R"),
-        AuditAction::HistorySystem => ("history-system", "R"),
-        AuditAction::Search => ("search-type", "E"),
-        other => (other.as_str(), "E"),
+    // The FHIR action code; the engine's own action name goes into `subtype`.
+    let action = match &record.action {
+        AuditAction::Create => "C",
+        AuditAction::Read
+        | AuditAction::VRead
+        | AuditAction::HistoryInstance
+        | AuditAction::HistoryType
+        | AuditAction::HistorySystem
+        | AuditAction::PointInTimeRead
+        | AuditAction::Export => "R",
+        AuditAction::Update | AuditAction::Patch => "U",
+        AuditAction::Delete => "D",
+        _ => "E",
     };
+    let code = record.action.as_str();
     let outcome = match record.outcome {
         AuditOutcome::Success => "0",
         AuditOutcome::Error => "8",

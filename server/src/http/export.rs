@@ -479,16 +479,39 @@ pub(crate) async fn export_group(
     let group = group
         .to_json()
         .map_err(|e| ApiError::query(&Error::Engine(e), true))?;
-    let members = group
+    let members = group_patients(&group, state.base());
+    kick_off(state, info, Scope::Group(members), &path, query, &headers).await
+}
+
+/// The ids of a Group's active members that are Patients (`Patient/x`, `Patient/x/_history/n`
+/// or the same under this server's base URL); other references are not followed.
+fn group_patients(group: &Value, base: &str) -> Vec<String> {
+    let mut ids = BTreeSet::new();
+    for member in group
         .get("member")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter_map(|m| m.pointer("/entity/reference").and_then(Value::as_str))
-        .filter_map(|r| r.strip_prefix("Patient/"))
-        .map(str::to_owned)
-        .collect();
-    kick_off(state, info, Scope::Group(members), &path, query, &headers).await
+    {
+        if member.get("inactive").and_then(Value::as_bool) == Some(true) {
+            continue;
+        }
+        let Some(reference) = member.pointer("/entity/reference").and_then(Value::as_str) else {
+            continue;
+        };
+        let local = reference
+            .strip_prefix(base)
+            .and_then(|r| r.strip_prefix('/'))
+            .unwrap_or(reference);
+        if let Some(id) = local
+            .strip_prefix("Patient/")
+            .and_then(|rest| rest.split('/').next())
+            .filter(|id| fhirkeep_engine::resource::is_valid_id(id))
+        {
+            ids.insert(id.to_owned());
+        }
+    }
+    ids.into_iter().collect()
 }
 
 async fn kick_off(
@@ -973,4 +996,25 @@ pub(crate) async fn file(
 /// Whether `path` is a file download (answered as NDJSON, not negotiated as JSON).
 pub(crate) fn is_file_path(path: &str) -> bool {
     path.contains("/$export-file/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_members_are_local_active_patients() {
+        let group = json!({"resourceType": "Group", "member": [
+            {"entity": {"reference": "Patient/a"}},
+            {"entity": {"reference": "Patient/b/_history/2"}},
+            {"entity": {"reference": "http://fhir.test/Patient/c"}},
+            {"entity": {"reference": "http://elsewhere.test/Patient/d"}},
+            {"entity": {"reference": "Practitioner/e"}},
+            {"entity": {"reference": "Patient/f"}, "inactive": true},
+            {"entity": {"reference": "Patient/bad id"}},
+            {"entity": {"display": "no reference"}},
+            {"entity": {"reference": "Patient/a"}},
+        ]});
+        assert_eq!(group_patients(&group, "http://fhir.test"), ["a", "b", "c"]);
+    }
 }

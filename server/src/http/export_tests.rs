@@ -533,6 +533,13 @@ async fn under_smart_only_the_owner_downloads_and_patient_tokens_are_refused() {
             .any(|l| l.record.actor.client == "other-client"
                 && l.record.outcome.as_str() != "success")
     );
+    // Kick-offs, polls and downloads: each request of the owner left an `http` leaf.
+    let owner_requests = leaves
+        .iter()
+        .filter(|l| l.record.actor.client == "bulk-client" && l.record.action.as_str() == "http")
+        .count();
+    let downloads = manifest["output"].as_array().unwrap().len();
+    assert!(owner_requests >= 2 + 2 * downloads, "{owner_requests}");
 }
 
 #[tokio::test]
@@ -620,6 +627,11 @@ async fn audit_events_show_the_log_read_only() {
             .await
             .unwrap();
         assert_eq!(reply.status(), StatusCode::METHOD_NOT_ALLOWED, "{uri}");
+        let body = axum::body::to_bytes(reply.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["resourceType"], "OperationOutcome");
     }
     let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [{
         "resource": {"resourceType": "AuditEvent"},
