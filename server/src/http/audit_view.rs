@@ -197,7 +197,8 @@ impl Bounds {
 fn parse_date(value: &str) -> Result<(Option<i64>, Option<i64>), ApiError> {
     let bad = || ApiError::bad_request("date must be ge, le, gt or lt and an instant with a zone");
     let (prefix, text) = value.split_at(value.len().min(2));
-    let micros = DateTime::parse_from_rfc3339(text)
+    // An unencoded `+` of the zone offset arrives as a space.
+    let micros = DateTime::parse_from_rfc3339(&text.replace(' ', "+"))
         .map_err(|_| bad())?
         .with_timezone(&Utc)
         .timestamp_micros();

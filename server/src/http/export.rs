@@ -375,9 +375,11 @@ fn parse_params(query: Option<&str>) -> Result<Params, ApiError> {
                 params.types = Some(types);
             }
             "_since" => {
-                let since = DateTime::parse_from_rfc3339(&value).map_err(|_| {
-                    ApiError::bad_request("_since must be a FHIR instant with a time zone")
-                })?;
+                // An unencoded `+` of the zone offset arrives as a space.
+                let since =
+                    DateTime::parse_from_rfc3339(&value.replace(' ', "+")).map_err(|_| {
+                        ApiError::bad_request("_since must be a FHIR instant with a time zone")
+                    })?;
                 params.since = Some(since.with_timezone(&Utc));
             }
             "_outputFormat" => {
