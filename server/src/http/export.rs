@@ -7,7 +7,7 @@
 //! index), keyed by (job id, file name, chunk number). Job records live in the same file, so
 //! finished jobs survive a restart until they expire.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -676,30 +676,54 @@ impl ExportWork {
         let patients = match &self.scope {
             Scope::System => None,
             Scope::Patients => Some(
-                self.keys(db, "Patient", None)?
+                self.keys(db, vec!["Patient".to_owned()], None)?
                     .into_iter()
                     .filter_map(|k| k.strip_prefix("Patient/").map(str::to_owned))
                     .collect::<Vec<_>>(),
             ),
             Scope::Group(members) => Some(members.clone()),
         };
+        // Patient and Group exports: one index search per patient across every exported
+        // type of the compartment, its matches sorted by type.
+        let mut compartment_keys: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        if let Some(patients) = &patients {
+            let types: Vec<String> = self
+                .types
+                .iter()
+                .filter(|t| t.as_str() != "Patient")
+                .cloned()
+                .collect();
+            for patient in patients {
+                if self.cancelled() {
+                    return Ok(None);
+                }
+                if !types.is_empty() {
+                    for key in self.keys(db, types.clone(), Some(patient))? {
+                        if let Some((resource_type, _)) = key.split_once('/') {
+                            compartment_keys
+                                .entry(resource_type.to_owned())
+                                .or_default()
+                                .insert(key);
+                        }
+                    }
+                }
+                compartment_keys
+                    .entry("Patient".to_owned())
+                    .or_default()
+                    .insert(format!("Patient/{patient}"));
+            }
+        }
         let mut outputs = Vec::new();
         for (done, resource_type) in self.types.iter().enumerate() {
             if self.cancelled() {
                 return Ok(None);
             }
             let keys: BTreeSet<String> = match &patients {
-                None => self.keys(db, resource_type, None)?.into_iter().collect(),
-                Some(patients) if resource_type == "Patient" => {
-                    patients.iter().map(|p| format!("Patient/{p}")).collect()
-                }
-                Some(patients) => {
-                    let mut keys = BTreeSet::new();
-                    for patient in patients {
-                        keys.extend(self.keys(db, resource_type, Some(patient))?);
-                    }
-                    keys
-                }
+                None => self
+                    .keys(db, vec![resource_type.clone()], None)?
+                    .into_iter()
+                    .collect(),
+                Some(_) => compartment_keys.remove(resource_type).unwrap_or_default(),
             };
             outputs.extend(self.write_files(db, aux, resource_type, &keys)?);
             self.state.exports().update(
@@ -713,23 +737,17 @@ impl ExportWork {
         Ok((!self.cancelled()).then_some(outputs))
     }
 
-    /// The keys of every resource of `resource_type` (in `patient`'s compartment).
+    /// The keys of every resource of `types` (in `patient`'s compartment).
     fn keys(
         &self,
         db: &Database,
-        resource_type: &str,
+        types: Vec<String>,
         patient: Option<&str>,
     ) -> Result<Vec<String>, ApiError> {
         let registry = db.registry().map_err(|e| ApiError::query(&e, false))?;
         let compartment = patient.map(|p| ("Patient".to_owned(), p.to_owned()));
-        let request = parse_search(
-            &registry,
-            vec![resource_type.to_owned()],
-            compartment,
-            &[],
-            Handling::Strict,
-        )
-        .map_err(|e| ApiError::query(&e, false))?;
+        let request = parse_search(&registry, types, compartment, &[], Handling::Strict)
+            .map_err(|e| ApiError::query(&e, false))?;
         drop(registry);
         db.matching_keys(&request)
             .map_err(|e| ApiError::query(&e, false))
