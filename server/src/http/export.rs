@@ -465,6 +465,8 @@ pub(crate) async fn export_group(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<FhirResponse, ApiError> {
+    precheck(&info, &headers)?;
+    parse_params(query.as_deref())?;
     if authorize(&info.grant, Letter::Read, Some("Group")) != Decision::All {
         return Err(ApiError::forbidden(
             "the token may not read every Group, which a group export needs",
@@ -516,14 +518,9 @@ fn group_patients(group: &Value, base: &str) -> Vec<String> {
     ids.into_iter().collect()
 }
 
-async fn kick_off(
-    state: AppState,
-    info: Arc<RequestInfo>,
-    scope: Scope,
-    path: &str,
-    query: Option<String>,
-    headers: &HeaderMap,
-) -> Result<FhirResponse, ApiError> {
+/// What every kick-off needs before anything is read: `Prefer: respond-async`, and a token
+/// without a patient context (a patient's own export is not supported).
+fn precheck(info: &RequestInfo, headers: &HeaderMap) -> Result<(), ApiError> {
     if !respond_async(headers) {
         return Err(ApiError::bad_request(
             "$export needs the header Prefer: respond-async",
@@ -534,6 +531,18 @@ async fn kick_off(
             "a token with a patient context may not run a bulk export",
         ));
     }
+    Ok(())
+}
+
+async fn kick_off(
+    state: AppState,
+    info: Arc<RequestInfo>,
+    scope: Scope,
+    path: &str,
+    query: Option<String>,
+    headers: &HeaderMap,
+) -> Result<FhirResponse, ApiError> {
+    precheck(&info, headers)?;
     let params = parse_params(query.as_deref())?;
     let running = lock(&state.exports().jobs)
         .values()
