@@ -153,6 +153,10 @@ enum Command {
         load_samples: Option<PathBuf>,
         #[command(flatten)]
         hardening: serve_config::HardeningArgs,
+        /// How long Bulk Data `$export` jobs and their (encrypted) files are kept: e.g. 90s,
+        /// 15m, 1h.
+        #[arg(long, value_name = "DURATION", default_value = "1h")]
+        export_ttl: String,
     },
     /// Mint a SMART on FHIR access token signed by the server's own issuer key.
     ///
@@ -405,6 +409,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<ExitCode> {
             mut max_body_bytes,
             load_samples,
             mut hardening,
+            export_ttl,
         } => {
             if let Some(serve_matches) = matches.subcommand_matches("serve") {
                 serve_config::apply_config_file(
@@ -427,6 +432,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<ExitCode> {
                 max_body_bytes,
                 load_samples.as_deref(),
                 &hardening,
+                &export_ttl,
             )
         }
         Command::Token {
@@ -633,6 +639,7 @@ fn serve(
     max_body_bytes: usize,
     load_samples: Option<&Path>,
     hardening: &serve_config::HardeningArgs,
+    export_ttl: &str,
 ) -> Result<ExitCode> {
     // Checked before anything is created: a refused start leaves no trace on disk.
     if auth.auth == AuthKind::None && !http::is_loopback(&listen) {
@@ -643,6 +650,12 @@ fn serve(
         );
     }
     let auth_mode = auth_mode(auth)?;
+    let export_ttl = parse_duration_seconds(export_ttl)
+        .ok()
+        .and_then(|s| u64::try_from(s).ok())
+        .filter(|&s| s > 0)
+        .map(std::time::Duration::from_secs)
+        .context("--export-ttl must be a positive duration such as 90s, 15m or 1h")?;
     let (hardened, tls) = serve_config::hardening(hardening)?;
     if auth.auth == AuthKind::Smart && tls.is_none() && !http::is_loopback(&listen) {
         eprintln!(
@@ -691,6 +704,9 @@ fn serve(
                 hardening: hardened,
             },
         );
+        state
+            .start_exports(export_ttl)
+            .map_err(|_| anyhow::anyhow!("could not open the export store (exports.redb)"))?;
         if state.smart().is_some() {
             eprintln!(
                 "authentication: SMART on FHIR bearer tokens (aud must be {base_url}); mint one \

@@ -69,6 +69,19 @@ impl Grant {
         self.unrestricted
     }
 
+    /// Whether a `system/` scope without restriction allows `letter` on `resource_type`
+    /// (or the server runs without auth): what administrative views such as the audit log
+    /// require.
+    pub(crate) fn has_system_scope(&self, letter: Letter, resource_type: &str) -> bool {
+        self.unrestricted
+            || self.scopes.iter().any(|s| {
+                s.context == Context::System
+                    && s.letters.contains(letter)
+                    && s.restriction.is_empty()
+                    && s.covers(Some(resource_type))
+            })
+    }
+
     /// A grant from already validated parts (patient scopes without a patient are dropped).
     pub(crate) fn from_token(
         subject: String,

@@ -24,6 +24,31 @@ const SYSTEM_INTERACTIONS: [&str; 4] = ["transaction", "batch", "search-system",
 
 use super::OAuthUris;
 
+/// The custom and Bulk Data operations (`export.rs`, `audit_view.rs`): name and definition.
+const OPERATIONS: [(&str, &str); 6] = [
+    (
+        "export",
+        "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
+    ),
+    (
+        "patient-export",
+        "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export",
+    ),
+    (
+        "group-export",
+        "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export",
+    ),
+    ("audit-head", "urn:fhirkeep:operation:audit-head"),
+    ("audit-proof", "urn:fhirkeep:operation:audit-proof"),
+    (
+        "audit-consistency",
+        "urn:fhirkeep:operation:audit-consistency",
+    ),
+];
+
+/// AuditEvent is the engine's audit log, read-only (see `audit_view.rs`).
+const AUDIT_EVENT_INTERACTIONS: [&str; 2] = ["read", "search-type"];
+
 /// The `rest[0].security` of the statement: SMART on FHIR (`smart`, with the authorization
 /// server's endpoints when configured) or none, loopback only.
 fn security(smart: Option<&OAuthUris>) -> Value {
@@ -92,6 +117,19 @@ pub(crate) fn statement(db: &Database, base: &str, smart: Option<&OAuthUris>) ->
                 })
                 .collect();
             params.sort_by(|a, b| a.0.cmp(b.0));
+            if *resource_type == "AuditEvent" {
+                return json!({
+                    "type": resource_type,
+                    "profile": "http://hl7.org/fhir/StructureDefinition/AuditEvent",
+                    "documentation": "The server's Merkle audit log (id = leaf index), read-only; \
+                                      needs a system/AuditEvent.read scope under SMART.",
+                    "interaction": AUDIT_EVENT_INTERACTIONS
+                        .iter()
+                        .map(|code| json!({"code": code}))
+                        .collect::<Vec<_>>(),
+                    "searchParam": [{"name": "date", "type": "date"}],
+                });
+            }
             json!({
                 "type": resource_type,
                 "profile": format!("http://hl7.org/fhir/StructureDefinition/{resource_type}"),
@@ -124,6 +162,10 @@ pub(crate) fn statement(db: &Database, base: &str, smart: Option<&OAuthUris>) ->
             "interaction": SYSTEM_INTERACTIONS
                 .iter()
                 .map(|code| json!({"code": code}))
+                .collect::<Vec<_>>(),
+            "operation": OPERATIONS
+                .iter()
+                .map(|(name, definition)| json!({"name": name, "definition": definition}))
                 .collect::<Vec<_>>(),
             "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
         }],

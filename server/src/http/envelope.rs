@@ -110,8 +110,14 @@ pub(crate) async fn envelope(
         request_id.clone(),
     );
     let control = ControlParams::of(req.uri().query());
+    // Export files are NDJSON: clients ask for that, not for JSON.
+    let ndjson = super::export::is_file_path(req.uri().path());
 
-    let negotiated = negotiate(req.headers(), control.format.as_deref());
+    let negotiated = if ndjson {
+        Ok(())
+    } else {
+        negotiate(req.headers(), control.format.as_deref())
+    };
     let mut response = match (throttled, refusal, negotiated) {
         (Some(too_many), _, _) => too_many,
         (None, Some(error), _) => unauthorized(error),

@@ -896,6 +896,9 @@ pub(crate) async fn bundle(
     body: Bytes,
 ) -> HandlerResult {
     let bundle = json_body(&headers, &body)?;
+    if super::audit_view::bundle_writes_audit_events(&bundle) {
+        return Err(super::audit_view::audit_event_not_writable());
+    }
     // Every entry is checked before anything is applied.
     access::check_bundle(&info.grant, &bundle)?;
     let db = state.db();

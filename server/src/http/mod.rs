@@ -6,11 +6,15 @@
 //! the engine never saw. Engine calls are blocking and run in `spawn_blocking`.
 
 mod access;
+mod audit_view;
 pub(crate) mod auth;
 #[cfg(test)]
 mod auth_tests;
 mod capability;
 mod envelope;
+mod export;
+#[cfg(test)]
+mod export_tests;
 mod handlers;
 pub(crate) mod hardening;
 #[cfg(test)]
@@ -96,6 +100,8 @@ struct Shared {
     config: ServerConfig,
     /// Token validation, under `--auth smart`.
     smart: Option<auth::SmartAuth>,
+    /// Bulk Data export jobs (`export.rs`).
+    exports: export::Exports,
 }
 
 impl AppState {
@@ -122,6 +128,7 @@ impl AppState {
                 db: Arc::new(db),
                 config,
                 smart,
+                exports: export::Exports::default(),
             }),
         }
     }
@@ -190,6 +197,8 @@ fn routes() -> Router<AppState> {
         )
         .route("/_search", post(h::search_system_post))
         .route("/_history", get(h::history_system))
+        .merge(export_routes())
+        .merge(audit_view::routes())
         .route(
             "/{type}",
             get(h::search_type)
@@ -210,6 +219,17 @@ fn routes() -> Router<AppState> {
             get(h::search_compartment),
         )
         .fallback(h::unknown_route)
+}
+
+/// The Bulk Data `$export` routes (`export.rs`).
+fn export_routes() -> Router<AppState> {
+    use export as e;
+    Router::new()
+        .route("/$export", get(e::export_system))
+        .route("/Patient/$export", get(e::export_patients))
+        .route("/Group/{id}/$export", get(e::export_group))
+        .route("/$export-status/{id}", get(e::status).delete(e::cancel))
+        .route("/$export-file/{id}/{name}", get(e::file))
 }
 
 /// Wraps `router` in the layers every route gets. Separate from [`routes`] so that tests can
