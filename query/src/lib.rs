@@ -38,6 +38,7 @@ mod error;
 pub mod extract;
 pub mod index;
 pub mod params;
+pub mod patch;
 pub mod registry;
 mod search;
 mod searchset;

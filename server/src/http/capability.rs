@@ -8,10 +8,11 @@ use fhirkeep_query::{Database, Result};
 use serde_json::{Value, json};
 
 /// The type-level interactions of every resource type (see `routes` in `mod.rs`).
-const TYPE_INTERACTIONS: [&str; 8] = [
+const TYPE_INTERACTIONS: [&str; 9] = [
     "read",
     "vread",
     "update",
+    "patch",
     "delete",
     "history-instance",
     "history-type",
@@ -117,6 +118,7 @@ pub(crate) fn statement(db: &Database, base: &str, smart: Option<&OAuthUris>) ->
         "implementation": {"description": "fhirkeep FHIR R4 server", "url": base},
         "fhirVersion": "4.0.1",
         "format": ["json", "application/fhir+json"],
+        "patchFormat": ["application/json-patch+json"],
         "rest": [{
             "mode": "server",
             "security": security(smart),

@@ -12,6 +12,9 @@ mod auth_tests;
 mod capability;
 mod envelope;
 mod handlers;
+#[cfg(test)]
+mod ops_tests;
+mod patch;
 mod response;
 mod scopes;
 #[cfg(test)]
@@ -183,13 +186,17 @@ fn routes() -> Router<AppState> {
             get(h::search_type)
                 .post(h::create)
                 .put(h::conditional_update)
-                .delete(h::conditional_delete),
+                .delete(h::conditional_delete)
+                .patch(patch::conditional_patch),
         )
         .route("/{type}/_search", post(h::search_type_post))
         .route("/{type}/_history", get(h::history_type))
         .route(
             "/{type}/{id}",
-            get(h::read).put(h::update).delete(h::delete),
+            get(h::read)
+                .put(h::update)
+                .delete(h::delete)
+                .patch(patch::patch),
         )
         .route("/{type}/{id}/_history", get(h::history_instance))
         .route("/{type}/{id}/_history/{vid}", get(h::vread))

@@ -1,0 +1,513 @@
+//! `oneshot` tests of the FHIR operations (`patch`, `$everything`, `$validate`) against a real
+//! database in a temporary directory, with and without SMART authorization (tokens signed
+//! by the server's own issuer key).
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, ETAG, IF_MATCH, LAST_MODIFIED};
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use base64::Engine as _;
+use fhirkeep_engine::crypto::{KeySource, create_key_file};
+use fhirkeep_engine::store::AccessContext;
+use fhirkeep_query::Database;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tower::ServiceExt as _;
+
+use super::auth::{ISSUER_KEY_PURPOSE, IssuerKey, TokenClaims};
+use super::{AppState, AuthMode, ServerConfig, SmartSettings, app};
+
+const BASE: &str = "http://fhir.test";
+const JSON_PATCH: &str = "application/json-patch+json";
+
+struct Harness {
+    _dir: TempDir,
+    state: AppState,
+    app: Router,
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+}
+
+impl Reply {
+    fn header(&self, name: axum::http::HeaderName) -> &str {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+
+    fn diagnostics(&self) -> String {
+        assert_eq!(
+            self.body["resourceType"], "OperationOutcome",
+            "{}",
+            self.body
+        );
+        self.body["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    /// The sorted `Type/id` of a Bundle's entries.
+    #[allow(dead_code)] // used by the $everything tests
+    fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.body["entry"]
+            .as_array()
+            .unwrap_or(&Vec::new())
+            .iter()
+            .map(|e| {
+                let r = &e["resource"];
+                format!(
+                    "{}/{}",
+                    r["resourceType"].as_str().unwrap(),
+                    r["id"].as_str().unwrap()
+                )
+            })
+            .collect();
+        keys.sort();
+        keys
+    }
+}
+
+fn harness(smart: bool) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    create_key_file(&key).unwrap();
+    let db = Database::builder(dir.path().join("db"))
+        .key(KeySource::KeyFile(key))
+        .create()
+        .unwrap();
+    let auth = if smart {
+        AuthMode::Smart(SmartSettings {
+            jwks: Vec::new(),
+            issuer: None,
+            require_mfa: false,
+            endpoints: super::OAuthUris::default(),
+        })
+    } else {
+        AuthMode::None
+    };
+    let state = AppState::new(
+        db,
+        ServerConfig {
+            base_url: format!("{BASE}/"),
+            max_body_bytes: super::DEFAULT_BODY_LIMIT,
+            auth,
+            deny_status: StatusCode::NOT_FOUND,
+        },
+    );
+    Harness {
+        _dir: dir,
+        app: app(state.clone()),
+        state,
+    }
+}
+
+impl Harness {
+    fn token(&self, scope: &str, patient: Option<&str>) -> String {
+        let key = IssuerKey::from_secret(self.state.db().store().derive_secret(ISSUER_KEY_PURPOSE));
+        let now = chrono::Utc::now().timestamp();
+        key.sign(&TokenClaims {
+            iss: BASE.to_owned(),
+            aud: BASE.to_owned(),
+            sub: "tester".to_owned(),
+            client_id: "ops-tests".to_owned(),
+            iat: now,
+            nbf: now,
+            exp: now + 300,
+            jti: "ops".to_owned(),
+            scope: scope.to_owned(),
+            patient: patient.map(str::to_owned),
+        })
+        .unwrap()
+    }
+
+    /// Stores `resource` with its own id, directly in the database.
+    fn put(&self, resource: Value) {
+        let db = self.state.db();
+        let ctx = AccessContext::local("ops-tests");
+        let t = resource["resourceType"].as_str().unwrap().to_owned();
+        let id = resource["id"].as_str().unwrap().to_owned();
+        db.update(&ctx, &t, &id, resource, None).unwrap();
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        uri: &str,
+        content_type: Option<&str>,
+        headers: &[(axum::http::HeaderName, &str)],
+        token: Option<&str>,
+        body: Option<String>,
+    ) -> Reply {
+        let mut builder = Request::builder().method(method).uri(uri);
+        if let Some(ct) = content_type {
+            builder = builder.header(CONTENT_TYPE, ct);
+        }
+        for (name, value) in headers {
+            builder = builder.header(name, *value);
+        }
+        if let Some(token) = token {
+            builder = builder.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = builder
+            .body(body.map_or_else(Body::empty, Body::from))
+            .unwrap();
+        let response = self.app.clone().oneshot(req).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let raw = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let body = if raw.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&raw).unwrap()
+        };
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn patch(&self, uri: &str, patch: &Value) -> Reply {
+        self.send(
+            Method::PATCH,
+            uri,
+            Some(JSON_PATCH),
+            &[],
+            None,
+            Some(patch.to_string()),
+        )
+        .await
+    }
+
+    async fn get(&self, uri: &str, token: Option<&str>) -> Reply {
+        self.send(Method::GET, uri, None, &[], token, None).await
+    }
+
+    async fn read(&self, uri: &str) -> Value {
+        let reply = self.get(uri, None).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        reply.body
+    }
+}
+
+fn patient(id: &str, family: &str) -> Value {
+    json!({"resourceType": "Patient", "id": id, "name": [{"family": family}],
+           "gender": "female", "birthDate": "1970-01-01"})
+}
+
+// ---------------------------------------------------------------------------------------
+// PATCH
+
+#[tokio::test]
+async fn patch_applies_json_patch_and_answers_like_an_update() {
+    let h = harness(false);
+    h.put(patient("p1", "Chalmers"));
+    let reply = h
+        .patch(
+            "/Patient/p1",
+            &json!([
+                {"op": "test", "path": "/gender", "value": "female"},
+                {"op": "replace", "path": "/name/0/family", "value": "Windsor"},
+                {"op": "add", "path": "/active", "value": true},
+            ]),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.header(ETAG), "W/\"2\"");
+    assert!(!reply.header(LAST_MODIFIED).is_empty());
+    assert_eq!(reply.body["name"][0]["family"], "Windsor");
+    assert_eq!(reply.body["active"], true);
+    assert_eq!(reply.body["meta"]["versionId"], "2");
+    let stored = h.read("/Patient/p1").await;
+    assert_eq!(stored["name"][0]["family"], "Windsor");
+
+    // Prefer: return=minimal leaves the body out.
+    let reply = h
+        .send(
+            Method::PATCH,
+            "/Patient/p1",
+            Some(JSON_PATCH),
+            &[(
+                axum::http::HeaderName::from_static("prefer"),
+                "return=minimal",
+            )],
+            None,
+            Some(json!([{"op": "remove", "path": "/active"}]).to_string()),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body, Value::Null);
+    assert_eq!(reply.header(ETAG), "W/\"3\"");
+}
+
+#[tokio::test]
+async fn patch_honours_if_match() {
+    let h = harness(false);
+    h.put(patient("p1", "Chalmers"));
+    let patch = json!([{"op": "replace", "path": "/gender", "value": "male"}]).to_string();
+    let stale = h
+        .send(
+            Method::PATCH,
+            "/Patient/p1",
+            Some(JSON_PATCH),
+            &[(IF_MATCH, "W/\"7\"")],
+            None,
+            Some(patch.clone()),
+        )
+        .await;
+    assert_eq!(
+        stale.status,
+        StatusCode::PRECONDITION_FAILED,
+        "{}",
+        stale.body
+    );
+    assert_eq!(h.read("/Patient/p1").await["gender"], "female");
+    let current = h
+        .send(
+            Method::PATCH,
+            "/Patient/p1",
+            Some(JSON_PATCH),
+            &[(IF_MATCH, "W/\"1\"")],
+            None,
+            Some(patch),
+        )
+        .await;
+    assert_eq!(current.status, StatusCode::OK, "{}", current.body);
+    assert_eq!(h.read("/Patient/p1").await["gender"], "male");
+}
+
+#[tokio::test]
+async fn patch_failures_are_422_and_change_nothing() {
+    let h = harness(false);
+    h.put(patient("p1", "Chalmers"));
+    for (patch, why) in [
+        (
+            json!([{"op": "test", "path": "/gender", "value": "male"}]),
+            "test failed",
+        ),
+        (
+            json!([{"op": "replace", "path": "/id", "value": "p2"}]),
+            "id",
+        ),
+        (
+            json!([{"op": "replace", "path": "/resourceType", "value": "Group"}]),
+            "resourceType",
+        ),
+        (
+            json!([{"op": "remove", "path": "/telecom"}]),
+            "names no element",
+        ),
+    ] {
+        let reply = h.patch("/Patient/p1", &patch).await;
+        assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY, "{patch}");
+        assert!(reply.diagnostics().contains(why), "{}", reply.body);
+        assert!(!reply.diagnostics().contains("Chalmers"));
+    }
+    let stored = h.read("/Patient/p1").await;
+    assert_eq!(stored["meta"]["versionId"], "1");
+
+    // The wrong content type is 415, a missing resource 404.
+    let reply = h
+        .send(
+            Method::PATCH,
+            "/Patient/p1",
+            Some("application/fhir+json"),
+            &[],
+            None,
+            Some("[]".into()),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let reply = h.patch("/Patient/nope", &json!([])).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn conditional_patch_patches_the_one_match() {
+    let h = harness(false);
+    h.put(patient("p1", "Chalmers"));
+    h.put(patient("p2", "Windsor"));
+    h.put(patient("p3", "Windsor"));
+    let patch = json!([{"op": "add", "path": "/active", "value": false}]);
+    let reply = h.patch("/Patient?family=chalmers", &patch).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["id"], "p1");
+    assert_eq!(h.read("/Patient/p1").await["active"], false);
+    let reply = h.patch("/Patient?family=windsor", &patch).await;
+    assert_eq!(reply.status, StatusCode::PRECONDITION_FAILED);
+    let reply = h.patch("/Patient?family=nobody", &patch).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+}
+
+fn binary_patch(patch: &Value) -> Value {
+    json!({
+        "resourceType": "Binary",
+        "contentType": JSON_PATCH,
+        "data": base64::engine::general_purpose::STANDARD.encode(patch.to_string()),
+    })
+}
+
+#[tokio::test]
+async fn patch_entries_in_transactions_and_batches() {
+    let h = harness(false);
+    h.put(patient("p1", "Chalmers"));
+    h.put(patient("p2", "Windsor"));
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": binary_patch(&json!([{"op": "replace", "path": "/gender", "value": "male"}])),
+             "request": {"method": "PATCH", "url": "Patient/p1"}},
+            {"resource": binary_patch(&json!([{"op": "add", "path": "/active", "value": true}])),
+             "request": {"method": "PATCH", "url": "Patient?family=windsor"}},
+        ],
+    });
+    let reply = h
+        .send(
+            Method::POST,
+            "/",
+            Some("application/fhir+json"),
+            &[],
+            None,
+            Some(bundle.to_string()),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["type"], "transaction-response");
+    assert_eq!(h.read("/Patient/p1").await["gender"], "male");
+    assert_eq!(h.read("/Patient/p2").await["active"], true);
+
+    // A failing test op fails the whole transaction: nothing is written.
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": binary_patch(&json!([{"op": "replace", "path": "/gender", "value": "other"}])),
+             "request": {"method": "PATCH", "url": "Patient/p1"}},
+            {"resource": binary_patch(&json!([{"op": "test", "path": "/gender", "value": "male"}])),
+             "request": {"method": "PATCH", "url": "Patient/p2"}},
+        ],
+    });
+    let reply = h
+        .send(
+            Method::POST,
+            "/",
+            Some("application/fhir+json"),
+            &[],
+            None,
+            Some(bundle.to_string()),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        reply.body
+    );
+    assert!(reply.diagnostics().contains("entry 1"));
+    assert_eq!(h.read("/Patient/p1").await["gender"], "male");
+
+    // FHIRPath Patch is refused with a clear message.
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"resource": {"resourceType": "Parameters", "parameter": []},
+             "request": {"method": "PATCH", "url": "Patient/p1"}},
+        ],
+    });
+    let reply = h
+        .send(
+            Method::POST,
+            "/",
+            Some("application/fhir+json"),
+            &[],
+            None,
+            Some(bundle.to_string()),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        reply.diagnostics().contains("FHIRPath Patch"),
+        "{}",
+        reply.body
+    );
+}
+
+#[tokio::test]
+async fn patch_is_authorized_as_an_update() {
+    let h = harness(true);
+    h.put(patient("p1", "Chalmers"));
+    h.put(patient("p2", "Windsor"));
+    let patch = json!([{"op": "add", "path": "/active", "value": true}]).to_string();
+    let send = |token: String, uri: &'static str| {
+        let patch = patch.clone();
+        let h = &h;
+        async move {
+            h.send(
+                Method::PATCH,
+                uri,
+                Some(JSON_PATCH),
+                &[],
+                Some(&token),
+                Some(patch),
+            )
+            .await
+        }
+    };
+    // Without a token: 401. Read-only: 403.
+    let reply = h
+        .send(
+            Method::PATCH,
+            "/Patient/p1",
+            Some(JSON_PATCH),
+            &[],
+            None,
+            Some(patch.clone()),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    let reply = send(h.token("user/Patient.rs", None), "/Patient/p1").await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    // A patient token patches its own patient only; another one is hidden (404).
+    let own = h.token("patient/Patient.ru", Some("p1"));
+    let reply = send(own.clone(), "/Patient/p2").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    let reply = send(own.clone(), "/Patient/p1").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    // A conditional patch needs an unrestricted scope.
+    let reply = send(own, "/Patient?family=chalmers").await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    let reply = send(h.token("user/Patient.rus", None), "/Patient?family=windsor").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["id"], "p2");
+}
+
+#[tokio::test]
+async fn the_capability_statement_names_patch() {
+    let h = harness(false);
+    let statement = h.read("/metadata").await;
+    let patient = statement["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Patient")
+        .unwrap();
+    assert!(
+        patient["interaction"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"code": "patch"}))
+    );
+    assert_eq!(statement["patchFormat"], json!([JSON_PATCH]));
+}
