@@ -35,6 +35,7 @@ mod compartment;
 mod database;
 pub mod directory;
 mod error;
+pub mod everything;
 pub mod extract;
 pub mod index;
 pub mod params;

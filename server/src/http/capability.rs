@@ -20,6 +20,18 @@ const TYPE_INTERACTIONS: [&str; 9] = [
     "search-type",
 ];
 
+/// The operations `resource_type` supports (see `everything.rs`).
+fn operations(resource_type: &str) -> Vec<Value> {
+    let mut operations = Vec::new();
+    if resource_type == "Patient" {
+        operations.push(json!({
+            "name": "everything",
+            "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+        }));
+    }
+    operations
+}
+
 /// The whole-system interactions.
 const SYSTEM_INTERACTIONS: [&str; 4] = ["transaction", "batch", "search-system", "history-system"];
 
@@ -93,7 +105,7 @@ pub(crate) fn statement(db: &Database, base: &str, smart: Option<&OAuthUris>) ->
                 })
                 .collect();
             params.sort_by(|a, b| a.0.cmp(b.0));
-            json!({
+            let mut resource = json!({
                 "type": resource_type,
                 "profile": format!("http://hl7.org/fhir/StructureDefinition/{resource_type}"),
                 "interaction": interactions,
@@ -105,7 +117,12 @@ pub(crate) fn statement(db: &Database, base: &str, smart: Option<&OAuthUris>) ->
                 "conditionalUpdate": true,
                 "conditionalDelete": "single",
                 "searchParam": params.into_iter().map(|(_, p)| p).collect::<Vec<_>>(),
-            })
+            });
+            let operations = operations(resource_type);
+            if !operations.is_empty() {
+                resource["operation"] = Value::Array(operations);
+            }
+            resource
         })
         .collect();
     Ok(json!({

@@ -89,7 +89,7 @@ fn prefer(headers: &HeaderMap, key: &str) -> Option<String> {
         .map(|(_, value)| value.trim().trim_matches('"').to_ascii_lowercase())
 }
 
-fn handling(headers: &HeaderMap) -> Handling {
+pub(super) fn handling(headers: &HeaderMap) -> Handling {
     match prefer(headers, "handling").as_deref() {
         Some("lenient") => Handling::Lenient,
         _ => Handling::Strict,
@@ -661,7 +661,7 @@ struct HistoryParams {
 }
 
 /// `_since` and `_at`: a FHIR instant, or a date (its midnight, UTC).
-fn parse_instant(name: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
+pub(super) fn parse_instant(name: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
     if let Ok(instant) = DateTime::parse_from_rfc3339(value) {
         return Ok(instant.with_timezone(&Utc));
     }

@@ -11,6 +11,7 @@ pub(crate) mod auth;
 mod auth_tests;
 mod capability;
 mod envelope;
+mod everything;
 mod handlers;
 #[cfg(test)]
 mod ops_tests;
@@ -200,6 +201,7 @@ fn routes() -> Router<AppState> {
         )
         .route("/{type}/{id}/_history", get(h::history_instance))
         .route("/{type}/{id}/_history/{vid}", get(h::vread))
+        .route("/Patient/{id}/$everything", get(everything::everything))
         .route(
             "/{type}/{id}/{compartment_type}",
             get(h::search_compartment),

@@ -55,7 +55,6 @@ impl Reply {
     }
 
     /// The sorted `Type/id` of a Bundle's entries.
-    #[allow(dead_code)] // used by the $everything tests
     fn keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self.body["entry"]
             .as_array()
@@ -494,7 +493,7 @@ async fn patch_is_authorized_as_an_update() {
 }
 
 #[tokio::test]
-async fn the_capability_statement_names_patch() {
+async fn the_capability_statement_names_patch_and_the_operations() {
     let h = harness(false);
     let statement = h.read("/metadata").await;
     let patient = statement["rest"][0]["resource"]
@@ -510,4 +509,181 @@ async fn the_capability_statement_names_patch() {
             .contains(&json!({"code": "patch"}))
     );
     assert_eq!(statement["patchFormat"], json!([JSON_PATCH]));
+    let operations: Vec<&str> = patient["operation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert!(operations.contains(&"everything"), "{operations:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// $everything
+
+/// Two patients with their records, the practitioners, organizations, locations and
+/// medications those reference, and one organization nobody references.
+fn seed_everything(h: &Harness) {
+    for resource in [
+        patient("p1", "Chalmers"),
+        patient("p2", "Windsor"),
+        json!({"resourceType": "Practitioner", "id": "d1"}),
+        json!({"resourceType": "Practitioner", "id": "d2"}),
+        json!({"resourceType": "Organization", "id": "o1"}),
+        json!({"resourceType": "Organization", "id": "o9"}),
+        json!({"resourceType": "Location", "id": "l1"}),
+        json!({"resourceType": "Medication", "id": "m1"}),
+        json!({"resourceType": "Observation", "id": "obs1", "status": "final",
+               "code": {"text": "x"}, "subject": {"reference": "Patient/p1"},
+               "performer": [{"reference": "Practitioner/d1"}]}),
+        json!({"resourceType": "Encounter", "id": "e1", "status": "finished",
+               "class": {"code": "AMB"}, "subject": {"reference": "Patient/p1"},
+               "serviceProvider": {"reference": "Organization/o1"},
+               "location": [{"location": {"reference": "Location/l1"}}]}),
+        json!({"resourceType": "MedicationRequest", "id": "mr1", "status": "active",
+               "intent": "order", "subject": {"reference": "Patient/p1"},
+               "medicationReference": {"reference": "Medication/m1"},
+               "requester": {"reference": "Practitioner/d1"}}),
+        json!({"resourceType": "Observation", "id": "obs2", "status": "final",
+               "code": {"text": "y"}, "subject": {"reference": "Patient/p2"},
+               "performer": [{"reference": "Practitioner/d2"}]}),
+    ] {
+        h.put(resource);
+    }
+}
+
+const P1_EVERYTHING: [&str; 8] = [
+    "Encounter/e1",
+    "Location/l1",
+    "Medication/m1",
+    "MedicationRequest/mr1",
+    "Observation/obs1",
+    "Organization/o1",
+    "Patient/p1",
+    "Practitioner/d1",
+];
+
+#[tokio::test]
+async fn everything_returns_the_compartment_and_what_it_references() {
+    let h = harness(false);
+    seed_everything(&h);
+    let reply = h.get("/Patient/p1/$everything", None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["type"], "searchset");
+    assert_eq!(reply.keys(), P1_EVERYTHING);
+    assert_eq!(reply.body["total"], 8);
+    // The patient comes first.
+    assert_eq!(
+        reply.body["entry"][0]["fullUrl"],
+        format!("{BASE}/Patient/p1")
+    );
+
+    let reply = h
+        .get(
+            "/Patient/p1/$everything?_type=Observation,Practitioner",
+            None,
+        )
+        .await;
+    assert_eq!(reply.keys(), ["Observation/obs1", "Practitioner/d1"]);
+
+    let reply = h.get("/Patient/p2/$everything", None).await;
+    assert_eq!(
+        reply.keys(),
+        ["Observation/obs2", "Patient/p2", "Practitioner/d2"]
+    );
+    let reply = h.get("/Patient/nobody/$everything", None).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    let reply = h.get("/Patient/p1/$everything?date=ge2020", None).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn everything_pages_with_next_links_and_honours_since() {
+    let h = harness(false);
+    seed_everything(&h);
+    let mut seen = Vec::new();
+    let mut uri = "/Patient/p1/$everything?_count=3".to_owned();
+    let mut pages = 0;
+    loop {
+        let reply = h.get(&uri, None).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert!(reply.keys().len() <= 3);
+        seen.extend(reply.keys());
+        pages += 1;
+        let next = reply.body["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_owned());
+        match next {
+            Some(url) => {
+                assert!(!url.contains("obs1"), "no id of patient data in a link");
+                uri = url.strip_prefix(BASE).unwrap().to_owned();
+            }
+            None => break,
+        }
+        assert!(pages < 10, "paging does not end");
+    }
+    assert_eq!(pages, 3);
+    seen.sort();
+    assert_eq!(seen, P1_EVERYTHING);
+
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let since = chrono::Utc::now();
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    let mut changed = h.read("/Observation/obs1").await;
+    changed["status"] = json!("amended");
+    h.put(changed);
+    h.put(
+        json!({"resourceType": "Observation", "id": "obs3", "status": "final",
+                 "code": {"text": "z"}, "subject": {"reference": "Patient/p2"}}),
+    );
+    let since = since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let reply = h
+        .get(
+            &format!(
+                "/Patient/p1/$everything?_since={}",
+                since.replace('+', "%2B")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.keys(), ["Observation/obs1"]);
+}
+
+#[tokio::test]
+async fn everything_under_smart_keeps_to_the_token() {
+    let h = harness(true);
+    seed_everything(&h);
+    let all = h.token("patient/*.rs", Some("p1"));
+    let reply = h.get("/Patient/p1/$everything", Some(&all)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    // A patient token reaches its compartment only: the practitioner and organization
+    // records it references are not the patient's.
+    assert_eq!(
+        reply.keys(),
+        [
+            "Encounter/e1",
+            "MedicationRequest/mr1",
+            "Observation/obs1",
+            "Patient/p1"
+        ]
+    );
+    // Another patient is hidden.
+    let reply = h.get("/Patient/p2/$everything", Some(&all)).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    // Types the token cannot search are left out.
+    let some = h.token("patient/Patient.rs patient/Observation.rs", Some("p1"));
+    let reply = h.get("/Patient/p1/$everything", Some(&some)).await;
+    assert_eq!(reply.keys(), ["Observation/obs1", "Patient/p1"]);
+    // Without read on Patient: 403.
+    let none = h.token("patient/Observation.rs", Some("p1"));
+    let reply = h.get("/Patient/p1/$everything", Some(&none)).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    // A user token with every type sees what an unrestricted caller sees.
+    let user = h.token("user/*.rs", None);
+    let reply = h.get("/Patient/p1/$everything", Some(&user)).await;
+    assert_eq!(reply.keys(), P1_EVERYTHING);
 }
