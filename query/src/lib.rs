@@ -45,6 +45,7 @@ mod search;
 mod searchset;
 mod summary;
 mod terminology;
+pub mod validate;
 pub mod values;
 
 pub use compartment::patient_compartment;

@@ -20,9 +20,12 @@ const TYPE_INTERACTIONS: [&str; 9] = [
     "search-type",
 ];
 
-/// The operations `resource_type` supports (see `everything.rs`).
+/// The operations `resource_type` supports (see `everything.rs` and `validate.rs`).
 fn operations(resource_type: &str) -> Vec<Value> {
-    let mut operations = Vec::new();
+    let mut operations = vec![json!({
+        "name": "validate",
+        "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+    })];
     if resource_type == "Patient" {
         operations.push(json!({
             "name": "everything",
@@ -118,10 +121,7 @@ pub(crate) fn statement(db: &Database, base: &str, smart: Option<&OAuthUris>) ->
                 "conditionalDelete": "single",
                 "searchParam": params.into_iter().map(|(_, p)| p).collect::<Vec<_>>(),
             });
-            let operations = operations(resource_type);
-            if !operations.is_empty() {
-                resource["operation"] = Value::Array(operations);
-            }
+            resource["operation"] = Value::Array(operations(resource_type));
             resource
         })
         .collect();

@@ -20,6 +20,7 @@ mod response;
 mod scopes;
 #[cfg(test)]
 mod tests;
+mod validate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -191,6 +192,8 @@ fn routes() -> Router<AppState> {
                 .patch(patch::conditional_patch),
         )
         .route("/{type}/_search", post(h::search_type_post))
+        .route("/{type}/$validate", post(validate::validate_type))
+        .route("/{type}/{id}/$validate", post(validate::validate_instance))
         .route("/{type}/_history", get(h::history_type))
         .route(
             "/{type}/{id}",

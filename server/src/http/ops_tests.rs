@@ -516,6 +516,7 @@ async fn the_capability_statement_names_patch_and_the_operations() {
         .map(|o| o["name"].as_str().unwrap())
         .collect();
     assert!(operations.contains(&"everything"), "{operations:?}");
+    assert!(operations.contains(&"validate"), "{operations:?}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -686,4 +687,134 @@ async fn everything_under_smart_keeps_to_the_token() {
     let user = h.token("user/*.rs", None);
     let reply = h.get("/Patient/p1/$everything", Some(&user)).await;
     assert_eq!(reply.keys(), P1_EVERYTHING);
+}
+
+// ---------------------------------------------------------------------------------------
+// $validate
+
+impl Harness {
+    async fn validate(&self, uri: &str, body: &Value, token: Option<&str>) -> Reply {
+        self.send(
+            Method::POST,
+            uri,
+            Some("application/fhir+json"),
+            &[],
+            token,
+            Some(body.to_string()),
+        )
+        .await
+    }
+}
+
+/// `(code, expression)` of every issue of an OperationOutcome.
+fn issues(reply: &Reply) -> Vec<(String, String)> {
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["resourceType"], "OperationOutcome");
+    reply.body["issue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["severity"] == "error")
+        .map(|i| {
+            (
+                i["code"].as_str().unwrap().to_owned(),
+                i["expression"][0].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn pair(code: &str, path: &str) -> (String, String) {
+    (code.to_owned(), path.to_owned())
+}
+
+#[tokio::test]
+async fn validate_reports_the_issues_of_a_resource() {
+    let h = harness(false);
+    let reply = h
+        .validate("/Patient/$validate", &patient("p1", "Chalmers"), None)
+        .await;
+    assert_eq!(issues(&reply), Vec::<(String, String)>::new());
+    assert_eq!(reply.body["issue"][0]["severity"], "information");
+
+    let broken = json!({"resourceType": "Patient", "gender": "woman", "active": "yes",
+                        "hairColour": "red", "name": {"family": "X"}});
+    let found = issues(&h.validate("/Patient/$validate", &broken, None).await);
+    for expected in [
+        pair("code-invalid", "Patient.gender"),
+        pair("value", "Patient.active"),
+        pair("structure", "Patient.hairColour"),
+        pair("structure", "Patient.name"),
+    ] {
+        assert!(found.contains(&expected), "{expected:?} not in {found:?}");
+    }
+    assert_eq!(found.len(), 4, "{found:?}");
+
+    let observation = json!({"resourceType": "Observation", "valueString": "x"});
+    let found = issues(
+        &h.validate("/Observation/$validate", &observation, None)
+            .await,
+    );
+    assert_eq!(
+        found,
+        [
+            pair("required", "Observation.status"),
+            pair("required", "Observation.code")
+        ]
+    );
+
+    // The Parameters form, and nothing was stored.
+    let parameters = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "resource", "resource": broken}]});
+    let found = issues(&h.validate("/Patient/$validate", &parameters, None).await);
+    assert_eq!(found.len(), 4, "{found:?}");
+    let search = h.get("/Patient", None).await;
+    assert_eq!(search.body["total"], 0);
+}
+
+#[tokio::test]
+async fn validate_checks_the_url_against_the_resource() {
+    let h = harness(false);
+    let found = issues(
+        &h.validate("/Patient/p1/$validate", &patient("p2", "Chalmers"), None)
+            .await,
+    );
+    assert_eq!(found, [pair("invalid", "Patient")]);
+    let found = issues(
+        &h.validate("/Patient/p1/$validate", &patient("p1", "Chalmers"), None)
+            .await,
+    );
+    assert!(found.is_empty(), "{found:?}");
+    let found = issues(
+        &h.validate("/Observation/$validate", &patient("p1", "Chalmers"), None)
+            .await,
+    );
+    assert_eq!(found, [pair("invalid", "Observation")]);
+    let reply = h
+        .send(
+            Method::POST,
+            "/Patient/$validate",
+            Some("application/fhir+json"),
+            &[],
+            None,
+            Some("{not json".into()),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn validate_needs_a_write_scope_under_smart() {
+    let h = harness(true);
+    let body = patient("p1", "Chalmers");
+    let reply = h.validate("/Patient/$validate", &body, None).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    let read_only = h.token("user/Patient.rs", None);
+    let reply = h
+        .validate("/Patient/$validate", &body, Some(&read_only))
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    let writer = h.token("patient/Patient.u", Some("p1"));
+    let reply = h.validate("/Patient/$validate", &body, Some(&writer)).await;
+    assert!(issues(&reply).is_empty());
 }
