@@ -198,8 +198,9 @@ pub fn apply_json_patch(resource: &Value, patch: &Value) -> Result<Value> {
     Ok(doc)
 }
 
-/// Applies `patch` to `resource` and checks that the result is still a resource of the same
-/// type and id (422 otherwise: the patch, not the request, is at fault).
+/// Applies `patch` to `resource` and checks that the result is still a valid resource of the
+/// same type and id (422 otherwise: the patch, not the request, is at fault). Validity is
+/// [`crate::validate`]'s: errors the patch adds refuse it, errors already there do not.
 pub fn patched_resource(resource: &Value, patch: &Value) -> Result<Value> {
     let patched = apply_json_patch(resource, patch)?;
     if !patched.is_object() {
@@ -210,6 +211,18 @@ pub fn patched_resource(resource: &Value, patch: &Value) -> Result<Value> {
     }
     if patched.get("id") != resource.get("id") {
         return Err(unprocessable("a patch must not change the id"));
+    }
+    // The result must be a valid resource: errors the patch introduces (not those the
+    // stored version already had) refuse it.
+    let before = crate::validate::validate_resource(resource);
+    if let Some(issue) = crate::validate::validate_resource(&patched)
+        .into_iter()
+        .find(|issue| issue.severity == "error" && !before.contains(issue))
+    {
+        return Err(unprocessable(format!(
+            "the patched resource is not valid: {} ({})",
+            issue.message, issue.path
+        )));
     }
     Ok(patched)
 }
@@ -487,6 +500,17 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.http_status(), 422);
+    }
+
+    #[test]
+    fn only_errors_the_patch_adds_refuse_it() {
+        let stored = json!({"resourceType": "Patient", "id": "a", "legacyField": 1});
+        let add = json!([{"op": "add", "path": "/active", "value": true}]);
+        assert_eq!(patched_resource(&stored, &add).unwrap()["active"], true);
+        let bad = json!([{"op": "add", "path": "/active", "value": "yes"}]);
+        let err = patched_resource(&stored, &bad).unwrap_err();
+        assert_eq!(err.http_status(), 422);
+        assert!(err.to_string().contains("Patient.active"), "{err}");
     }
 
     #[test]

@@ -897,7 +897,7 @@ pub(crate) async fn bundle(
 ) -> HandlerResult {
     let bundle = json_body(&headers, &body)?;
     // Every entry is checked before anything is applied.
-    access::check_bundle(&info.grant, &bundle)?;
+    access::check_bundle(&info.grant, &super::patch::for_bundle_check(&bundle))?;
     let db = state.db();
     let base = state.base().to_owned();
     let response = blocking(move || {

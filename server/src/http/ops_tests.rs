@@ -192,6 +192,12 @@ impl Harness {
         self.send(Method::GET, uri, None, &[], token, None).await
     }
 
+    async fn read_as(&self, uri: &str, token: &str) -> Value {
+        let reply = self.get(uri, Some(token)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        reply.body
+    }
+
     async fn read(&self, uri: &str) -> Value {
         let reply = self.get(uri, None).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
@@ -306,11 +312,20 @@ async fn patch_failures_are_422_and_change_nothing() {
             json!([{"op": "remove", "path": "/telecom"}]),
             "names no element",
         ),
+        (
+            json!([{"op": "replace", "path": "/gender", "value": "woman"}]),
+            "not valid",
+        ),
+        (
+            json!([{"op": "add", "path": "/name", "value": {"family": "Y"}}]),
+            "not valid",
+        ),
     ] {
         let reply = h.patch("/Patient/p1", &patch).await;
         assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY, "{patch}");
         assert!(reply.diagnostics().contains(why), "{}", reply.body);
         assert!(!reply.diagnostics().contains("Chalmers"));
+        assert!(!reply.diagnostics().contains("woman"));
     }
     let stored = h.read("/Patient/p1").await;
     assert_eq!(stored["meta"]["versionId"], "1");
@@ -817,4 +832,48 @@ async fn validate_needs_a_write_scope_under_smart() {
     let writer = h.token("patient/Patient.u", Some("p1"));
     let reply = h.validate("/Patient/$validate", &body, Some(&writer)).await;
     assert!(issues(&reply).is_empty());
+}
+
+#[tokio::test]
+async fn patch_entries_need_update_on_their_type_not_on_binary() {
+    let h = harness(true);
+    h.put(patient("p1", "Chalmers"));
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"resource": binary_patch(&json!([{"op": "add", "path": "/active", "value": true}])),
+             "request": {"method": "PATCH", "url": "Patient/p1"}},
+        ],
+    });
+    let post = |token: String| {
+        let body = bundle.to_string();
+        let h = &h;
+        async move {
+            h.send(
+                Method::POST,
+                "/",
+                Some("application/fhir+json"),
+                &[],
+                Some(&token),
+                Some(body),
+            )
+            .await
+        }
+    };
+    let reply = post(h.token("user/Observation.cu", None)).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        h.read_as("/Patient/p1", &h.token("user/Patient.r", None))
+            .await["active"],
+        Value::Null
+    );
+    let reply = post(h.token("user/Patient.cu", None)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["entry"][0]["response"]["status"], "200 OK");
+    assert_eq!(
+        h.read_as("/Patient/p1", &h.token("user/Patient.r", None))
+            .await["active"],
+        true
+    );
 }

@@ -177,6 +177,32 @@ pub(crate) async fn conditional_patch(
     )
 }
 
+/// The bundle as its authorization check sees it: a PATCH entry's `Binary` is the patch, not
+/// a resource written, so only its URL's type (as an update) is checked.
+pub(crate) fn for_bundle_check(bundle: &Value) -> std::borrow::Cow<'_, Value> {
+    let is_patch = |entry: &Value| {
+        entry
+            .pointer("/request/method")
+            .and_then(Value::as_str)
+            .is_some_and(|m| m.eq_ignore_ascii_case("PATCH"))
+    };
+    let Some(entries) = bundle.get("entry").and_then(Value::as_array) else {
+        return std::borrow::Cow::Borrowed(bundle);
+    };
+    if !entries.iter().any(is_patch) {
+        return std::borrow::Cow::Borrowed(bundle);
+    }
+    let mut view = bundle.clone();
+    if let Some(entries) = view.get_mut("entry").and_then(Value::as_array_mut) {
+        for entry in entries.iter_mut().filter(|e| is_patch(e)) {
+            if let Some(entry) = entry.as_object_mut() {
+                entry.remove("resource");
+            }
+        }
+    }
+    std::borrow::Cow::Owned(view)
+}
+
 /// Turns a Bundle's PATCH entries into version-guarded PUT entries (blocking: reads the
 /// current versions). Called after the bundle's authorization check, which treats PATCH
 /// entries as updates.
