@@ -292,6 +292,61 @@ impl Database {
         }
     }
 
+    /// [`Database::process_bundle`] for Bundles that may hold PATCH entries: a transaction's
+    /// PATCH entries are expanded first ([`Database::expand_patch_entries`]; one that fails
+    /// fails the transaction), a batch's one by one, and a batch entry that cannot be
+    /// patched answers with its own error (422, 404, 412, ...) in its place of the
+    /// `batch-response` while the other entries are processed.
+    pub fn process_bundle_with_patches(
+        &self,
+        ctx: &AccessContext,
+        bundle: &Value,
+        base: &str,
+    ) -> Result<Value> {
+        let is_batch = bundle.get("resourceType").and_then(Value::as_str) == Some("Bundle")
+            && bundle.get("type").and_then(Value::as_str) == Some("batch");
+        let has_patch = bundle
+            .get("entry")
+            .and_then(Value::as_array)
+            .is_some_and(|entries| entries.iter().any(is_patch_entry));
+        if !has_patch {
+            return self.process_bundle(ctx, bundle, base);
+        }
+        if !is_batch {
+            let expanded = self.expand_patch_entries(ctx, bundle)?;
+            return self.process_bundle(ctx, &expanded, base);
+        }
+        let mut bundle = bundle.clone();
+        let mut failed: Vec<(usize, Error)> = Vec::new();
+        if let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) {
+            let mut kept = Vec::with_capacity(entries.len());
+            for (index, entry) in entries.drain(..).enumerate() {
+                if !is_patch_entry(&entry) {
+                    kept.push(entry);
+                    continue;
+                }
+                match self.expand_patch_entry(ctx, &entry) {
+                    Ok(expanded) => kept.push(expanded),
+                    Err(error) => failed.push((index, error)),
+                }
+            }
+            *entries = kept;
+        }
+        let mut response = self.process_bundle(ctx, &bundle, base)?;
+        if let Some(entries) = response.get_mut("entry").and_then(Value::as_array_mut) {
+            // Ascending indexes: each insertion puts a failure back at its request position.
+            for (index, error) in failed {
+                let status = error.http_status();
+                let entry = json!({"response": {
+                    "status": format!("{status} {}", crate::bundle::reason_phrase(status)),
+                    "outcome": error.operation_outcome(),
+                }});
+                entries.insert(index.min(entries.len()), entry);
+            }
+        }
+        Ok(response)
+    }
+
     /// Turns the PATCH entries of a batch or transaction Bundle into PUT entries: the
     /// `Binary` resource's base64 JSON Patch applied to the current version, the update
     /// guarded by `ifMatch` with the version the patch was applied to (so a concurrent write
@@ -304,11 +359,7 @@ impl Database {
             return Ok(bundle);
         };
         for (index, entry) in entries.iter_mut().enumerate() {
-            let is_patch = entry
-                .pointer("/request/method")
-                .and_then(Value::as_str)
-                .is_some_and(|m| m.eq_ignore_ascii_case("PATCH"));
-            if !is_patch {
+            if !is_patch_entry(entry) {
                 continue;
             }
             let replacement = self.expand_patch_entry(ctx, entry).map_err(|e| match e {
@@ -369,6 +420,13 @@ impl Database {
         replacement.insert("request".into(), Value::Object(request));
         Ok(Value::Object(replacement))
     }
+}
+
+fn is_patch_entry(entry: &Value) -> bool {
+    entry
+        .pointer("/request/method")
+        .and_then(Value::as_str)
+        .is_some_and(|m| m.eq_ignore_ascii_case("PATCH"))
 }
 
 /// The JSON Patch of a Bundle PATCH entry: a `Binary` with a JSON Patch content type and the

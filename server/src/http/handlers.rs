@@ -901,9 +901,8 @@ pub(crate) async fn bundle(
     let db = state.db();
     let base = state.base().to_owned();
     let response = blocking(move || {
-        // PATCH entries become version-guarded updates first.
-        let bundle = super::patch::expand_bundle_patches(&db, &info.ctx, bundle)?;
-        db.process_bundle(&info.ctx, &bundle, &base)
+        // PATCH entries become version-guarded updates.
+        db.process_bundle_with_patches(&info.ctx, &bundle, &base)
             .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))
     })
     .await??;

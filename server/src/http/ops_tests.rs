@@ -431,13 +431,20 @@ async fn patch_entries_in_transactions_and_batches() {
     assert!(reply.diagnostics().contains("entry 1"));
     assert_eq!(h.read("/Patient/p1").await["gender"], "male");
 
-    // FHIRPath Patch is refused with a clear message.
+    // In a batch each entry answers for itself: FHIRPath Patch is refused with a clear
+    // message, a missing resource is 404, and the other entries are applied.
     let bundle = json!({
         "resourceType": "Bundle",
         "type": "batch",
         "entry": [
             {"resource": {"resourceType": "Parameters", "parameter": []},
              "request": {"method": "PATCH", "url": "Patient/p1"}},
+            {"resource": binary_patch(&json!([{"op": "add", "path": "/active", "value": false}])),
+             "request": {"method": "PATCH", "url": "Patient/p1"}},
+            {"resource": binary_patch(&json!([])),
+             "request": {"method": "PATCH", "url": "Patient/nobody"}},
+            {"resource": patient("p3", "Third"),
+             "request": {"method": "PUT", "url": "Patient/p3"}},
         ],
     });
     let reply = h
@@ -450,12 +457,28 @@ async fn patch_entries_in_transactions_and_batches() {
             Some(bundle.to_string()),
         )
         .await;
-    assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(
-        reply.diagnostics().contains("FHIRPath Patch"),
-        "{}",
-        reply.body
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["type"], "batch-response");
+    let entries = reply.body["entry"].as_array().unwrap();
+    let statuses: Vec<&str> = entries
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "422 Unprocessable Entity",
+            "200 OK",
+            "404 Not Found",
+            "201 Created"
+        ]
     );
+    let diagnostics = entries[0]["response"]["outcome"]["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap();
+    assert!(diagnostics.contains("FHIRPath Patch"), "{diagnostics}");
+    assert_eq!(h.read("/Patient/p1").await["active"], false);
+    assert_eq!(h.read("/Patient/p3").await["name"][0]["family"], "Third");
 }
 
 #[tokio::test]

@@ -202,28 +202,3 @@ pub(crate) fn for_bundle_check(bundle: &Value) -> std::borrow::Cow<'_, Value> {
     }
     std::borrow::Cow::Owned(view)
 }
-
-/// Turns a Bundle's PATCH entries into version-guarded PUT entries (blocking: reads the
-/// current versions). Called after the bundle's authorization check, which treats PATCH
-/// entries as updates.
-pub(crate) fn expand_bundle_patches(
-    db: &Database,
-    ctx: &fhirkeep_engine::store::AccessContext,
-    bundle: Value,
-) -> Result<Value, ApiError> {
-    let has_patch = bundle
-        .get("entry")
-        .and_then(Value::as_array)
-        .is_some_and(|entries| {
-            entries.iter().any(|e| {
-                e.pointer("/request/method")
-                    .and_then(Value::as_str)
-                    .is_some_and(|m| m.eq_ignore_ascii_case("PATCH"))
-            })
-        });
-    if !has_patch {
-        return Ok(bundle);
-    }
-    db.expand_patch_entries(ctx, &bundle)
-        .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))
-}
