@@ -10,6 +10,7 @@ use axum::http::HeaderMap;
 use fhirkeep_engine::resource::is_resource_type;
 use fhirkeep_query::everything::EverythingRequest;
 use fhirkeep_query::params::{Handling, decode_query};
+use fhirkeep_query::patient_compartment;
 
 use super::AppState;
 use super::access;
@@ -90,9 +91,20 @@ pub(crate) async fn everything(
             &request.patient,
         )?;
         let grant = info.grant.clone();
-        let allowed = move |resource_type: &str| {
-            authorize(&grant, Letter::Search, Some(resource_type)) != Decision::Forbidden
-        };
+        // Types the token may not search are left out before paging, and so are types
+        // outside the compartment when every filter is a patient compartment (a patient
+        // token reaches no practitioner record), so that totals and pages are right.
+        let allowed =
+            move |resource_type: &str| match authorize(&grant, Letter::Search, Some(resource_type))
+            {
+                Decision::All => true,
+                Decision::Forbidden => false,
+                Decision::Filtered(filters) => {
+                    resource_type == "Patient"
+                        || patient_compartment().contains_key(resource_type)
+                        || filters.iter().any(|f| f.compartment.is_none())
+                }
+            };
         let mut result = db
             .everything(&info.ctx, &request, &allowed)
             .map_err(|e| ApiError::query(&e, true))?;

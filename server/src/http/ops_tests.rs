@@ -710,6 +710,11 @@ async fn everything_under_smart_keeps_to_the_token() {
             "Patient/p1"
         ]
     );
+    assert_eq!(reply.body["total"], 4);
+    // Pages count only what the token reaches, from the first page on.
+    let reply = h.get("/Patient/p1/$everything?_count=2", Some(&all)).await;
+    assert_eq!(reply.body["total"], 4);
+    assert_eq!(reply.keys(), ["Encounter/e1", "Patient/p1"]);
     // Another patient is hidden.
     let reply = h.get("/Patient/p2/$everything", Some(&all)).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
