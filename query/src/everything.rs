@@ -277,7 +277,7 @@ mod tests {
 
     #[test]
     fn the_patient_ranks_first() {
-        let mut keys = vec![
+        let mut keys = [
             rank("p1", "Observation/a"),
             rank("p1", "Patient/p1"),
             rank("p1", "AllergyIntolerance/z"),
