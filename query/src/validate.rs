@@ -162,8 +162,13 @@ fn upper_first(name: &str) -> String {
     }
 }
 
+/// How deep objects may nest before the validator stops descending (a bound on its
+/// recursion, whatever a patched or hand-made resource looks like).
+const MAX_DEPTH: usize = 200;
+
 struct Validator {
     issues: Vec<Issue>,
+    depth: usize,
 }
 
 /// An element of a section chain matched by a JSON key, with the type the key selects.
@@ -259,6 +264,26 @@ impl Validator {
 
     /// Validates the JSON object of a complex type or backbone element `section`.
     fn object(
+        &mut self,
+        object: &serde_json::Map<String, Value>,
+        section: &str,
+        path: &str,
+        is_resource: bool,
+    ) {
+        if self.depth >= MAX_DEPTH {
+            self.error(
+                "too-costly",
+                path,
+                format!("elements nest deeper than {MAX_DEPTH} levels: not checked further"),
+            );
+            return;
+        }
+        self.depth += 1;
+        self.object_fields(object, section, path, is_resource);
+        self.depth -= 1;
+    }
+
+    fn object_fields(
         &mut self,
         object: &serde_json::Map<String, Value>,
         section: &str,
@@ -503,7 +528,10 @@ fn ptr_id(element: &ElementDef) -> usize {
 
 /// Validates `resource` against the base R4 definitions; an empty list means no issues.
 pub fn validate_resource(resource: &Value) -> Vec<Issue> {
-    let mut validator = Validator { issues: Vec::new() };
+    let mut validator = Validator {
+        issues: Vec::new(),
+        depth: 0,
+    };
     validator.resource(resource, "");
     validator.issues
 }
@@ -552,6 +580,18 @@ mod tests {
             "contained": [{"resourceType": "Organization", "id": "o", "name": "Org"}],
         });
         assert_eq!(validate_resource(&patient), Vec::new());
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let mut extension = json!({"url": "http://example.org/x", "valueString": "x"});
+        for _ in 0..300 {
+            extension = json!({"url": "http://example.org/x", "extension": [extension]});
+        }
+        let patient = json!({"resourceType": "Patient", "extension": [extension]});
+        let issues = validate_resource(&patient);
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].code, "too-costly");
     }
 
     #[test]
