@@ -900,12 +900,10 @@ pub(crate) async fn bundle(
     access::check_bundle(&info.grant, &super::patch::for_bundle_check(&bundle))?;
     let db = state.db();
     let base = state.base().to_owned();
-    let response = blocking(move || {
-        // PATCH entries become version-guarded updates.
-        db.process_bundle_with_patches(&info.ctx, &bundle, &base)
-            .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))
-    })
-    .await??;
+    // PATCH entries become version-guarded updates.
+    let response = blocking(move || db.process_bundle_with_patches(&info.ctx, &bundle, &base))
+        .await?
+        .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))?;
     Ok(FhirResponse::ok(response))
 }
 
