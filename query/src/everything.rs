@@ -8,7 +8,7 @@
 //! a `next` link. The whole operation reads its resources with one audit leaf per page
 //! (action `Search`, a hash of the request).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,11 @@ pub struct EverythingRequest {
     pub since: Option<DateTime<Utc>>,
     /// `_type`: only these resource types (empty: all).
     pub types: Vec<String>,
+    /// `start`: only clinical records whose `date` search parameter reaches this date or
+    /// later (records without a clinical date are kept).
+    pub start: Option<String>,
+    /// `end`: only clinical records whose `date` reaches this date or earlier.
+    pub end: Option<String>,
     /// `_count`: the page size (capped by the database's limits).
     pub count: Option<usize>,
     /// `_cursor` of a `next` link.
@@ -51,6 +56,12 @@ impl EverythingRequest {
         }
         if !self.types.is_empty() {
             parts.push(format!("_type={}", self.types.join(",")));
+        }
+        if let Some(end) = &self.end {
+            parts.push(format!("end={end}"));
+        }
+        if let Some(start) = &self.start {
+            parts.push(format!("start={start}"));
         }
         parts.join("&")
     }
@@ -118,6 +129,58 @@ fn split_key(key: &str) -> Option<(&str, &str)> {
 }
 
 impl Database {
+    /// Which of `keys` (the compartment's) are outside the care dates `start`..`end`: those of
+    /// types with a `date` search parameter that `date=ge<start>&date=le<end>` does not match
+    /// (FHIR date search: the record's date range overlaps the period). Records without a
+    /// clinical date (`date:missing=true`, or types without a `date` parameter) are kept.
+    fn outside_care_dates(
+        &self,
+        request: &EverythingRequest,
+        keys: &[String],
+    ) -> Result<HashSet<String>> {
+        let registry = self.registry()?;
+        let mut pairs = Vec::new();
+        if let Some(start) = &request.start {
+            pairs.push(("date".to_owned(), format!("ge{start}")));
+        }
+        if let Some(end) = &request.end {
+            pairs.push(("date".to_owned(), format!("le{end}")));
+        }
+        let dated: HashSet<&str> = keys
+            .iter()
+            .filter_map(|k| split_key(k).map(|(t, _)| t))
+            .filter(|t| registry.for_type(t).any(|p| p.code == "date"))
+            .collect();
+        let mut outside = HashSet::new();
+        for resource_type in dated {
+            let within = parse_search(
+                &registry,
+                vec![resource_type.to_owned()],
+                Some(("Patient".to_owned(), request.patient.clone())),
+                &pairs,
+                Handling::Strict,
+            )
+            .map_err(|_| Error::InvalidSearch("start and end must be FHIR dates".into()))?;
+            let mut within: HashSet<String> = self.matching_keys(&within)?.into_iter().collect();
+            // Records without a clinical date are not filtered out.
+            let undated = parse_search(
+                &registry,
+                vec![resource_type.to_owned()],
+                Some(("Patient".to_owned(), request.patient.clone())),
+                &[("date:missing".to_owned(), "true".to_owned())],
+                Handling::Strict,
+            )?;
+            within.extend(self.matching_keys(&undated)?);
+            outside.extend(
+                keys.iter()
+                    .filter(|k| split_key(k).is_some_and(|(t, _)| t == resource_type))
+                    .filter(|k| !within.contains(*k))
+                    .cloned(),
+            );
+        }
+        Ok(outside)
+    }
+
     /// Runs `$everything` for one patient. `allowed(type)` says which resource types the
     /// caller may see (types it may not are left out, not refused). A missing patient is
     /// `NotFound`, a deleted one `Gone`.
@@ -168,7 +231,11 @@ impl Database {
             &[],
             Handling::Strict,
         )?;
-        let compartment_keys = self.matching_keys(&compartment_request)?;
+        let mut compartment_keys = self.matching_keys(&compartment_request)?;
+        if request.start.is_some() || request.end.is_some() {
+            let outside = self.outside_care_dates(request, &compartment_keys)?;
+            compartment_keys.retain(|key| !outside.contains(key));
+        }
         let pairs: Vec<(&str, &str)> = compartment_keys
             .iter()
             .filter_map(|k| split_key(k))

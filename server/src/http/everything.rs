@@ -1,5 +1,6 @@
-//! `GET Patient/[id]/$everything` over HTTP: parses `_since`, `_type`, `_count` and
-//! `_cursor`, asks the token, and answers the query crate's result as a searchset Bundle.
+//! `GET Patient/[id]/$everything` over HTTP: parses `start`, `end`, `_since`, `_type`,
+//! `_count` and `_cursor`, asks the token, and answers the query crate's result as a
+//! searchset Bundle.
 //! Under SMART it needs read on Patient (and reach of this patient: a patient token only
 //! for its own) and leaves out every type the token may not search, and every resource the
 //! token's filters do not reach.
@@ -53,12 +54,13 @@ fn parse(
                 request.count = Some(count);
             }
             "_cursor" => request.cursor = Some(value.clone()),
+            "start" => request.start = Some(value.clone()),
+            "end" => request.end = Some(value.clone()),
             "_format" | "_pretty" => {}
-            // Clinical-date filtering is not implemented: refused, not silently ignored.
             _ if lenient => {}
             _ => {
                 return Err(ApiError::bad_request(
-                    "$everything takes only _since, _type, _count and _cursor here",
+                    "$everything takes only start, end, _since, _type, _count and _cursor",
                 ));
             }
         }

@@ -905,3 +905,59 @@ async fn patch_entries_need_update_on_their_type_not_on_binary() {
         true
     );
 }
+
+#[tokio::test]
+async fn everything_start_and_end_filter_clinical_dates() {
+    let h = harness(false);
+    for resource in [
+        patient("p1", "Chalmers"),
+        json!({"resourceType": "Practitioner", "id": "d1"}),
+        json!({"resourceType": "Practitioner", "id": "d2"}),
+        json!({"resourceType": "Observation", "id": "old", "status": "final",
+               "code": {"text": "x"}, "subject": {"reference": "Patient/p1"},
+               "effectiveDateTime": "2019-05-01", "performer": [{"reference": "Practitioner/d1"}]}),
+        json!({"resourceType": "Observation", "id": "new", "status": "final",
+               "code": {"text": "x"}, "subject": {"reference": "Patient/p1"},
+               "effectiveDateTime": "2020-06-01T10:00:00Z",
+               "performer": [{"reference": "Practitioner/d2"}]}),
+        json!({"resourceType": "Encounter", "id": "e1", "status": "finished",
+               "class": {"code": "AMB"}, "subject": {"reference": "Patient/p1"},
+               "period": {"start": "2018-01-01", "end": "2020-02-01"}}),
+        json!({"resourceType": "Flag", "id": "f1", "status": "active",
+               "code": {"text": "x"}, "subject": {"reference": "Patient/p1"}}),
+    ] {
+        h.put(resource);
+    }
+    let reply = h
+        .get(
+            "/Patient/p1/$everything?start=2020-01-01&end=2020-12-31",
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    // The encounter overlaps 2020; the 2019 observation (and the practitioner only it
+    // references) do not; a Flag has no clinical date and is kept.
+    assert_eq!(
+        reply.keys(),
+        [
+            "Encounter/e1",
+            "Flag/f1",
+            "Observation/new",
+            "Patient/p1",
+            "Practitioner/d2"
+        ]
+    );
+    let reply = h.get("/Patient/p1/$everything?end=2019-12-31", None).await;
+    assert_eq!(
+        reply.keys(),
+        [
+            "Encounter/e1",
+            "Flag/f1",
+            "Observation/old",
+            "Patient/p1",
+            "Practitioner/d1"
+        ]
+    );
+    let reply = h.get("/Patient/p1/$everything?start=yesterday", None).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+}
