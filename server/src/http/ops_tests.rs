@@ -781,17 +781,19 @@ async fn validate_reports_the_issues_of_a_resource() {
     assert_eq!(reply.body["issue"][0]["severity"], "information");
 
     let broken = json!({"resourceType": "Patient", "gender": "woman", "active": "yes",
-                        "hairColour": "red", "name": {"family": "X"}});
+                        "hairColour": "red", "name": {"family": "X"},
+                        "birthDate": "01/02/1970"});
     let found = issues(&h.validate("/Patient/$validate", &broken, None).await);
     for expected in [
         pair("code-invalid", "Patient.gender"),
         pair("value", "Patient.active"),
         pair("structure", "Patient.hairColour"),
         pair("structure", "Patient.name"),
+        pair("value", "Patient.birthDate"),
     ] {
         assert!(found.contains(&expected), "{expected:?} not in {found:?}");
     }
-    assert_eq!(found.len(), 4, "{found:?}");
+    assert_eq!(found.len(), 5, "{found:?}");
 
     let observation = json!({"resourceType": "Observation", "valueString": "x"});
     let found = issues(
@@ -810,7 +812,7 @@ async fn validate_reports_the_issues_of_a_resource() {
     let parameters = json!({"resourceType": "Parameters", "parameter": [
         {"name": "resource", "resource": broken}]});
     let found = issues(&h.validate("/Patient/$validate", &parameters, None).await);
-    assert_eq!(found.len(), 4, "{found:?}");
+    assert_eq!(found.len(), 5, "{found:?}");
     let search = h.get("/Patient", None).await;
     assert_eq!(search.body["total"], 0);
 }
