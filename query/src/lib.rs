@@ -35,14 +35,17 @@ mod compartment;
 mod database;
 pub mod directory;
 mod error;
+pub mod everything;
 pub mod extract;
 pub mod index;
 pub mod params;
+pub mod patch;
 pub mod registry;
 mod search;
 mod searchset;
 mod summary;
 mod terminology;
+pub mod validate;
 pub mod values;
 
 pub use compartment::patient_compartment;

@@ -8,16 +8,32 @@ use fhirkeep_query::{Database, Result};
 use serde_json::{Value, json};
 
 /// The type-level interactions of every resource type (see `routes` in `mod.rs`).
-const TYPE_INTERACTIONS: [&str; 8] = [
+const TYPE_INTERACTIONS: [&str; 9] = [
     "read",
     "vread",
     "update",
+    "patch",
     "delete",
     "history-instance",
     "history-type",
     "create",
     "search-type",
 ];
+
+/// The operations `resource_type` supports (see `everything.rs` and `validate.rs`).
+fn operations(resource_type: &str) -> Vec<Value> {
+    let mut operations = vec![json!({
+        "name": "validate",
+        "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+    })];
+    if resource_type == "Patient" {
+        operations.push(json!({
+            "name": "everything",
+            "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+        }));
+    }
+    operations
+}
 
 /// The whole-system interactions.
 const SYSTEM_INTERACTIONS: [&str; 4] = ["transaction", "batch", "search-system", "history-system"];
@@ -130,7 +146,7 @@ pub(crate) fn statement(db: &Database, base: &str, smart: Option<&OAuthUris>) ->
                     "searchParam": [{"name": "date", "type": "date"}],
                 });
             }
-            json!({
+            let mut resource = json!({
                 "type": resource_type,
                 "profile": format!("http://hl7.org/fhir/StructureDefinition/{resource_type}"),
                 "interaction": interactions,
@@ -142,7 +158,9 @@ pub(crate) fn statement(db: &Database, base: &str, smart: Option<&OAuthUris>) ->
                 "conditionalUpdate": true,
                 "conditionalDelete": "single",
                 "searchParam": params.into_iter().map(|(_, p)| p).collect::<Vec<_>>(),
-            })
+            });
+            resource["operation"] = Value::Array(operations(resource_type));
+            resource
         })
         .collect();
     Ok(json!({
@@ -155,6 +173,7 @@ pub(crate) fn statement(db: &Database, base: &str, smart: Option<&OAuthUris>) ->
         "implementation": {"description": "fhirkeep FHIR R4 server", "url": base},
         "fhirVersion": "4.0.1",
         "format": ["json", "application/fhir+json"],
+        "patchFormat": ["application/json-patch+json"],
         "rest": [{
             "mode": "server",
             "security": security(smart),

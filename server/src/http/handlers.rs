@@ -29,8 +29,8 @@ use super::envelope::{RequestInfo, is_json_type};
 use super::response::{ApiError, FhirResponse, outcome};
 use super::scopes::Letter;
 
-type Info = Extension<Arc<RequestInfo>>;
-type HandlerResult = Result<FhirResponse, ApiError>;
+pub(super) type Info = Extension<Arc<RequestInfo>>;
+pub(super) type HandlerResult = Result<FhirResponse, ApiError>;
 
 /// `_count` of a history page when the client gives none.
 const DEFAULT_HISTORY_COUNT: usize = 100;
@@ -39,7 +39,7 @@ static IF_NONE_EXIST: HeaderName = HeaderName::from_static("if-none-exist");
 static PREFER: HeaderName = HeaderName::from_static("prefer");
 
 /// Runs blocking database work off the async threads. A panic in it becomes a 500.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(work).await.map_err(|_| {
@@ -51,12 +51,12 @@ async fn blocking<T: Send + 'static>(
 /// Whether the engine recorded a failed write in the audit log: errors of the engine come
 /// from inside the store (which audits its refusals); the query layer's own refusals (a bad
 /// condition, several matches) happen before it.
-fn audited_by_engine(error: &Error) -> bool {
+pub(super) fn audited_by_engine(error: &Error) -> bool {
     matches!(error, Error::Engine(_))
 }
 
 /// A 400 through the query layer's mapping (an invalid resource or body).
-fn invalid(message: &str) -> ApiError {
+pub(super) fn invalid(message: &str) -> ApiError {
     ApiError::query(
         &Error::Engine(fhirkeep_engine::Error::InvalidResource(message.into())),
         false,
@@ -65,7 +65,7 @@ fn invalid(message: &str) -> ApiError {
 
 /// 404 for a URL whose type is not an R4 resource type. The type is not echoed: the
 /// segment could be anything a client put there.
-fn check_type(resource_type: &str) -> Result<(), ApiError> {
+pub(super) fn check_type(resource_type: &str) -> Result<(), ApiError> {
     if is_resource_type(resource_type) {
         Ok(())
     } else {
@@ -89,7 +89,7 @@ fn prefer(headers: &HeaderMap, key: &str) -> Option<String> {
         .map(|(_, value)| value.trim().trim_matches('"').to_ascii_lowercase())
 }
 
-fn handling(headers: &HeaderMap) -> Handling {
+pub(super) fn handling(headers: &HeaderMap) -> Handling {
     match prefer(headers, "handling").as_deref() {
         Some("lenient") => Handling::Lenient,
         _ => Handling::Strict,
@@ -113,7 +113,7 @@ fn prefer_return(headers: &HeaderMap) -> Return {
 }
 
 /// The version an `If-Match` header requires, if any (400 if it is not a version ETag).
-fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+pub(super) fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     match headers.get(IF_MATCH) {
         None => Ok(None),
         Some(value) => value
@@ -152,7 +152,7 @@ fn not_modified(headers: &HeaderMap, stored: &StoredResource) -> bool {
 }
 
 /// 415 unless the request's Content-Type satisfies `accept`.
-fn require_content_type(
+pub(super) fn require_content_type(
     headers: &HeaderMap,
     accept: impl Fn(&str) -> bool,
     expected: &str,
@@ -173,7 +173,7 @@ fn require_content_type(
 }
 
 /// The body as a JSON object (415 for another content type, 400 for bad JSON).
-fn json_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
+pub(super) fn json_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     require_content_type(headers, is_json_type, "application/fhir+json")?;
     let value: Value =
         serde_json::from_slice(body).map_err(|_| invalid("the body is not valid JSON"))?;
@@ -218,7 +218,7 @@ fn with_version(response: FhirResponse, stored: &StoredResource) -> FhirResponse
 
 /// The answer to a create or update: `Location`, `Content-Location`, the version headers,
 /// and the body `Prefer: return=` asks for.
-fn written(
+pub(super) fn written(
     state: &AppState,
     headers: &HeaderMap,
     status: StatusCode,
@@ -661,7 +661,7 @@ struct HistoryParams {
 }
 
 /// `_since` and `_at`: a FHIR instant, or a date (its midnight, UTC).
-fn parse_instant(name: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
+pub(super) fn parse_instant(name: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
     if let Ok(instant) = DateTime::parse_from_rfc3339(value) {
         return Ok(instant.with_timezone(&Utc));
     }
@@ -900,10 +900,11 @@ pub(crate) async fn bundle(
         return Err(super::audit_view::audit_event_not_writable());
     }
     // Every entry is checked before anything is applied.
-    access::check_bundle(&info.grant, &bundle)?;
+    access::check_bundle(&info.grant, &super::patch::for_bundle_check(&bundle))?;
     let db = state.db();
     let base = state.base().to_owned();
-    let response = blocking(move || db.process_bundle(&info.ctx, &bundle, &base))
+    // PATCH entries become version-guarded updates.
+    let response = blocking(move || db.process_bundle_with_patches(&info.ctx, &bundle, &base))
         .await?
         .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))?;
     Ok(FhirResponse::ok(response))

@@ -12,6 +12,7 @@ pub(crate) mod auth;
 mod auth_tests;
 mod capability;
 mod envelope;
+mod everything;
 mod export;
 #[cfg(test)]
 mod export_tests;
@@ -21,11 +22,15 @@ pub(crate) mod hardening;
 mod hardening_tests;
 mod limits;
 pub(crate) use limits::RateLimiter;
+#[cfg(test)]
+mod ops_tests;
+mod patch;
 mod response;
 mod scopes;
 #[cfg(test)]
 mod tests;
 pub(crate) mod tls;
+mod validate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -204,16 +209,23 @@ fn routes() -> Router<AppState> {
             get(h::search_type)
                 .post(h::create)
                 .put(h::conditional_update)
-                .delete(h::conditional_delete),
+                .delete(h::conditional_delete)
+                .patch(patch::conditional_patch),
         )
         .route("/{type}/_search", post(h::search_type_post))
+        .route("/{type}/$validate", post(validate::validate_type))
+        .route("/{type}/{id}/$validate", post(validate::validate_instance))
         .route("/{type}/_history", get(h::history_type))
         .route(
             "/{type}/{id}",
-            get(h::read).put(h::update).delete(h::delete),
+            get(h::read)
+                .put(h::update)
+                .delete(h::delete)
+                .patch(patch::patch),
         )
         .route("/{type}/{id}/_history", get(h::history_instance))
         .route("/{type}/{id}/_history/{vid}", get(h::vread))
+        .route("/Patient/{id}/$everything", get(everything::everything))
         .route(
             "/{type}/{id}/{compartment_type}",
             get(h::search_compartment),

@@ -754,7 +754,10 @@ async fn unknown_types_routes_and_ids_are_not_found() {
 #[tokio::test]
 async fn unsupported_methods_are_not_allowed() {
     let h = harness();
-    let patch = h.call(Method::PATCH, "/Patient/1", Some(json!([]))).await;
+    // PATCH is an interaction of resources (and of type conditions), not of histories.
+    let patch = h
+        .call(Method::PATCH, "/Patient/1/_history", Some(json!([])))
+        .await;
     assert_eq!(patch.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(patch.issue_code(), "not-supported");
     assert_security_headers(&patch);
