@@ -35,6 +35,41 @@ struct Cli {
     command: Command,
 }
 
+/// The settings of `fhirkeep serve` (boxed in [`Command`]: by far its largest variant).
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Address to listen on (loopback only with `--auth none`); port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    #[command(flatten)]
+    auth: AuthArgs,
+    /// The URL clients reach the server at (for Location headers and Bundle links); the
+    /// API is served at its path (http://HOST/fhir serves /fhir/metadata). Default:
+    /// http://ADDR.
+    #[arg(long, value_name = "URL")]
+    base_url: Option<String>,
+    /// Largest request body in bytes (larger ones are answered 413).
+    #[arg(long, value_name = "BYTES", default_value_t = http::DEFAULT_BODY_LIMIT)]
+    max_body_bytes: usize,
+    /// Load the official R4 examples first if the database is empty (default archive:
+    /// the one shipped in testdata/).
+    #[arg(
+        long,
+        value_name = "TGZ",
+        num_args = 0..=1,
+        default_missing_value = "testdata/r4/hl7.fhir.r4.examples-4.0.1.tgz"
+    )]
+    load_samples: Option<PathBuf>,
+    #[command(flatten)]
+    hardening: serve_config::HardeningArgs,
+    /// How long Bulk Data `$export` jobs and their (encrypted) files are kept: e.g. 90s,
+    /// 15m, 1h.
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
+    export_ttl: String,
+}
+
 /// Key file used when none is named and no passphrase is set (the embedded default).
 const DEFAULT_KEY_FILE: &str = "fhirkeep.keyfile";
 
@@ -126,38 +161,7 @@ enum Command {
     /// address only. With `--auth smart` every request but /metadata and
     /// /.well-known/smart-configuration needs a SMART on FHIR bearer token (a JWT signed by a
     /// key of `--jwks` or minted by `fhirkeep token`), and any address may be used.
-    Serve {
-        #[command(flatten)]
-        db: DbArgs,
-        /// Address to listen on (loopback only with `--auth none`); port 0 picks a free port.
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
-        listen: std::net::SocketAddr,
-        #[command(flatten)]
-        auth: AuthArgs,
-        /// The URL clients reach the server at (for Location headers and Bundle links); the
-        /// API is served at its path (http://HOST/fhir serves /fhir/metadata). Default:
-        /// http://ADDR.
-        #[arg(long, value_name = "URL")]
-        base_url: Option<String>,
-        /// Largest request body in bytes (larger ones are answered 413).
-        #[arg(long, value_name = "BYTES", default_value_t = http::DEFAULT_BODY_LIMIT)]
-        max_body_bytes: usize,
-        /// Load the official R4 examples first if the database is empty (default archive:
-        /// the one shipped in testdata/).
-        #[arg(
-            long,
-            value_name = "TGZ",
-            num_args = 0..=1,
-            default_missing_value = "testdata/r4/hl7.fhir.r4.examples-4.0.1.tgz"
-        )]
-        load_samples: Option<PathBuf>,
-        #[command(flatten)]
-        hardening: serve_config::HardeningArgs,
-        /// How long Bulk Data `$export` jobs and their (encrypted) files are kept: e.g. 90s,
-        /// 15m, 1h.
-        #[arg(long, value_name = "DURATION", default_value = "1h")]
-        export_ttl: String,
-    },
+    Serve(Box<ServeArgs>),
     /// Mint a SMART on FHIR access token signed by the server's own issuer key.
     ///
     /// The key is derived from the database key (nothing is stored), so only someone holding
@@ -259,6 +263,13 @@ enum Command {
     },
     /// Decrypt and authenticate every page, check redb's integrity and verify the audit log.
     Check {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Give the space of free pages back: rewrite the store file and the auxiliary files
+    /// (search index, exports) with their live pages only. Files never shrink on their own,
+    /// and a bulk load leaves the index with many free pages. Run it with the server stopped.
+    Compact {
         #[command(flatten)]
         db: DbArgs,
     },
@@ -401,39 +412,21 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<ExitCode> {
         Command::Init { db } => init(&db),
         Command::Gen(args) => r#gen::run(&args),
         Command::Demo { db, samples } => demo(&db, &samples),
-        Command::Serve {
-            mut db,
-            mut listen,
-            mut auth,
-            mut base_url,
-            mut max_body_bytes,
-            load_samples,
-            mut hardening,
-            export_ttl,
-        } => {
+        Command::Serve(mut args) => {
             if let Some(serve_matches) = matches.subcommand_matches("serve") {
                 serve_config::apply_config_file(
                     serve_config::ServeSettings {
-                        db: &mut db,
-                        listen: &mut listen,
-                        auth: &mut auth,
-                        base_url: &mut base_url,
-                        max_body_bytes: &mut max_body_bytes,
-                        hardening: &mut hardening,
+                        db: &mut args.db,
+                        listen: &mut args.listen,
+                        auth: &mut args.auth,
+                        base_url: &mut args.base_url,
+                        max_body_bytes: &mut args.max_body_bytes,
+                        hardening: &mut args.hardening,
                     },
                     serve_matches,
                 )?;
             }
-            serve(
-                &db,
-                listen,
-                &auth,
-                base_url,
-                max_body_bytes,
-                load_samples.as_deref(),
-                &hardening,
-                &export_ttl,
-            )
+            serve(&args)
         }
         Command::Token {
             db,
@@ -522,6 +515,16 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { db } => check(&db),
+        Command::Compact { db } => {
+            let mut store = db.open()?;
+            let report = store.compact(&ctx("compact"))?;
+            for (file, before, after) in &report.files {
+                println!("{file}: {before} -> {after} bytes");
+            }
+            let (before, after) = report.totals();
+            println!("total: {before} -> {after} bytes");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit { command } => audit(command),
         Command::Copy {
             db,
@@ -631,16 +634,17 @@ fn auth_mode(auth: &AuthArgs) -> Result<http::AuthMode> {
     }))
 }
 
-fn serve(
-    db: &DbArgs,
-    listen: std::net::SocketAddr,
-    auth: &AuthArgs,
-    base_url: Option<String>,
-    max_body_bytes: usize,
-    load_samples: Option<&Path>,
-    hardening: &serve_config::HardeningArgs,
-    export_ttl: &str,
-) -> Result<ExitCode> {
+fn serve(args: &ServeArgs) -> Result<ExitCode> {
+    let ServeArgs {
+        db,
+        auth,
+        hardening,
+        ..
+    } = args;
+    let (listen, max_body_bytes) = (args.listen, args.max_body_bytes);
+    let base_url = args.base_url.clone();
+    let load_samples = args.load_samples.as_deref();
+    let export_ttl = args.export_ttl.as_str();
     // Checked before anything is created: a refused start leaves no trace on disk.
     if auth.auth == AuthKind::None && !http::is_loopback(&listen) {
         bail!(

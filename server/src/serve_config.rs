@@ -246,7 +246,10 @@ mod tests {
                 .chain(args.iter().copied()),
         )?;
         let cli = Cli::from_arg_matches(&matches)?;
-        let Command::Serve {
+        let Command::Serve(serve_args) = cli.command else {
+            bail!("not serve");
+        };
+        let crate::ServeArgs {
             mut db,
             mut listen,
             mut auth,
@@ -254,10 +257,7 @@ mod tests {
             mut max_body_bytes,
             mut hardening,
             ..
-        } = cli.command
-        else {
-            bail!("not serve");
-        };
+        } = *serve_args;
         let serve = matches
             .subcommand_matches("serve")
             .context("serve matches")?;

@@ -55,13 +55,13 @@ fn check_aux_name(name: &str) -> Result<()> {
     }
 }
 
-fn aux_path(dir: &Path, name: &str) -> PathBuf {
+pub(super) fn aux_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.{AUX_EXTENSION}"))
 }
 
 /// Names of the auxiliary files present in `dir`, sorted. Files whose names are not valid
 /// auxiliary names (including the store's own file) are not auxiliary files.
-fn aux_names(dir: &Path) -> Result<Vec<String>> {
+pub(super) fn aux_names(dir: &Path) -> Result<Vec<String>> {
     let main_stem = DATABASE_FILE.strip_suffix(".redb").unwrap_or(DATABASE_FILE);
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir)? {

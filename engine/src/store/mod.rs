@@ -9,6 +9,7 @@
 //! later. A crash can lose the read leaves of that window, never a write's leaf.
 
 mod auxiliary;
+mod compact;
 mod copy;
 mod feed;
 mod history;
@@ -36,6 +37,7 @@ use crate::resource::{check_id, check_resource_type};
 use crate::{Error, Result};
 
 pub use auxiliary::AuxFileReport;
+pub use compact::{COMPACT_ACTION, CompactReport};
 pub use feed::ChangePage;
 pub use history::{HistoryPage, HistoryQuery};
 pub use record::VersionKind;
@@ -325,13 +327,7 @@ impl StoreBuilder {
             counters: CounterGuard(keyring),
         });
         inner.initialize()?;
-        // Refused writes are always buffered (their transaction may still be open), so the
-        // flusher runs in both read-audit modes.
-        let max_delay = match self.read_audit {
-            ReadAudit::GroupCommit { max_delay } => max_delay,
-            ReadAudit::Durable => Duration::from_millis(200),
-        };
-        let flusher = Some(Flusher::start(&inner, max_delay));
+        let flusher = Some(Flusher::start(&inner, flush_delay(self.read_audit)));
         Ok(Store { inner, flusher })
     }
 }
@@ -694,6 +690,10 @@ impl Store {
         })
     }
 
+    fn flush_delay(&self) -> Duration {
+        flush_delay(self.inner.read_audit)
+    }
+
     fn check_redb_integrity(&mut self) -> Result<bool> {
         if let Some(flusher) = self.flusher.take() {
             flusher.stop();
@@ -974,6 +974,15 @@ impl Inner {
         }
         let txn = self.begin_write_txn()?;
         self.commit_audited(txn, Vec::new()).map(drop)
+    }
+}
+
+/// How often the flusher commits buffered leaves. Refused writes are always buffered (their
+/// transaction may still be open), so the flusher runs in both read-audit modes.
+fn flush_delay(read_audit: ReadAudit) -> Duration {
+    match read_audit {
+        ReadAudit::GroupCommit { max_delay } => max_delay,
+        ReadAudit::Durable => Duration::from_millis(200),
     }
 }
 

@@ -64,3 +64,12 @@ impl From<redb::SetDurabilityError> for Error {
         Error::Storage(error.to_string())
     }
 }
+
+impl From<redb::CompactionError> for Error {
+    fn from(error: redb::CompactionError) -> Self {
+        match error {
+            redb::CompactionError::Storage(storage) => from_storage(storage),
+            other => Error::Storage(other.to_string()),
+        }
+    }
+}

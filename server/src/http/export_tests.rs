@@ -105,6 +105,7 @@ fn harness(smart: bool) -> Harness {
             max_body_bytes: super::DEFAULT_BODY_LIMIT,
             auth,
             deny_status: StatusCode::NOT_FOUND,
+            hardening: Default::default(),
         },
     );
     Harness {
@@ -772,6 +773,7 @@ async fn finished_jobs_survive_a_restart_until_they_expire() {
             max_body_bytes: super::DEFAULT_BODY_LIMIT,
             auth: AuthMode::None,
             deny_status: StatusCode::NOT_FOUND,
+            hardening: Default::default(),
         },
     );
     let h = Harness {

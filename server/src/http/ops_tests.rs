@@ -99,6 +99,7 @@ fn harness(smart: bool) -> Harness {
             max_body_bytes: super::DEFAULT_BODY_LIMIT,
             auth,
             deny_status: StatusCode::NOT_FOUND,
+            hardening: Default::default(),
         },
     );
     Harness {
