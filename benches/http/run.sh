@@ -54,8 +54,10 @@ with open(sys.argv[1]) as lines, open(sys.argv[2], "w") as out:
 echo "read targets: $(wc -l < "$work/ids.txt") Observation ids"
 
 echo "== server"
-# Per-request log lines at warn only: the figures are the server's, not the terminal's.
+# Per-request log lines at warn only: the figures are the server's, not the terminal's. The
+# per-client rate limit is off: every request of the load generator comes from one address.
 RUST_LOG=warn "$bin" serve --db "$work/db" --key-file "$work/key" --listen 127.0.0.1:0 \
+    --rate-limit 0 \
     > "$work/serve.out" 2> "$work/serve.err" &
 server_pid=$!
 base=""
