@@ -5,82 +5,20 @@
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
-use std::time::Duration;
 
 use serde_json::{Value, json};
 use tempfile::TempDir;
+
+use common::{Server, agent};
 
 const THREADS: usize = 8;
 const ROUNDS: usize = 12;
 /// The extension each update sets, naming the thread and round that wrote the version.
 const WRITER_URL: &str = "http://fhirkeep.test/StructureDefinition/writer";
-
-/// A running server, killed when the test ends.
-struct Server {
-    child: Child,
-    base: String,
-    stderr_file: std::path::PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    /// Starts `fhirkeep serve` on a free loopback port with a fresh database in `cwd`; the
-    /// port is read from the "serving ... on http://ADDR" line on stdout.
-    // The child is waited for by `Drop`, which clippy cannot see.
-    #[allow(clippy::zombie_processes)]
-    fn start(cwd: &Path) -> Server {
-        let stderr_file = cwd.join("serve.stderr");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fhirkeep"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--db"])
-            .arg(cwd.join("db"))
-            .current_dir(cwd)
-            .env_remove("FHIRKEEP_PASSPHRASE")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr_file).unwrap())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if stdout.read_line(&mut line).unwrap() == 0 {
-                let _ = child.wait();
-                panic!(
-                    "the server exited before serving:\n{}",
-                    std::fs::read_to_string(&stderr_file).unwrap()
-                );
-            }
-            if let Some((_, rest)) = line.split_once(" on http://") {
-                let address = rest.split_whitespace().next().unwrap();
-                return Server {
-                    child,
-                    base: format!("http://{address}"),
-                    stderr_file,
-                };
-            }
-        }
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into()
-}
 
 /// Status, ETag and JSON body of a response.
 fn parts(mut response: ureq::http::Response<ureq::Body>) -> (u16, Option<String>, Value) {
@@ -191,7 +129,11 @@ fn history(base: &str, id: &str) -> Vec<Value> {
 #[test]
 fn concurrent_if_match_updates_lose_nothing_and_number_versions_without_gaps() {
     let dir = TempDir::new().unwrap();
-    let server = Server::start(dir.path());
+    let db = dir.path().join("db");
+    let server = Server::start(
+        dir.path(),
+        &["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()],
+    );
     let (status, _, created) = parts(
         agent()
             .post(format!("{}/Patient", server.base))

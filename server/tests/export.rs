@@ -4,75 +4,17 @@
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
-use std::io::{BufRead as _, BufReader};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
+use common::{Server, agent};
+
 const CANARY: &str = "Bulk-Canary-0e3b-Gnu";
-
-/// A running server, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-    stderr_file: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    // The child is waited for by `Drop`, which clippy cannot see.
-    #[allow(clippy::zombie_processes)]
-    fn start(cwd: &Path, args: &[&str]) -> Server {
-        let stderr_file = cwd.join("serve.stderr");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fhirkeep"))
-            .arg("serve")
-            .args(args)
-            .current_dir(cwd)
-            .env_remove("FHIRKEEP_PASSPHRASE")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr_file).unwrap())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if stdout.read_line(&mut line).unwrap() == 0 {
-                let _ = child.wait();
-                panic!(
-                    "the server exited before serving:\n{}",
-                    std::fs::read_to_string(&stderr_file).unwrap()
-                );
-            }
-            if let Some((_, rest)) = line.split_once(" on http://") {
-                let address = rest.split_whitespace().next().unwrap();
-                return Server {
-                    child,
-                    base: format!("http://{address}"),
-                    stderr_file,
-                };
-            }
-        }
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
-}
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();

@@ -4,89 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
-use std::io::{BufRead as _, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
 use tempfile::TempDir;
 
-/// A running server, killed if the test ends before stopping it.
-struct Server {
-    child: Child,
-    base: String,
-    stderr_file: std::path::PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    /// Starts `fhirkeep serve ARGS` in `cwd` and waits for its "serving" line.
-    // The child is waited for by `Drop`, which clippy cannot see.
-    #[allow(clippy::zombie_processes)]
-    fn start(cwd: &Path, args: &[&str]) -> Server {
-        let stderr_file = cwd.join("serve.stderr");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fhirkeep"))
-            .arg("serve")
-            .args(args)
-            .current_dir(cwd)
-            .env_remove("FHIRKEEP_PASSPHRASE")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr_file).unwrap())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if stdout.read_line(&mut line).unwrap() == 0 {
-                let _ = child.wait();
-                panic!(
-                    "the server exited before serving:\n{}",
-                    std::fs::read_to_string(&stderr_file).unwrap()
-                );
-            }
-            if let Some((_, rest)) = line.split_once(" on http://") {
-                let address = rest.split_whitespace().next().unwrap();
-                return Server {
-                    child,
-                    base: format!("http://{address}"),
-                    stderr_file,
-                };
-            }
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_file).unwrap()
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
-}
-
-fn body_of(mut response: ureq::http::Response<ureq::Body>) -> (u16, Value) {
-    let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string().unwrap();
-    let value = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap()
-    };
-    (status, value)
-}
+use common::{Server, agent, body_of};
 
 #[test]
 fn serve_answers_create_read_and_search_over_http_and_stops_on_sigterm() {

@@ -4,71 +4,19 @@
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+mod common;
+
+use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use tempfile::TempDir;
 
-/// A running server, killed when the test ends.
-struct Server {
-    child: Child,
-    address: String,
-    stderr_file: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    /// Starts `fhirkeep serve ARGS` in `cwd` and waits for its "serving ... on SCHEME://"
-    /// line; `scheme` must be the one announced.
-    #[allow(clippy::zombie_processes)]
-    fn start(cwd: &Path, scheme: &str, args: &[&str]) -> Server {
-        let stderr_file = cwd.join("serve.stderr");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fhirkeep"))
-            .arg("serve")
-            .args(args)
-            .current_dir(cwd)
-            .env_remove("FHIRKEEP_PASSPHRASE")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr_file).unwrap())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if stdout.read_line(&mut line).unwrap() == 0 {
-                let _ = child.wait();
-                panic!(
-                    "the server exited before serving:\n{}",
-                    std::fs::read_to_string(&stderr_file).unwrap()
-                );
-            }
-            if let Some((_, rest)) = line.split_once(&format!(" on {scheme}://")) {
-                let address = rest.split_whitespace().next().unwrap().to_owned();
-                return Server {
-                    child,
-                    address,
-                    stderr_file,
-                };
-            }
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_file).unwrap()
-    }
-}
+use common::Server;
 
 /// Runs `fhirkeep serve ARGS` expecting it to refuse to start: its stderr.
 fn refused(cwd: &Path, args: &[&str]) -> String {
@@ -141,7 +89,7 @@ fn https_get(
 fn serve_over_tls_13_with_hsts_and_refuses_tls_12_unless_allowed() {
     let dir = TempDir::new().unwrap();
     let cert = self_signed(dir.path());
-    let server = Server::start(
+    let server = Server::start_with(
         dir.path(),
         "https",
         &[
@@ -190,7 +138,7 @@ fn serve_over_tls_13_with_hsts_and_refuses_tls_12_unless_allowed() {
     drop(server);
 
     // With --tls12 the same client gets in.
-    let server = Server::start(
+    let server = Server::start_with(
         dir.path(),
         "https",
         &[
@@ -287,7 +235,7 @@ fn serve_reads_a_config_file_under_the_command_line() {
     )
     .unwrap();
     // The file turns TLS on; the command line's --db wins over the file's.
-    let server = Server::start(
+    let server = Server::start_with(
         dir.path(),
         "https",
         &["--config", "serve.toml", "--db", "db-from-flag"],
@@ -320,7 +268,7 @@ fn serve_reads_a_config_file_under_the_command_line() {
 #[test]
 fn serve_warns_when_tokens_would_travel_in_clear_text() {
     let dir = TempDir::new().unwrap();
-    let server = Server::start(
+    let server = Server::start_with(
         dir.path(),
         "http",
         &["--db", "db", "--listen", "0.0.0.0:0", "--auth", "smart"],
@@ -331,7 +279,7 @@ fn serve_warns_when_tokens_would_travel_in_clear_text() {
     drop(server);
     // On loopback, or with TLS, no warning.
     self_signed(dir.path());
-    let server = Server::start(
+    let server = Server::start_with(
         dir.path(),
         "https",
         &[
@@ -353,7 +301,7 @@ fn serve_warns_when_tokens_would_travel_in_clear_text() {
         server.stderr()
     );
     drop(server);
-    let server = Server::start(
+    let server = Server::start_with(
         dir.path(),
         "http",
         &["--db", "db", "--listen", "127.0.0.1:0", "--auth", "smart"],
