@@ -9,7 +9,6 @@ use axum::body::Body;
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::{Method, Request, StatusCode};
 use fhirkeep_engine::audit::{AuditOutcome, AuditRecord};
-use fhirkeep_engine::crypto::{KeySource, create_key_file};
 use fhirkeep_engine::store::AccessContext;
 use fhirkeep_query::Database;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -37,8 +36,8 @@ struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            deny_status: StatusCode::NOT_FOUND,
             require_mfa: false,
+            deny_status: StatusCode::NOT_FOUND,
             issuer: None,
         }
     }
@@ -91,12 +90,7 @@ impl Reply {
 
 fn harness_with(options: Options) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    create_key_file(&key).unwrap();
-    let db = Database::builder(dir.path().join("db"))
-        .key(KeySource::KeyFile(key))
-        .create()
-        .unwrap();
+    let db = super::test_support::new_database(dir.path());
     seed(&db);
     let (jwks, skipped) = trusted_keys(&serde_json::from_str(JWKS).unwrap());
     assert_eq!((jwks.len(), skipped), (2, 0));
@@ -115,7 +109,7 @@ fn harness_with(options: Options) -> Harness {
                 },
             }),
             deny_status: options.deny_status,
-            hardening: Default::default(),
+            ..ServerConfig::for_tests()
         },
     );
     Harness {

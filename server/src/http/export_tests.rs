@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::http::header::{AUTHORIZATION, CONTENT_LOCATION, CONTENT_TYPE};
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use fhirkeep_engine::audit::{ConsistencyProof, InclusionProof, SignedTreeHead};
-use fhirkeep_engine::crypto::{KeySource, create_key_file};
+use fhirkeep_engine::crypto::KeySource;
 use fhirkeep_engine::store::AccessContext;
 use fhirkeep_query::Database;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -75,12 +75,7 @@ fn resources() -> Vec<Value> {
 
 fn harness(smart: bool) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    create_key_file(&key).unwrap();
-    let db = Database::builder(dir.path().join("db"))
-        .key(KeySource::KeyFile(key))
-        .create()
-        .unwrap();
+    let db = super::test_support::new_database(dir.path());
     let ctx = AccessContext::local("seed");
     for resource in resources() {
         let t = resource["resourceType"].as_str().unwrap().to_owned();
@@ -104,8 +99,7 @@ fn harness(smart: bool) -> Harness {
             base_url: format!("{BASE}/"),
             max_body_bytes: super::DEFAULT_BODY_LIMIT,
             auth,
-            deny_status: StatusCode::NOT_FOUND,
-            hardening: Default::default(),
+            ..ServerConfig::for_tests()
         },
     );
     Harness {
@@ -772,8 +766,7 @@ async fn finished_jobs_survive_a_restart_until_they_expire() {
             base_url: format!("{BASE}/"),
             max_body_bytes: super::DEFAULT_BODY_LIMIT,
             auth: AuthMode::None,
-            deny_status: StatusCode::NOT_FOUND,
-            hardening: Default::default(),
+            ..ServerConfig::for_tests()
         },
     );
     let h = Harness {

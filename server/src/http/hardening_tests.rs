@@ -59,8 +59,8 @@ fn harness_with(hardening: Hardening, smart: bool, limits: SearchLimits) -> Harn
             base_url: BASE.to_owned(),
             max_body_bytes: super::DEFAULT_BODY_LIMIT,
             auth,
-            deny_status: StatusCode::NOT_FOUND,
             hardening,
+            ..ServerConfig::for_tests()
         },
     );
     Harness {
@@ -298,20 +298,14 @@ async fn json_nesting_deeper_than_the_limit_is_a_400() {
 #[tokio::test]
 async fn a_chunked_json_body_over_the_size_limit_is_a_413() {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    create_key_file(&key).unwrap();
-    let db = Database::builder(dir.path().join("db"))
-        .key(KeySource::KeyFile(key))
-        .create()
-        .unwrap();
+    let db = super::test_support::new_database(dir.path());
     let state = AppState::new(
         db,
         ServerConfig {
             base_url: BASE.to_owned(),
             max_body_bytes: 100,
             auth: AuthMode::None,
-            deny_status: StatusCode::NOT_FOUND,
-            hardening: Hardening::default(),
+            ..ServerConfig::for_tests()
         },
     );
     let body = nested_patient(3).to_string() + &" ".repeat(200);

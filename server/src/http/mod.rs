@@ -28,6 +28,8 @@ mod patch;
 mod response;
 mod scopes;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 pub(crate) mod tls;
 mod validate;

@@ -9,9 +9,7 @@ use axum::body::Body;
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, ETAG, IF_MATCH, LAST_MODIFIED};
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use base64::Engine as _;
-use fhirkeep_engine::crypto::{KeySource, create_key_file};
 use fhirkeep_engine::store::AccessContext;
-use fhirkeep_query::Database;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tower::ServiceExt as _;
@@ -76,12 +74,7 @@ impl Reply {
 
 fn harness(smart: bool) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    create_key_file(&key).unwrap();
-    let db = Database::builder(dir.path().join("db"))
-        .key(KeySource::KeyFile(key))
-        .create()
-        .unwrap();
+    let db = super::test_support::new_database(dir.path());
     let auth = if smart {
         AuthMode::Smart(SmartSettings {
             jwks: Vec::new(),
@@ -98,8 +91,7 @@ fn harness(smart: bool) -> Harness {
             base_url: format!("{BASE}/"),
             max_body_bytes: super::DEFAULT_BODY_LIMIT,
             auth,
-            deny_status: StatusCode::NOT_FOUND,
-            hardening: Default::default(),
+            ..ServerConfig::for_tests()
         },
     );
     Harness {

@@ -15,8 +15,6 @@ use axum::http::header::{
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::routing::get;
 use fhirkeep_engine::audit::{AuditAction, AuditOutcome};
-use fhirkeep_engine::crypto::{KeySource, create_key_file};
-use fhirkeep_query::Database;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tower::ServiceExt as _;
@@ -37,20 +35,14 @@ fn harness_with_limit(max_body_bytes: usize) -> Harness {
 
 fn harness_at(base_url: &str, max_body_bytes: usize) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    create_key_file(&key).unwrap();
-    let db = Database::builder(dir.path().join("db"))
-        .key(KeySource::KeyFile(key))
-        .create()
-        .unwrap();
+    let db = super::test_support::new_database(dir.path());
     let state = AppState::new(
         db,
         ServerConfig {
             base_url: base_url.to_owned(),
             max_body_bytes,
             auth: super::AuthMode::None,
-            deny_status: StatusCode::NOT_FOUND,
-            hardening: Default::default(),
+            ..ServerConfig::for_tests()
         },
     );
     Harness {
