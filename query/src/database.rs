@@ -395,14 +395,14 @@ impl Database {
         condition: &str,
     ) -> Result<ConditionalOutcome> {
         let resource_type = resource_type_of(&resource)?;
-        let _guard = self.lock_writes()?;
+        let guard = self.lock_writes()?;
         match self
             .condition_matches(&resource_type, condition)?
             .as_slice()
         {
             [] => {
                 let (created, seq) = self.commit_locked(ctx, |txn| Ok(txn.create(resource)?))?;
-                drop(_guard);
+                drop(guard);
                 self.wait_indexed(seq)?;
                 Ok(ConditionalOutcome::Created(created))
             }
@@ -437,7 +437,7 @@ impl Database {
             ));
         }
         let body_id = resource.get("id").and_then(Value::as_str).map(String::from);
-        let _guard = self.lock_writes()?;
+        let guard = self.lock_writes()?;
         let id = match self.condition_matches(resource_type, condition)?.as_slice() {
             [] => body_id.unwrap_or_else(fhirkeep_engine::resource::new_server_id),
             [key] => {
@@ -458,7 +458,7 @@ impl Database {
         let (outcome, seq) = self.commit_locked(ctx, |txn| {
             Ok(txn.update(resource_type, &id, resource, expected_version)?)
         })?;
-        drop(_guard);
+        drop(guard);
         self.wait_indexed(seq)?;
         Ok(outcome)
     }
@@ -471,7 +471,7 @@ impl Database {
         resource_type: &str,
         condition: &str,
     ) -> Result<Option<DeleteOutcome>> {
-        let _guard = self.lock_writes()?;
+        let guard = self.lock_writes()?;
         match self.condition_matches(resource_type, condition)?.as_slice() {
             [] => Ok(None),
             [key] => {
@@ -481,7 +481,7 @@ impl Database {
                     .to_string();
                 let (outcome, seq) =
                     self.commit_locked(ctx, |txn| Ok(txn.delete(resource_type, &id, None)?))?;
-                drop(_guard);
+                drop(guard);
                 self.wait_indexed(seq)?;
                 Ok(Some(outcome))
             }
