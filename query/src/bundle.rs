@@ -145,15 +145,21 @@ impl Database {
             .copied()
             .filter(|&i| entries[i].method != Method::Get)
             .collect();
+        let mut written = None;
         if !write_order.is_empty() {
-            self.write_locked(ctx, |txn| {
+            let ((), seq) = self.commit_locked(ctx, |txn| {
                 for &i in &write_order {
                     done[i] = Some(apply(txn, &mut entries[i], &plans[i])?);
                 }
                 Ok(())
             })?;
+            written = Some(seq);
         }
+        // Group commit: the next write starts while this one waits for the index.
         drop(guard);
+        if let Some(seq) = written {
+            self.wait_indexed(seq)?;
+        }
         for &i in order.iter().filter(|&&i| entries[i].method == Method::Get) {
             done[i] = Some(self.get(ctx, &entries[i], base)?);
         }
@@ -181,12 +187,14 @@ impl Database {
                     let done = self.get(ctx, &entry, base)?;
                     return Ok((entry, done));
                 }
-                let _guard = self.lock_writes()?;
+                let guard = self.lock_writes()?;
                 let plan = self.plan(&entry)?;
                 if let Some(resource) = entry.resource.as_mut() {
                     self.rewrite_references(resource, &HashMap::new())?;
                 }
-                let done = self.write_locked(ctx, |txn| apply(txn, &mut entry, &plan))?;
+                let (done, seq) = self.commit_locked(ctx, |txn| apply(txn, &mut entry, &plan))?;
+                drop(guard);
+                self.wait_indexed(seq)?;
                 Ok((entry, done))
             })();
             response_entries.push(match outcome {

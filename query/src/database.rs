@@ -115,9 +115,13 @@ pub struct Database {
     store: Store,
     index: SearchIndex,
     registry: RwLock<Registry>,
-    /// Serializes writes and index catch-up, so that conditional interactions see a search
-    /// result that no other write changes before theirs commits.
+    /// Serializes store writes, so that conditional interactions see a search result that no
+    /// other write changes before theirs commits. Ordinary writes release it after their
+    /// store commit and wait for the index under `index_lock` (group commit).
     write_lock: Mutex<()>,
+    /// Serializes index catch-up and commits. Taken after `write_lock` when both are held,
+    /// never before it, so the two cannot deadlock.
+    index_lock: Mutex<()>,
     /// Changes put into the index writer but not yet committed (bulk loads defer commits).
     progress: Mutex<IndexProgress>,
     limits: SearchLimits,
@@ -129,6 +133,9 @@ struct IndexProgress {
     applied: Option<u64>,
     /// How many changes are put but not committed.
     uncommitted: usize,
+    /// The last store change the committed index is known to hold (`None`: not known, so a
+    /// waiting writer catches up to find out).
+    committed: Option<u64>,
 }
 
 /// When the index makes caught-up changes visible to searches.
@@ -230,6 +237,7 @@ impl Database {
             index,
             registry: RwLock::new(Registry::r4()?),
             write_lock: Mutex::new(()),
+            index_lock: Mutex::new(()),
             progress: Mutex::new(IndexProgress::default()),
             limits,
         };
@@ -274,6 +282,12 @@ impl Database {
         self.write_lock
             .lock()
             .map_err(|_| Error::Internal("write lock poisoned".into()))
+    }
+
+    fn lock_index(&self) -> Result<MutexGuard<'_, ()>> {
+        self.index_lock
+            .lock()
+            .map_err(|_| Error::Internal("index lock poisoned".into()))
     }
 
     /// Creates a resource with a server-assigned id.
@@ -360,6 +374,7 @@ impl Database {
         if progress.uncommitted > 0 {
             self.index.commit(progress.applied)?;
             progress.uncommitted = 0;
+            progress.committed = progress.applied;
         }
         Ok(())
     }
@@ -380,13 +395,15 @@ impl Database {
         condition: &str,
     ) -> Result<ConditionalOutcome> {
         let resource_type = resource_type_of(&resource)?;
-        let _guard = self.lock_writes()?;
+        let guard = self.lock_writes()?;
         match self
             .condition_matches(&resource_type, condition)?
             .as_slice()
         {
             [] => {
-                let created = self.write_locked(ctx, |txn| Ok(txn.create(resource)?))?;
+                let (created, seq) = self.commit_locked(ctx, |txn| Ok(txn.create(resource)?))?;
+                drop(guard);
+                self.wait_indexed(seq)?;
                 Ok(ConditionalOutcome::Created(created))
             }
             [key] => {
@@ -420,7 +437,7 @@ impl Database {
             ));
         }
         let body_id = resource.get("id").and_then(Value::as_str).map(String::from);
-        let _guard = self.lock_writes()?;
+        let guard = self.lock_writes()?;
         let id = match self.condition_matches(resource_type, condition)?.as_slice() {
             [] => body_id.unwrap_or_else(fhirkeep_engine::resource::new_server_id),
             [key] => {
@@ -438,9 +455,12 @@ impl Database {
             }
             many => return Err(Error::MultipleMatches(many.len())),
         };
-        self.write_locked(ctx, |txn| {
+        let (outcome, seq) = self.commit_locked(ctx, |txn| {
             Ok(txn.update(resource_type, &id, resource, expected_version)?)
-        })
+        })?;
+        drop(guard);
+        self.wait_indexed(seq)?;
+        Ok(outcome)
     }
 
     /// Conditional delete (`DELETE Type?condition`): deletes the one match; nothing when
@@ -451,7 +471,7 @@ impl Database {
         resource_type: &str,
         condition: &str,
     ) -> Result<Option<DeleteOutcome>> {
-        let _guard = self.lock_writes()?;
+        let guard = self.lock_writes()?;
         match self.condition_matches(resource_type, condition)?.as_slice() {
             [] => Ok(None),
             [key] => {
@@ -459,16 +479,21 @@ impl Database {
                     .split_once('/')
                     .map_or(key.as_str(), |(_, id)| id)
                     .to_string();
-                Ok(Some(self.write_locked(ctx, |txn| {
-                    Ok(txn.delete(resource_type, &id, None)?)
-                })?))
+                let (outcome, seq) =
+                    self.commit_locked(ctx, |txn| Ok(txn.delete(resource_type, &id, None)?))?;
+                drop(guard);
+                self.wait_indexed(seq)?;
+                Ok(Some(outcome))
             }
             many => Err(Error::MultipleMatches(many.len())),
         }
     }
 
     /// The keys a conditional interaction's condition matches (strict parsing; an empty
-    /// condition is refused rather than matching everything).
+    /// condition is refused rather than matching everything). The index is first brought up
+    /// to the last committed store change: with group commit, earlier writers may have
+    /// returned their write lock before the index holds their change, and a condition
+    /// evaluated without them could, for example, create a duplicate for `If-None-Exist`.
     pub(crate) fn condition_matches(
         &self,
         resource_type: &str,
@@ -480,6 +505,7 @@ impl Database {
                 "a condition needs at least one parameter".into(),
             ));
         }
+        self.wait_indexed(self.store.last_change_seq()?)?;
         let request = crate::params::parse_search_url(
             &*self.registry()?,
             &format!("{resource_type}?{condition}"),
@@ -521,24 +547,22 @@ impl Database {
         ctx: &AccessContext,
         body: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>,
     ) -> Result<T> {
-        let _guard = self.lock_writes()?;
-        self.write_locked(ctx, body)
+        let guard = self.lock_writes()?;
+        let (value, seq) = self.commit_locked(ctx, body)?;
+        // The next writer's store commit can start while this one waits for the index.
+        drop(guard);
+        self.wait_indexed(seq)?;
+        Ok(value)
     }
 
-    pub(crate) fn write_locked<T>(
+    /// Runs `body` in one store write transaction and commits it, without touching the index;
+    /// the caller holds the write lock and then calls [`Database::wait_indexed`] with the
+    /// returned store change sequence (after releasing the write lock, for group commit).
+    pub(crate) fn commit_locked<T>(
         &self,
         ctx: &AccessContext,
         body: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>,
-    ) -> Result<T> {
-        self.write_locked_with(ctx, Visibility::Now, body)
-    }
-
-    fn write_locked_with<T>(
-        &self,
-        ctx: &AccessContext,
-        visibility: Visibility,
-        body: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>,
-    ) -> Result<T> {
+    ) -> Result<(T, u64)> {
         let mut txn = self.store.begin_write(ctx)?;
         let value = match body(&mut txn) {
             Ok(value) => value,
@@ -548,10 +572,32 @@ impl Database {
             }
         };
         txn.commit()?;
-        // The write is durable; an index failure now is repaired by the next catch-up.
+        // Under the write lock no other write commits, so this is this write's last change
+        // (or an earlier one if it changed nothing).
+        let seq = self.store.last_change_seq()?;
+        Ok((value, seq))
+    }
+
+    /// Returns once the committed index holds every store change up to `seq` (group commit):
+    /// the first writer to get the index lock catches up with everything committed so far
+    /// and commits the index once for all; writers it covered return without index work.
+    /// The write is durable before this is called; an index failure here is repaired by the
+    /// next catch-up.
+    pub(crate) fn wait_indexed(&self, seq: u64) -> Result<()> {
+        if seq == 0 {
+            return Ok(());
+        }
+        let _index = self.lock_index()?;
+        if self
+            .lock_progress()?
+            .committed
+            .is_some_and(|done| done >= seq)
+        {
+            return Ok(());
+        }
         let index_ctx = AccessContext::local("fhirkeep-index");
-        self.sync_index_locked(&index_ctx, visibility)?;
-        Ok(value)
+        self.sync_index_held(&index_ctx, Visibility::Now)?;
+        Ok(())
     }
 
     /// Brings the index in line with the store (normally automatic).
@@ -566,13 +612,21 @@ impl Database {
         // so old resources get the parameters added after them.
         self.load_custom_parameters(ctx)?;
         let _guard = self.lock_writes()?;
+        let _index = self.lock_index()?;
         self.index.clear()?;
         self.index.commit(None)?;
         *self.lock_progress()? = IndexProgress::default();
-        self.sync_index_locked(ctx, Visibility::Now)
+        self.sync_index_held(ctx, Visibility::Now)
     }
 
+    /// Catches the index up under the index lock.
     fn sync_index_locked(&self, ctx: &AccessContext, visibility: Visibility) -> Result<SyncReport> {
+        let _index = self.lock_index()?;
+        self.sync_index_held(ctx, visibility)
+    }
+
+    /// Catches the index up; the caller holds the index lock.
+    fn sync_index_held(&self, ctx: &AccessContext, visibility: Visibility) -> Result<SyncReport> {
         let result = self.catch_up(ctx, visibility);
         if result.is_err() {
             // Drop what the writer holds; the next catch-up starts again from the last commit.
@@ -641,6 +695,8 @@ impl Database {
         }
         if visibility == Visibility::Now {
             self.commit_index()?;
+            // Everything up to `after` is put and now committed.
+            self.lock_progress()?.committed = after;
         }
         Ok(report)
     }
