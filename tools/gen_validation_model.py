@@ -25,18 +25,7 @@ import json
 import os
 import sys
 
-FHIR_TYPE_EXT = "http://hl7.org/fhir/StructureDefinition/structuredefinition-fhir-type"
-
-
-def type_code(t):
-    code = t["code"]
-    if code.startswith("http://hl7.org/fhirpath/System."):
-        for ext in t.get("extension", []):
-            if ext.get("url") == FHIR_TYPE_EXT:
-                return ext["valueUrl"]
-        return code.rsplit(".", 1)[1].lower()
-    return code
-
+from r4_structures import section_line, walk
 
 def concepts(concept_list):
     """Every code of a CodeSystem's (nested) concepts."""
@@ -94,56 +83,22 @@ def main():
                 value_sets[r["url"]] = r
             elif r.get("resourceType") == "CodeSystem":
                 code_systems[r["url"]] = r
-    # profiles-resources.json holds some CodeSystems too? Only StructureDefinitions are read.
 
     lines = []
     bound = set()
-    for name in ("profiles-types.json", "profiles-resources.json"):
-        with open(os.path.join(src, name), encoding="utf-8") as f:
-            bundle = json.load(f)
-        for entry in bundle["entry"]:
-            sd = entry["resource"]
-            if sd.get("resourceType") != "StructureDefinition":
-                continue
-            if sd.get("kind") == "logical":
-                continue
-            tname = sd["id"]
-            base = sd.get("baseDefinition", "").rsplit("/", 1)[-1]
-            lines.append("=" + tname + ("<" + base if base else ""))
-            if sd.get("kind") == "primitive-type" or sd.get("derivation") == "constraint":
-                continue
-            section = tname
-            for el in sd["snapshot"]["element"]:
-                path = el["path"]
-                if "." not in path:
-                    continue
-                base_path = el.get("base", {}).get("path", path)
-                if base_path.split(".", 1)[0] != path.split(".", 1)[0]:
-                    continue
-                parent, child = path.rsplit(".", 1)
-                if parent != section:
-                    section = parent
-                    lines.append("=" + section)
-                if "contentReference" in el:
-                    types = [el["contentReference"]]
-                else:
-                    codes = [type_code(t) for t in el.get("type", [])]
-                    if codes in (["BackboneElement"], ["Element"]):
-                        types = ["@" + codes[0]]
-                    else:
-                        types = codes
-                if not types:
-                    continue
-                record = f"{child} {el.get('min', 0)} {el.get('max', '*')} " + ",".join(
-                    dict.fromkeys(types)
-                )
-                binding = el.get("binding", {})
-                if binding.get("strength") == "required" and "valueSet" in binding:
-                    url = binding["valueSet"].split("|")[0]
-                    if enumerate_value_set(url, value_sets, code_systems) is not None:
-                        record += " " + url
-                        bound.add(url)
-                lines.append(record)
+    for record in walk(src):
+        if record[0] != "element":
+            lines.append(section_line(record))
+            continue
+        _, child, types, el = record
+        line = f"{child} {el.get('min', 0)} {el.get('max', '*')} " + ",".join(types)
+        binding = el.get("binding", {})
+        if binding.get("strength") == "required" and "valueSet" in binding:
+            url = binding["valueSet"].split("|")[0]
+            if enumerate_value_set(url, value_sets, code_systems) is not None:
+                line += " " + url
+                bound.add(url)
+        lines.append(line)
     for url in sorted(bound):
         for system, codes in enumerate_value_set(url, value_sets, code_systems).items():
             lines.append("%" + "\t".join([url, system] + list(dict.fromkeys(codes))))
