@@ -216,6 +216,20 @@ fn with_version(response: FhirResponse, stored: &StoredResource) -> FhirResponse
         .header(LAST_MODIFIED, &http_date(stored))
 }
 
+/// The answer to an update: 201 when it created the resource, else 200.
+fn written_update(
+    state: &AppState,
+    headers: &HeaderMap,
+    outcome: &fhirkeep_engine::store::UpdateOutcome,
+) -> HandlerResult {
+    let (status, message) = if outcome.created {
+        (StatusCode::CREATED, "created")
+    } else {
+        (StatusCode::OK, "updated")
+    };
+    written(state, headers, status, &outcome.resource, message)
+}
+
 /// The answer to a create or update: `Location`, `Content-Location`, the version headers,
 /// and the body `Prefer: return=` asks for.
 pub(super) fn written(
@@ -401,12 +415,7 @@ pub(crate) async fn update(
             .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))
     })
     .await??;
-    let (status, message) = if outcome.created {
-        (StatusCode::CREATED, "created")
-    } else {
-        (StatusCode::OK, "updated")
-    };
-    written(&state, &headers, status, &outcome.resource, message)
+    written_update(&state, &headers, &outcome)
 }
 
 /// `PUT [type]?query`
@@ -437,12 +446,7 @@ pub(crate) async fn conditional_update(
             .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))
     })
     .await??;
-    let (status, message) = if outcome.created {
-        (StatusCode::CREATED, "created")
-    } else {
-        (StatusCode::OK, "updated")
-    };
-    written(&state, &headers, status, &outcome.resource, message)
+    written_update(&state, &headers, &outcome)
 }
 
 /// The answer to a delete: 204, with the tombstone's version as ETag when there is one.
