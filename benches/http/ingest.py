@@ -52,6 +52,9 @@ def main() -> int:
     parser.add_argument("--max-bundles", type=int, default=300)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--representation", action="store_true",
+                        help="ask for the stored resources back (default: Prefer: return=minimal, "
+                             "as bulk loaders do)")
     args = parser.parse_args()
 
     url = urllib.parse.urlparse(args.base)
@@ -72,6 +75,8 @@ def main() -> int:
     def worker() -> None:
         connection = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
         headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+        if not args.representation:
+            headers["Prefer"] = "return=minimal"
         while time.monotonic() < deadline:
             with lock:
                 index = next_bundle[0]

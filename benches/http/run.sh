@@ -6,7 +6,7 @@
 # on a free loopback port, and measures with wrk:
 #   - read by id: GET Observation/ID rotating over the imported Observation ids (read.lua)
 #   - search, first page: GET Observation?code=http://loinc.org|8867-4 (50 entries)
-#   - transaction ingest: 100-entry transaction Bundles of fresh resources (ingest.py)
+#   - transaction ingest: transaction Bundles of fresh resources, Prefer: return=minimal (ingest.py)
 # printing requests/s (resources/s for ingest) and latency median and p99.
 #
 # Usage: benches/http/run.sh        (DURATION=15s CONNECTIONS=16 THREADS=2 to change the load)

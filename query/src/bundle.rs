@@ -69,13 +69,39 @@ enum Done {
     Body(Value),
 }
 
+/// What the response entry of a written resource carries besides its `response` (status,
+/// location, ETag, last modified): HTTP's `Prefer: return=`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BundleReturn {
+    /// The resource as stored (the default).
+    #[default]
+    Representation,
+    /// No resource: what bulk loaders ask for, saving the server a serialization and the
+    /// client a parse per resource.
+    Minimal,
+}
+
 impl Database {
+    /// Processes a `batch` or `transaction` Bundle and returns the response Bundle, with the
+    /// stored resources in the response entries ([`BundleReturn::Representation`]).
+    pub fn process_bundle(&self, ctx: &AccessContext, bundle: &Value, base: &str) -> Result<Value> {
+        self.process_bundle_returning(ctx, bundle, base, BundleReturn::Representation)
+    }
+
     /// Processes a `batch` or `transaction` Bundle and returns the response Bundle.
-    /// `base` is the server's base URL (for `fullUrl`s and search links).
+    /// `base` is the server's base URL (for `fullUrl`s and search links); `returning` says
+    /// whether written resources are repeated in the response.
     ///
     /// A transaction that fails returns the error (nothing was written); a batch always
     /// answers, with an OperationOutcome and a status per failed entry.
-    pub fn process_bundle(&self, ctx: &AccessContext, bundle: &Value, base: &str) -> Result<Value> {
+    pub fn process_bundle_returning(
+        &self,
+        ctx: &AccessContext,
+        bundle: &Value,
+        base: &str,
+        returning: BundleReturn,
+    ) -> Result<Value> {
         if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
             return Err(Error::Unprocessable("the body is not a Bundle".into()));
         }
@@ -85,15 +111,21 @@ impl Database {
             Some(_) => return Err(Error::Unprocessable("Bundle.entry must be an array".into())),
         };
         match bundle.get("type").and_then(Value::as_str) {
-            Some("transaction") => self.transaction(ctx, &raw, base),
-            Some("batch") => Ok(self.batch(ctx, &raw, base)),
+            Some("transaction") => self.transaction(ctx, &raw, base, returning),
+            Some("batch") => Ok(self.batch(ctx, &raw, base, returning)),
             _ => Err(Error::Unprocessable(
                 "only batch and transaction Bundles can be processed".into(),
             )),
         }
     }
 
-    fn transaction(&self, ctx: &AccessContext, raw: &[Value], base: &str) -> Result<Value> {
+    fn transaction(
+        &self,
+        ctx: &AccessContext,
+        raw: &[Value],
+        base: &str,
+        returning: BundleReturn,
+    ) -> Result<Value> {
         let mut entries = raw
             .iter()
             .enumerate()
@@ -155,10 +187,10 @@ impl Database {
             })?;
             written = Some(seq);
         }
-        // Group commit: the next write starts while this one waits for the index.
+        // The next write starts while this one indexes.
         drop(guard);
         if let Some(seq) = written {
-            self.wait_indexed(seq)?;
+            self.index_after_write(seq)?;
         }
         for &i in order.iter().filter(|&&i| entries[i].method == Method::Get) {
             done[i] = Some(self.get(ctx, &entries[i], base)?);
@@ -167,7 +199,7 @@ impl Database {
             .iter()
             .zip(done)
             .map(|(entry, done)| match done {
-                Some(done) => response_entry(entry, done, base),
+                Some(done) => response_entry(entry, done, base, returning),
                 None => json!({"response": {"status": "500 Internal Server Error"}}),
             })
             .collect();
@@ -178,7 +210,13 @@ impl Database {
         }))
     }
 
-    fn batch(&self, ctx: &AccessContext, raw: &[Value], base: &str) -> Value {
+    fn batch(
+        &self,
+        ctx: &AccessContext,
+        raw: &[Value],
+        base: &str,
+        returning: BundleReturn,
+    ) -> Value {
         let mut response_entries = Vec::with_capacity(raw.len());
         for (index, raw_entry) in raw.iter().enumerate() {
             let outcome = (|| -> Result<(Entry, Done)> {
@@ -194,11 +232,11 @@ impl Database {
                 }
                 let (done, seq) = self.commit_locked(ctx, |txn| apply(txn, &mut entry, &plan))?;
                 drop(guard);
-                self.wait_indexed(seq)?;
+                self.index_after_write(seq)?;
                 Ok((entry, done))
             })();
             response_entries.push(match outcome {
-                Ok((entry, done)) => response_entry(&entry, done, base),
+                Ok((entry, done)) => response_entry(&entry, done, base, returning),
                 Err(error) => error_entry(&error),
             });
         }
@@ -389,22 +427,25 @@ fn apply(txn: &mut WriteTxn<'_>, entry: &mut Entry, plan: &Plan) -> Result<Done>
     })
 }
 
-fn response_entry(entry: &Entry, done: Done, base: &str) -> Value {
+fn response_entry(entry: &Entry, done: Done, base: &str, returning: BundleReturn) -> Value {
     let written = |status: &str, stored: &StoredResource| {
         let location = format!(
             "{}/{}/_history/{}",
             stored.resource_type, stored.id, stored.version
         );
-        json!({
+        let mut out = json!({
             "fullUrl": format!("{base}/{}/{}", stored.resource_type, stored.id),
-            "resource": stored.to_json().unwrap_or(Value::Null),
             "response": {
                 "status": status,
                 "location": location,
                 "etag": format!("W/\"{}\"", stored.version),
                 "lastModified": stored.last_updated_text(),
             }
-        })
+        });
+        if returning == BundleReturn::Representation {
+            out["resource"] = stored.to_json().unwrap_or(Value::Null);
+        }
+        out
     };
     match done {
         Done::Created(stored) => written("201 Created", &stored),

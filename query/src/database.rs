@@ -1,13 +1,17 @@
 //! The [`Database`] applications embed: the engine's store plus the search index, with the one
 //! write path that keeps them in line.
 //!
-//! Architecture invariant: every write goes through [`Database`]; after it commits in the
-//! store, the index catches up from the store's change feed before the call returns. After a
-//! crash between the two, opening the database catches up the same way, so the index never
-//! stays behind the store.
+//! Architecture invariant: every write goes through [`Database`]; the store is the source of
+//! truth and the index follows its change feed. A search first brings the index up to every
+//! store change committed before it started (read-your-writes), so writes do not wait for an
+//! index commit: after its store commit a write puts its changes into the index writer, and
+//! the index commits when a search (or a condition) needs it, every [`COMMIT_INTERVAL`], or
+//! every [`DEFERRED_COMMIT_EVERY`] changes. After a crash, opening the database catches up
+//! from the last index commit, so the index never stays behind the store.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use fhirkeep_engine::crypto::{KdfParams, KeySource};
 use fhirkeep_engine::store::{
@@ -136,19 +140,39 @@ struct IndexProgress {
     /// The last store change the committed index is known to hold (`None`: not known, so a
     /// waiting writer catches up to find out).
     committed: Option<u64>,
+    /// When the index last committed (`None`: not since this process opened it).
+    last_commit: Option<Instant>,
+}
+
+impl IndexProgress {
+    /// Whether uncommitted changes have waited long enough, or are enough, to commit.
+    fn commit_due(&self) -> bool {
+        self.uncommitted >= DEFERRED_COMMIT_EVERY
+            || (self.uncommitted > 0
+                && self
+                    .last_commit
+                    .is_none_or(|at| at.elapsed() >= COMMIT_INTERVAL))
+    }
 }
 
 /// When the index makes caught-up changes visible to searches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Visibility {
-    /// Before the write call returns (read-your-writes).
+    /// Before the call returns (searches, conditions, [`Database::flush_index`]).
     Now,
-    /// At the latest every [`DEFERRED_COMMIT_EVERY`] changes, or at [`Database::flush_index`].
+    /// When due: every [`DEFERRED_COMMIT_EVERY`] changes or [`COMMIT_INTERVAL`], whichever
+    /// comes first; a search commits whatever it needs earlier.
     Deferred,
 }
 
-/// How many changes a bulk load puts into the index between commits.
+/// The most changes the index writer holds uncommitted.
 const DEFERRED_COMMIT_EVERY: usize = 200_000;
+
+/// The longest the index writer holds a change uncommitted while writes keep coming, so
+/// that a crash leaves little for the catch-up at the next open. Why not commit per write:
+/// every tantivy commit makes a segment, and merging many small segments took most of the CPU
+/// of a write-heavy server (BENCHMARKS.md, "HTTP server").
+const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for Database {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -206,6 +230,17 @@ pub struct SyncReport {
     pub expression_failures: u64,
 }
 
+/// What the committed index holds, as searches last saw it (no catch-up is done to answer).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexStats {
+    /// Documents (current, not deleted resources) in the committed index.
+    pub documents: u64,
+    /// Segments of the committed index (each commit adds one; merges remove them).
+    pub segments: usize,
+    /// The last store change the committed index holds, if known.
+    pub committed_seq: Option<u64>,
+}
+
 impl Database {
     /// A builder for the database in `dir`.
     pub fn builder(dir: impl Into<PathBuf>) -> DatabaseBuilder {
@@ -238,7 +273,10 @@ impl Database {
             registry: RwLock::new(Registry::r4()?),
             write_lock: Mutex::new(()),
             index_lock: Mutex::new(()),
-            progress: Mutex::new(IndexProgress::default()),
+            progress: Mutex::new(IndexProgress {
+                last_commit: Some(Instant::now()),
+                ..IndexProgress::default()
+            }),
             limits,
         };
         let ctx = AccessContext::local("fhirkeep-index");
@@ -252,7 +290,7 @@ impl Database {
 
     /// The underlying store, for reads, history and audit (which do not touch the index).
     /// Writing through it directly would leave the index behind until the next write or
-    /// open; use the write methods here instead.
+    /// search; use the write methods here instead.
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -334,10 +372,10 @@ impl Database {
     }
 
     /// Like [`Database::update_many`], for bulk loads: while this batch commits in the store,
-    /// the index catches up with the batches before it on the other cores, and it commits
-    /// only every few hundred thousand changes. So a search may not see a loaded batch until
-    /// [`Database::flush_index`] (or the next ordinary write, or reopening). Crash safety is
-    /// unchanged: the store is durable, and reopening catches the index up.
+    /// the index catches up with the batches before it on the other cores. Searches still see
+    /// every loaded batch (they catch the index up first); [`Database::flush_index`] does that
+    /// work ahead of the first search. Crash safety is unchanged: the store is durable, and
+    /// reopening catches the index up.
     pub fn load_many(
         &self,
         ctx: &AccessContext,
@@ -361,7 +399,8 @@ impl Database {
         Ok(written)
     }
 
-    /// Makes everything written so far visible to searches (after [`Database::load_many`]).
+    /// Brings the index up to everything written so far and commits it (after
+    /// [`Database::load_many`], so that the first search does not pay for the catch-up).
     pub fn flush_index(&self) -> Result<()> {
         let _guard = self.lock_writes()?;
         let index_ctx = AccessContext::local("fhirkeep-index");
@@ -375,6 +414,7 @@ impl Database {
             self.index.commit(progress.applied)?;
             progress.uncommitted = 0;
             progress.committed = progress.applied;
+            progress.last_commit = Some(Instant::now());
         }
         Ok(())
     }
@@ -403,7 +443,7 @@ impl Database {
             [] => {
                 let (created, seq) = self.commit_locked(ctx, |txn| Ok(txn.create(resource)?))?;
                 drop(guard);
-                self.wait_indexed(seq)?;
+                self.index_after_write(seq)?;
                 Ok(ConditionalOutcome::Created(created))
             }
             [key] => {
@@ -459,7 +499,7 @@ impl Database {
             Ok(txn.update(resource_type, &id, resource, expected_version)?)
         })?;
         drop(guard);
-        self.wait_indexed(seq)?;
+        self.index_after_write(seq)?;
         Ok(outcome)
     }
 
@@ -482,7 +522,7 @@ impl Database {
                 let (outcome, seq) =
                     self.commit_locked(ctx, |txn| Ok(txn.delete(resource_type, &id, None)?))?;
                 drop(guard);
-                self.wait_indexed(seq)?;
+                self.index_after_write(seq)?;
                 Ok(Some(outcome))
             }
             many => Err(Error::MultipleMatches(many.len())),
@@ -522,9 +562,11 @@ impl Database {
     /// Applies a `transaction` Bundle: every entry commits or none does (see
     /// [`fhirkeep_engine::bundle`]). Returns `Type/id/_history/vid` per entry.
     pub fn apply_transaction(&self, ctx: &AccessContext, bundle: &Value) -> Result<Vec<String>> {
-        let _guard = self.lock_writes()?;
+        let guard = self.lock_writes()?;
         let result = fhirkeep_engine::bundle::apply_transaction(&self.store, ctx, bundle);
-        self.sync_index_locked(&AccessContext::local("fhirkeep-index"), Visibility::Now)?;
+        let seq = self.store.last_change_seq()?;
+        drop(guard);
+        self.index_after_write(seq)?;
         Ok(result?)
     }
 
@@ -534,9 +576,11 @@ impl Database {
         ctx: &AccessContext,
         bundle: &Value,
     ) -> Result<Vec<fhirkeep_engine::bundle::EntryOutcome>> {
-        let _guard = self.lock_writes()?;
+        let guard = self.lock_writes()?;
         let result = fhirkeep_engine::bundle::apply_batch(&self.store, ctx, bundle);
-        self.sync_index_locked(&AccessContext::local("fhirkeep-index"), Visibility::Now)?;
+        let seq = self.store.last_change_seq()?;
+        drop(guard);
+        self.index_after_write(seq)?;
         Ok(result?)
     }
 
@@ -549,9 +593,9 @@ impl Database {
     ) -> Result<T> {
         let guard = self.lock_writes()?;
         let (value, seq) = self.commit_locked(ctx, body)?;
-        // The next writer's store commit can start while this one waits for the index.
+        // The next writer's store commit can start while this one indexes.
         drop(guard);
-        self.wait_indexed(seq)?;
+        self.index_after_write(seq)?;
         Ok(value)
     }
 
@@ -578,11 +622,46 @@ impl Database {
         Ok((value, seq))
     }
 
-    /// Returns once the committed index holds every store change up to `seq` (group commit):
-    /// the first writer to get the index lock catches up with everything committed so far
-    /// and commits the index once for all; writers it covered return without index work.
-    /// The write is durable before this is called; an index failure here is repaired by the
-    /// next catch-up.
+    /// After a write's store commit (which made it durable): puts the changes committed so far
+    /// into the index writer, committing the index only when due ([`Visibility::Deferred`]).
+    /// When another thread holds the index, it, the next write or the next search puts this
+    /// change (every one of them catches up with everything committed), so the writer does not
+    /// queue behind it. An index failure here is repaired by the next catch-up.
+    pub(crate) fn index_after_write(&self, seq: u64) -> Result<()> {
+        if seq == 0 {
+            return Ok(());
+        }
+        let _index = match self.index_lock.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::WouldBlock) => return Ok(()),
+            Err(TryLockError::Poisoned(_)) => {
+                return Err(Error::Internal("index lock poisoned".into()));
+            }
+        };
+        let progress = *self.lock_progress()?;
+        if progress
+            .applied
+            .or(progress.committed)
+            .is_some_and(|done| done >= seq)
+            && !progress.commit_due()
+        {
+            return Ok(());
+        }
+        let index_ctx = AccessContext::local("fhirkeep-index");
+        self.sync_index_held(&index_ctx, Visibility::Deferred)?;
+        Ok(())
+    }
+
+    /// A searcher over an index commit that holds every store change committed before this
+    /// call (read-your-writes for searches), committing the index first if needed.
+    pub(crate) fn current_searcher(&self) -> Result<tantivy::Searcher> {
+        self.wait_indexed(self.store.last_change_seq()?)?;
+        Ok(self.index.searcher())
+    }
+
+    /// Returns once the committed index holds every store change up to `seq`: the first
+    /// caller to get the index lock catches up with everything committed so far and commits
+    /// the index once for all; callers it covered return without index work.
     pub(crate) fn wait_indexed(&self, seq: u64) -> Result<()> {
         if seq == 0 {
             return Ok(());
@@ -598,6 +677,16 @@ impl Database {
         let index_ctx = AccessContext::local("fhirkeep-index");
         self.sync_index_held(&index_ctx, Visibility::Now)?;
         Ok(())
+    }
+
+    /// What the committed index holds right now, without catching it up (a search would).
+    pub fn index_stats(&self) -> Result<IndexStats> {
+        let searcher = self.index.searcher();
+        Ok(IndexStats {
+            documents: searcher.num_docs(),
+            segments: searcher.segment_readers().len(),
+            committed_seq: self.lock_progress()?.committed,
+        })
     }
 
     /// Brings the index in line with the store (normally automatic).
@@ -684,7 +773,7 @@ impl Database {
             after = page.changes.last().map(|(seq, _)| *seq).or(after);
             progress.applied = after;
             *self.lock_progress()? = progress;
-            if progress.uncommitted >= DEFERRED_COMMIT_EVERY {
+            if progress.commit_due() {
                 self.commit_index()?;
                 progress = *self.lock_progress()?;
             }
@@ -693,7 +782,7 @@ impl Database {
             progress.uncommitted = progress.uncommitted.max(1);
             *self.lock_progress()? = progress;
         }
-        if visibility == Visibility::Now {
+        if visibility == Visibility::Now || progress.commit_due() {
             self.commit_index()?;
             // Everything up to `after` is put and now committed.
             self.lock_progress()?.committed = after;

@@ -49,7 +49,9 @@ pub mod validate;
 pub mod values;
 
 pub use compartment::patient_compartment;
-pub use database::{ConditionalOutcome, Database, DatabaseBuilder, SearchLimits, SyncReport};
+pub use database::{
+    ConditionalOutcome, Database, DatabaseBuilder, IndexStats, SearchLimits, SyncReport,
+};
 pub use error::{Error, Result};
 pub use search::{EntryMode, SearchEntry, SearchResult};
 pub use summary::{apply_elements, apply_summary};

@@ -9,6 +9,7 @@
 use fhirkeep_engine::store::{AccessContext, UpdateOutcome};
 use serde_json::{Map, Value, json};
 
+use crate::bundle::BundleReturn;
 use crate::database::Database;
 use crate::{Error, Result};
 
@@ -302,6 +303,7 @@ impl Database {
         ctx: &AccessContext,
         bundle: &Value,
         base: &str,
+        returning: BundleReturn,
     ) -> Result<Value> {
         let is_batch = bundle.get("resourceType").and_then(Value::as_str) == Some("Bundle")
             && bundle.get("type").and_then(Value::as_str) == Some("batch");
@@ -310,11 +312,11 @@ impl Database {
             .and_then(Value::as_array)
             .is_some_and(|entries| entries.iter().any(is_patch_entry));
         if !has_patch {
-            return self.process_bundle(ctx, bundle, base);
+            return self.process_bundle_returning(ctx, bundle, base, returning);
         }
         if !is_batch {
             let expanded = self.expand_patch_entries(ctx, bundle)?;
-            return self.process_bundle(ctx, &expanded, base);
+            return self.process_bundle_returning(ctx, &expanded, base, returning);
         }
         let mut bundle = bundle.clone();
         let mut failed: Vec<(usize, Error)> = Vec::new();
@@ -332,7 +334,7 @@ impl Database {
             }
             *entries = kept;
         }
-        let mut response = self.process_bundle(ctx, &bundle, base)?;
+        let mut response = self.process_bundle_returning(ctx, &bundle, base, returning)?;
         if let Some(entries) = response.get_mut("entry").and_then(Value::as_array_mut) {
             // Ascending indexes: each insertion puts a failure back at its request position.
             for (index, error) in failed {

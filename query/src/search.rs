@@ -452,7 +452,7 @@ impl Database {
         request: &SearchRequest,
         digest: [u8; 32],
     ) -> Result<SearchResult> {
-        let searcher = self.index().searcher();
+        let searcher = self.current_searcher()?;
         let count = request
             .count
             .unwrap_or(self.limits().default_count)
@@ -559,7 +559,7 @@ impl Database {
 
     /// The keys (`Type/id`) of every match, in key order, without reading resources.
     pub fn matching_keys(&self, request: &SearchRequest) -> Result<Vec<String>> {
-        let searcher = self.index().searcher();
+        let searcher = self.current_searcher()?;
         let query = self.request_query(&searcher, request)?;
         let docs = self.index().matching(&searcher, query.as_ref())?;
         let mut keys = Vec::with_capacity(docs.len());

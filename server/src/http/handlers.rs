@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, HeaderName, StatusCode};
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 use fhirkeep_engine::resource::is_resource_type;
 use fhirkeep_engine::store::{HistoryPage, HistoryQuery, StoredResource};
-use fhirkeep_query::bundle::parse_etag;
+use fhirkeep_query::bundle::{BundleReturn, parse_etag};
 use fhirkeep_query::params::{Handling, decode_query, parse_search};
 use fhirkeep_query::{ConditionalOutcome, Error};
 use serde_json::{Value, json};
@@ -908,9 +908,15 @@ pub(crate) async fn bundle(
     let db = state.db();
     let base = state.base().to_owned();
     // PATCH entries become version-guarded updates.
-    let response = blocking(move || db.process_bundle_with_patches(&info.ctx, &bundle, &base))
-        .await?
-        .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))?;
+    // `Prefer: return=minimal` leaves written resources out of the response entries.
+    let returning = match prefer_return(&headers) {
+        Return::Minimal => BundleReturn::Minimal,
+        Return::Representation | Return::OperationOutcome => BundleReturn::Representation,
+    };
+    let response =
+        blocking(move || db.process_bundle_with_patches(&info.ctx, &bundle, &base, returning))
+            .await?
+            .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))?;
     Ok(FhirResponse::ok(response))
 }
 

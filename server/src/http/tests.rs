@@ -415,6 +415,28 @@ async fn transaction_and_batch_bundles() {
     );
     let found = h.get("/Observation?subject.family=transact").await;
     assert_eq!(found.body["total"], 1, "{}", found.body);
+    assert_eq!(entries[0]["resource"]["name"][0]["family"], "Transact");
+
+    // Bulk loaders ask for no resources back: each entry says where its resource went.
+    let minimal = json!({
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": patient("Minimal"), "request": {"method": "POST", "url": "Patient"}}],
+    });
+    let reply = h
+        .send(
+            request(Method::POST, "/", Some(&minimal))
+                .header("prefer", "return=minimal")
+                .body(Body::from(minimal.to_string()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let entry = &reply.body["entry"][0];
+    assert!(entry.get("resource").is_none(), "{entry}");
+    let location = entry["response"]["location"].as_str().unwrap();
+    assert!(location.starts_with("Patient/"), "{location}");
+    assert_eq!(entry["response"]["etag"], "W/\"1\"");
 
     let failing = json!({
         "resourceType": "Bundle",
