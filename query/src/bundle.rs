@@ -86,33 +86,34 @@ impl Database {
     /// Processes a `batch` or `transaction` Bundle and returns the response Bundle, with the
     /// stored resources in the response entries ([`BundleReturn::Representation`]).
     pub fn process_bundle(&self, ctx: &AccessContext, bundle: &Value, base: &str) -> Result<Value> {
-        self.process_bundle_returning(ctx, bundle, base, BundleReturn::Representation)
+        self.process_bundle_returning(ctx, bundle.clone(), base, BundleReturn::Representation)
     }
 
     /// Processes a `batch` or `transaction` Bundle and returns the response Bundle.
     /// `base` is the server's base URL (for `fullUrl`s and search links); `returning` says
-    /// whether written resources are repeated in the response.
+    /// whether written resources are repeated in the response. The Bundle is taken by value
+    /// so that its resources are moved into the store rather than copied.
     ///
     /// A transaction that fails returns the error (nothing was written); a batch always
     /// answers, with an OperationOutcome and a status per failed entry.
     pub fn process_bundle_returning(
         &self,
         ctx: &AccessContext,
-        bundle: &Value,
+        mut bundle: Value,
         base: &str,
         returning: BundleReturn,
     ) -> Result<Value> {
         if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
             return Err(Error::Unprocessable("the body is not a Bundle".into()));
         }
-        let raw = match bundle.get("entry") {
+        let raw = match bundle.get_mut("entry").map(Value::take) {
             None => Vec::new(),
-            Some(Value::Array(entries)) => entries.clone(),
+            Some(Value::Array(entries)) => entries,
             Some(_) => return Err(Error::Unprocessable("Bundle.entry must be an array".into())),
         };
         match bundle.get("type").and_then(Value::as_str) {
-            Some("transaction") => self.transaction(ctx, &raw, base, returning),
-            Some("batch") => Ok(self.batch(ctx, &raw, base, returning)),
+            Some("transaction") => self.transaction(ctx, raw, base, returning),
+            Some("batch") => Ok(self.batch(ctx, raw, base, returning)),
             _ => Err(Error::Unprocessable(
                 "only batch and transaction Bundles can be processed".into(),
             )),
@@ -122,12 +123,12 @@ impl Database {
     fn transaction(
         &self,
         ctx: &AccessContext,
-        raw: &[Value],
+        raw: Vec<Value>,
         base: &str,
         returning: BundleReturn,
     ) -> Result<Value> {
         let mut entries = raw
-            .iter()
+            .into_iter()
             .enumerate()
             .map(|(index, entry)| parse_entry(index, entry))
             .collect::<Result<Vec<_>>>()?;
@@ -213,12 +214,12 @@ impl Database {
     fn batch(
         &self,
         ctx: &AccessContext,
-        raw: &[Value],
+        raw: Vec<Value>,
         base: &str,
         returning: BundleReturn,
     ) -> Value {
         let mut response_entries = Vec::with_capacity(raw.len());
-        for (index, raw_entry) in raw.iter().enumerate() {
+        for (index, raw_entry) in raw.into_iter().enumerate() {
             let outcome = (|| -> Result<(Entry, Done)> {
                 let mut entry = parse_entry(index, raw_entry)?;
                 if entry.method == Method::Get {
@@ -500,8 +501,9 @@ pub(crate) fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
-fn parse_entry(index: usize, entry: &Value) -> Result<Entry> {
+fn parse_entry(index: usize, mut entry: Value) -> Result<Entry> {
     let bad = |what: &str| Error::Unprocessable(format!("entry {index}: {what}"));
+    let resource = entry.get_mut("resource").map(Value::take);
     let request = entry.get("request").ok_or_else(|| bad("no request"))?;
     let method = match request.get("method").and_then(Value::as_str) {
         Some("GET" | "HEAD") => Method::Get,
@@ -544,7 +546,6 @@ fn parse_entry(index: usize, entry: &Value) -> Result<Entry> {
     if !is_resource_type(resource_type) {
         return Err(bad("request.url does not name an R4 resource type"));
     }
-    let resource = entry.get("resource").cloned();
     if matches!(method, Method::Post | Method::Put) {
         let body_type = resource
             .as_ref()
@@ -627,7 +628,7 @@ mod tests {
     #[test]
     fn entries_are_checked() {
         let ok = json!({"request": {"method": "GET", "url": "Patient/1/_history/2"}});
-        let entry = parse_entry(0, &ok).unwrap();
+        let entry = parse_entry(0, ok.clone()).unwrap();
         assert_eq!((entry.id.as_deref(), entry.version), (Some("1"), Some(2)));
         for condition in [
             "identifier=a|b",
@@ -637,13 +638,16 @@ mod tests {
             let post = json!({"request": {"method": "POST", "url": "Patient", "ifNoneExist": condition},
                               "resource": {"resourceType": "Patient"}});
             assert_eq!(
-                parse_entry(0, &post).unwrap().if_none_exist.as_deref(),
+                parse_entry(0, post.clone())
+                    .unwrap()
+                    .if_none_exist
+                    .as_deref(),
                 Some("identifier=a|b")
             );
         }
         let operation = json!({"request": {"method": "POST", "url": "ValueSet/$lookup"},
                                "resource": {"resourceType": "Parameters"}});
-        match parse_entry(0, &operation) {
+        match parse_entry(0, operation.clone()) {
             Err(Error::Unprocessable(message)) => {
                 assert!(message.contains("operations"), "{message}")
             }
@@ -658,7 +662,7 @@ mod tests {
             json!({"request": {"method": "DELETE", "url": "Patient/1", "ifMatch": "x"}}),
         ] {
             assert!(
-                matches!(parse_entry(0, &bad), Err(Error::Unprocessable(_))),
+                matches!(parse_entry(0, bad.clone()), Err(Error::Unprocessable(_))),
                 "{bad}"
             );
         }

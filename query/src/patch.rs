@@ -301,7 +301,7 @@ impl Database {
     pub fn process_bundle_with_patches(
         &self,
         ctx: &AccessContext,
-        bundle: &Value,
+        mut bundle: Value,
         base: &str,
         returning: BundleReturn,
     ) -> Result<Value> {
@@ -315,10 +315,9 @@ impl Database {
             return self.process_bundle_returning(ctx, bundle, base, returning);
         }
         if !is_batch {
-            let expanded = self.expand_patch_entries(ctx, bundle)?;
-            return self.process_bundle_returning(ctx, &expanded, base, returning);
+            let expanded = self.expand_patch_entries(ctx, &bundle)?;
+            return self.process_bundle_returning(ctx, expanded, base, returning);
         }
-        let mut bundle = bundle.clone();
         let mut failed: Vec<(usize, Error)> = Vec::new();
         if let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) {
             let mut kept = Vec::with_capacity(entries.len());
@@ -334,7 +333,7 @@ impl Database {
             }
             *entries = kept;
         }
-        let mut response = self.process_bundle_returning(ctx, &bundle, base, returning)?;
+        let mut response = self.process_bundle_returning(ctx, bundle, base, returning)?;
         if let Some(entries) = response.get_mut("entry").and_then(Value::as_array_mut) {
             // Ascending indexes: each insertion puts a failure back at its request position.
             for (index, error) in failed {

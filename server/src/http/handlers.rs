@@ -914,7 +914,7 @@ pub(crate) async fn bundle(
         Return::Representation | Return::OperationOutcome => BundleReturn::Representation,
     };
     let response =
-        blocking(move || db.process_bundle_with_patches(&info.ctx, &bundle, &base, returning))
+        blocking(move || db.process_bundle_with_patches(&info.ctx, bundle, &base, returning))
             .await?
             .map_err(|e| ApiError::query(&e, audited_by_engine(&e)))?;
     Ok(FhirResponse::ok(response))
