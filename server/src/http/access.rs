@@ -611,10 +611,11 @@ pub(crate) fn check_bundle(grant: &Grant, bundle: &Value) -> Result<(), ApiError
                 (&[Letter::Create, Letter::Read], vec![resource_type])
             }
             ("POST", [_]) => (&[Letter::Create], vec![resource_type]),
-            ("PUT" | "PATCH", [_]) if has_query => {
-                (&[Letter::Create, Letter::Update], vec![resource_type])
-            }
-            ("PUT" | "PATCH", [_, _]) => (&[Letter::Create, Letter::Update], vec![resource_type]),
+            // A PUT may create; a PATCH only changes what exists (404 otherwise).
+            ("PUT", [_]) if has_query => (&[Letter::Create, Letter::Update], vec![resource_type]),
+            ("PUT", [_, _]) => (&[Letter::Create, Letter::Update], vec![resource_type]),
+            ("PATCH", [_]) if has_query => (&[Letter::Update], vec![resource_type]),
+            ("PATCH", [_, _]) => (&[Letter::Update], vec![resource_type]),
             ("DELETE", [_] | [_, _]) => (&[Letter::Delete], vec![resource_type]),
             // Everything at once: only scopes for every type.
             ("GET" | "HEAD", [] | ["_history"]) => (&[Letter::Search], vec![None]),

@@ -8,6 +8,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::{Method, Request, StatusCode};
+use base64::Engine as _;
 use fhirkeep_engine::audit::{AuditOutcome, AuditRecord};
 use fhirkeep_engine::store::AccessContext;
 use fhirkeep_query::Database;
@@ -813,6 +814,37 @@ async fn a_patient_token_writes_only_inside_its_patients_compartment() {
     });
     let reply = h.call(Method::POST, "/", Some(&p1), Some(bundle)).await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+}
+
+#[tokio::test]
+async fn a_patch_entry_needs_update_and_not_create() {
+    let h = harness();
+    let patch = json!([{"op": "replace", "path": "/status", "value": "amended"}]);
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{
+            "resource": {
+                "resourceType": "Binary",
+                "contentType": "application/json-patch+json",
+                "data": base64::engine::general_purpose::STANDARD.encode(patch.to_string()),
+            },
+            "request": {"method": "PATCH", "url": "Observation/o1"},
+        }],
+    });
+    let create_only = token("system/Observation.c", None);
+    let reply = h
+        .call(Method::POST, "/", Some(&create_only), Some(bundle.clone()))
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+    let update_only = token("system/Observation.u", None);
+    let reply = h
+        .call(Method::POST, "/", Some(&update_only), Some(bundle))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let system = token("system/*.*", None);
+    let o1 = h.get("/Observation/o1", &system).await;
+    assert_eq!(o1.body["status"], "amended", "{}", o1.body);
 }
 
 #[tokio::test]
