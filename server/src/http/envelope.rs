@@ -18,9 +18,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use fhirkeep_engine::audit::{AuditAction, AuditOutcome};
 use fhirkeep_engine::store::{AccessContext, AccessRecord};
+use serde_json::Value;
 
 use super::auth::{AuthError, Grant, bearer_token};
-use super::response::{ApiError, Audited, Denied, PendingBody, outcome, outcome_for_status};
+use super::response::{
+    ApiError, Audited, Denied, PendingBody, PendingStoredBody, outcome, outcome_for_status,
+};
 use super::{AppState, is_public_path};
 
 /// The client recorded for HTTP requests without a token (`--auth none`, refusals).
@@ -231,6 +234,26 @@ fn negotiate(headers: &HeaderMap, format: Option<&str>) -> Result<(), ApiError> 
 /// sets the headers every response carries.
 fn finish(response: &mut Response, pretty: bool, request_id: &str) {
     let status = response.status();
+    let stored = response.extensions_mut().remove::<PendingStoredBody>();
+    if let Some(PendingStoredBody(json)) = stored {
+        let value = if pretty {
+            // Indentation needs the structure; the compact form goes out as stored.
+            serde_json::from_slice::<Value>(&json).ok()
+        } else {
+            None
+        };
+        match value {
+            Some(value) => {
+                response.extensions_mut().insert(PendingBody(value));
+            }
+            None => {
+                *response.body_mut() = Body::from(json);
+                let headers = response.headers_mut();
+                headers.remove(CONTENT_LENGTH);
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+            }
+        }
+    }
     let body = match response.extensions_mut().remove::<PendingBody>() {
         Some(PendingBody(value)) => Some(value),
         None if status.is_client_error() || status.is_server_error() => {

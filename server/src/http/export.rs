@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::auth::{Decision, Grant, authorize};
 use super::envelope::RequestInfo;
-use super::response::{ApiError, FhirResponse, outcome};
+use super::response::{ApiError, FhirResponse, ResponseBody, outcome};
 use super::scopes::Letter;
 
 /// The auxiliary database (`exports.redb`) that holds jobs and files.
@@ -614,11 +614,11 @@ async fn kick_off(
     Ok(FhirResponse {
         status: StatusCode::ACCEPTED,
         headers: HeaderMap::new(),
-        body: Some(outcome(
+        body: Some(ResponseBody::Json(outcome(
             "information",
             "informational",
             "the export has started; poll the Content-Location URL",
-        )),
+        ))),
         audited: false,
     }
     .header(CONTENT_LOCATION, &status_url))
@@ -933,13 +933,13 @@ pub(crate) async fn status(
             Ok(FhirResponse {
                 status: StatusCode::OK,
                 headers: HeaderMap::new(),
-                body: Some(json!({
+                body: Some(ResponseBody::Json(json!({
                     "transactionTime": job.transaction_time,
                     "request": job.request,
                     "requiresAccessToken": true,
                     "output": output,
                     "error": [],
-                })),
+                }))),
                 audited: false,
             }
             .header(
@@ -975,11 +975,11 @@ pub(crate) async fn cancel(
     Ok(FhirResponse {
         status: StatusCode::ACCEPTED,
         headers: HeaderMap::new(),
-        body: Some(outcome(
+        body: Some(ResponseBody::Json(outcome(
             "information",
             "informational",
             "the export job and its files were deleted",
-        )),
+        ))),
         audited: false,
     })
 }

@@ -26,7 +26,7 @@ use super::access::{self, WriteTarget};
 use super::auth::{self, Decision, authorize};
 use super::capability;
 use super::envelope::{RequestInfo, is_json_type};
-use super::response::{ApiError, FhirResponse, outcome};
+use super::response::{ApiError, FhirResponse, ResponseBody, outcome};
 use super::scopes::Letter;
 
 pub(super) type Info = Extension<Arc<RequestInfo>>;
@@ -196,6 +196,15 @@ fn resource_of_type(
     Ok(resource)
 }
 
+/// A 200 carrying a stored version as the store returned it (no parse, no re-serialization).
+fn stored_response(stored: &StoredResource) -> Result<FhirResponse, ApiError> {
+    if stored.json_bytes().is_empty() {
+        // A deletion has no body; callers answer 410 before getting here.
+        return Ok(FhirResponse::ok(stored_json(stored)?));
+    }
+    Ok(FhirResponse::stored(stored.json_bytes().to_vec()))
+}
+
 fn stored_json(stored: &StoredResource) -> Result<Value, ApiError> {
     stored
         .to_json()
@@ -248,8 +257,12 @@ pub(super) fn written(
     );
     let body = match prefer_return(headers) {
         Return::Minimal => None,
-        Return::OperationOutcome => Some(outcome("information", "informational", message)),
-        Return::Representation => Some(stored_json(stored)?),
+        Return::OperationOutcome => Some(ResponseBody::Json(outcome(
+            "information",
+            "informational",
+            message,
+        ))),
+        Return::Representation => Some(ResponseBody::Stored(stored.json_bytes().to_vec())),
     };
     let response = FhirResponse {
         status,
@@ -288,10 +301,7 @@ pub(crate) async fn read(
         };
         return Ok(with_version(response, &stored));
     }
-    Ok(with_version(
-        FhirResponse::ok(stored_json(&stored)?),
-        &stored,
-    ))
+    Ok(with_version(stored_response(&stored)?, &stored))
 }
 
 /// `GET [type]/[id]/_history/[vid]`
@@ -324,10 +334,7 @@ pub(crate) async fn vread(
         }
     })
     .await??;
-    Ok(with_version(
-        FhirResponse::ok(stored_json(&stored)?),
-        &stored,
-    ))
+    Ok(with_version(stored_response(&stored)?, &stored))
 }
 
 /// `POST [type]`, conditional with `If-None-Exist`.

@@ -15,6 +15,27 @@ use serde_json::{Value, json};
 #[derive(Debug, Clone)]
 pub(crate) struct PendingBody(pub(crate) Value);
 
+/// A resource's JSON exactly as the store returned it (compact, already serialized), which
+/// the envelope sends as is unless `_pretty` asks for indentation: a read by id skips
+/// parsing and re-serializing the resource.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingStoredBody(pub(crate) Vec<u8>);
+
+/// The body of a [`FhirResponse`].
+#[derive(Debug)]
+pub(crate) enum ResponseBody {
+    /// A JSON value to serialize.
+    Json(Value),
+    /// Stored resource JSON to send as is.
+    Stored(Vec<u8>),
+}
+
+impl From<Value> for ResponseBody {
+    fn from(value: Value) -> Self {
+        ResponseBody::Json(value)
+    }
+}
+
 /// Marks a response whose request the engine recorded in the audit log itself, so that the
 /// envelope does not record it a second time.
 #[derive(Debug, Clone, Copy)]
@@ -30,7 +51,7 @@ pub(crate) struct Denied;
 pub(crate) struct FhirResponse {
     pub(crate) status: StatusCode,
     pub(crate) headers: HeaderMap,
-    pub(crate) body: Option<Value>,
+    pub(crate) body: Option<ResponseBody>,
     /// Whether the engine audited the request.
     pub(crate) audited: bool,
 }
@@ -41,7 +62,17 @@ impl FhirResponse {
         FhirResponse {
             status: StatusCode::OK,
             headers: HeaderMap::new(),
-            body: Some(body),
+            body: Some(ResponseBody::Json(body)),
+            audited: true,
+        }
+    }
+
+    /// A 200 with a stored resource's JSON, sent without re-serializing it.
+    pub(crate) fn stored(json: Vec<u8>) -> Self {
+        FhirResponse {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Some(ResponseBody::Stored(json)),
             audited: true,
         }
     }
@@ -59,8 +90,14 @@ impl FhirResponse {
 impl IntoResponse for FhirResponse {
     fn into_response(self) -> Response {
         let mut response = (self.status, self.headers).into_response();
-        if let Some(body) = self.body {
-            response.extensions_mut().insert(PendingBody(body));
+        match self.body {
+            Some(ResponseBody::Json(body)) => {
+                response.extensions_mut().insert(PendingBody(body));
+            }
+            Some(ResponseBody::Stored(json)) => {
+                response.extensions_mut().insert(PendingStoredBody(json));
+            }
+            None => {}
         }
         if self.audited {
             response.extensions_mut().insert(Audited);

@@ -162,6 +162,17 @@ async fn create_read_update_vread_history_search_delete() {
     assert_eq!(read.body["name"][0]["family"], "Chalmers");
     assert_eq!(read.header(ETAG), "W/\"1\"");
     assert_security_headers(&read);
+    assert!(
+        read.header(CONTENT_TYPE)
+            .starts_with("application/fhir+json")
+    );
+    // The stored JSON goes out as is (compact) unless `_pretty` asks for indentation.
+    assert!(!read.raw.contains(&b'\n'));
+    assert_eq!(read.body, created.body);
+    let pretty = h.get(&format!("/Patient/{id}?_pretty=true")).await;
+    assert_eq!(pretty.status, StatusCode::OK);
+    assert!(pretty.raw.contains(&b'\n'));
+    assert_eq!(pretty.body, read.body);
 
     let not_modified = h
         .send(
