@@ -386,7 +386,7 @@ impl Database {
                     None => entry.resource_type.clone(),
                 };
                 let request = parse_search_url(&*self.registry()?, &url, Handling::Strict)?;
-                Ok(Done::Body(self.search(ctx, &request)?.to_bundle(base)))
+                Ok(Done::Body(self.search(ctx, &request)?.into_bundle(base)))
             }
         }
     }

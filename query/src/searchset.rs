@@ -6,8 +6,15 @@ use crate::search::{EntryMode, SearchResult};
 
 impl SearchResult {
     /// The result as a FHIR `searchset` Bundle; `base` is the server's base URL (no trailing
-    /// slash), used for `fullUrl` and links.
+    /// slash), used for `fullUrl` and links. Copies every resource: prefer
+    /// [`SearchResult::into_bundle`] when the result is not needed afterwards.
     pub fn to_bundle(&self, base: &str) -> Value {
+        self.clone().into_bundle(base)
+    }
+
+    /// [`SearchResult::to_bundle`], moving the resources into the Bundle instead of copying
+    /// them (a page of resources is most of a search's memory traffic).
+    pub fn into_bundle(self, base: &str) -> Value {
         let path_url = if self.path.is_empty() {
             base.to_string()
         } else {
@@ -40,16 +47,23 @@ impl SearchResult {
         }
         let mut entries: Vec<Value> = self
             .entries
-            .iter()
+            .into_iter()
             .map(|entry| {
-                json!({
-                    "fullUrl": format!("{base}/{}", entry.key),
-                    "resource": entry.resource,
-                    "search": {"mode": match entry.mode {
+                // Built by hand: `json!` would copy the resource through `to_value`.
+                let mut object = serde_json::Map::with_capacity(3);
+                object.insert(
+                    "fullUrl".into(),
+                    Value::String(format!("{base}/{}", entry.key)),
+                );
+                object.insert("resource".into(), entry.resource);
+                object.insert(
+                    "search".into(),
+                    json!({"mode": match entry.mode {
                         EntryMode::Match => "match",
                         EntryMode::Include => "include",
-                    }},
-                })
+                    }}),
+                );
+                Value::Object(object)
             })
             .collect();
         if !self.ignored.is_empty() {

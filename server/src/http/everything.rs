@@ -112,7 +112,7 @@ pub(crate) async fn everything(
             .map_err(|e| ApiError::query(&e, true))?;
         // Resources outside the token's compartment or search restrictions are left out.
         access::filter_result(&db, &info.grant, &mut result)?;
-        Ok::<_, ApiError>(result.to_bundle(&base))
+        Ok::<_, ApiError>(result.into_bundle(&base))
     })
     .await??;
     Ok(FhirResponse::ok(bundle))

@@ -554,7 +554,7 @@ async fn run_search(
         // `_include`d resources (and patients linked to the token's patient) the token does
         // not reach are left out.
         access::filter_result(&db, &info.grant, &mut result)?;
-        Ok(result.to_bundle(&base))
+        Ok(result.into_bundle(&base))
     })
     .await??;
     Ok(FhirResponse::ok(bundle))
