@@ -6,7 +6,9 @@
 # on a free loopback port, and measures with wrk:
 #   - read by id: GET Observation/ID rotating over the imported Observation ids (read.lua)
 #   - search, first page: GET Observation?code=http://loinc.org|8867-4 (50 entries)
-#   - transaction ingest: transaction Bundles of fresh resources, Prefer: return=minimal (ingest.py)
+#   - single creates: POST /Patient from every connection at once (create.lua; group commit)
+#   - transaction ingest: transaction Bundles of fresh resources (100 Bundles of 100 from 4
+#     connections, 20 of 1000 from 2), Prefer: return=minimal (ingest.py)
 # printing requests/s (resources/s for ingest) and latency median and p99.
 #
 # Usage: benches/http/run.sh        (DURATION=15s CONNECTIONS=16 THREADS=2 to change the load)
@@ -41,6 +43,7 @@ echo "== data: $PATIENTS patients, seed $SEED"
 "$bin" gen --patients "$PATIENTS" --seed "$SEED" --out "$work/synth"
 # The ingest data: the next patients of the same cohort, so their ids are new to the database.
 "$bin" gen --patients 60 --seed "$SEED" --first "$PATIENTS" --out "$work/ingest"
+"$bin" gen --patients 120 --seed "$SEED" --first "$((PATIENTS + 60))" --out "$work/ingest-large"
 "$bin" init --db "$work/db" --key-file "$work/key"
 "$bin" import --db "$work/db" --key-file "$work/key" "$work/synth"
 python3 -c '
@@ -95,12 +98,18 @@ echo "== search, first page ($THREADS threads, $CONNECTIONS connections, $DURATI
 wrk -t "$THREADS" -c "$CONNECTIONS" -d "$DURATION" --latency \
     -H "Accept: application/fhir+json" \
     "$base/Observation?code=http%3A%2F%2Floinc.org%7C8867-4" | tee "$work/search.txt"
+echo "== single creates ($THREADS threads, $CONNECTIONS connections, $DURATION)"
+wrk -t "$THREADS" -c "$CONNECTIONS" -d "$DURATION" --latency -s benches/http/create.lua \
+    "$base" | tee "$work/create.txt"
 echo "== transaction ingest"
 python3 benches/http/ingest.py "$base" "$work/ingest" --bundle-size 100 --max-bundles 100 \
     --connections 4 --seconds 120 | tee "$work/ingest.txt"
+python3 benches/http/ingest.py "$base" "$work/ingest-large" --bundle-size 1000 --max-bundles 20 \
+    --connections 2 --seconds 120 | tee -a "$work/ingest.txt"
 
 echo
 echo "== summary ($(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg))"
 summarize "read by id" < "$work/read.txt"
 summarize "search first page" < "$work/search.txt"
+summarize "single creates" < "$work/create.txt"
 cat "$work/ingest.txt"

@@ -10,7 +10,7 @@
 //! from the last index commit, so the index never stays behind the store.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use fhirkeep_engine::crypto::{KdfParams, KeySource};
@@ -126,6 +126,8 @@ pub struct Database {
     /// Serializes index catch-up and commits. Taken after `write_lock` when both are held,
     /// never before it, so the two cannot deadlock.
     index_lock: Mutex<()>,
+    /// Single-resource writes waiting for the next group commit (see [`Database::grouped`]).
+    queue: Mutex<Vec<Pending>>,
     /// Changes put into the index writer but not yet committed (bulk loads defer commits).
     progress: Mutex<IndexProgress>,
     limits: SearchLimits,
@@ -152,6 +154,59 @@ impl IndexProgress {
                 && self
                     .last_commit
                     .is_none_or(|at| at.elapsed() >= COMMIT_INTERVAL))
+    }
+}
+
+/// A single-resource write that can share a store transaction with others: it either fails
+/// before changing anything (validation, version conflict, not found) or writes its one
+/// version, so one operation's failure never leaves the shared transaction half changed.
+enum GroupOp {
+    Create(Value),
+    Update {
+        resource_type: String,
+        id: String,
+        resource: Value,
+        expected_version: Option<u64>,
+    },
+    Delete {
+        resource_type: String,
+        id: String,
+        expected_version: Option<u64>,
+    },
+}
+
+/// What a [`GroupOp`] did.
+enum GroupDone {
+    Created(StoredResource),
+    Updated(UpdateOutcome),
+    Deleted(DeleteOutcome),
+}
+
+/// Where a group commit leaves one operation's result.
+type GroupSlot = Arc<Mutex<Option<Result<GroupDone>>>>;
+
+/// One caller's operation in the group-commit queue.
+struct Pending {
+    ctx: AccessContext,
+    op: GroupOp,
+    slot: GroupSlot,
+}
+
+/// Fills every slot of a group that has no result yet, so that a group commit that fails
+/// (or panics) part-way answers every caller instead of leaving one without a result.
+struct UnansweredSlots(Vec<GroupSlot>);
+
+impl Drop for UnansweredSlots {
+    fn drop(&mut self) {
+        for slot in &self.0 {
+            if let Ok(mut result) = slot.lock()
+                && result.is_none()
+            {
+                *result = Some(Err(Error::Internal(
+                    "the group commit did not finish".into(),
+                )));
+            }
+        }
     }
 }
 
@@ -206,6 +261,14 @@ pub enum ConditionalOutcome {
 
 fn is_search_parameter(stored: &StoredResource) -> bool {
     stored.resource_type == "SearchParameter" && !stored.is_deleted()
+}
+
+/// The error of a group commit, for each operation in the group (engine errors carry no
+/// resource data, so their text is safe to repeat).
+fn shared_failure(message: &str) -> Error {
+    Error::Engine(fhirkeep_engine::Error::Storage(format!(
+        "the shared commit failed: {message}"
+    )))
 }
 
 fn resource_type_of(resource: &Value) -> Result<String> {
@@ -273,6 +336,7 @@ impl Database {
             registry: RwLock::new(Registry::r4()?),
             write_lock: Mutex::new(()),
             index_lock: Mutex::new(()),
+            queue: Mutex::new(Vec::new()),
             progress: Mutex::new(IndexProgress {
                 last_commit: Some(Instant::now()),
                 ..IndexProgress::default()
@@ -330,7 +394,10 @@ impl Database {
 
     /// Creates a resource with a server-assigned id.
     pub fn create(&self, ctx: &AccessContext, resource: Value) -> Result<StoredResource> {
-        self.write(ctx, |txn| Ok(txn.create(resource)?))
+        match self.grouped(ctx, GroupOp::Create(resource))? {
+            GroupDone::Created(stored) => Ok(stored),
+            _ => Err(Error::Internal("a create answered as another write".into())),
+        }
     }
 
     /// Updates (or creates with a client id) `Type/id`, optionally only if the current
@@ -343,9 +410,18 @@ impl Database {
         resource: Value,
         expected_version: Option<u64>,
     ) -> Result<UpdateOutcome> {
-        self.write(ctx, |txn| {
-            Ok(txn.update(resource_type, id, resource, expected_version)?)
-        })
+        let op = GroupOp::Update {
+            resource_type: resource_type.to_owned(),
+            id: id.to_owned(),
+            resource,
+            expected_version,
+        };
+        match self.grouped(ctx, op)? {
+            GroupDone::Updated(outcome) => Ok(outcome),
+            _ => Err(Error::Internal(
+                "an update answered as another write".into(),
+            )),
+        }
     }
 
     /// Deletes `Type/id` (a tombstone version).
@@ -356,9 +432,15 @@ impl Database {
         id: &str,
         expected_version: Option<u64>,
     ) -> Result<DeleteOutcome> {
-        self.write(ctx, |txn| {
-            Ok(txn.delete(resource_type, id, expected_version)?)
-        })
+        let op = GroupOp::Delete {
+            resource_type: resource_type.to_owned(),
+            id: id.to_owned(),
+            expected_version,
+        };
+        match self.grouped(ctx, op)? {
+            GroupDone::Deleted(outcome) => Ok(outcome),
+            _ => Err(Error::Internal("a delete answered as another write".into())),
+        }
     }
 
     /// Creates or updates many resources with their own ids in one transaction (bulk load).
@@ -582,6 +664,110 @@ impl Database {
         drop(guard);
         self.index_after_write(seq)?;
         Ok(result?)
+    }
+
+    /// Group commit of single-resource writes: the caller queues its operation and takes the
+    /// write lock; whoever holds it applies every queued operation in one store transaction
+    /// (each audited under its own caller's context) and commits once, so concurrent writers
+    /// share one durable commit (two fsyncs) instead of paying one each. Results are filled in
+    /// under the write lock, so once a caller holds the lock its operation either has its
+    /// result (an earlier holder took it) or is still queued (and this caller takes it).
+    fn grouped(&self, ctx: &AccessContext, op: GroupOp) -> Result<GroupDone> {
+        let slot: GroupSlot = Arc::new(Mutex::new(None));
+        self.lock_queue()?.push(Pending {
+            ctx: ctx.clone(),
+            op,
+            slot: Arc::clone(&slot),
+        });
+        let guard = self.lock_writes()?;
+        let batch = std::mem::take(&mut *self.lock_queue()?);
+        let committed = if batch.is_empty() {
+            None
+        } else {
+            Some(self.commit_group(batch))
+        };
+        drop(guard);
+        if let Some(Some(seq)) = committed {
+            self.index_after_write(seq)?;
+        }
+        let result = slot
+            .lock()
+            .map_err(|_| Error::Internal("a group commit slot is poisoned".into()))?
+            .take();
+        result.unwrap_or_else(|| Err(Error::Internal("a write got no result".into())))
+    }
+
+    /// Applies `batch` in one store transaction and commits it; every operation's slot gets
+    /// its result. Returns the store's last change seq when the commit succeeded.
+    fn commit_group(&self, batch: Vec<Pending>) -> Option<u64> {
+        let unanswered = UnansweredSlots(batch.iter().map(|p| Arc::clone(&p.slot)).collect());
+        let answer = |slot: &GroupSlot, result: Result<GroupDone>| {
+            if let Ok(mut place) = slot.lock() {
+                *place = Some(result);
+            }
+        };
+        let first_ctx = batch.first().map(|p| p.ctx.clone())?;
+        let mut txn = match self.store.begin_write(&first_ctx) {
+            Ok(txn) => txn,
+            Err(error) => {
+                let message = error.to_string();
+                for pending in &batch {
+                    answer(&pending.slot, Err(shared_failure(&message)));
+                }
+                return None;
+            }
+        };
+        let mut results = Vec::with_capacity(batch.len());
+        for Pending { ctx, op, slot } in batch {
+            txn.set_context(ctx);
+            let result = match op {
+                GroupOp::Create(resource) => txn.create(resource).map(GroupDone::Created),
+                GroupOp::Update {
+                    resource_type,
+                    id,
+                    resource,
+                    expected_version,
+                } => txn
+                    .update(&resource_type, &id, resource, expected_version)
+                    .map(GroupDone::Updated),
+                GroupOp::Delete {
+                    resource_type,
+                    id,
+                    expected_version,
+                } => txn
+                    .delete(&resource_type, &id, expected_version)
+                    .map(GroupDone::Deleted),
+            };
+            results.push((slot, result.map_err(Error::from)));
+        }
+        let wrote = txn.write_count() > 0;
+        match txn.commit() {
+            Ok(()) => {
+                for (slot, result) in results {
+                    answer(&slot, result);
+                }
+            }
+            Err(error) => {
+                // Nothing of the group is stored: every operation that would have written
+                // fails with the commit's error; refusals keep their own answer.
+                let message = error.to_string();
+                for (slot, result) in results {
+                    answer(&slot, result.and_then(|_| Err(shared_failure(&message))));
+                }
+                return None;
+            }
+        }
+        drop(unanswered);
+        if !wrote {
+            return None;
+        }
+        self.store.last_change_seq().ok()
+    }
+
+    fn lock_queue(&self) -> Result<MutexGuard<'_, Vec<Pending>>> {
+        self.queue
+            .lock()
+            .map_err(|_| Error::Internal("group commit queue poisoned".into()))
     }
 
     /// Runs `body` in one store write transaction (all or nothing), then brings the index in

@@ -199,3 +199,76 @@ fn concurrent_transactions_with_if_none_exist_create_exactly_one() {
         1
     );
 }
+
+#[test]
+fn a_refused_write_in_a_group_leaves_the_others_and_each_leaf_names_its_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let mut shared = patient_with("shared");
+    shared["id"] = json!("shared");
+    db.update(&ctx(), "Patient", "shared", shared.clone(), None)
+        .unwrap();
+    let start = Barrier::new(THREADS);
+    let outcomes: Vec<(String, Result<u64, String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|thread| {
+                let (db, start, shared) = (&db, &start, &shared);
+                scope.spawn(move || {
+                    let caller = AccessContext::new(
+                        format!("user-{thread}"),
+                        "test-app",
+                        "127.0.0.1",
+                        format!("req-{thread}"),
+                    );
+                    start.wait();
+                    // Every thread tries to move the resource from version 1: one wins,
+                    // the others are refused without writing anything.
+                    let contested = db
+                        .update(&caller, "Patient", "shared", shared.clone(), Some(1))
+                        .map(|o| o.resource.version)
+                        .map_err(|e| e.to_string());
+                    // And every thread's own create succeeds beside the refusals.
+                    let created = db
+                        .create(&caller, patient_with(&format!("own-{thread}")))
+                        .unwrap();
+                    (created.id, contested)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let winners = outcomes.iter().filter(|(_, r)| r.is_ok()).count();
+    assert_eq!(winners, 1, "{outcomes:?}");
+    for (_, result) in &outcomes {
+        if let Err(message) = result {
+            assert!(message.contains("version conflict"), "{message}");
+        }
+    }
+    assert_eq!(
+        db.store()
+            .read(&ctx(), "Patient", "shared")
+            .unwrap()
+            .version,
+        2
+    );
+    for thread in 0..THREADS {
+        let found = keys(&db, &format!("Patient?identifier={SYSTEM}|own-{thread}"));
+        assert_eq!(found.len(), 1, "thread {thread}");
+    }
+    // Each create's audit leaf records the caller who made it, even when it shared a commit.
+    db.store().flush_audit().unwrap();
+    let size = db.store().audit_size().unwrap();
+    let mut creators = std::collections::BTreeMap::new();
+    for seq in 0..size {
+        let leaf = db.store().audit_leaf(seq).unwrap();
+        if leaf.record.action == fhirkeep_engine::audit::AuditAction::Create
+            && let Some(id) = leaf.record.id.clone()
+        {
+            creators.insert(id, leaf.record.request_id.clone());
+        }
+    }
+    for (thread, (id, _)) in outcomes.iter().enumerate() {
+        assert_eq!(creators.get(id), Some(&format!("req-{thread}")), "{id}");
+    }
+    db.store().verify_audit().unwrap();
+}

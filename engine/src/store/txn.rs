@@ -469,6 +469,13 @@ impl<'s> WriteTxn<'s> {
         });
     }
 
+    /// Records the operations that follow as made by `ctx`: several callers' single writes
+    /// may share one transaction (a group commit, one durable commit for all), and each
+    /// audit leaf names the caller whose operation it records.
+    pub fn set_context(&mut self, ctx: AccessContext) {
+        self.ctx = ctx;
+    }
+
     /// Number of versions written so far in this transaction.
     pub fn write_count(&self) -> usize {
         self.writes
