@@ -21,7 +21,7 @@ use serde_json::Value;
 use crate::compartment::patient_compartment;
 use crate::database::Database;
 use crate::params::{Handling, parse_search};
-use crate::search::{EntryMode, SearchEntry, SearchResult};
+use crate::search::{EntryMode, EntryResource, SearchEntry, SearchResult};
 use crate::{Error, Result};
 
 /// The parameters of one `$everything` request.
@@ -303,7 +303,7 @@ impl Database {
         for ((_, key), stored) in all.drain(start..end) {
             entries.push(SearchEntry {
                 key,
-                resource: stored.to_json()?,
+                resource: EntryResource::Stored(stored.into_json_bytes()),
                 mode: EntryMode::Match,
             });
         }

@@ -53,5 +53,5 @@ pub use database::{
     ConditionalOutcome, Database, DatabaseBuilder, IndexStats, SearchLimits, SyncReport,
 };
 pub use error::{Error, Result};
-pub use search::{EntryMode, SearchEntry, SearchResult};
+pub use search::{EntryMode, EntryResource, SearchEntry, SearchResult};
 pub use summary::{apply_elements, apply_summary};

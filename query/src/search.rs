@@ -45,9 +45,43 @@ pub struct SearchEntry {
     /// `Type/id`.
     pub key: String,
     /// The resource (after `_summary`/`_elements`).
-    pub resource: Value,
+    pub resource: EntryResource,
     /// Match or include.
     pub mode: EntryMode,
+}
+
+/// A search entry's resource: the stored JSON as the store returned it, or, when
+/// `_summary`/`_elements` changed it, parsed. Keeping the stored bytes lets a page go out
+/// without parsing and re-serializing every resource ([`SearchResult::into_bundle_json`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum EntryResource {
+    /// The stored JSON (compact, as written by the engine).
+    Stored(Vec<u8>),
+    /// A parsed, possibly reduced, resource.
+    Parsed(Value),
+}
+
+impl EntryResource {
+    /// The resource as a JSON value.
+    pub fn to_json(&self) -> Result<Value> {
+        match self {
+            EntryResource::Parsed(value) => Ok(value.clone()),
+            EntryResource::Stored(json) => parse_stored(json),
+        }
+    }
+
+    /// The resource as a JSON value, without copying a parsed one.
+    pub fn into_json(self) -> Result<Value> {
+        match self {
+            EntryResource::Parsed(value) => Ok(value),
+            EntryResource::Stored(json) => parse_stored(&json),
+        }
+    }
+}
+
+fn parse_stored(json: &[u8]) -> Result<Value> {
+    serde_json::from_slice(json)
+        .map_err(|_| Error::Internal("a stored resource is not valid JSON".into()))
 }
 
 /// One page of a search result.
@@ -517,22 +551,29 @@ impl Database {
         let found = self
             .store()
             .read_many(ctx, AuditAction::Search, digest, &all_keys)?;
-        // Parsing the bodies is most of a large page's time: spread it over the cores.
+        // Parsing (for `_summary`/`_elements`) is most of a large page's time: spread it over
+        // the cores.
         let entries = found
             .into_par_iter()
             .enumerate()
             // A resource deleted between the index lookup and the read is left out.
             .filter_map(|(position, stored)| stored.map(|stored| (position, stored)))
             .map(|(position, stored)| {
-                let mut resource = stored.to_json()?;
-                if let Some(mode) = request.summary {
-                    apply_summary(&mut resource, mode);
-                }
-                if let Some(elements) = &request.elements {
-                    apply_elements(&mut resource, elements);
-                }
+                let key = format!("{}/{}", stored.resource_type, stored.id);
+                let resource = if request.summary.is_none() && request.elements.is_none() {
+                    EntryResource::Stored(stored.into_json_bytes())
+                } else {
+                    let mut resource = stored.to_json()?;
+                    if let Some(mode) = request.summary {
+                        apply_summary(&mut resource, mode);
+                    }
+                    if let Some(elements) = &request.elements {
+                        apply_elements(&mut resource, elements);
+                    }
+                    EntryResource::Parsed(resource)
+                };
                 Ok(SearchEntry {
-                    key: format!("{}/{}", stored.resource_type, stored.id),
+                    key,
                     resource,
                     mode: if position < page_keys.len() {
                         EntryMode::Match

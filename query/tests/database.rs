@@ -424,11 +424,12 @@ fn totals_summary_and_elements() {
     assert!(count.entries.is_empty());
     assert_eq!(run(&t.db, "Observation?_total=none").total, None);
     let summary = run(&t.db, "Patient?_id=p1&_summary=true");
-    let resource = &summary.entries[0].resource;
+    let resource = &summary.entries[0].resource.to_json().unwrap();
     assert!(resource.get("text").is_none() && resource.get("name").is_some());
     assert_eq!(resource["meta"]["tag"][0]["code"], "SUBSETTED");
     let elements = run(&t.db, "Patient?_id=p1&_elements=birthDate");
-    let object = elements.entries[0].resource.as_object().unwrap();
+    let resource = elements.entries[0].resource.to_json().unwrap();
+    let object = resource.as_object().unwrap();
     assert!(object.contains_key("birthDate") && !object.contains_key("name"));
 }
 

@@ -135,6 +135,11 @@ impl StoredResource {
         &self.body
     }
 
+    /// The resource JSON bytes, taken out of the version (empty for a deletion).
+    pub fn into_json_bytes(self) -> Vec<u8> {
+        self.body
+    }
+
     /// The resource JSON parsed; `Value::Null` for a deletion.
     pub fn to_json(&self) -> Result<Value> {
         if self.body.is_empty() {

@@ -112,8 +112,10 @@ pub(crate) async fn everything(
             .map_err(|e| ApiError::query(&e, true))?;
         // Resources outside the token's compartment or search restrictions are left out.
         access::filter_result(&db, &info.grant, &mut result)?;
-        Ok::<_, ApiError>(result.into_bundle(&base))
+        result
+            .into_bundle_json(&base)
+            .map_err(|e| ApiError::query(&e, false))
     })
     .await??;
-    Ok(FhirResponse::ok(bundle))
+    Ok(FhirResponse::stored(bundle))
 }

@@ -538,7 +538,7 @@ async fn run_search(
     let db = state.db();
     let base = state.base().to_owned();
     let deny = state.deny_status();
-    let bundle = blocking(move || -> Result<Value, ApiError> {
+    let bundle = blocking(move || -> Result<Vec<u8>, ApiError> {
         let request = {
             let registry = db.registry().map_err(|e| ApiError::query(&e, false))?;
             let mut request = parse_search(&registry, types, compartment, &pairs, handling)
@@ -554,10 +554,13 @@ async fn run_search(
         // `_include`d resources (and patients linked to the token's patient) the token does
         // not reach are left out.
         access::filter_result(&db, &info.grant, &mut result)?;
-        Ok(result.into_bundle(&base))
+        // Stored resources go into the Bundle's bytes as they are.
+        result
+            .into_bundle_json(&base)
+            .map_err(|e| ApiError::query(&e, false))
     })
     .await??;
-    Ok(FhirResponse::ok(bundle))
+    Ok(FhirResponse::stored(bundle))
 }
 
 /// The parameters of a `POST .../_search`: the URL's and the form body's.

@@ -15,9 +15,9 @@ use serde_json::{Value, json};
 #[derive(Debug, Clone)]
 pub(crate) struct PendingBody(pub(crate) Value);
 
-/// A resource's JSON exactly as the store returned it (compact, already serialized), which
-/// the envelope sends as is unless `_pretty` asks for indentation: a read by id skips
-/// parsing and re-serializing the resource.
+/// JSON already serialized (compact), such as a resource exactly as the store returned it or
+/// a searchset Bundle with stored resources copied in, which the envelope sends as is unless
+/// `_pretty` asks for indentation: no parsing and re-serializing of resources.
 #[derive(Debug, Clone)]
 pub(crate) struct PendingStoredBody(pub(crate) Vec<u8>);
 
@@ -26,7 +26,7 @@ pub(crate) struct PendingStoredBody(pub(crate) Vec<u8>);
 pub(crate) enum ResponseBody {
     /// A JSON value to serialize.
     Json(Value),
-    /// Stored resource JSON to send as is.
+    /// Serialized JSON (a stored resource, a Bundle of them) to send as is.
     Stored(Vec<u8>),
 }
 
@@ -67,7 +67,7 @@ impl FhirResponse {
         }
     }
 
-    /// A 200 with a stored resource's JSON, sent without re-serializing it.
+    /// A 200 with serialized JSON (a stored resource, a searchset Bundle), sent as is.
     pub(crate) fn stored(json: Vec<u8>) -> Self {
         FhirResponse {
             status: StatusCode::OK,
