@@ -355,6 +355,33 @@ fn respond_async(headers: &HeaderMap) -> bool {
 struct Params {
     types: Option<Vec<String>>,
     since: Option<DateTime<Utc>>,
+    /// `_typeFilter`: per type, searches whose matches (any of them) are exported; a type
+    /// without filters is exported whole.
+    type_filters: BTreeMap<String, Vec<Vec<(String, String)>>>,
+}
+
+/// Splits a `_typeFilter` value into its `Type?query` searches. Filters are comma-separated;
+/// a comma inside a search (an OR of values, `code=a,b`) belongs to the search before it, so a
+/// new filter starts only where a resource type and `?` follow the comma.
+fn split_type_filters(value: &str) -> Vec<&str> {
+    let mut filters: Vec<&str> = Vec::new();
+    let mut start = 0;
+    for (at, _) in value.match_indices(',') {
+        let next = &value[at + 1..];
+        let starts_filter = next
+            .split_once('?')
+            .is_some_and(|(t, _)| is_resource_type(t.trim()));
+        if starts_filter {
+            filters.push(&value[start..at]);
+            start = at + 1;
+        }
+    }
+    filters.push(&value[start..]);
+    filters
+        .into_iter()
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .collect()
 }
 
 fn parse_params(query: Option<&str>) -> Result<Params, ApiError> {
@@ -394,15 +421,86 @@ fn parse_params(query: Option<&str>) -> Result<Params, ApiError> {
                     ));
                 }
             }
+            "_typeFilter" => {
+                for filter in split_type_filters(&value) {
+                    let Some((resource_type, query)) = filter.split_once('?') else {
+                        return Err(ApiError::bad_request(
+                            "_typeFilter must be searches of the form Type?parameters",
+                        ));
+                    };
+                    if !is_resource_type(resource_type) {
+                        return Err(ApiError::bad_request(
+                            "_typeFilter names a type that is not an R4 resource type",
+                        ));
+                    }
+                    let pairs = decode_query(query).map_err(|e| ApiError::query(&e, false))?;
+                    if pairs.is_empty() {
+                        return Err(ApiError::bad_request(
+                            "a _typeFilter search needs at least one parameter",
+                        ));
+                    }
+                    params
+                        .type_filters
+                        .entry(resource_type.to_owned())
+                        .or_default()
+                        .push(pairs);
+                }
+            }
             "_format" | "_pretty" => {}
             _ => {
                 return Err(ApiError::bad_request(
-                    "only _type, _since and _outputFormat are supported by $export",
+                    "only _type, _since, _typeFilter and _outputFormat are supported by $export",
                 ));
             }
         }
     }
+    if let Some(types) = &params.types
+        && params.type_filters.keys().any(|t| !types.contains(t))
+    {
+        return Err(ApiError::bad_request(
+            "_typeFilter names a type that _type leaves out",
+        ));
+    }
     Ok(params)
+}
+
+/// Checks every `_typeFilter` search against the registry (400 naming the problem), so that
+/// a job never starts with a search that cannot run.
+fn check_type_filters(db: &Database, params: &Params) -> Result<(), ApiError> {
+    let registry = db.registry().map_err(|e| ApiError::query(&e, false))?;
+    for (resource_type, searches) in &params.type_filters {
+        for pairs in searches {
+            let request = parse_search(
+                &registry,
+                vec![resource_type.clone()],
+                None,
+                pairs,
+                Handling::Strict,
+            )
+            .map_err(|e| ApiError::query(&e, false))?;
+            // Results come whole: paging, sorting and reshaping have no place in a filter.
+            if pairs.iter().any(|(name, _)| {
+                matches!(
+                    name.as_str(),
+                    "_include"
+                        | "_revinclude"
+                        | "_sort"
+                        | "_count"
+                        | "_summary"
+                        | "_elements"
+                        | "_total"
+                        | "_cursor"
+                ) || name.starts_with("_include:")
+                    || name.starts_with("_revinclude:")
+            }) || request.criteria.is_empty()
+            {
+                return Err(ApiError::bad_request(
+                    "a _typeFilter search may only hold search criteria",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The types the export may contain: the requested (or every) type the token may read in
@@ -543,7 +641,13 @@ async fn kick_off(
     headers: &HeaderMap,
 ) -> Result<FhirResponse, ApiError> {
     precheck(&info, headers)?;
-    let params = parse_params(query.as_deref())?;
+    let mut params = parse_params(query.as_deref())?;
+    if !params.type_filters.is_empty() {
+        let db = state.db();
+        let checked =
+            tokio::task::spawn_blocking(move || check_type_filters(&db, &params).map(|()| params));
+        params = checked.await.map_err(|_| ApiError::internal())??;
+    }
     let running = lock(&state.exports().jobs)
         .values()
         .filter(|(job, _)| {
@@ -595,6 +699,7 @@ async fn kick_off(
         scope,
         types,
         since: params.since,
+        type_filters: params.type_filters,
         cancel: Arc::clone(&cancel),
     };
     let setup_state = state.clone();
@@ -632,6 +737,7 @@ struct ExportWork {
     scope: Scope,
     types: Vec<String>,
     since: Option<DateTime<Utc>>,
+    type_filters: BTreeMap<String, Vec<Vec<(String, String)>>>,
     cancel: Arc<AtomicBool>,
 }
 
@@ -753,13 +859,39 @@ impl ExportWork {
         types: Vec<String>,
         patient: Option<&str>,
     ) -> Result<Vec<String>, ApiError> {
-        let registry = db.registry().map_err(|e| ApiError::query(&e, false))?;
+        // Types with `_typeFilter` searches are searched one filter at a time (a match of any
+        // is exported); the others in one search.
+        let (filtered, whole): (Vec<String>, Vec<String>) = types
+            .into_iter()
+            .partition(|t| self.type_filters.contains_key(t));
         let compartment = patient.map(|p| ("Patient".to_owned(), p.to_owned()));
-        let request = parse_search(&registry, types, compartment, &[], Handling::Strict)
+        let mut searches: Vec<(Vec<String>, &[(String, String)])> = Vec::new();
+        if !whole.is_empty() {
+            searches.push((whole, &[]));
+        }
+        for resource_type in filtered {
+            for pairs in self.type_filters.get(&resource_type).into_iter().flatten() {
+                searches.push((vec![resource_type.clone()], pairs.as_slice()));
+            }
+        }
+        let mut keys = BTreeSet::new();
+        for (types, pairs) in searches {
+            let registry = db.registry().map_err(|e| ApiError::query(&e, false))?;
+            let request = parse_search(
+                &registry,
+                types,
+                compartment.clone(),
+                pairs,
+                Handling::Strict,
+            )
             .map_err(|e| ApiError::query(&e, false))?;
-        drop(registry);
-        db.matching_keys(&request)
-            .map_err(|e| ApiError::query(&e, false))
+            drop(registry);
+            keys.extend(
+                db.matching_keys(&request)
+                    .map_err(|e| ApiError::query(&e, false))?,
+            );
+        }
+        Ok(keys.into_iter().collect())
     }
 
     /// Reads `keys` and writes the current versions (changed after `_since`) as NDJSON
@@ -1030,6 +1162,22 @@ pub(crate) fn is_file_path(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn type_filters_split_at_commas_that_start_a_search() {
+        assert_eq!(
+            split_type_filters(
+                "Observation?code=a,b&status=final,Patient?gender=male, Encounter?class=x,"
+            ),
+            [
+                "Observation?code=a,b&status=final",
+                "Patient?gender=male",
+                "Encounter?class=x,"
+            ]
+        );
+        assert_eq!(split_type_filters("Patient?x=1"), ["Patient?x=1"]);
+        assert!(split_type_filters(" , ").is_empty());
+    }
 
     #[test]
     fn group_members_are_local_active_patients() {

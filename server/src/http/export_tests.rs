@@ -340,6 +340,55 @@ async fn type_and_since_filter_the_export() {
 }
 
 #[tokio::test]
+async fn type_filters_export_only_matches_of_their_types() {
+    let h = harness(false);
+    let db = h.state.db();
+    db.update(
+        &AccessContext::local("test"),
+        "Observation",
+        "o3",
+        json!({"resourceType": "Observation", "id": "o3", "status": "amended",
+               "code": {"text": "a measurement"}, "subject": {"reference": "Patient/p1"}}),
+        None,
+    )
+    .unwrap();
+    // Observations: only those matching either filter (one with an OR of values); every
+    // other type whole.
+    let status = h
+        .kick_off(
+            concat!(
+                "/$export?_type=Observation,Practitioner",
+                "&_typeFilter=Observation%3Fstatus%3Damended%2Ccancelled,",
+                "Observation%3Fsubject%3DPatient%2Fp2",
+            ),
+            None,
+        )
+        .await;
+    let files = h.files(&h.manifest(&status, None).await, None).await;
+    assert_eq!(
+        keys(&files),
+        ["Observation/o2", "Observation/o3", "Practitioner/dr1"]
+    );
+    // In a Patient export the filter applies within each compartment.
+    let status = h
+        .kick_off(
+            "/Patient/$export?_type=Patient,Observation&_typeFilter=Observation%3Fstatus%3Dfinal",
+            None,
+        )
+        .await;
+    let files = h.files(&h.manifest(&status, None).await, None).await;
+    assert_eq!(
+        keys(&files),
+        [
+            "Observation/o1",
+            "Observation/o2",
+            "Patient/p1",
+            "Patient/p2"
+        ]
+    );
+}
+
+#[tokio::test]
 async fn patient_and_group_exports_cover_compartments() {
     let h = harness(false);
     let status = h
@@ -379,7 +428,13 @@ async fn kick_off_needs_respond_async_and_valid_parameters() {
         "/$export?_outputFormat=text/csv",
         "/$export?_type=Nonsense",
         "/$export?_since=yesterday",
-        "/$export?_typeFilter=Patient%3Fgender%3Dmale",
+        "/$export?_elements=id",
+        // A _typeFilter must be a search of a known type with known parameters only.
+        "/$export?_typeFilter=Nonsense%3Fx%3D1",
+        "/$export?_typeFilter=Patient%3Fnope%3D1",
+        "/$export?_typeFilter=Patient",
+        "/$export?_typeFilter=Patient%3F_sort%3Dname",
+        "/$export?_type=Observation&_typeFilter=Patient%3Fgender%3Dmale",
     ] {
         let reply = h.call(Method::GET, uri, None, true).await;
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{uri}");
