@@ -605,11 +605,7 @@ fn auth_mode(auth: &AuthArgs) -> Result<http::AuthMode> {
     let jwks = match &auth.jwks {
         None => Vec::new(),
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the JWKS {}", path.display()))?;
-            let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a JSON Web Key Set", path.display()))?;
-            let (keys, skipped) = http::auth::trusted_keys(&set);
+            let (keys, skipped) = http::auth::load_jwks(path).map_err(anyhow::Error::msg)?;
             if skipped > 0 {
                 eprintln!(
                     "warning: {skipped} key(s) of {} are not usable signature keys (RSA of \
@@ -617,14 +613,13 @@ fn auth_mode(auth: &AuthArgs) -> Result<http::AuthMode> {
                     path.display()
                 );
             }
-            if keys.is_empty() {
-                bail!("{} holds no usable signature key", path.display());
-            }
             keys
         }
     };
     Ok(http::AuthMode::Smart(http::SmartSettings {
         jwks,
+        // Read again while running, so that the issuer's key rotation needs no restart.
+        jwks_file: auth.jwks.clone(),
         issuer: auth.issuer.clone(),
         require_mfa: auth.require_mfa_for_privileged,
         endpoints: http::OAuthUris {

@@ -4,6 +4,10 @@
 //!
 //! Nothing here logs or returns a token or a claim's value: errors carry fixed descriptions.
 
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use fhirkeep_engine::resource::is_valid_id;
@@ -379,6 +383,37 @@ struct Claims {
     amr: Option<Vec<String>>,
 }
 
+/// Reads a JWKS file: its usable keys and how many were skipped, or why it cannot be used.
+/// The error text names the file but holds none of its content.
+pub(crate) fn load_jwks(path: &Path) -> Result<(Vec<TrustedKey>, usize), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("reading the JWKS {}: {e}", path.display()))?;
+    let set: JwkSet = serde_json::from_str(&text)
+        .map_err(|_| format!("{} is not a JSON Web Key Set", path.display()))?;
+    let (keys, skipped) = trusted_keys(&set);
+    if keys.is_empty() {
+        return Err(format!("{} holds no usable signature key", path.display()));
+    }
+    Ok((keys, skipped))
+}
+
+/// How the `--jwks` file is read again while the server runs, so that an authorization
+/// server's key rotation needs no restart: when a token names a key id no trusted key has
+/// (a new key), at most every `min_interval`; and in any case once the keys are older than
+/// `max_age` (so a key removed from the file, say a compromised one, stops being trusted).
+#[derive(Debug)]
+struct JwksReload {
+    path: PathBuf,
+    min_interval: Duration,
+    max_age: Duration,
+    last: Mutex<Instant>,
+}
+
+/// The `--jwks` reload timing of a running server.
+pub(crate) const JWKS_RELOAD_MIN_INTERVAL: Duration = Duration::from_secs(30);
+/// The longest keys from the `--jwks` file are trusted without reading the file again.
+pub(crate) const JWKS_MAX_AGE: Duration = Duration::from_secs(300);
+
 /// Token validation settings of `--auth smart`.
 #[derive(Debug)]
 pub(crate) struct SmartAuth {
@@ -386,7 +421,9 @@ pub(crate) struct SmartAuth {
     base_url: String,
     /// `--issuer`: the only `iss` accepted from JWKS keys.
     issuer: Option<String>,
-    keys: Vec<TrustedKey>,
+    /// The server's own key first, then the `--jwks` keys.
+    keys: RwLock<Vec<TrustedKey>>,
+    reload: Option<JwksReload>,
     require_mfa: bool,
     own_jwk: Value,
     endpoints: OAuthUris,
@@ -406,10 +443,63 @@ impl SmartAuth {
         SmartAuth {
             base_url: base_url.trim_end_matches('/').to_owned(),
             issuer: issuer.map(|i| i.trim_end_matches('/').to_owned()),
-            keys,
+            keys: RwLock::new(keys),
+            reload: None,
             require_mfa,
             own_jwk: own.public_jwk(),
             endpoints,
+        }
+    }
+
+    /// Reads the `--jwks` keys again from `path` while running (see [`JwksReload`]).
+    pub(crate) fn reloading_jwks(
+        mut self,
+        path: PathBuf,
+        min_interval: Duration,
+        max_age: Duration,
+    ) -> SmartAuth {
+        self.reload = Some(JwksReload {
+            path,
+            min_interval,
+            max_age,
+            last: Mutex::new(Instant::now()),
+        });
+        self
+    }
+
+    /// Reads the `--jwks` file again if `kid` is unknown (and the last read is at least the
+    /// minimum interval ago) or the keys are older than their maximum age. A file that cannot
+    /// be used keeps the keys as they are (logged).
+    fn reload_jwks_if_due(&self, kid: Option<&str>) {
+        let Some(reload) = &self.reload else {
+            return;
+        };
+        let unknown = kid.is_some_and(|kid| {
+            self.keys
+                .read()
+                .is_ok_and(|keys| !keys.iter().any(|k| k.kid.as_deref() == Some(kid)))
+        });
+        {
+            let Ok(mut last) = reload.last.lock() else {
+                return;
+            };
+            let age = last.elapsed();
+            if !(age >= reload.max_age || (unknown && age >= reload.min_interval)) {
+                return;
+            }
+            *last = Instant::now();
+        }
+        match load_jwks(&reload.path) {
+            Ok((external, _)) => {
+                if let Ok(mut keys) = self.keys.write() {
+                    keys.retain(|k| k.own);
+                    keys.extend(external);
+                    tracing::info!(keys = keys.len() - 1, "read the JWKS again");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the JWKS could not be read again; keeping its keys");
+            }
         }
     }
 
@@ -440,7 +530,12 @@ impl SmartAuth {
                 "the token's algorithm is not accepted (RS256, ES256, EdDSA)",
             ));
         }
-        let of_algorithm = || self.keys.iter().filter(|k| k.algorithm == header.alg);
+        self.reload_jwks_if_due(header.kid.as_deref());
+        let keys = self
+            .keys
+            .read()
+            .map_err(|_| AuthError::Invalid("the trusted keys are unavailable"))?;
+        let of_algorithm = || keys.iter().filter(|k| k.algorithm == header.alg);
         let by_kid: Vec<&TrustedKey> = match &header.kid {
             Some(kid) => of_algorithm()
                 .filter(|k| k.kid.as_deref() == Some(kid.as_str()))
@@ -805,6 +900,81 @@ mod tests {
         assert_eq!(bearer_token(&headers), Ok(None));
         headers.append(AUTHORIZATION, HeaderValue::from_static("Bearer x"));
         assert!(bearer_token(&headers).is_err());
+    }
+
+    #[test]
+    fn a_rotated_jwks_is_read_again_for_new_and_removed_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("issuers.jwks.json");
+        let write = |keys: Vec<Value>| {
+            std::fs::write(&path, json!({"keys": keys}).to_string()).unwrap();
+        };
+        let old_key = IssuerKey::from_secret(Zeroizing::new([11u8; 32]));
+        let new_key = IssuerKey::from_secret(Zeroizing::new([12u8; 32]));
+        write(vec![old_key.public_jwk()]);
+        let (keys, _) = load_jwks(&path).unwrap();
+        let own = IssuerKey::from_secret(Zeroizing::new([7u8; 32]));
+        let max_age = Duration::from_millis(300);
+        let auth = SmartAuth::new(
+            "http://h.test",
+            &own,
+            keys,
+            None,
+            false,
+            OAuthUris::default(),
+        )
+        .reloading_jwks(path.clone(), Duration::ZERO, max_age);
+        let token = |key: &IssuerKey| {
+            let now = chrono::Utc::now().timestamp();
+            key.sign(&TokenClaims {
+                iss: "https://issuer.test".into(),
+                aud: "http://h.test".into(),
+                sub: "me".into(),
+                client_id: "cli".into(),
+                iat: now,
+                nbf: now,
+                exp: now + 60,
+                jti: "1".into(),
+                scope: "system/*.rs".into(),
+                patient: None,
+            })
+            .unwrap()
+        };
+        assert!(auth.validate(&token(&old_key)).is_ok());
+        assert!(auth.validate(&token(&new_key)).is_err());
+        // The issuer rotates: a token with the new key id makes the server read the file.
+        write(vec![old_key.public_jwk(), new_key.public_jwk()]);
+        assert!(auth.validate(&token(&new_key)).is_ok());
+        // The old key is withdrawn: it stops being trusted once the keys reach their age.
+        write(vec![new_key.public_jwk()]);
+        std::thread::sleep(max_age + Duration::from_millis(50));
+        assert!(auth.validate(&token(&old_key)).is_err());
+        assert!(auth.validate(&token(&new_key)).is_ok());
+        // A broken file keeps the keys as they were.
+        std::fs::write(&path, "not json").unwrap();
+        std::thread::sleep(max_age + Duration::from_millis(50));
+        assert!(auth.validate(&token(&new_key)).is_ok());
+        assert!(load_jwks(&path).is_err());
+        // The server's own key is never dropped by a reload.
+        write(vec![new_key.public_jwk()]);
+        std::thread::sleep(max_age + Duration::from_millis(50));
+        let now = chrono::Utc::now().timestamp();
+        let own_token = own
+            .sign(&TokenClaims {
+                iss: "http://h.test".into(),
+                aud: "http://h.test".into(),
+                sub: "me".into(),
+                client_id: "cli".into(),
+                iat: now,
+                nbf: now,
+                exp: now + 60,
+                jti: "2".into(),
+                scope: "system/*.rs".into(),
+                patient: None,
+            })
+            .unwrap();
+        assert!(auth.validate(&own_token).is_ok());
+        assert!(auth.validate(&token(&new_key)).is_ok());
     }
 
     #[test]

@@ -102,6 +102,7 @@ fn harness_with(options: Options) -> Harness {
             max_body_bytes: super::DEFAULT_BODY_LIMIT,
             auth: AuthMode::Smart(SmartSettings {
                 jwks,
+                jwks_file: None,
                 issuer: options.issuer,
                 require_mfa: options.require_mfa,
                 endpoints: super::OAuthUris {

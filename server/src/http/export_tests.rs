@@ -86,6 +86,7 @@ fn harness(smart: bool) -> Harness {
         let (jwks, _) = trusted_keys(&serde_json::from_str(JWKS).unwrap());
         AuthMode::Smart(SmartSettings {
             jwks,
+            jwks_file: None,
             issuer: None,
             require_mfa: false,
             endpoints: super::OAuthUris::default(),

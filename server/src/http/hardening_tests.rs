@@ -46,6 +46,7 @@ fn harness_with(hardening: Hardening, smart: bool, limits: SearchLimits) -> Harn
     let auth = if smart {
         AuthMode::Smart(SmartSettings {
             jwks: Vec::new(),
+            jwks_file: None,
             issuer: None,
             require_mfa: false,
             endpoints: OAuthUris::default(),

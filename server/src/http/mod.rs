@@ -79,6 +79,8 @@ pub(crate) enum AuthMode {
 pub(crate) struct SmartSettings {
     /// Keys of trusted issuers (`--jwks`), besides the server's own issuer key.
     pub(crate) jwks: Vec<auth::TrustedKey>,
+    /// The `--jwks` file, read again while running (key rotation) when given.
+    pub(crate) jwks_file: Option<std::path::PathBuf>,
     /// `--issuer`: the only `iss` accepted from `jwks` keys.
     pub(crate) issuer: Option<String>,
     /// `--require-mfa-for-privileged`.
@@ -120,14 +122,22 @@ impl AppState {
                 let own = auth::IssuerKey::from_secret(
                     db.store().derive_secret(auth::ISSUER_KEY_PURPOSE),
                 );
-                Some(auth::SmartAuth::new(
+                let smart = auth::SmartAuth::new(
                     &config.base_url,
                     &own,
                     settings.jwks.clone(),
                     settings.issuer.clone(),
                     settings.require_mfa,
                     settings.endpoints.clone(),
-                ))
+                );
+                Some(match &settings.jwks_file {
+                    Some(path) => smart.reloading_jwks(
+                        path.clone(),
+                        auth::JWKS_RELOAD_MIN_INTERVAL,
+                        auth::JWKS_MAX_AGE,
+                    ),
+                    None => smart,
+                })
             }
         };
         AppState {

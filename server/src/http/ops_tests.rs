@@ -78,6 +78,7 @@ fn harness(smart: bool) -> Harness {
     let auth = if smart {
         AuthMode::Smart(SmartSettings {
             jwks: Vec::new(),
+            jwks_file: None,
             issuer: None,
             require_mfa: false,
             endpoints: super::OAuthUris::default(),
