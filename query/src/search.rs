@@ -564,7 +564,7 @@ impl Database {
         let docs = self.index().matching(&searcher, query.as_ref())?;
         let mut keys = Vec::with_capacity(docs.len());
         for doc in docs {
-            keys.push(self.index().doc(&searcher, doc)?.key);
+            keys.push(self.index().key(&searcher, doc)?);
         }
         keys.sort();
         Ok(keys)
@@ -608,7 +608,8 @@ impl Database {
         })
     }
 
-    /// Every match with its sort values, in result order (reads each match's stored fields).
+    /// Every match with its sort values, in result order (reads each match's key and sort
+    /// columns).
     fn rank(
         &self,
         searcher: &tantivy::Searcher,
@@ -767,7 +768,7 @@ impl Database {
                 let prefix = format!("{reference}{SEP}");
                 let mut targets = HashSet::new();
                 for doc in docs {
-                    for entry in index.doc(searcher, doc)?.refs {
+                    for entry in index.refs(searcher, doc)? {
                         if let Some(target) = entry.strip_prefix(&prefix) {
                             let target_type = target.split('/').next().unwrap_or("");
                             if types.is_empty() || types.iter().any(|t| t == target_type) {
@@ -832,7 +833,7 @@ impl Database {
             )));
         }
         docs.into_iter()
-            .map(|doc| Ok(index.doc(searcher, doc)?.key))
+            .map(|doc| index.key(searcher, doc))
             .collect()
     }
 
@@ -863,7 +864,7 @@ impl Database {
                     let docs = index
                         .matching(searcher, index.field_term(index.fields().key, key).as_ref())?;
                     for doc in docs {
-                        for entry in index.doc(searcher, doc)?.refs {
+                        for entry in index.refs(searcher, doc)? {
                             let Some((code, target)) = entry.split_once(SEP) else {
                                 continue;
                             };
@@ -913,7 +914,7 @@ impl Database {
                     any_of(refs),
                 ]);
                 for doc in index.matching(searcher, query.as_ref())? {
-                    let key = index.doc(searcher, doc)?.key;
+                    let key = index.key(searcher, doc)?;
                     if seen.insert(key.clone()) {
                         next.push(key);
                     }
