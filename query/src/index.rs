@@ -414,7 +414,8 @@ impl SearchIndex {
         self.column_values(searcher, address, "refs")
     }
 
-    /// A document's values in the string column `field`, in column (byte) order.
+    /// A document's values in the string column `field`, in the order they were added (as
+    /// the document store kept them).
     fn column_values(
         &self,
         searcher: &tantivy::Searcher,
@@ -588,6 +589,89 @@ pub fn regex_escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tantivy::directory::RamDirectory;
+    use tantivy::query::AllQuery;
+
+    #[test]
+    fn documents_read_back_from_the_columns() {
+        let index = SearchIndex::open(Box::new(RamDirectory::create()))
+            .unwrap()
+            .unwrap();
+        let entries = |reference: &str, sort: &[&str]| IndexEntries {
+            terms: vec!["code\u{1f}t\u{1f}x".into()],
+            references: vec![format!("subject\u{1f}{reference}")],
+            sort_keys: sort.iter().map(|s| (*s).to_string()).collect(),
+            ..IndexEntries::default()
+        };
+        let changes = [
+            (
+                "Observation/a",
+                entries("Patient/p", &["date\u{1f}2", "_id\u{1f}a"]),
+            ),
+            ("Observation/b", entries("Patient/q", &["_id\u{1f}b"])),
+            ("Patient/p", IndexEntries::default()),
+        ]
+        .map(|(key, entries)| DocumentChange {
+            key: key.into(),
+            replaces: false,
+            document: Some(index.document(key, key.split('/').next().unwrap(), &entries)),
+        });
+        index.apply(changes).unwrap();
+        index.commit(Some(1)).unwrap();
+        let searcher = index.searcher();
+        let mut docs: Vec<IndexedDoc> = index
+            .matching(&searcher, &AllQuery)
+            .unwrap()
+            .into_iter()
+            .map(|address| index.doc(&searcher, address).unwrap())
+            .collect();
+        docs.sort_by(|a, b| a.key.cmp(&b.key));
+        let seen: Vec<(&str, Vec<&str>, Vec<&str>)> = docs
+            .iter()
+            .map(|d| {
+                (
+                    d.key.as_str(),
+                    d.refs.iter().map(String::as_str).collect(),
+                    d.sort.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (
+                    "Observation/a",
+                    vec!["subject\u{1f}Patient/p"],
+                    vec!["date\u{1f}2", "_id\u{1f}a"]
+                ),
+                (
+                    "Observation/b",
+                    vec!["subject\u{1f}Patient/q"],
+                    vec!["_id\u{1f}b"]
+                ),
+                ("Patient/p", vec![], vec![]),
+            ]
+        );
+        // Nothing goes to the document store (its bytes per document were the point).
+        let schema = index.tantivy().schema();
+        assert!(schema.fields().all(|(_, entry)| !entry.is_stored()));
+    }
+
+    #[test]
+    fn an_index_of_the_previous_schema_is_refused_for_a_rebuild() {
+        // Schema version 4: key, refs and sort stored, field norms on.
+        let directory = RamDirectory::create();
+        let mut builder = Schema::builder();
+        builder.add_text_field("key", tantivy::schema::STRING | tantivy::schema::STORED);
+        builder.add_text_field("refs", tantivy::schema::STORED);
+        Index::create(
+            directory.clone(),
+            builder.build(),
+            tantivy::IndexSettings::default(),
+        )
+        .unwrap();
+        assert!(SearchIndex::open(Box::new(directory)).unwrap().is_none());
+    }
 
     #[test]
     fn payload_round_trips() {
