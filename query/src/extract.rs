@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `s` | string | normalized text (starts-with is a term range) |
 //! | `e` | string | exact text |
-//! | `t` | token | `code`, `system|code`, `system|`, `|code` (no system) |
+//! | `t` | token | `code`, `system|code`, `system|`, `|code` (no system; not for `_id`, see [`ID_PARAM`]) |
 //! | `x` | token | normalized display / text (`:text`) |
 //! | `o` | token (Identifier) | `typesystem|typecode|value` (`:of-type`) |
 //! | `r` | reference | `Type/id`, `id`, absolute URL, canonical with and without version |
@@ -32,6 +32,9 @@ use crate::values::{
 
 /// The separator between the parts of an index term.
 pub const SEP: char = '\u{1f}';
+
+/// The resource id parameter, whose token values never have a system.
+pub const ID_PARAM: &str = "_id";
 
 /// Everything one resource contributes to the index.
 #[derive(Debug, Default, Clone)]
@@ -187,6 +190,9 @@ fn emit(code: &str, value: &IndexValue, entries: &mut IndexEntries) {
                     terms.push(term(code, "t", &format!("{system}|{value}")));
                     terms.push(term(code, "t", &format!("{system}|")));
                 }
+                // A resource id never has a system, so `_id=|x` is looked up as `_id=x` and
+                // needs no term of its own: one unique term per resource less.
+                None if code == ID_PARAM => {}
                 None => terms.push(term(code, "t", &format!("|{value}"))),
             }
             sort.push(format!("{code}{SEP}{value}"));

@@ -16,7 +16,7 @@ use tantivy::DocAddress;
 use tantivy::query::{Query, QueryParser};
 
 use crate::database::Database;
-use crate::extract::SEP;
+use crate::extract::{ID_PARAM, SEP};
 use crate::index::{SearchIndex, all_of, any_of, none_of, regex_escape};
 use crate::params::{
     Criterion, Modifier, Prefix, SearchRequest, SortKey, SummaryMode, TotalMode, split_escaped,
@@ -1057,7 +1057,14 @@ fn value_query(
             Modifier::In | Modifier::NotIn => {
                 return Err(Error::Internal("`:in` reached the term builder".into()));
             }
-            _ => index.term(&t("t", &token_form(value))),
+            _ => {
+                let form = token_form(value);
+                // `_id` has no `|id` terms (ids have no system): `|id` means `id`.
+                match form.strip_prefix('|') {
+                    Some(id) if code == ID_PARAM => index.term(&t("t", id)),
+                    _ => index.term(&t("t", &form)),
+                }
+            }
         },
         ParamType::Reference => {
             if *modifier == Modifier::Identifier {

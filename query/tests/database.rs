@@ -507,6 +507,13 @@ fn every_parameter_type_and_modifier() {
         keys(db, "?_type=Patient,Observation&_id=p1,o3"),
         ["Observation/o3", "Patient/p1"]
     );
+    // An id has no system: `|id` finds it (without a term of its own), `system|id` does not.
+    assert_eq!(
+        keys(db, "?_type=Patient,Observation&_id=|p1,|o3"),
+        ["Observation/o3", "Patient/p1"]
+    );
+    assert_eq!(keys(db, "Patient?_id:not=|p1").len(), 2);
+    assert!(keys(db, "Patient?_id=http://x|p1").is_empty());
     assert_eq!(keys(db, "Patient?_lastUpdated=gt2000-01-01").len(), 3);
     assert!(keys(db, "Patient?_lastUpdated=lt2000-01-01").is_empty());
 }
