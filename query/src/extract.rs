@@ -195,7 +195,11 @@ fn emit(code: &str, value: &IndexValue, entries: &mut IndexEntries) {
                 None if code == ID_PARAM => {}
                 None => terms.push(term(code, "t", &format!("|{value}"))),
             }
-            sort.push(format!("{code}{SEP}{value}"));
+            // `_id` sorts by the key column (see `search`): a unique sort value per resource
+            // less.
+            if code != ID_PARAM {
+                sort.push(format!("{code}{SEP}{value}"));
+            }
         }
         IndexValue::TokenText(text) => {
             let normalized = normalize_string(text);

@@ -257,12 +257,19 @@ fn page_by_sort_key(
             }
             None => (0, 0),
         };
+        // `_id` (only for matches of one type, see `page`): the key ordinal is the sort value,
+        // since keys of one type are ordered like their ids.
+        let by_id = sort.code == ID_PARAM;
         // (sort ordinal, key ordinal) per doc; None sorts last either way.
         let mut items: Vec<(Option<u64>, u64)> = Vec::with_capacity(segment_docs.len());
         for &doc in &segment_docs {
             let Some(key_ord) = key_column.term_ords(doc).next() else {
                 continue;
             };
+            if by_id {
+                items.push((Some(key_ord), key_ord));
+                continue;
+            }
             let values = sort_column
                 .as_ref()
                 .into_iter()
@@ -298,6 +305,7 @@ fn page_by_sort_key(
                 .ord_to_str(item.1, &mut key)
                 .map_err(column_error)?;
             let value = match (item.0, &sort_column) {
+                _ if by_id => key.split_once('/').map(|(_, id)| id.to_string()),
                 (Some(ord), Some(column)) => {
                     let mut text = String::new();
                     column.ord_to_str(ord, &mut text).map_err(column_error)?;
@@ -584,7 +592,11 @@ impl Database {
             return page_by_key(self.index(), searcher, &docs, anchor, count);
         }
         if let [key] = request.sort.as_slice() {
-            return page_by_sort_key(self.index(), searcher, &docs, key, anchor, count);
+            // `_id` has no sort column values: its order is the key order when every match
+            // has the same type; across types it takes the general path below.
+            if key.code != ID_PARAM || request.resource_types.len() == 1 {
+                return page_by_sort_key(self.index(), searcher, &docs, key, anchor, count);
+            }
         }
         let ranked = self.rank(searcher, &docs, request)?;
         let (start, end) = match anchor {

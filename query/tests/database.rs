@@ -513,6 +513,11 @@ fn every_parameter_type_and_modifier() {
         ["Observation/o3", "Patient/p1"]
     );
     assert_eq!(keys(db, "Patient?_id:not=|p1").len(), 2);
+    // `_sort=_id` across types: the general path (ids from the keys).
+    assert_eq!(
+        keys(db, "?_type=Patient,Observation&_id=p1,o3&_sort=-_id"),
+        ["Patient/p1", "Observation/o3"]
+    );
     assert!(keys(db, "Patient?_id=http://x|p1").is_empty());
     assert_eq!(keys(db, "Patient?_lastUpdated=gt2000-01-01").len(), 3);
     assert!(keys(db, "Patient?_lastUpdated=lt2000-01-01").is_empty());
