@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `s` | string | normalized text (starts-with is a term range) |
 //! | `e` | string | exact text |
-//! | `t` | token | `code`, `system|code`, `system|`, `|code` (no system; not for `_id`, see [`ID_PARAM`]) |
+//! | `t` | token | `code`, `system|code`, `system|`, `|code` (no system); none for `_id`, see [`ID_PARAM`] |
 //! | `x` | token | normalized display / text (`:text`) |
 //! | `o` | token (Identifier) | `typesystem|typecode|value` (`:of-type`) |
 //! | `r` | reference | `Type/id`, `id`, absolute URL, canonical with and without version |
@@ -33,7 +33,8 @@ use crate::values::{
 /// The separator between the parts of an index term.
 pub const SEP: char = '\u{1f}';
 
-/// The resource id parameter, whose token values never have a system.
+/// The resource id parameter: it has only its presence term, since the document key
+/// (`Type/id`) answers `_id` searches and sorts.
 pub const ID_PARAM: &str = "_id";
 
 /// Everything one resource contributes to the index.
@@ -184,22 +185,23 @@ fn emit(code: &str, value: &IndexValue, entries: &mut IndexEntries) {
             if value.is_empty() {
                 return;
             }
+            if code == ID_PARAM {
+                // The id is the second half of the document's key: `_id` searches look up
+                // `key` terms and `_sort=_id` reads the key column (see `search`), so the id,
+                // unique per resource, needs no term or sort value of its own. The presence
+                // term (`:missing`) is still added by the caller.
+                terms.push(term(code, "p", ""));
+                return;
+            }
             terms.push(term(code, "t", value));
             match system {
                 Some(system) => {
                     terms.push(term(code, "t", &format!("{system}|{value}")));
                     terms.push(term(code, "t", &format!("{system}|")));
                 }
-                // A resource id never has a system, so `_id=|x` is looked up as `_id=x` and
-                // needs no term of its own: one unique term per resource less.
-                None if code == ID_PARAM => {}
                 None => terms.push(term(code, "t", &format!("|{value}"))),
             }
-            // `_id` sorts by the key column (see `search`): a unique sort value per resource
-            // less.
-            if code != ID_PARAM {
-                sort.push(format!("{code}{SEP}{value}"));
-            }
+            sort.push(format!("{code}{SEP}{value}"));
         }
         IndexValue::TokenText(text) => {
             let normalized = normalize_string(text);

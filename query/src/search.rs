@@ -1069,14 +1069,8 @@ fn value_query(
             Modifier::In | Modifier::NotIn => {
                 return Err(Error::Internal("`:in` reached the term builder".into()));
             }
-            _ => {
-                let form = token_form(value);
-                // `_id` has no `|id` terms (ids have no system): `|id` means `id`.
-                match form.strip_prefix('|') {
-                    Some(id) if code == ID_PARAM => index.term(&t("t", id)),
-                    _ => index.term(&t("t", &form)),
-                }
-            }
+            _ if code == ID_PARAM => id_query(index, types, &token_form(value)),
+            _ => index.term(&t("t", &token_form(value))),
         },
         ParamType::Reference => {
             if *modifier == Modifier::Identifier {
@@ -1166,6 +1160,27 @@ fn value_query(
 }
 
 /// A token search value in the form it is indexed under.
+/// `_id=value` as lookups of the document key `Type/id` for each of `types` (every R4 type
+/// when none is given): ids are not indexed as terms of their own. An id has no system, so
+/// `|id` is `id` and `system|id` matches nothing.
+fn id_query(index: &SearchIndex, types: &[String], form: &str) -> Box<dyn Query> {
+    let id = form.strip_prefix('|').unwrap_or(form);
+    if id.contains('|') {
+        return Box::new(tantivy::query::EmptyQuery);
+    }
+    let key = |t: &str| index.field_term(index.fields().key, &format!("{t}/{id}"));
+    if types.is_empty() {
+        any_of(
+            fhirkeep_engine::resource::resource_types()
+                .iter()
+                .map(|t| key(t))
+                .collect(),
+        )
+    } else {
+        any_of(types.iter().map(|t| key(t)).collect())
+    }
+}
+
 fn token_form(value: &str) -> String {
     let parts = split_escaped(value, '|');
     match parts.as_slice() {
