@@ -188,8 +188,9 @@ fn emit(code: &str, value: &IndexValue, entries: &mut IndexEntries) {
             if code == ID_PARAM {
                 // The id is the second half of the document's key: `_id` searches look up
                 // `key` terms and `_sort=_id` reads the key column (see `search`), so the id,
-                // unique per resource, needs no term or sort value of its own. The presence
-                // term (`:missing`) is still added by the caller.
+                // unique per resource, needs no term or sort value of its own. It keeps its
+                // presence term (`:missing`), pushed here because the caller adds one only
+                // for a parameter that added terms.
                 terms.push(term(code, "p", ""));
                 return;
             }

@@ -1159,7 +1159,6 @@ fn value_query(
     })
 }
 
-/// A token search value in the form it is indexed under.
 /// `_id=value` as lookups of the document key `Type/id` for each of `types` (every R4 type
 /// when none is given): ids are not indexed as terms of their own. An id has no system, so
 /// `|id` is `id` and `system|id` matches nothing.
@@ -1181,6 +1180,7 @@ fn id_query(index: &SearchIndex, types: &[String], form: &str) -> Box<dyn Query>
     }
 }
 
+/// A token search value in the form it is indexed under.
 fn token_form(value: &str) -> String {
     let parts = split_escaped(value, '|');
     match parts.as_slice() {
