@@ -8,7 +8,7 @@
 //! | table | key | value |
 //! |---|---|---|
 //! | `tantivy_files` | `&str` file path | `(u64 file number, u64 length)` |
-//! | `tantivy_chunks` | `(u64 file number, u64 chunk index)` | `&[u8]`: 64 KiB, the last one shorter |
+//! | `tantivy_chunks` | `(u64 file number, u64 chunk index)` | `&[u8]`: 65,280 bytes (64 KiB − 256), the last one shorter |
 //! | `tantivy_pending` | `u64` file number | `()`: chunks of a file still being written |
 //! | `tantivy_meta` | `&str` | `u64`: `"next_file_number"` |
 //!
@@ -71,7 +71,12 @@ const NEXT_FILE_NUMBER: &str = "next_file_number";
 
 /// Size of a stored chunk. Large enough that a chunk is one redb value of a few pages,
 /// small enough that a random read of a posting list decrypts little it does not need.
-const CHUNK_SIZE: usize = 64 << 10;
+/// 256 bytes under 64 KiB because redb gives a value its own leaf and allocates leaves in
+/// power-of-two runs of pages: a leaf of a 64 KiB value plus its key and header took 128 KiB,
+/// half the file. Chunks of an index written with another size read as corrupted, so this
+/// changes only together with the index schema (an index of another schema is deleted after
+/// reading `meta.json` alone, which fits one chunk of either size).
+const CHUNK_SIZE: usize = (64 << 10) - 256;
 /// An open writer stores its full chunks once this much is buffered, so a large segment
 /// file never sits whole in memory.
 const SPILL_BYTES: usize = 64 * CHUNK_SIZE;

@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `s` | string | normalized text (starts-with is a term range) |
 //! | `e` | string | exact text |
-//! | `t` | token | `code`, `system|code`, `system|`, `|code` (no system) |
+//! | `t` | token | `code`, `system|code`, `system|`, `|code` (no system); none for `_id`, see [`ID_PARAM`] |
 //! | `x` | token | normalized display / text (`:text`) |
 //! | `o` | token (Identifier) | `typesystem|typecode|value` (`:of-type`) |
 //! | `r` | reference | `Type/id`, `id`, absolute URL, canonical with and without version |
@@ -32,6 +32,10 @@ use crate::values::{
 
 /// The separator between the parts of an index term.
 pub const SEP: char = '\u{1f}';
+
+/// The resource id parameter: it has only its presence term, since the document key
+/// (`Type/id`) answers `_id` searches and sorts.
+pub const ID_PARAM: &str = "_id";
 
 /// Everything one resource contributes to the index.
 #[derive(Debug, Default, Clone)]
@@ -179,6 +183,15 @@ fn emit(code: &str, value: &IndexValue, entries: &mut IndexEntries) {
             code: value,
         } => {
             if value.is_empty() {
+                return;
+            }
+            if code == ID_PARAM {
+                // The id is the second half of the document's key: `_id` searches look up
+                // `key` terms and `_sort=_id` reads the key column (see `search`), so the id,
+                // unique per resource, needs no term or sort value of its own. It keeps its
+                // presence term (`:missing`), pushed here because the caller adds one only
+                // for a parameter that added terms.
+                terms.push(term(code, "p", ""));
                 return;
             }
             terms.push(term(code, "t", value));

@@ -3,11 +3,14 @@
 //! search semantics are built from.
 //!
 //! One document per current (not deleted) resource. Fields:
-//! - `key` (`Type/id`, raw, stored): identity, deletes, paging order;
+//! - `key` (`Type/id`, raw, fast): identity, deletes, paging order;
 //! - `type` (raw);
 //! - `terms` (raw, many values): every parameter's terms, see [`crate::extract`];
 //! - `narrative`, `content` (tokenized, lower-cased, accent-folded): `_text`, `_content`;
-//! - `refs`, `sort` (stored only): reference targets and sort keys per parameter.
+//! - `refs`, `sort` (fast only): reference targets and sort keys per parameter.
+//!
+//! Nothing is stored in tantivy's document store: what a search reads of a document comes
+//! from the fast-field columns (see [`SearchIndex::doc`]).
 //!
 //! The commit payload holds the last store change sequence the index contains, so that
 //! reopening after a crash catches up from there (the store is the source of truth).
@@ -20,10 +23,7 @@ use tantivy::collector::{Collector, SegmentCollector};
 use tantivy::columnar::StrColumn;
 use tantivy::directory::Directory;
 use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, RangeQuery, RegexQuery, TermQuery};
-use tantivy::schema::{
-    FAST, Field, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions,
-    Value as _,
-};
+use tantivy::schema::{Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions};
 use tantivy::tokenizer::{
     AsciiFoldingFilter, LowerCaser, RemoveLongFilter, SimpleTokenizer, TextAnalyzer,
 };
@@ -33,7 +33,7 @@ use crate::extract::IndexEntries;
 use crate::{Error, Result};
 
 /// The schema version, stored in the commit payload; a different one means "rebuild".
-const SCHEMA_VERSION: u32 = 4;
+const SCHEMA_VERSION: u32 = 5;
 
 const TEXT_TOKENIZER: &str = "fhir_text";
 
@@ -61,20 +61,36 @@ pub struct Fields {
 
 fn schema() -> (Schema, Fields) {
     let mut builder = Schema::builder();
+    // No field has field norms: nothing is scored (matches are collected or counted, never
+    // ranked by relevance), so they would be a byte per document and field for nothing.
     let text = TextOptions::default().set_indexing_options(
         TextFieldIndexing::default()
             .set_tokenizer(TEXT_TOKENIZER)
+            .set_fieldnorms(false)
+            // Positions stay: `_text`/`_content` values with several words, or one word the
+            // tokenizer splits (`mrn-p3`), become phrase queries, which need them.
             .set_index_option(IndexRecordOption::WithFreqsAndPositions),
     );
+    let raw = TextOptions::default().set_indexing_options(
+        TextFieldIndexing::default()
+            .set_tokenizer("raw")
+            .set_fieldnorms(false)
+            .set_index_option(IndexRecordOption::Basic),
+    );
+    // Nothing is stored: what a search reads of a document (its key, references and sort keys)
+    // comes from fast-field columns, whose dictionaries hold each distinct value once per
+    // segment (a Patient's key is shared by all the references to it), where the document
+    // store kept a compressed copy per document.
+    let column = TextOptions::default().set_fast("raw");
     let fields = Fields {
-        key: builder.add_text_field("key", STRING | STORED | FAST),
-        resource_type: builder.add_text_field("type", STRING),
-        terms: builder.add_text_field("terms", STRING),
+        // Indexed for deletes and key lookups, a column for paging order and reading keys.
+        key: builder.add_text_field("key", raw.clone().set_fast("raw")),
+        resource_type: builder.add_text_field("type", raw.clone()),
+        terms: builder.add_text_field("terms", raw),
         narrative: builder.add_text_field("narrative", text.clone()),
         content: builder.add_text_field("content", text),
-        refs: builder.add_text_field("refs", STORED),
-        // Fast as well as stored: single-key sorts read ordinals from the column.
-        sort: builder.add_text_field("sort", TextOptions::default().set_stored().set_fast("raw")),
+        refs: builder.add_text_field("refs", column.clone()),
+        sort: builder.add_text_field("sort", column),
     };
     (builder.build(), fields)
 }
@@ -375,23 +391,87 @@ impl SearchIndex {
         Ok(searcher.search(query, &tantivy::collector::Count)?)
     }
 
-    /// The stored fields of a document.
+    /// What the index says about a document: its key, references and sort keys, read from
+    /// the segment's fast-field columns.
     pub fn doc(&self, searcher: &tantivy::Searcher, address: DocAddress) -> Result<IndexedDoc> {
-        let doc: TantivyDocument = searcher.doc(address)?;
-        let texts = |field: Field| -> Vec<String> {
-            doc.get_all(field)
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
-        };
-        let key = texts(self.fields.key)
+        Ok(IndexedDoc {
+            key: self.key(searcher, address)?,
+            refs: self.column_values(searcher, address, "refs")?,
+            sort: self.column_values(searcher, address, "sort")?,
+        })
+    }
+
+    /// The key (`Type/id`) of a document.
+    pub fn key(&self, searcher: &tantivy::Searcher, address: DocAddress) -> Result<String> {
+        self.column_values(searcher, address, "key")?
             .into_iter()
             .next()
-            .ok_or_else(|| Error::Index("an index document has no key".into()))?;
-        Ok(IndexedDoc {
-            key,
-            refs: texts(self.fields.refs),
-            sort: texts(self.fields.sort),
-        })
+            .ok_or_else(|| Error::Index("an index document has no key".into()))
+    }
+
+    /// The `code ␟ Type/id` references of a document.
+    pub fn refs(&self, searcher: &tantivy::Searcher, address: DocAddress) -> Result<Vec<String>> {
+        self.column_values(searcher, address, "refs")
+    }
+
+    /// A document's values in the string column `field`, in the order they were added (as
+    /// the document store kept them).
+    fn column_values(
+        &self,
+        searcher: &tantivy::Searcher,
+        address: DocAddress,
+        field: &'static str,
+    ) -> Result<Vec<String>> {
+        let reader = searcher.segment_reader(address.segment_ord);
+        let Some(column) = self.str_column(reader, field)? else {
+            return Ok(Vec::new());
+        };
+        let mut values = Vec::new();
+        for ord in column.term_ords(address.doc_id) {
+            let mut text = String::new();
+            column
+                .ord_to_str(ord, &mut text)
+                .map_err(|e| Error::Index(format!("reading the {field} column: {e}")))?;
+            values.push(text);
+        }
+        Ok(values)
+    }
+
+    /// Bytes of the committed index by part (`termdict`, `postings`, `positions`, `fast`,
+    /// `fieldnorms`) and field, plus the document store (`store`, no field) and deletes, summed
+    /// over segments, largest first; what the size of `index.redb` is made of (without redb's
+    /// own overhead and free pages).
+    pub fn space_usage(&self) -> Result<Vec<(String, String, u64)>> {
+        let usage = self
+            .searcher()
+            .space_usage()
+            .map_err(|e| Error::Index(format!("index space usage: {e}")))?;
+        let mut totals: HashMap<(String, String), u64> = HashMap::new();
+        for segment in usage.segments() {
+            for (part, per_field) in [
+                ("termdict", segment.termdict()),
+                ("postings", segment.postings()),
+                ("positions", segment.positions()),
+                ("fast", segment.fast_fields()),
+                ("fieldnorms", segment.fieldnorms()),
+            ] {
+                for field in per_field.fields() {
+                    *totals
+                        .entry((part.to_string(), field.field_name().to_string()))
+                        .or_default() += field.total().get_bytes();
+                }
+            }
+            *totals.entry(("store".into(), String::new())).or_default() +=
+                segment.store().total().get_bytes();
+            *totals.entry(("deletes".into(), String::new())).or_default() +=
+                segment.deletes().get_bytes();
+        }
+        let mut rows: Vec<(String, String, u64)> = totals
+            .into_iter()
+            .map(|((part, field), bytes)| (part, field, bytes))
+            .collect();
+        rows.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| (&a.0, &a.1).cmp(&(&b.0, &b.1))));
+        Ok(rows)
     }
 
     /// A query for one exact term of the `terms` field.
@@ -509,6 +589,89 @@ pub fn regex_escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tantivy::directory::RamDirectory;
+    use tantivy::query::AllQuery;
+
+    #[test]
+    fn documents_read_back_from_the_columns() {
+        let index = SearchIndex::open(Box::new(RamDirectory::create()))
+            .unwrap()
+            .unwrap();
+        let entries = |reference: &str, sort: &[&str]| IndexEntries {
+            terms: vec!["code\u{1f}t\u{1f}x".into()],
+            references: vec![format!("subject\u{1f}{reference}")],
+            sort_keys: sort.iter().map(|s| (*s).to_string()).collect(),
+            ..IndexEntries::default()
+        };
+        let changes = [
+            (
+                "Observation/a",
+                entries("Patient/p", &["date\u{1f}2", "_id\u{1f}a"]),
+            ),
+            ("Observation/b", entries("Patient/q", &["_id\u{1f}b"])),
+            ("Patient/p", IndexEntries::default()),
+        ]
+        .map(|(key, entries)| DocumentChange {
+            key: key.into(),
+            replaces: false,
+            document: Some(index.document(key, key.split('/').next().unwrap(), &entries)),
+        });
+        index.apply(changes).unwrap();
+        index.commit(Some(1)).unwrap();
+        let searcher = index.searcher();
+        let mut docs: Vec<IndexedDoc> = index
+            .matching(&searcher, &AllQuery)
+            .unwrap()
+            .into_iter()
+            .map(|address| index.doc(&searcher, address).unwrap())
+            .collect();
+        docs.sort_by(|a, b| a.key.cmp(&b.key));
+        let seen: Vec<(&str, Vec<&str>, Vec<&str>)> = docs
+            .iter()
+            .map(|d| {
+                (
+                    d.key.as_str(),
+                    d.refs.iter().map(String::as_str).collect(),
+                    d.sort.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (
+                    "Observation/a",
+                    vec!["subject\u{1f}Patient/p"],
+                    vec!["date\u{1f}2", "_id\u{1f}a"]
+                ),
+                (
+                    "Observation/b",
+                    vec!["subject\u{1f}Patient/q"],
+                    vec!["_id\u{1f}b"]
+                ),
+                ("Patient/p", vec![], vec![]),
+            ]
+        );
+        // Nothing goes to the document store (its bytes per document were the point).
+        let schema = index.tantivy().schema();
+        assert!(schema.fields().all(|(_, entry)| !entry.is_stored()));
+    }
+
+    #[test]
+    fn an_index_of_the_previous_schema_is_refused_for_a_rebuild() {
+        // Schema version 4: key, refs and sort stored, field norms on.
+        let directory = RamDirectory::create();
+        let mut builder = Schema::builder();
+        builder.add_text_field("key", tantivy::schema::STRING | tantivy::schema::STORED);
+        builder.add_text_field("refs", tantivy::schema::STORED);
+        Index::create(
+            directory.clone(),
+            builder.build(),
+            tantivy::IndexSettings::default(),
+        )
+        .unwrap();
+        assert!(SearchIndex::open(Box::new(directory)).unwrap().is_none());
+    }
 
     #[test]
     fn payload_round_trips() {

@@ -16,7 +16,7 @@ use tantivy::DocAddress;
 use tantivy::query::{Query, QueryParser};
 
 use crate::database::Database;
-use crate::extract::SEP;
+use crate::extract::{ID_PARAM, SEP};
 use crate::index::{SearchIndex, all_of, any_of, none_of, regex_escape};
 use crate::params::{
     Criterion, Modifier, Prefix, SearchRequest, SortKey, SummaryMode, TotalMode, split_escaped,
@@ -291,12 +291,19 @@ fn page_by_sort_key(
             }
             None => (0, 0),
         };
+        // `_id` (only for matches of one type, see `page`): the key ordinal is the sort value,
+        // since keys of one type are ordered like their ids.
+        let by_id = sort.code == ID_PARAM;
         // (sort ordinal, key ordinal) per doc; None sorts last either way.
         let mut items: Vec<(Option<u64>, u64)> = Vec::with_capacity(segment_docs.len());
         for &doc in &segment_docs {
             let Some(key_ord) = key_column.term_ords(doc).next() else {
                 continue;
             };
+            if by_id {
+                items.push((Some(key_ord), key_ord));
+                continue;
+            }
             let values = sort_column
                 .as_ref()
                 .into_iter()
@@ -332,6 +339,7 @@ fn page_by_sort_key(
                 .ord_to_str(item.1, &mut key)
                 .map_err(column_error)?;
             let value = match (item.0, &sort_column) {
+                _ if by_id => key.split_once('/').map(|(_, id)| id.to_string()),
                 (Some(ord), Some(column)) => {
                     let mut text = String::new();
                     column.ord_to_str(ord, &mut text).map_err(column_error)?;
@@ -605,7 +613,7 @@ impl Database {
         let docs = self.index().matching(&searcher, query.as_ref())?;
         let mut keys = Vec::with_capacity(docs.len());
         for doc in docs {
-            keys.push(self.index().doc(&searcher, doc)?.key);
+            keys.push(self.index().key(&searcher, doc)?);
         }
         keys.sort();
         Ok(keys)
@@ -625,7 +633,11 @@ impl Database {
             return page_by_key(self.index(), searcher, &docs, anchor, count);
         }
         if let [key] = request.sort.as_slice() {
-            return page_by_sort_key(self.index(), searcher, &docs, key, anchor, count);
+            // `_id` has no sort column values: its order is the key order when every match
+            // has the same type; across types it takes the general path below.
+            if key.code != ID_PARAM || request.resource_types.len() == 1 {
+                return page_by_sort_key(self.index(), searcher, &docs, key, anchor, count);
+            }
         }
         let ranked = self.rank(searcher, &docs, request)?;
         let (start, end) = match anchor {
@@ -649,7 +661,8 @@ impl Database {
         })
     }
 
-    /// Every match with its sort values, in result order (reads each match's stored fields).
+    /// Every match with its sort values, in result order (reads each match's key and sort
+    /// columns).
     fn rank(
         &self,
         searcher: &tantivy::Searcher,
@@ -808,7 +821,7 @@ impl Database {
                 let prefix = format!("{reference}{SEP}");
                 let mut targets = HashSet::new();
                 for doc in docs {
-                    for entry in index.doc(searcher, doc)?.refs {
+                    for entry in index.refs(searcher, doc)? {
                         if let Some(target) = entry.strip_prefix(&prefix) {
                             let target_type = target.split('/').next().unwrap_or("");
                             if types.is_empty() || types.iter().any(|t| t == target_type) {
@@ -873,7 +886,7 @@ impl Database {
             )));
         }
         docs.into_iter()
-            .map(|doc| Ok(index.doc(searcher, doc)?.key))
+            .map(|doc| index.key(searcher, doc))
             .collect()
     }
 
@@ -904,7 +917,7 @@ impl Database {
                     let docs = index
                         .matching(searcher, index.field_term(index.fields().key, key).as_ref())?;
                     for doc in docs {
-                        for entry in index.doc(searcher, doc)?.refs {
+                        for entry in index.refs(searcher, doc)? {
                             let Some((code, target)) = entry.split_once(SEP) else {
                                 continue;
                             };
@@ -954,7 +967,7 @@ impl Database {
                     any_of(refs),
                 ]);
                 for doc in index.matching(searcher, query.as_ref())? {
-                    let key = index.doc(searcher, doc)?.key;
+                    let key = index.key(searcher, doc)?;
                     if seen.insert(key.clone()) {
                         next.push(key);
                     }
@@ -1097,6 +1110,7 @@ fn value_query(
             Modifier::In | Modifier::NotIn => {
                 return Err(Error::Internal("`:in` reached the term builder".into()));
             }
+            _ if code == ID_PARAM => id_query(index, types, &token_form(value)),
             _ => index.term(&t("t", &token_form(value))),
         },
         ParamType::Reference => {
@@ -1184,6 +1198,27 @@ fn value_query(
             )));
         }
     })
+}
+
+/// `_id=value` as lookups of the document key `Type/id` for each of `types` (every R4 type
+/// when none is given): ids are not indexed as terms of their own. An id has no system, so
+/// `|id` is `id` and `system|id` matches nothing.
+fn id_query(index: &SearchIndex, types: &[String], form: &str) -> Box<dyn Query> {
+    let id = form.strip_prefix('|').unwrap_or(form);
+    if id.contains('|') {
+        return Box::new(tantivy::query::EmptyQuery);
+    }
+    let key = |t: &str| index.field_term(index.fields().key, &format!("{t}/{id}"));
+    if types.is_empty() {
+        any_of(
+            fhirkeep_engine::resource::resource_types()
+                .iter()
+                .map(|t| key(t))
+                .collect(),
+        )
+    } else {
+        any_of(types.iter().map(|t| key(t)).collect())
+    }
 }
 
 /// A token search value in the form it is indexed under.

@@ -534,6 +534,27 @@ fn every_parameter_type_and_modifier() {
         keys(db, "?_type=Patient,Observation&_id=p1,o3"),
         ["Observation/o3", "Patient/p1"]
     );
+    // An id has no system: `|id` finds it (without a term of its own), `system|id` does not.
+    assert_eq!(
+        keys(db, "?_type=Patient,Observation&_id=|p1,|o3"),
+        ["Observation/o3", "Patient/p1"]
+    );
+    assert_eq!(keys(db, "Patient?_id:not=|p1").len(), 2);
+    // `_id` without a type, chained, and `:missing` (ids are looked up as keys).
+    assert_eq!(keys(db, "?_id=p1"), ["Patient/p1"]);
+    assert_eq!(
+        keys(db, "Observation?patient._id=p1"),
+        keys(db, "Observation?patient=Patient/p1")
+    );
+    assert!(!keys(db, "Observation?patient._id=p1").is_empty());
+    assert_eq!(keys(db, "Patient?_id:missing=false").len(), 3);
+    assert!(keys(db, "Patient?_id:missing=true").is_empty());
+    // `_sort=_id` across types: the general path (ids from the keys).
+    assert_eq!(
+        keys(db, "?_type=Patient,Observation&_id=p1,o3&_sort=-_id"),
+        ["Patient/p1", "Observation/o3"]
+    );
+    assert!(keys(db, "Patient?_id=http://x|p1").is_empty());
     assert_eq!(keys(db, "Patient?_lastUpdated=gt2000-01-01").len(), 3);
     assert!(keys(db, "Patient?_lastUpdated=lt2000-01-01").is_empty());
 }

@@ -5,12 +5,14 @@
 //!
 //! ```text
 //! cargo run --release -p fhirkeep-benches --bin query_figures -- [--patients N] [--batch B]
-//!     [--runs R] [--updates U] [--seed S] [--keep DIR] [--no-baseline]
+//!     [--runs R] [--updates U] [--seed S] [--keep DIR] [--no-baseline] [--space]
 //! ```
 //!
 //! `--keep DIR` keeps the indexed database in `DIR` and, when it exists already, skips every
 //! load and measures searches and single writes on it (a large data set is loaded once).
-//! `--no-baseline` skips the two store-only loads.
+//! `--no-baseline` skips the two store-only loads. `--space` (with `--keep`) then prints what
+//! the index is made of (tantivy's space usage by part and field) and compacts the kept
+//! database, printing each file's size before and after, per resource.
 //!
 //! The store-only load runs before and after the indexed load (A-B-A), each into a new store,
 //! so a drift of the shared machine shows as a difference between the two baselines and the
@@ -47,6 +49,8 @@ struct Args {
     no_baseline: bool,
     /// Run only the searches whose name contains this (for profiling one of them).
     only: Option<String>,
+    /// After the run, report the index's space usage and compact the kept database.
+    space: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -59,6 +63,7 @@ fn parse_args() -> Result<Args, String> {
         keep: None,
         no_baseline: false,
         only: None,
+        space: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -77,11 +82,13 @@ fn parse_args() -> Result<Args, String> {
             "--seed" => args.seed = value("--seed")?,
             "--keep" => args.keep = Some(it.next().ok_or("--keep needs a directory")?.into()),
             "--no-baseline" => args.no_baseline = true,
+            "--space" => args.space = true,
             "--only" => args.only = Some(it.next().ok_or("--only needs a search name")?),
             "-h" | "--help" => {
                 return Err(
                     "usage: query_figures [--patients N] [--batch B] [--runs R] \
-                            [--updates U] [--seed S] [--keep DIR] [--no-baseline] [--only NAME]"
+                            [--updates U] [--seed S] [--keep DIR] [--no-baseline] [--only NAME] \
+                            [--space]"
                         .into(),
                 );
             }
@@ -92,6 +99,9 @@ fn parse_args() -> Result<Args, String> {
     }
     if args.patients == 0 {
         return Err("--patients must be at least 1".into());
+    }
+    if args.space && args.keep.is_none() {
+        return Err("--space needs --keep DIR".into());
     }
     Ok(args)
 }
@@ -166,7 +176,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(&args) {
+    let result = run(&args).and_then(|()| match (&args.keep, args.space) {
+        (Some(dir), true) => space(dir),
+        _ => Ok(()),
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("query_figures failed: {e}");
@@ -511,5 +525,63 @@ fn run(args: &Args) -> AnyResult<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// The index's space usage by part and field, then a compaction of the kept database in
+/// `dir` with each file's size before and after; all per current resource (index document).
+fn space(dir: &std::path::Path) -> AnyResult<()> {
+    let ctx = bench_context();
+    let mut store = fhirkeep_engine::store::Store::builder(dir.join("db"))
+        .key(fhirkeep_engine::crypto::KeySource::KeyFile(
+            dir.join("bench.key"),
+        ))
+        .open()?;
+    let (docs, rows) = {
+        let directory =
+            fhirkeep_query::directory::RedbDirectory::new(store.open_aux_database("index")?)?;
+        let index = fhirkeep_query::index::SearchIndex::open(Box::new(directory))?
+            .ok_or("the kept index has another schema")?;
+        (index.searcher().num_docs(), index.space_usage()?)
+    };
+    let per_doc = |b: u64| b as f64 / docs.max(1) as f64;
+    let total: u64 = rows.iter().map(|r| r.2).sum();
+    println!();
+    println!(
+        "Index space usage, {} documents: {:.0} B per document in tantivy's files",
+        fmt_int(docs as f64),
+        per_doc(total)
+    );
+    println!();
+    println!("| part | field | bytes | per document |");
+    println!("|---|---|---:|---:|");
+    for (part, field, bytes) in rows.iter().filter(|r| r.2 > 0) {
+        println!(
+            "| {part} | {field} | {} | {:.1} B |",
+            fmt_int(*bytes as f64),
+            per_doc(*bytes)
+        );
+    }
+    let report = store.compact(&ctx)?;
+    println!();
+    println!("| file | before | after `compact` | per document before / after |");
+    println!("|---|---:|---:|---:|");
+    for (file, before, after) in &report.files {
+        println!(
+            "| {file} | {} | {} | {:.0} B / {:.0} B |",
+            fmt_int(*before as f64),
+            fmt_int(*after as f64),
+            per_doc(*before),
+            per_doc(*after)
+        );
+    }
+    let (before, after) = report.totals();
+    println!(
+        "| **all** | {} | {} | **{:.0} B / {:.0} B** |",
+        fmt_int(before as f64),
+        fmt_int(after as f64),
+        per_doc(before),
+        per_doc(after)
+    );
     Ok(())
 }
