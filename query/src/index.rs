@@ -101,7 +101,8 @@ type ColumnCache = HashMap<(tantivy::index::SegmentId, &'static str), Option<Str
 /// The index and its single writer.
 pub struct SearchIndex {
     index: Index,
-    writer: Mutex<IndexWriter>,
+    /// `None` only while the index is dropped (see the `Drop` impl).
+    writer: Mutex<Option<IndexWriter>>,
     reader: IndexReader,
     fields: Fields,
     /// Opened string columns by segment. Opening a column reads all of it through the
@@ -114,6 +115,20 @@ pub struct SearchIndex {
 impl std::fmt::Debug for SearchIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SearchIndex").finish_non_exhaustive()
+    }
+}
+
+impl Drop for SearchIndex {
+    fn drop(&mut self) {
+        // tantivy's merge threads keep the directory, and so the index file, open after the
+        // writer is dropped; waiting for them closes the file with the database, so that the
+        // database can be opened again at once (a redb file opens once at a time).
+        let writer = self.writer.get_mut().ok().and_then(Option::take);
+        if let Some(writer) = writer
+            && let Err(error) = writer.wait_merging_threads()
+        {
+            tracing::warn!(error = %error, "an index merge did not finish on close");
+        }
     }
 }
 
@@ -228,7 +243,7 @@ impl SearchIndex {
             .try_into()?;
         Ok(Some(SearchIndex {
             index,
-            writer: Mutex::new(writer),
+            writer: Mutex::new(Some(writer)),
             reader,
             fields,
             columns: Mutex::new(HashMap::new()),
@@ -295,35 +310,39 @@ impl SearchIndex {
 
     /// Applies changes in order, under one hold of the writer.
     pub fn apply(&self, changes: impl IntoIterator<Item = DocumentChange>) -> Result<()> {
-        let writer = self.lock_writer()?;
-        for change in changes {
-            if change.replaces {
-                writer.delete_term(Term::from_field_text(self.fields.key, &change.key));
+        self.with_writer(|writer| {
+            for change in changes {
+                if change.replaces {
+                    writer.delete_term(Term::from_field_text(self.fields.key, &change.key));
+                }
+                if let Some(doc) = change.document {
+                    writer.add_document(doc)?;
+                }
             }
-            if let Some(doc) = change.document {
-                writer.add_document(doc)?;
-            }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Removes every document (for a rebuild); takes effect at the next commit.
     pub fn clear(&self) -> Result<()> {
-        self.lock_writer()?.delete_all_documents()?;
-        Ok(())
+        self.with_writer(|writer| {
+            writer.delete_all_documents()?;
+            Ok(())
+        })
     }
 
     /// Commits everything put so far, recording `store_seq` as caught up, and makes it
     /// visible to searches.
     pub fn commit(&self, store_seq: Option<u64>) -> Result<()> {
-        let mut writer = self.lock_writer()?;
-        let mut prepared = writer.prepare_commit()?;
-        prepared.set_payload(&encode_payload(&IndexState {
-            schema_version: SCHEMA_VERSION,
-            store_seq,
-        }));
-        prepared.commit()?;
-        drop(writer);
+        self.with_writer(|writer| {
+            let mut prepared = writer.prepare_commit()?;
+            prepared.set_payload(&encode_payload(&IndexState {
+                schema_version: SCHEMA_VERSION,
+                store_seq,
+            }));
+            prepared.commit()?;
+            Ok(())
+        })?;
         self.reader.reload()?;
         let live: HashSet<tantivy::index::SegmentId> = self
             .reader
@@ -362,14 +381,22 @@ impl SearchIndex {
 
     /// Drops uncommitted changes (after a failed batch).
     pub fn rollback(&self) -> Result<()> {
-        self.lock_writer()?.rollback()?;
-        Ok(())
+        self.with_writer(|writer| {
+            writer.rollback()?;
+            Ok(())
+        })
     }
 
-    fn lock_writer(&self) -> Result<std::sync::MutexGuard<'_, IndexWriter>> {
-        self.writer
+    /// Runs `body` with the writer, under its lock.
+    fn with_writer<T>(&self, body: impl FnOnce(&mut IndexWriter) -> Result<T>) -> Result<T> {
+        let mut slot = self
+            .writer
             .lock()
-            .map_err(|_| Error::Internal("index writer lock poisoned".into()))
+            .map_err(|_| Error::Internal("index writer lock poisoned".into()))?;
+        let writer = slot
+            .as_mut()
+            .ok_or_else(|| Error::Internal("the index writer is closed".into()))?;
+        body(writer)
     }
 
     /// A searcher over the last commit.

@@ -133,6 +133,8 @@ fn index_round_trips_through_reopen() {
         assert_eq!(count_text(&index, &fields, "fox"), 500);
         assert_eq!(count_text(&index, &fields, "number42"), 1);
         assert_eq!(codes_matching(&index, &fields, "code-3").len(), 71);
+        // Merge threads hold the directory (and the index file) until they finish.
+        w.wait_merging_threads().unwrap();
     }
     // Everything dropped (index, directory, aux database, store): reopen from the files.
     let store = fx.store();

@@ -20,6 +20,10 @@ use crate::{Error, Result};
 
 use super::{DATABASE_FILE, Store, describe_failed_pages, restrict_permissions};
 
+/// How long opening an auxiliary file waits for a lock that a just-dropped handle of this
+/// process still holds.
+const AUX_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// File name extension of auxiliary databases.
 const AUX_EXTENSION: &str = "redb";
 /// Longest auxiliary database name.
@@ -124,7 +128,7 @@ impl Store {
     pub fn open_aux_database(&self, name: &str) -> Result<redb::Database> {
         check_aux_name(name)?;
         let path = aux_path(self.dir(), name);
-        let (file, created) = match OpenOptions::new()
+        let (mut file, created) = match OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
@@ -144,7 +148,23 @@ impl Store {
             restrict_permissions(&path)?;
             sync_dir(self.dir())?;
         }
-        let backend = redb::backends::FileBackend::new(file)?;
+        // A handle of this process that was just dropped may still be closing: tantivy's
+        // merge and updater threads let go of the index directory (and so of its file) a
+        // moment after the index itself. A lock held that briefly is waited for; one held for
+        // longer (another process) is reported.
+        let deadline = std::time::Instant::now() + AUX_LOCK_WAIT;
+        let backend = loop {
+            match redb::backends::FileBackend::new(file) {
+                Ok(backend) => break backend,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    file = OpenOptions::new().read(true).write(true).open(&path)?;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
         let keyring = Arc::clone(&self.inner.counters.0);
         let backend = EncryptedBackend::new_aux(backend, keyring, name)?;
         let mut builder = redb::Builder::new();
