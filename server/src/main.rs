@@ -655,6 +655,7 @@ fn serve(args: &ServeArgs) -> Result<ExitCode> {
         .filter(|&s| s > 0)
         .map(std::time::Duration::from_secs)
         .context("--export-ttl must be a positive duration such as 90s, 15m or 1h")?;
+    let blocking_threads = hardening.blocking_threads;
     let (hardened, tls) = serve_config::hardening(hardening)?;
     if auth.auth == AuthKind::Smart && tls.is_none() && !http::is_loopback(&listen) {
         eprintln!(
@@ -683,9 +684,11 @@ fn serve(args: &ServeArgs) -> Result<ExitCode> {
         // Colour codes only for a terminal: log files and collectors get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if blocking_threads > 0 {
+        runtime.max_blocking_threads(blocking_threads);
+    }
+    let runtime = runtime.enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
             .await

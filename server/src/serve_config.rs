@@ -46,6 +46,11 @@ pub(crate) struct HardeningArgs {
     /// Longest time a request may take (`30s`, `2m`); slower ones are answered 503.
     #[arg(long, value_name = "DURATION", default_value = "30s")]
     pub(crate) request_timeout: String,
+    /// Most threads running database calls at once (0: tokio's default, 512). A small number
+    /// (such as 4 per core) keeps reads' tail latency low on a small machine, at the cost of
+    /// reads waiting while that many slow calls (large transactions) run.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub(crate) blocking_threads: usize,
 }
 
 /// Every key a `--config` file may hold; any other key is an error that names it.
@@ -73,6 +78,7 @@ struct FileConfig {
     max_json_depth: Option<usize>,
     rate_limit: Option<u32>,
     request_timeout: Option<String>,
+    blocking_threads: Option<usize>,
 }
 
 /// The serve settings `--config` may change, as the command line parsed them.
@@ -173,6 +179,11 @@ fn apply_toml(
         file.request_timeout,
         "request_timeout",
         hardening.request_timeout
+    );
+    take!(
+        file.blocking_threads,
+        "blocking_threads",
+        hardening.blocking_threads
     );
     Ok(())
 }
@@ -299,6 +310,7 @@ mod tests {
         max_json_depth = 32
         rate_limit = 50
         request_timeout = "10s"
+        blocking_threads = 8
     "#;
 
     #[test]
@@ -332,6 +344,7 @@ mod tests {
         );
         assert_eq!((h.max_count, h.max_json_depth, h.rate_limit), (200, 32, 50));
         assert_eq!(h.request_timeout, "10s");
+        assert_eq!(h.blocking_threads, 8);
     }
 
     #[test]

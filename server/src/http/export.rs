@@ -716,8 +716,19 @@ async fn kick_off(
     })
     .await
     .map_err(|_| ApiError::internal())??;
-    // Detached: the client polls for the result.
-    tokio::task::spawn_blocking(move || work.run());
+    // Detached, on a thread of its own rather than one of the pool that runs requests' database
+    // calls (a long job there would take a request thread for its whole run): the client
+    // polls for the result.
+    let exports = state.clone();
+    let failed_id = id.clone();
+    if std::thread::Builder::new()
+        .name("fhirkeep-export".into())
+        .spawn(move || work.run())
+        .is_err()
+    {
+        tracing::error!("could not start a thread for an export job");
+        exports.exports().update(&failed_id, Progress::Failed);
+    }
     let status_url = format!("{}/$export-status/{id}", state.base());
     Ok(FhirResponse {
         status: StatusCode::ACCEPTED,
