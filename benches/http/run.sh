@@ -4,7 +4,9 @@
 # Builds the release binary, generates 200 synthetic patients (seed 1), imports them into a
 # fresh database BEFORE the server starts (import takes the database lock), starts the server
 # on a free loopback port, and measures with wrk:
-#   - read by id: GET Observation/ID rotating over the imported Observation ids (read.lua)
+#   - read by id: GET Observation/ID rotating over the imported Observation ids (read.lua),
+#     at full load with wrk, and at a fixed 15,000 requests/s with oha (coordinated omission
+#     corrected), with the default blocking threads and with --blocking-threads 8
 #   - search, first page: GET Observation?code=http://loinc.org|8867-4 (50 entries)
 #   - single creates: POST /Patient from every connection at once (create.lua; group commit)
 #   - transaction ingest: transaction Bundles of fresh resources (100 Bundles of 100 from 4
@@ -23,6 +25,9 @@ SEED=1
 
 if ! command -v wrk >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk
+fi
+if ! command -v oha >/dev/null; then
+    cargo install oha --locked
 fi
 
 cargo build --release --locked --bin fhirkeep
@@ -59,23 +64,46 @@ echo "read targets: $(wc -l < "$work/ids.txt") Observation ids"
 echo "== server"
 # Per-request log lines at warn only: the figures are the server's, not the terminal's. The
 # per-client rate limit is off: every request of the load generator comes from one address.
-RUST_LOG=warn "$bin" serve --db "$work/db" --key-file "$work/key" --listen 127.0.0.1:0 \
-    --rate-limit 0 \
-    > "$work/serve.out" 2> "$work/serve.err" &
-server_pid=$!
-base=""
-for _ in $(seq 1 600); do
-    base="$(sed -n 's/.* on \(http:\/\/[^ ]*\).*/\1/p' "$work/serve.out" | head -n 1)"
-    [[ -n "$base" ]] && break
-    kill -0 "$server_pid" 2>/dev/null || { cat "$work/serve.err"; exit 1; }
-    sleep 0.1
-done
-[[ -n "$base" ]] || { echo "the server did not start" >&2; exit 1; }
-case "$base" in
-    http://127.0.0.1:*) ;;
-    *) echo "not a loopback address: $base" >&2; exit 1 ;;
-esac
-echo "serving on $base"
+start_server() {
+    RUST_LOG=warn "$bin" serve --db "$work/db" --key-file "$work/key" --listen 127.0.0.1:0 \
+        --rate-limit 0 "$@" \
+        > "$work/serve.out" 2> "$work/serve.err" &
+    server_pid=$!
+    base=""
+    for _ in $(seq 1 600); do
+        base="$(sed -n 's/.* on \(http:\/\/[^ ]*\).*/\1/p' "$work/serve.out" | head -n 1)"
+        [[ -n "$base" ]] && break
+        kill -0 "$server_pid" 2>/dev/null || { cat "$work/serve.err"; exit 1; }
+        sleep 0.1
+    done
+    [[ -n "$base" ]] || { echo "the server did not start" >&2; exit 1; }
+    case "$base" in
+        http://127.0.0.1:*) ;;
+        *) echo "not a loopback address: $base" >&2; exit 1 ;;
+    esac
+    echo "serving on $base $*"
+}
+stop_server() {
+    kill -TERM "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=""
+}
+
+# Read by id at a fixed rate of 15,000 requests/s (the goal's rate) with oha, latency corrected
+# for coordinated omission; prints the achieved rate and the p50/p99/p99.9 latency.
+fixed_rate_reads() {
+    sed "s|^|$base/|" "$work/ids.txt" > "$work/urls.txt"
+    oha -z "$DURATION" -q 15000 -c "$CONNECTIONS" --latency-correction --no-tui \
+        --urls-from-file "$work/urls.txt" --output-format json > "$work/oha.json"
+    python3 -c '
+import json, sys
+d = json.load(open(sys.argv[1])); s = d["summary"]; p = d["latencyPercentiles"]
+print("%s: %.0f requests/s offered 15000, success %.4f, latency median %.2fms, p99 %.2fms, p99.9 %.2fms"
+      % (sys.argv[2], s["requestsPerSec"], s["successRate"], p["p50"] * 1000, p["p99"] * 1000,
+         p["p99.9"] * 1000))' "$work/oha.json" "$1" | tee -a "$work/fixed.txt"
+}
+
+start_server
 
 # One line from wrk's --latency output: requests/s, median and p99.
 summarize() {
@@ -107,9 +135,17 @@ python3 benches/http/ingest.py "$base" "$work/ingest" --bundle-size 100 --max-bu
 python3 benches/http/ingest.py "$base" "$work/ingest-large" --bundle-size 1000 --max-bundles 20 \
     --connections 2 --seconds 120 | tee -a "$work/ingest.txt"
 
+echo "== read by id at a fixed 15,000 requests/s (oha, $CONNECTIONS connections, $DURATION)"
+fixed_rate_reads "fixed-rate reads, default blocking threads"
+stop_server
+start_server --blocking-threads 8
+fixed_rate_reads "fixed-rate reads, --blocking-threads 8"
+stop_server
+
 echo
 echo "== summary ($(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg))"
 summarize "read by id" < "$work/read.txt"
 summarize "search first page" < "$work/search.txt"
 summarize "single creates" < "$work/create.txt"
 cat "$work/ingest.txt"
+cat "$work/fixed.txt"
