@@ -486,7 +486,7 @@ fn run(args: &Args) -> AnyResult<()> {
         println!("| single write | median | p95 |");
         println!("|---|---:|---:|");
         println!(
-            "| `Database::update` (store commit + index catch-up + index commit) | {} | {} |",
+            "| `Database::update` (store commit, then the index catches up; it commits at the next search) | {} | {} |",
             lat(update_db.quantile(0.5)),
             lat(update_db.quantile(0.95))
         );
