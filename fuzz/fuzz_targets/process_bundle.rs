@@ -6,37 +6,16 @@
 
 use std::sync::OnceLock;
 
-use fhirkeep_engine::crypto::{KdfParams, KeySource};
-use fhirkeep_engine::store::{AccessContext, ReadAudit};
-use fhirkeep_query::Database;
+use fhirkeep_engine::store::AccessContext;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
-struct Fixture {
-    db: Database,
-    _dir: tempfile::TempDir,
-}
+#[path = "shared/database.rs"]
+mod shared;
 
-fn fixture() -> &'static Fixture {
-    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
-    FIXTURE.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("fhirkeep-fuzz-")
-            .tempdir_in("/dev/shm")
-            .or_else(|_| tempfile::tempdir())
-            .expect("tempdir");
-        let key = dir.path().join("key");
-        fhirkeep_engine::crypto::create_key_file(&key).expect("key file");
-        let db = Database::builder(dir.path().join("db"))
-            .key(KeySource::KeyFile(key))
-            .kdf(KdfParams::fast_insecure())
-            .read_audit(ReadAudit::GroupCommit {
-                max_delay: std::time::Duration::from_secs(3600),
-            })
-            .create()
-            .expect("database");
-        Fixture { db, _dir: dir }
-    })
+fn fixture() -> &'static shared::FuzzDatabase {
+    static FIXTURE: OnceLock<shared::FuzzDatabase> = OnceLock::new();
+    FIXTURE.get_or_init(shared::new_database)
 }
 
 fuzz_target!(|data: &[u8]| {

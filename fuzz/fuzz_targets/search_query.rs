@@ -5,36 +5,20 @@
 
 use std::sync::OnceLock;
 
-use fhirkeep_engine::crypto::{KdfParams, KeySource};
-use fhirkeep_engine::store::{AccessContext, ReadAudit};
-use fhirkeep_query::Database;
+use fhirkeep_engine::store::AccessContext;
 use fhirkeep_query::params::{Handling, parse_search_url};
 use libfuzzer_sys::fuzz_target;
 use serde_json::json;
 
-struct Fixture {
-    db: Database,
-    _dir: tempfile::TempDir,
-}
+#[path = "shared/database.rs"]
+mod shared;
 
-fn fixture() -> &'static Fixture {
-    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+/// A database with a few patients and observations, made once per process.
+fn fixture() -> &'static shared::FuzzDatabase {
+    static FIXTURE: OnceLock<shared::FuzzDatabase> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("fhirkeep-fuzz-")
-            .tempdir_in("/dev/shm")
-            .or_else(|_| tempfile::tempdir())
-            .expect("tempdir");
-        let key = dir.path().join("key");
-        fhirkeep_engine::crypto::create_key_file(&key).expect("key file");
-        let db = Database::builder(dir.path().join("db"))
-            .key(KeySource::KeyFile(key))
-            .kdf(KdfParams::fast_insecure())
-            .read_audit(ReadAudit::GroupCommit {
-                max_delay: std::time::Duration::from_secs(3600),
-            })
-            .create()
-            .expect("database");
+        let fixture = shared::new_database();
+        let db = &fixture.db;
         let ctx = AccessContext::local("fuzz");
         for i in 0..5 {
             db.update(&ctx, "Patient", &format!("p{i}"), json!({"resourceType": "Patient", "id": format!("p{i}"),
@@ -45,7 +29,7 @@ fn fixture() -> &'static Fixture {
                 "subject": {"reference": format!("Patient/p{i}")}, "effectiveDateTime": format!("20{}0-02-03", i),
                 "valueQuantity": {"value": i * 10, "system": "http://unitsofmeasure.org", "code": "kg"}}), None).expect("observation");
         }
-        Fixture { db, _dir: dir }
+        fixture
     })
 }
 

@@ -924,10 +924,10 @@ mod tests {
             OAuthUris::default(),
         )
         .reloading_jwks(path.clone(), Duration::ZERO, max_age);
-        let token = |key: &IssuerKey| {
+        let signed_by = |key: &IssuerKey, issuer: &str| {
             let now = chrono::Utc::now().timestamp();
             key.sign(&TokenClaims {
-                iss: "https://issuer.test".into(),
+                iss: issuer.into(),
                 aud: "http://h.test".into(),
                 sub: "me".into(),
                 client_id: "cli".into(),
@@ -940,6 +940,7 @@ mod tests {
             })
             .unwrap()
         };
+        let token = |key: &IssuerKey| signed_by(key, "https://issuer.test");
         assert!(auth.validate(&token(&old_key)).is_ok());
         assert!(auth.validate(&token(&new_key)).is_err());
         // The issuer rotates: a token with the new key id makes the server read the file.
@@ -958,22 +959,7 @@ mod tests {
         // The server's own key is never dropped by a reload.
         write(vec![new_key.public_jwk()]);
         std::thread::sleep(max_age + Duration::from_millis(50));
-        let now = chrono::Utc::now().timestamp();
-        let own_token = own
-            .sign(&TokenClaims {
-                iss: "http://h.test".into(),
-                aud: "http://h.test".into(),
-                sub: "me".into(),
-                client_id: "cli".into(),
-                iat: now,
-                nbf: now,
-                exp: now + 60,
-                jti: "2".into(),
-                scope: "system/*.rs".into(),
-                patient: None,
-            })
-            .unwrap();
-        assert!(auth.validate(&own_token).is_ok());
+        assert!(auth.validate(&signed_by(&own, "http://h.test")).is_ok());
         assert!(auth.validate(&token(&new_key)).is_ok());
     }
 
