@@ -107,14 +107,11 @@ pub(crate) async fn everything(
                         || filters.iter().any(|f| f.compartment.is_none())
                 }
             };
-        let mut result = db
+        let result = db
             .everything(&info.ctx, &request, &allowed)
             .map_err(|e| ApiError::query(&e, true))?;
         // Resources outside the token's compartment or search restrictions are left out.
-        access::filter_result(&db, &info.grant, &mut result)?;
-        result
-            .into_bundle_json(&base)
-            .map_err(|e| ApiError::query(&e, false))
+        super::handlers::visible_searchset(&db, &info.grant, result, &base)
     })
     .await??;
     Ok(FhirResponse::stored(bundle))

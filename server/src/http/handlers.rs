@@ -548,16 +548,12 @@ async fn run_search(
             request
         };
         // The search records its own audit leaf, failed or not.
-        let mut result = db
+        let result = db
             .search(&info.ctx, &request)
             .map_err(|e| ApiError::query(&e, true))?;
         // `_include`d resources (and patients linked to the token's patient) the token does
         // not reach are left out.
-        access::filter_result(&db, &info.grant, &mut result)?;
-        // Stored resources go into the Bundle's bytes as they are.
-        result
-            .into_bundle_json(&base)
-            .map_err(|e| ApiError::query(&e, false))
+        visible_searchset(&db, &info.grant, result, &base)
     })
     .await??;
     Ok(FhirResponse::stored(bundle))
@@ -589,6 +585,20 @@ fn form_query(
         all.push_str(form);
     }
     Ok(all)
+}
+
+/// A search result as the searchset Bundle's bytes, without the entries `grant` does not
+/// reach (blocking: index look-ups). Stored resources go into the bytes as they are.
+pub(super) fn visible_searchset(
+    db: &fhirkeep_query::Database,
+    grant: &super::auth::Grant,
+    mut result: fhirkeep_query::SearchResult,
+    base: &str,
+) -> Result<Vec<u8>, ApiError> {
+    access::filter_result(db, grant, &mut result)?;
+    result
+        .into_bundle_json(base)
+        .map_err(|e| ApiError::query(&e, false))
 }
 
 /// `GET [type]?...`
