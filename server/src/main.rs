@@ -273,6 +273,12 @@ enum Command {
         #[command(flatten)]
         db: DbArgs,
     },
+    /// Show where the bytes go: entries and bytes of every table of the store file and of
+    /// the auxiliary files (search index, exports). Sizes only, no content.
+    Stats {
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// Signed tree heads, verification and proofs of the Merkle audit log.
     Audit {
         #[command(subcommand)]
@@ -523,6 +529,15 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<ExitCode> {
             }
             let (before, after) = report.totals();
             println!("total: {before} -> {after} bytes");
+            for (table, before, after) in &report.packed_tables {
+                println!("packed table {table}: {before} -> {after} bytes");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stats { db } => {
+            let store = db.open()?;
+            let tables = store.space_report(&ctx("stats"))?;
+            print_space_report(&tables);
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { command } => audit(command),
@@ -1040,4 +1055,35 @@ fn ensure_key_file(path: &Path) -> Result<()> {
         eprintln!("created key file {} (mode 0600)", path.display());
     }
     Ok(())
+}
+
+/// Prints one line per table and a total per file; bytes per entry help size a disk.
+fn print_space_report(tables: &[fhirkeep_engine::store::TableSpace]) {
+    println!(
+        "{:<16} {:<22} {:>12} {:>14} {:>12} {:>12} {:>10}",
+        "file", "table", "entries", "stored bytes", "metadata", "fragmented", "B/entry"
+    );
+    for t in tables {
+        let per_entry = t.total_bytes().checked_div(t.entries).unwrap_or(0);
+        println!(
+            "{:<16} {:<22} {:>12} {:>14} {:>12} {:>12} {:>10}",
+            t.file,
+            t.table,
+            t.entries,
+            t.stored_bytes,
+            t.metadata_bytes,
+            t.fragmented_bytes,
+            per_entry
+        );
+    }
+    let mut files: Vec<&str> = tables.iter().map(|t| t.file.as_str()).collect();
+    files.dedup();
+    for file in files {
+        let total: u64 = tables
+            .iter()
+            .filter(|t| t.file == file)
+            .map(|t| t.total_bytes())
+            .sum();
+        println!("{file}: {total} bytes in tables");
+    }
 }

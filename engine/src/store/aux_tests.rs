@@ -576,3 +576,92 @@ fn compaction_shrinks_files_and_keeps_everything() {
     let key = key_for(dir.path());
     Store::check(&ctx(), dir.path().join("db"), key).unwrap();
 }
+
+#[test]
+fn compaction_packs_half_empty_leaves_and_keeps_every_version_and_leaf() {
+    let dir = TempDir::new().unwrap();
+    let mut store = open_store(dir.path(), ReadAudit::Durable);
+    // Ids inserted out of key order split leaves in the middle; every split leaves two
+    // half-full leaves, which only a rewrite packs again.
+    let ids: Vec<String> = (0..1_500u32)
+        .map(|i| format!("id-{:08}", i.wrapping_mul(2_654_435_761) % 1_000_000))
+        .collect();
+    for chunk in ids.chunks(100) {
+        store
+            .write(&ctx(), |txn| {
+                for id in chunk {
+                    txn.update("Patient", id, patient(&"y".repeat(300)), None)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+    let versions_before = |tables: &[TableSpace]| {
+        tables
+            .iter()
+            .find(|t| t.file == DATABASE_FILE && t.table == "versions")
+            .cloned()
+            .unwrap()
+    };
+    let before = versions_before(&store.space_report(&ctx()).unwrap());
+    assert_eq!(before.entries, 1_500);
+    assert!(
+        before.fragmented_bytes * 5 > before.total_bytes(),
+        "the workload should leave slack: {before:?}"
+    );
+    let leaves = store.audit_size().unwrap();
+
+    let report = store.compact(&ctx()).unwrap();
+    let versions = report
+        .packed_tables
+        .iter()
+        .find(|(name, _, _)| name == "versions")
+        .unwrap_or_else(|| panic!("versions not packed: {report:?}"));
+    assert!(versions.2 < versions.1 * 4 / 5, "{report:?}");
+    let after = versions_before(&store.space_report(&ctx()).unwrap());
+    assert_eq!(after.entries, 1_500);
+    assert!(
+        after.fragmented_bytes * 8 < after.total_bytes(),
+        "{after:?}"
+    );
+
+    for id in &ids {
+        assert_eq!(store.read(&ctx(), "Patient", id).unwrap().version, 1);
+    }
+    // Every leaf is still there (plus the space reports', the compaction's and the reads'),
+    // and the tree over them matches the signed heads made before the rewrite.
+    store.flush_audit().unwrap();
+    assert!(store.audit_size().unwrap() > leaves);
+    store.verify_audit().unwrap();
+    store
+        .write(&ctx(), |txn| {
+            txn.update("Patient", &ids[0], patient("after"), None)
+        })
+        .unwrap();
+    drop(store);
+    Store::check(&ctx(), dir.path().join("db"), key_for(dir.path())).unwrap();
+}
+
+#[test]
+fn space_report_covers_the_store_and_auxiliary_files_and_is_audited() {
+    let dir = TempDir::new().unwrap();
+    let store = open_store(dir.path(), ReadAudit::Durable);
+    store.create(&ctx(), patient("Space")).unwrap();
+    fill(&store.open_aux_database("index").unwrap(), 0..10);
+    let tables = store.space_report(&ctx()).unwrap();
+    let find = |file: &str, table: &str| {
+        tables
+            .iter()
+            .find(|t| t.file == file && t.table == table)
+            .unwrap_or_else(|| panic!("{file} {table} missing: {tables:?}"))
+    };
+    assert_eq!(find(DATABASE_FILE, "versions").entries, 1);
+    assert!(find(DATABASE_FILE, "audit_leaves").entries >= 1);
+    assert_eq!(find("index.redb", "t").entries, 10);
+    assert!(find("index.redb", "t").stored_bytes > 0);
+    let last = store.audit_size().unwrap() - 1;
+    assert_eq!(
+        store.audit_leaf(last).unwrap().record.action,
+        crate::audit::AuditAction::Other(SPACE_ACTION.into())
+    );
+}

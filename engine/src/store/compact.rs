@@ -1,12 +1,19 @@
-//! Compaction: giving the space of free pages back to the file system. redb files never
-//! shrink on their own (a bulk load, or an index's segment merges, leave many free pages),
-//! so an operator compacts them offline.
+//! Compaction: packing tables and giving the space of free pages back to the file system.
+//! redb files never shrink on their own (a bulk load, or an index's segment merges, leave
+//! many free pages), and B-tree leaves that took inserts in the middle of the key space
+//! (random ids, one history per type, one Merkle level beside another) stay about half
+//! full, so an operator compacts offline.
 
 use std::sync::Arc;
 
+use redb::{ReadableTableMetadata, TableDefinition};
+
 use super::auxiliary::{aux_names, aux_path};
+use super::copy::copy_rows;
+use super::record::{CHANGES, TYPE_CHANGES, VERSIONS};
 use super::{AccessContext, AccessRecord, DATABASE_FILE, Flusher, Store};
 use crate::audit::AuditAction;
+use crate::audit::log::{HEADS, LEAVES, NODES};
 use crate::{Error, Result};
 
 /// The audit action of a compaction.
@@ -17,6 +24,9 @@ pub const COMPACT_ACTION: &str = "compact";
 pub struct CompactReport {
     /// `(file name, bytes before, bytes after)`, the store file first.
     pub files: Vec<(String, u64, u64)>,
+    /// `(table, bytes before, bytes after)` of each store table that was rewritten with
+    /// full leaves (keys, values, B-tree metadata and slack).
+    pub packed_tables: Vec<(String, u64, u64)>,
 }
 
 impl CompactReport {
@@ -40,6 +50,7 @@ impl Store {
         let dir = self.dir().to_path_buf();
         let size = |path: &std::path::Path| -> Result<u64> { Ok(std::fs::metadata(path)?.len()) };
         let mut files = Vec::new();
+        let mut packed_tables = Vec::new();
         let store_path = dir.join(DATABASE_FILE);
         let store_before = size(&store_path)?;
         // The flusher holds a reference to the store's internals; redb compacts only with
@@ -53,6 +64,19 @@ impl Store {
             let inner = Arc::get_mut(&mut self.inner).ok_or_else(|| {
                 Error::Storage("compaction needs exclusive access to the store".into())
             })?;
+            for packed in [
+                pack_table(&inner.db, VERSIONS)?,
+                pack_table(&inner.db, CHANGES)?,
+                pack_table(&inner.db, TYPE_CHANGES)?,
+                pack_table(&inner.db, LEAVES)?,
+                pack_table(&inner.db, NODES)?,
+                pack_table(&inner.db, HEADS)?,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                packed_tables.push(packed);
+            }
             while inner.db.compact()? {}
             Ok(())
         })();
@@ -71,6 +95,47 @@ impl Store {
             ctx,
             AccessRecord::succeeded(AuditAction::Other(COMPACT_ACTION.into())),
         )?;
-        Ok(CompactReport { files })
+        Ok(CompactReport {
+            files,
+            packed_tables,
+        })
     }
+}
+
+/// A table is rewritten when more than this share of its bytes is slack in part-filled pages.
+const PACK_WHEN_SLACK_OVER: f64 = 0.125;
+
+fn table_bytes(stats: &redb::TableStats) -> u64 {
+    stats.stored_bytes() + stats.metadata_bytes() + stats.fragmented_bytes()
+}
+
+/// Rewrites `definition` in key order into a fresh table that then takes its name, all in one
+/// transaction (a crash leaves the old table or the new one, never a mix). Returns
+/// `(name, bytes before, bytes after)`, or `None` when the table was packed enough already.
+fn pack_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    db: &redb::Database,
+    definition: TableDefinition<'_, K, V>,
+) -> Result<Option<(String, u64, u64)>> {
+    let name = redb::TableHandle::name(&definition).to_owned();
+    let packed_name = format!("{name}.packing");
+    let packed_definition: TableDefinition<'_, K, V> = TableDefinition::new(&packed_name);
+    let mut txn = db.begin_write()?;
+    txn.set_durability(redb::Durability::Immediate)?;
+    txn.set_two_phase_commit(true);
+    let before = {
+        let table = txn.open_table(definition)?;
+        let stats = table.stats()?;
+        let total = table_bytes(&stats);
+        if total == 0 || (stats.fragmented_bytes() as f64) <= PACK_WHEN_SLACK_OVER * total as f64 {
+            return Ok(None);
+        }
+        let mut packed = txn.open_table(packed_definition)?;
+        copy_rows(&table, &mut packed)?;
+        total
+    };
+    txn.delete_table(definition)?;
+    txn.rename_table(packed_definition, definition)?;
+    let after = table_bytes(&txn.open_table(definition)?.stats()?);
+    txn.commit()?;
+    Ok(Some((name, before, after)))
 }

@@ -18,6 +18,16 @@ fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
 ) -> Result<u64> {
     let from = source.open_table(definition)?;
     let mut to = target.open_table(definition)?;
+    copy_rows(&from, &mut to)
+}
+
+/// Inserts every row of `from` into `to` in key order. Into an empty table each insert lands
+/// past the last key, where redb leaves the full leaf packed and starts a new one, so the
+/// copy's leaves are as full as they can be.
+pub(super) fn copy_rows<K: redb::Key + 'static, V: redb::Value + 'static>(
+    from: &impl ReadableTable<K, V>,
+    to: &mut redb::Table<'_, K, V>,
+) -> Result<u64> {
     let mut copied = 0;
     for entry in from.iter()? {
         let (key, value) = entry?;

@@ -16,6 +16,7 @@ mod history;
 mod record;
 mod redb_error;
 mod search_read;
+mod space;
 mod txn;
 
 use std::path::{Path, PathBuf};
@@ -42,6 +43,7 @@ pub use feed::ChangePage;
 pub use history::{HistoryPage, HistoryQuery};
 pub use record::VersionKind;
 use record::{VERSIONS, VersionRecord};
+pub use space::{SPACE_ACTION, TableSpace};
 pub use txn::{DeleteOutcome, UpdateOutcome, Upsert, WriteTxn};
 
 /// File name of the encrypted redb database inside a database directory.
