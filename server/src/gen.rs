@@ -31,13 +31,20 @@ pub(crate) struct GenArgs {
     /// Generator threads (default: every core). Output does not depend on it.
     #[arg(long, value_name = "T")]
     threads: Option<usize>,
+    /// UUIDv7-shaped ids that rise in generation order within each type, as ids a server
+    /// assigned at creation have (fhirkeep assigns UUIDv7). Default: random UUIDv4 ids.
+    #[arg(long)]
+    time_ordered_ids: bool,
 }
 
 pub(crate) fn run(args: &GenArgs) -> Result<ExitCode> {
     let Some(end) = args.first.checked_add(args.patients) else {
         bail!("--first plus --patients is too large");
     };
-    let cohort = Cohort::new(args.seed);
+    let mut cohort = Cohort::new(args.seed);
+    if args.time_ordered_ids {
+        cohort = cohort.with_time_ordered_ids();
+    }
     let mut export = NdjsonExport::new(cohort, args.first..end).force(args.force);
     if let Some(threads) = args.threads {
         export = export.threads(threads);

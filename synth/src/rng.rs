@@ -79,3 +79,23 @@ pub(crate) fn uuid_id(rng: &mut SplitMix64) -> String {
         lo & 0xFFFF_FFFF_FFFF
     )
 }
+
+/// A UUIDv7-shaped id: `millis` in the 48-bit timestamp, then `ordinal` in the next 22 bits
+/// (so ids of one millisecond rise with it), random bits after. Ids sort as
+/// `(millis, ordinal)` do, for ordinals below 2^22.
+pub(crate) fn time_ordered_uuid_id(millis: u64, ordinal: u64, rng: &mut SplitMix64) -> String {
+    let ordinal = ordinal.min((1 << 22) - 1);
+    let random = rng.next_u64();
+    // 48 bits time | version 7 | 12 high bits of the ordinal.
+    let hi = ((millis & 0xFFFF_FFFF_FFFF) << 16) | 0x7000 | (ordinal >> 10);
+    // variant 10 | 10 low bits of the ordinal | 52 random bits.
+    let lo = 0x8000_0000_0000_0000 | ((ordinal & 0x3FF) << 52) | (random & 0x000F_FFFF_FFFF_FFFF);
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        hi >> 32,
+        (hi >> 16) & 0xFFFF,
+        hi & 0xFFFF,
+        lo >> 48,
+        lo & 0xFFFF_FFFF_FFFF
+    )
+}

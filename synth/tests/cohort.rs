@@ -415,3 +415,40 @@ fn a_real_store_accepts_and_returns_every_resource() {
         assert_eq!(back, r.to_value().unwrap(), "{}", r.reference());
     }
 }
+
+#[test]
+fn time_ordered_ids_are_uuid7_and_rise_in_generation_order_within_each_type() {
+    let random = resources(&Cohort::new(5), 0..6);
+    let ordered = resources(&Cohort::new(5).with_time_ordered_ids(), 0..6);
+    assert_eq!(random.len(), ordered.len());
+    let mut last: HashMap<&str, String> = HashMap::new();
+    let mut seen = HashSet::new();
+    for (r, o) in random.iter().zip(&ordered) {
+        assert_eq!(r.resource_type, o.resource_type);
+        assert_eq!(&r.id[14..15], "4", "{}", r.id);
+        assert_eq!(&o.id[14..15], "7", "{}", o.id);
+        assert_eq!(o.id.len(), 36);
+        assert!(matches!(&o.id[19..20], "8" | "9" | "a" | "b"), "{}", o.id);
+        if let Some(previous) = last.get(o.resource_type) {
+            assert!(*previous < o.id, "{previous} then {}", o.id);
+        }
+        last.insert(o.resource_type, o.id.clone());
+        assert!(seen.insert(o.id.clone()), "duplicate id {}", o.id);
+    }
+    // Only the ids differ: references follow them, the rest is byte for byte the same.
+    let strip = |g: &GeneratedResource, ids: &[(String, String)]| {
+        let mut text = g.json.clone();
+        for (from, to) in ids {
+            text = text.replace(from.as_str(), to.as_str());
+        }
+        text
+    };
+    let renames: Vec<(String, String)> = random
+        .iter()
+        .zip(&ordered)
+        .map(|(r, o)| (o.id.clone(), r.id.clone()))
+        .collect();
+    for (r, o) in random.iter().zip(&ordered) {
+        assert_eq!(r.json, strip(o, &renames));
+    }
+}

@@ -6,6 +6,7 @@
 //! ```text
 //! cargo run --release -p fhirkeep-benches --bin query_figures -- [--patients N] [--batch B]
 //!     [--runs R] [--updates U] [--seed S] [--keep DIR] [--no-baseline] [--space]
+//!     [--time-ordered-ids]
 //! ```
 //!
 //! `--keep DIR` keeps the indexed database in `DIR` and, when it exists already, skips every
@@ -13,6 +14,8 @@
 //! `--no-baseline` skips the two store-only loads. `--space` (with `--keep`) then prints what
 //! the index is made of (tantivy's space usage by part and field) and compacts the kept
 //! database, printing each file's size before and after, per resource.
+//! `--time-ordered-ids` generates UUIDv7-shaped ids rising in load order (as server-assigned
+//! ids are) instead of random UUIDv4 ids.
 //!
 //! The store-only load runs before and after the indexed load (A-B-A), each into a new store,
 //! so a drift of the shared machine shows as a difference between the two baselines and the
@@ -51,6 +54,8 @@ struct Args {
     only: Option<String>,
     /// After the run, report the index's space usage and compact the kept database.
     space: bool,
+    /// UUIDv7-shaped ids rising in load order instead of random UUIDv4 ids.
+    time_ordered_ids: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -64,6 +69,7 @@ fn parse_args() -> Result<Args, String> {
         no_baseline: false,
         only: None,
         space: false,
+        time_ordered_ids: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -83,12 +89,13 @@ fn parse_args() -> Result<Args, String> {
             "--keep" => args.keep = Some(it.next().ok_or("--keep needs a directory")?.into()),
             "--no-baseline" => args.no_baseline = true,
             "--space" => args.space = true,
+            "--time-ordered-ids" => args.time_ordered_ids = true,
             "--only" => args.only = Some(it.next().ok_or("--only needs a search name")?),
             "-h" | "--help" => {
                 return Err(
                     "usage: query_figures [--patients N] [--batch B] [--runs R] \
                             [--updates U] [--seed S] [--keep DIR] [--no-baseline] [--only NAME] \
-                            [--space]"
+                            [--space] [--time-ordered-ids]"
                         .into(),
                 );
             }
@@ -246,7 +253,10 @@ fn run(args: &Args) -> AnyResult<()> {
             .map_or(bench_dir, |d| d.display().to_string())
     );
     let ctx = bench_context();
-    let cohort = Cohort::new(args.seed);
+    let mut cohort = Cohort::new(args.seed);
+    if args.time_ordered_ids {
+        cohort = cohort.with_time_ordered_ids();
+    }
     let first_patient = cohort.patient(0);
     let family = family_of(first_patient.patient()).ok_or("patient 0 has no family name")?;
     // The compartment fetch takes the patient with the largest record among the first 50: a

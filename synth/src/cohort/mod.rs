@@ -26,7 +26,7 @@ use self::fhir::{
 };
 use crate::blocks::number;
 use crate::resource::GeneratedResource;
-use crate::rng::{SplitMix64, mix, uuid_id};
+use crate::rng::{SplitMix64, mix, time_ordered_uuid_id, uuid_id};
 use crate::time::{
     DAY, YEAR, instant, local_date, local_date_time, local_midnight, local_month, local_year,
     local_ymd,
@@ -77,6 +77,7 @@ const US_CORE: &str = "http://hl7.org/fhir/us/core/StructureDefinition/";
 pub struct Cohort {
     seed: u64,
     epoch: i64,
+    time_ordered_ids: bool,
 }
 
 impl Default for Cohort {
@@ -93,7 +94,17 @@ impl Cohort {
         Cohort {
             seed,
             epoch: LATEST_EPOCH - (1 + days_back) * DAY,
+            time_ordered_ids: false,
         }
+    }
+
+    /// The same cohort with UUIDv7-shaped ids that rise in generation order within each
+    /// resource type, as a server that assigns UUIDv7 ids (fhirkeep does) would have given
+    /// them: patient `i`'s resources carry the timestamp `epoch + i` ms. The default is
+    /// random version-4 UUIDs, as data exported from another system usually has.
+    pub fn with_time_ordered_ids(mut self) -> Self {
+        self.time_ordered_ids = true;
+        self
     }
 
     /// The same cohort with histories ending at `epoch` (seconds since 1970, UTC) instead.
@@ -123,13 +134,13 @@ impl Cohort {
     }
 
     fn resource_id(&self, index: u64, kind: usize, ordinal: u64) -> String {
-        uuid_id(&mut SplitMix64::new(mix(&[
-            self.seed,
-            TAG_ID,
-            index,
-            kind as u64,
-            ordinal,
-        ])))
+        let mut rng = SplitMix64::new(mix(&[self.seed, TAG_ID, index, kind as u64, ordinal]));
+        if self.time_ordered_ids {
+            let millis = u64::try_from(self.epoch).unwrap_or(0) * 1000 + index;
+            time_ordered_uuid_id(millis, ordinal, &mut rng)
+        } else {
+            uuid_id(&mut rng)
+        }
     }
 
     /// Generates patient `index`: the Patient first, then the clinical resources in the order
