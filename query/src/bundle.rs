@@ -113,7 +113,7 @@ impl Database {
         };
         match bundle.get("type").and_then(Value::as_str) {
             Some("transaction") => self.transaction(ctx, raw, base, returning),
-            Some("batch") => Ok(self.batch(ctx, raw, base, returning)),
+            Some("batch") => self.batch(ctx, raw, base, returning),
             _ => Err(Error::Unprocessable(
                 "only batch and transaction Bundles can be processed".into(),
             )),
@@ -132,6 +132,7 @@ impl Database {
             .enumerate()
             .map(|(index, entry)| parse_entry(index, entry))
             .collect::<Result<Vec<_>>>()?;
+        let in_flight = self.enter_in_flight()?;
         let guard = self.lock_writes()?;
         let mut plans = Vec::with_capacity(entries.len());
         let mut rewrites: HashMap<String, String> = HashMap::new();
@@ -180,18 +181,21 @@ impl Database {
             .collect();
         let mut written = None;
         if !write_order.is_empty() {
-            let ((), seq) = self.commit_locked(ctx, |txn| {
+            let ((), ticket) = self.commit_locked_deferred(ctx, |txn| {
                 for &i in &write_order {
                     done[i] = Some(apply(txn, &mut entries[i], &plans[i])?);
                 }
                 Ok(())
             })?;
-            written = Some(seq);
+            written = Some(ticket);
         }
-        // The next write starts while this one indexes.
+        // The next write starts while this one waits for the disk (Bundles committed
+        // meanwhile share the sync) and indexes.
         drop(guard);
-        if let Some(seq) = written {
-            self.index_after_write(seq)?;
+        in_flight.leave();
+        if let Some(ticket) = written {
+            self.sync_shared(ticket)?;
+            self.index_after_write(ticket.seq())?;
         }
         for &i in order.iter().filter(|&&i| entries[i].method == Method::Get) {
             done[i] = Some(self.get(ctx, &entries[i], base)?);
@@ -217,8 +221,9 @@ impl Database {
         raw: Vec<Value>,
         base: &str,
         returning: BundleReturn,
-    ) -> Value {
+    ) -> Result<Value> {
         let mut response_entries = Vec::with_capacity(raw.len());
+        let mut last_ticket = None;
         for (index, raw_entry) in raw.into_iter().enumerate() {
             let outcome = (|| -> Result<(Entry, Done)> {
                 let mut entry = parse_entry(index, raw_entry)?;
@@ -231,9 +236,10 @@ impl Database {
                 if let Some(resource) = entry.resource.as_mut() {
                     self.rewrite_references(resource, &HashMap::new())?;
                 }
-                let (done, seq) = self.commit_locked(ctx, |txn| apply(txn, &mut entry, &plan))?;
+                let (done, ticket) =
+                    self.commit_locked_deferred(ctx, |txn| apply(txn, &mut entry, &plan))?;
                 drop(guard);
-                self.index_after_write(seq)?;
+                last_ticket = Some(ticket);
                 Ok((entry, done))
             })();
             response_entries.push(match outcome {
@@ -241,11 +247,18 @@ impl Database {
                 Err(error) => error_entry(&error),
             });
         }
-        json!({
+        // Each entry committed on its own; one sync makes them all durable before the answer
+        // (a sync covers every commit before it), and the index catches up once.
+        // Nothing written by this batch is reported as done unless it is durable.
+        if let Some(ticket) = last_ticket {
+            self.store().wait_durable(ticket)?;
+            self.index_after_write(ticket.seq())?;
+        }
+        Ok(json!({
             "resourceType": "Bundle",
             "type": "batch-response",
             "entry": response_entries,
-        })
+        }))
     }
 
     /// Decides what a write entry will do, resolving its condition (under the write lock).

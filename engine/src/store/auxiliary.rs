@@ -152,24 +152,36 @@ impl Store {
         // merge and updater threads let go of the index directory (and so of its file) a
         // moment after the index itself. A lock held that briefly is waited for; one held for
         // longer (another process) is reported.
+        // redb takes its file locks in `FileBackend::new` and again (through the backend's
+        // range locks) when it opens the database, so both are retried.
         let deadline = std::time::Instant::now() + AUX_LOCK_WAIT;
-        let backend = loop {
-            match redb::backends::FileBackend::new(file) {
-                Ok(backend) => break backend,
-                Err(redb::DatabaseError::DatabaseAlreadyOpen)
-                    if std::time::Instant::now() < deadline =>
-                {
+        let retry = |error: &redb::DatabaseError| {
+            matches!(error, redb::DatabaseError::DatabaseAlreadyOpen)
+                && std::time::Instant::now() < deadline
+        };
+        loop {
+            let backend = match redb::backends::FileBackend::new(file) {
+                Ok(backend) => backend,
+                Err(error) if retry(&error) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    file = OpenOptions::new().read(true).write(true).open(&path)?;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            let keyring = Arc::clone(&self.inner.counters.0);
+            let backend = EncryptedBackend::new_aux(backend, keyring, name)?;
+            let mut builder = redb::Builder::new();
+            builder.set_cache_size(self.inner.aux_cache_size);
+            match builder.create_with_backend(backend) {
+                Ok(db) => return Ok(db),
+                Err(error) if retry(&error) => {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                     file = OpenOptions::new().read(true).write(true).open(&path)?;
                 }
                 Err(error) => return Err(error.into()),
             }
-        };
-        let keyring = Arc::clone(&self.inner.counters.0);
-        let backend = EncryptedBackend::new_aux(backend, keyring, name)?;
-        let mut builder = redb::Builder::new();
-        builder.set_cache_size(self.inner.aux_cache_size);
-        Ok(builder.create_with_backend(backend)?)
+        }
     }
 
     /// Deletes the auxiliary database `name` (to rebuild it from scratch). Returns whether a

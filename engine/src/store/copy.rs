@@ -86,6 +86,7 @@ impl Store {
         }
         txn.commit()?;
         target.inner.reload_clock()?;
+        target.inner.reload_watermarks()?;
         target.record_access(ctx, AccessRecord::succeeded(AuditAction::Rekey))?;
         target.verify_audit()?;
         Ok(rows)

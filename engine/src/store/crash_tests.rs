@@ -105,7 +105,10 @@ fn run_workload(store: &Store, seed: u64, commits: usize) -> (Vec<Visible>, Opti
     let mut acknowledged = vec![Visible::new()];
     for round in 0..commits {
         let mut next = acknowledged.last().cloned().unwrap_or_default();
-        let outcome = store.write(&ctx(), |txn| {
+        // Half the commits are deferred and then synced by `wait_durable`, the group-commit
+        // path of transaction Bundles; either way the commit is acknowledged only after.
+        let deferred = rng.below(2) == 0;
+        let outcome = store.begin_write(&ctx()).and_then(|mut txn| {
             for _ in 0..1 + rng.below(3) {
                 let id = format!("r{}", rng.below(6));
                 let big = "x".repeat(rng.below(3) as usize * 3000);
@@ -122,7 +125,12 @@ fn run_workload(store: &Store, seed: u64, commits: usize) -> (Vec<Visible>, Opti
                 };
                 next.insert(key, written);
             }
-            Ok(())
+            if deferred {
+                let ticket = txn.commit_deferred()?;
+                store.wait_durable(ticket)
+            } else {
+                txn.commit()
+            }
         });
         match outcome {
             Ok(()) => acknowledged.push(next),

@@ -8,7 +8,7 @@
 //! stores the last seq it applied, durably with its own data, and asks for
 //! [`Store::changes_after`] that seq (`None` or `Some(0)` for an empty index).
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableDatabase;
 
 use super::record::{CHANGES, Change, VERSIONS, VersionRecord};
 use super::{AccessContext, Store, StoredResource};
@@ -27,8 +27,8 @@ pub struct ChangePage {
     /// Where to continue: pass it as `after` to the next call. The seq of the last change
     /// returned, or the `after` given (0 for `None`) if none was.
     pub next_after: u64,
-    /// Whether there were changes after `next_after` when this page was read (more may be
-    /// committed at any time; ask [`Store::last_change_seq`]).
+    /// Whether there were durable changes after `next_after` when this page was read (more
+    /// may be committed at any time; ask [`Store::last_change_seq`]).
     pub more: bool,
 }
 
@@ -39,15 +39,21 @@ fn digest(after: u64, limit: usize) -> [u8; 32] {
 }
 
 impl Store {
-    /// The seq of the newest committed change, 0 for a store without any (seqs start at 1).
+    /// The seq of the newest durable change, 0 for a store without any (seqs start at 1).
     /// Not audited: it reveals only how many versions were written.
+    ///
+    /// The feed ends at the last *durable* change: a deferred commit
+    /// ([`super::WriteTxn::commit_deferred`]) joins it once synced, so that nothing derived
+    /// from the feed (an index that records how far it got) can run ahead of what a crash
+    /// leaves in the store.
     pub fn last_change_seq(&self) -> Result<u64> {
-        let txn = self.inner.db.begin_read()?;
-        let changes = txn.open_table(CHANGES)?;
-        Ok(changes.last()?.map_or(0, |(key, _)| key.value()))
+        Ok(self
+            .inner
+            .durable_seq
+            .load(std::sync::atomic::Ordering::SeqCst))
     }
 
-    /// Up to `limit` committed changes with seq > `after` (`None`: from the first, like
+    /// Up to `limit` durable changes with seq > `after` (`None`: from the first, like
     /// `Some(0)`), oldest first, each with the version it wrote; see [`ChangePage`].
     ///
     /// Every call records one audit leaf, action `index-sync`, with the outcome and a hash of
@@ -84,10 +90,15 @@ impl Store {
         let Some(first) = after.checked_add(1) else {
             return Ok(page);
         };
+        // Read before the transaction opens: whatever it names is in the snapshot.
+        let durable = self.last_change_seq()?;
+        if first > durable {
+            return Ok(page);
+        }
         let txn = self.inner.db.begin_read()?;
         let changes = txn.open_table(CHANGES)?;
         let versions = txn.open_table(VERSIONS)?;
-        for entry in changes.range(first..)? {
+        for entry in changes.range(first..=durable)? {
             let (key, value) = entry?;
             if page.changes.len() >= limit {
                 page.more = true;

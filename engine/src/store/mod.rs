@@ -20,7 +20,7 @@ mod space;
 mod txn;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -44,7 +44,7 @@ pub use history::{HistoryPage, HistoryQuery};
 pub use record::VersionKind;
 use record::{VERSIONS, VersionRecord};
 pub use space::{SPACE_ACTION, TableSpace};
-pub use txn::{DeleteOutcome, UpdateOutcome, Upsert, WriteTxn};
+pub use txn::{DeleteOutcome, DurableTicket, UpdateOutcome, Upsert, WriteTxn};
 
 /// File name of the encrypted redb database inside a database directory.
 pub const DATABASE_FILE: &str = "fhirkeep.redb";
@@ -334,6 +334,9 @@ impl StoreBuilder {
             reads_in_flight: AtomicUsize::new(0),
             clock: AtomicI64::new(0),
             aux_cache_size: (self.cache_size / 4).max(8 << 20),
+            watermarks: Mutex::new(Watermarks::default()),
+            durable_seq: AtomicU64::new(0),
+            sync_leader: Mutex::new(()),
             counters: CounterGuard(keyring),
         });
         inner.initialize()?;
@@ -368,8 +371,33 @@ struct Inner {
     clock: AtomicI64,
     /// redb cache of each auxiliary database opened through this store.
     aux_cache_size: usize,
+    /// How far commits and durable commits reach in change seqs; held across each commit so
+    /// that a durable commit covers exactly the commits before it.
+    watermarks: Mutex<Watermarks>,
+    /// `watermarks.durable`, for readers of the change feed that should not take the lock.
+    durable_seq: AtomicU64,
+    /// One thread at a time makes deferred commits durable ([`Store::wait_durable`]); the
+    /// others find their commit covered when they get it.
+    sync_leader: Mutex<()>,
     /// The keyring (shared with auxiliary databases) and its counters, persisted on close.
     counters: CounterGuard,
+}
+
+/// The last change seq committed, and the last one durable (on disk after a sync).
+#[derive(Debug, Default, Clone, Copy)]
+struct Watermarks {
+    committed: u64,
+    durable: u64,
+}
+
+/// Whether a commit syncs the disk before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CommitSync {
+    /// Durable when the commit returns (the default of every write).
+    Now,
+    /// Visible to this process at once, durable at the next synced commit
+    /// ([`WriteTxn::commit_deferred`]).
+    Deferred,
 }
 
 /// An open fhirkeep database.
@@ -416,6 +444,21 @@ impl Store {
     /// it they would wait forever: read through [`WriteTxn::read`] instead.
     pub fn begin_write(&self, ctx: &AccessContext) -> Result<WriteTxn<'_>> {
         WriteTxn::begin(self, ctx.clone())
+    }
+
+    /// Returns once the deferred commit of `ticket` ([`WriteTxn::commit_deferred`]) is
+    /// durable, syncing the disk if no other commit has done so since. Many threads waiting
+    /// at once share one sync.
+    pub fn wait_durable(&self, ticket: DurableTicket) -> Result<()> {
+        self.inner.wait_durable(ticket.seq())
+    }
+
+    /// Returns once every commit made so far is durable (and so in the change feed). A
+    /// conditional write calls this before its search, so that the condition sees writes
+    /// committed deferred by others and still waiting for their sync.
+    pub fn wait_all_durable(&self) -> Result<()> {
+        let committed = lock(&self.inner.watermarks).committed;
+        self.inner.wait_durable(committed)
     }
 
     /// Runs `body` in one write transaction and commits it if `body` succeeds.
@@ -580,7 +623,8 @@ impl Store {
     /// The newest signed tree head, signing a fresh one if leaves were added since.
     pub fn audit_head(&self) -> Result<SignedTreeHead> {
         let txn = self.inner.begin_write_txn()?;
-        self.inner.commit_audited(txn, Vec::new())
+        self.inner
+            .commit_audited(txn, Vec::new(), None, CommitSync::Now)
     }
 
     /// Number of leaves in the audit log (after flushing buffered read leaves).
@@ -879,7 +923,36 @@ impl Inner {
         }
         audit::log::initialize(&txn)?;
         txn.commit()?;
+        self.reload_watermarks()
+    }
+
+    /// Everything in the file at open (or after a bulk copy) is durable.
+    fn reload_watermarks(&self) -> Result<()> {
+        let txn = self.db.begin_read()?;
+        let changes = txn.open_table(record::CHANGES)?;
+        let last = changes.last()?.map_or(0, |(key, _)| key.value());
+        let mut marks = lock(&self.watermarks);
+        marks.committed = marks.committed.max(last);
+        marks.durable = marks.committed;
+        self.durable_seq.store(marks.durable, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Returns once every change up to `seq` is durable: if no synced commit has covered it
+    /// yet, commits an empty synced transaction, which makes every deferred commit before it
+    /// durable (redb persists non-durable commits with the next durable one). Callers that
+    /// arrive while one sync runs are usually covered by it and return without a sync.
+    fn wait_durable(&self, seq: u64) -> Result<()> {
+        if self.durable_seq.load(Ordering::SeqCst) >= seq {
+            return Ok(());
+        }
+        let _leader = lock(&self.sync_leader);
+        if self.durable_seq.load(Ordering::SeqCst) >= seq {
+            return Ok(());
+        }
+        let txn = self.begin_write_txn()?;
+        self.commit_audited(txn, Vec::new(), None, CommitSync::Now)
+            .map(drop)
     }
 
     /// Reloads the engine clock from the store (after a bulk copy replaced the meta table).
@@ -923,7 +996,8 @@ impl Inner {
         match self.read_audit {
             ReadAudit::Durable => {
                 let txn = self.begin_write_txn()?;
-                self.commit_audited(txn, vec![leaf]).map(drop)
+                self.commit_audited(txn, vec![leaf], None, CommitSync::Now)
+                    .map(drop)
             }
             ReadAudit::GroupCommit { .. } => {
                 lock(&self.pending_reads).push(leaf);
@@ -941,10 +1015,15 @@ impl Inner {
     /// The one way a transaction commits: buffered leaves, then `extra` leaves, are appended;
     /// the engine clock is saved; a tree head is signed; then a durable commit. If the commit
     /// fails, the buffered leaves go back to the buffer (a later commit takes them).
+    /// Commits `txn` with its audit leaves (and the buffered read leaves), signing a new tree
+    /// head. `written_through` is the last change seq the transaction wrote, if any; with
+    /// [`CommitSync::Deferred`] the caller has set the transaction non-durable.
     fn commit_audited(
         &self,
         txn: redb::WriteTransaction,
         extra: Vec<AuditRecord>,
+        written_through: Option<u64>,
+        sync: CommitSync,
     ) -> Result<SignedTreeHead> {
         let buffered = {
             let mut pending = lock(&self.pending_reads);
@@ -961,7 +1040,17 @@ impl Inner {
             let clock = self.clock.load(Ordering::SeqCst);
             meta.insert(record::META_CLOCK, &clock.to_le_bytes()[..])?;
             drop(meta);
+            // Held across the commit: redb runs one write transaction at a time, so the
+            // marks move in commit order, and a synced commit covers every one before it.
+            let mut marks = lock(&self.watermarks);
             txn.commit()?;
+            if let Some(seq) = written_through {
+                marks.committed = marks.committed.max(seq);
+            }
+            if sync == CommitSync::Now {
+                marks.durable = marks.committed;
+                self.durable_seq.store(marks.durable, Ordering::SeqCst);
+            }
             Ok(head)
         })();
         if !buffered.is_empty() {
@@ -983,7 +1072,8 @@ impl Inner {
             }
         }
         let txn = self.begin_write_txn()?;
-        self.commit_audited(txn, Vec::new()).map(drop)
+        self.commit_audited(txn, Vec::new(), None, CommitSync::Now)
+            .map(drop)
     }
 }
 

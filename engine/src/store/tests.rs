@@ -938,3 +938,77 @@ fn replayed_old_page_is_caught_by_verify_on_open() {
         "{replays} replays, {refused} refused"
     );
 }
+
+#[test]
+fn a_deferred_commit_is_visible_at_once_and_joins_the_feed_when_durable() {
+    let (dir, store) = temp_store(ReadAudit::default());
+    let first = store.create(&ctx(), patient("Durable")).unwrap();
+    assert_eq!(store.last_change_seq().unwrap(), 1);
+
+    let mut txn = store.begin_write(&ctx()).unwrap();
+    let deferred = txn.create(patient("Deferred")).unwrap();
+    let ticket = txn.commit_deferred().unwrap();
+    assert_eq!(ticket.seq(), 2);
+    // Reads and later transactions see it; the change feed (and so the index) does not yet.
+    let read = store.read(&ctx(), "Patient", &deferred.id).unwrap();
+    assert_eq!(read.content_hash, deferred.content_hash);
+    assert_eq!(store.last_change_seq().unwrap(), 1);
+    let page = store.changes_after(&ctx(), None, 10).unwrap();
+    assert_eq!(page.changes.len(), 1);
+    assert_eq!(page.changes[0].1.id, first.id);
+    assert!(!page.more);
+
+    store.wait_durable(ticket).unwrap();
+    assert_eq!(store.last_change_seq().unwrap(), 2);
+    let page = store.changes_after(&ctx(), Some(1), 10).unwrap();
+    assert_eq!(page.changes.len(), 1);
+    assert_eq!(page.changes[0].1.id, deferred.id);
+    // Waiting again costs nothing and changes nothing.
+    store.wait_durable(ticket).unwrap();
+    store.verify_audit().unwrap();
+    drop(store);
+    let store = open_store(dir.path(), ReadAudit::default());
+    assert_eq!(store.last_change_seq().unwrap(), 2);
+    store.read(&ctx(), "Patient", &deferred.id).unwrap();
+}
+
+#[test]
+fn concurrent_deferred_commits_all_become_durable_with_one_leaf_each() {
+    let (dir, store) = temp_store(ReadAudit::default());
+    let ids = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for thread in 0..4 {
+            let (store, ids) = (&store, &ids);
+            scope.spawn(move || {
+                for round in 0..10 {
+                    let mut txn = store.begin_write(&ctx()).unwrap();
+                    let a = txn
+                        .create(patient(&format!("T{thread}-{round}-a")))
+                        .unwrap();
+                    let b = txn
+                        .create(patient(&format!("T{thread}-{round}-b")))
+                        .unwrap();
+                    let ticket = txn.commit_deferred().unwrap();
+                    store.wait_durable(ticket).unwrap();
+                    // Acknowledged: durable, so in the feed.
+                    assert!(store.last_change_seq().unwrap() >= ticket.seq());
+                    ids.lock().unwrap().extend([a.id, b.id]);
+                }
+            });
+        }
+    });
+    let ids = ids.into_inner().unwrap();
+    assert_eq!(ids.len(), 80);
+    assert_eq!(store.last_change_seq().unwrap(), 80);
+    let leaves = store.audit_size().unwrap();
+    let creates = (0..leaves)
+        .filter(|&seq| store.audit_leaf(seq).unwrap().record.action == AuditAction::Create)
+        .count();
+    assert_eq!(creates, 80);
+    store.verify_audit().unwrap();
+    drop(store);
+    let store = open_store(dir.path(), ReadAudit::default());
+    for id in &ids {
+        store.read(&ctx(), "Patient", id).unwrap();
+    }
+}

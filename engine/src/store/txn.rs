@@ -484,16 +484,68 @@ impl<'s> WriteTxn<'s> {
     /// Commits every write and its audit leaves durably, together with buffered read leaves,
     /// and signs a new tree head.
     pub fn commit(self) -> Result<()> {
+        let written_through = self.written_through();
         self.store
             .inner
-            .commit_audited(self.txn, self.write_leaves)
+            .commit_audited(
+                self.txn,
+                self.write_leaves,
+                written_through,
+                super::CommitSync::Now,
+            )
             .map(drop)
+    }
+
+    /// Commits every write and its audit leaves without waiting for the disk: the writes are
+    /// visible to this process at once (reads, later transactions) but not yet durable, and
+    /// not yet in the change feed. Pass the ticket to [`Store::wait_durable`] before telling
+    /// anyone the write happened. Until then a crash loses this commit (and its leaves) as a
+    /// whole, never part of it, and never a commit made durable before it.
+    ///
+    /// Why: a synced commit costs two disk syncs; writers that commit deferred and then wait
+    /// share one sync among everything committed meanwhile (group commit), and the caller
+    /// can let go of its own locks before waiting.
+    pub fn commit_deferred(mut self) -> Result<DurableTicket> {
+        let written_through = self.written_through();
+        let Some(seq) = written_through else {
+            // Nothing written: a plain commit keeps read leaves' durability as it was.
+            self.commit()?;
+            return Ok(DurableTicket { seq: 0 });
+        };
+        self.txn.set_durability(redb::Durability::None)?;
+        self.store.inner.commit_audited(
+            self.txn,
+            self.write_leaves,
+            written_through,
+            super::CommitSync::Deferred,
+        )?;
+        Ok(DurableTicket { seq })
+    }
+
+    /// The last change seq this transaction wrote, if it wrote any.
+    fn written_through(&self) -> Option<u64> {
+        (self.writes > 0).then(|| self.next_change - 1)
     }
 
     /// Discards every write of this transaction.
     pub fn abort(self) -> Result<()> {
         self.txn.abort()?;
         Ok(())
+    }
+}
+
+/// A deferred commit ([`WriteTxn::commit_deferred`]), durable once [`Store::wait_durable`]
+/// returns for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a deferred commit is not durable until Store::wait_durable returns"]
+pub struct DurableTicket {
+    seq: u64,
+}
+
+impl DurableTicket {
+    /// The last change seq of the commit (0 if it wrote nothing).
+    pub fn seq(&self) -> u64 {
+        self.seq
     }
 }
 
