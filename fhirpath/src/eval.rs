@@ -233,7 +233,7 @@ fn push_values<'a>(
 }
 
 /// The model type a choice suffix (`Quantity`, `String`, `DateTime`) names.
-fn suffix_type(candidates: Option<&[TypeId]>, suffix: &str) -> Option<TypeId> {
+pub(crate) fn suffix_type(candidates: Option<&[TypeId]>, suffix: &str) -> Option<TypeId> {
     let m = model();
     if let Some(types) = candidates {
         return types.iter().copied().find(|t| {

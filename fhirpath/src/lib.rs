@@ -56,12 +56,14 @@ mod lexer;
 mod model;
 mod parser;
 mod temporal;
+mod text;
 mod units;
 mod values;
 
 pub use decimal::Decimal;
 pub use item::{Item, Node, Quantity};
 pub use temporal::{Precision, Temporal};
+pub use text::{Text, visit_text};
 
 /// Errors from parsing or evaluating an expression. Messages never contain resource content.
 #[non_exhaustive]

@@ -44,7 +44,7 @@ pub struct IndexEntries {
     pub terms: Vec<String>,
     /// Narrative text (`_text`).
     pub narrative: String,
-    /// Every string in the resource (`_content`).
+    /// The resource's text (`_content`): `string` and `markdown` values and the narrative.
     pub content: String,
     /// `code ␟ Type/id` for each reference value (reverse chaining, `_include` via index).
     pub references: Vec<String>,
@@ -102,9 +102,7 @@ pub fn extract(
         }
     }
     entries.narrative = narrative_text(resource);
-    let mut content = String::new();
-    collect_strings(resource, &mut content, 0);
-    entries.content = content;
+    entries.content = content_text(resource);
     entries.terms.sort_unstable();
     entries.terms.dedup();
     entries.sort_keys.sort_unstable();
@@ -700,39 +698,18 @@ pub fn strip_markup(xhtml: &str) -> String {
         .replace("&amp;", "&")
 }
 
-/// Appends every string value (not keys, not the narrative markup) of `json`.
-fn collect_strings(json: &Value, out: &mut String, depth: usize) {
-    // Resources nest far less than this; the bound keeps hostile input from overflowing the stack.
-    if depth > 64 {
-        return;
-    }
-    match json {
-        Value::String(s) => {
-            out.push_str(s);
-            out.push(' ');
+/// The text of `_content`: every `string` and `markdown` value and the narrative (see
+/// [`fhirkeep_fhirpath::visit_text`] for what is left out and why), space-separated.
+fn content_text(resource: &Value) -> String {
+    let mut out = String::new();
+    fhirkeep_fhirpath::visit_text(resource, &mut |text| {
+        match text {
+            fhirkeep_fhirpath::Text::Plain(s) => out.push_str(s),
+            fhirkeep_fhirpath::Text::Xhtml(div) => out.push_str(&strip_markup(div)),
         }
-        Value::Array(items) => {
-            for item in items {
-                collect_strings(item, out, depth + 1);
-            }
-        }
-        Value::Object(map) => {
-            for (key, value) in map {
-                if key == "div" {
-                    if let Value::String(div) = value {
-                        out.push_str(&strip_markup(div));
-                        out.push(' ');
-                    }
-                    continue;
-                }
-                if key == "resourceType" || key == "url" || key == "system" || key == "reference" {
-                    continue;
-                }
-                collect_strings(value, out, depth + 1);
-            }
-        }
-        _ => {}
-    }
+        out.push(' ');
+    });
+    out
 }
 
 /// The instant range of a stored resource's `meta.lastUpdated`, if present.

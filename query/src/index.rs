@@ -32,8 +32,9 @@ use tantivy::{DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, Tantivy
 use crate::extract::IndexEntries;
 use crate::{Error, Result};
 
-/// The schema version, stored in the commit payload; a different one means "rebuild".
-const SCHEMA_VERSION: u32 = 5;
+/// The schema version, stored in the commit payload; a different one means "rebuild" (6:
+/// `_content` holds `string` and `markdown` values only).
+const SCHEMA_VERSION: u32 = 6;
 
 const TEXT_TOKENIZER: &str = "fhir_text";
 

@@ -516,6 +516,13 @@ fn every_parameter_type_and_modifier() {
     );
     assert_eq!(keys(db, "Patient?_text=baker"), ["Patient/p2"]);
     assert_eq!(keys(db, "Patient?_content=mrn-p3"), ["Patient/p3"]);
+    // `_content` is text (`string` and `markdown` values, the narrative), as in HAPI: codes,
+    // dates, ids and URIs are searched by their own parameters.
+    assert_eq!(keys(db, "Observation?_content=body").len(), 3);
+    assert!(keys(db, "Patient?_content=female").is_empty());
+    assert!(keys(db, "Patient?_content=1965").is_empty());
+    assert!(keys(db, "Observation?_content=final").is_empty());
+    assert!(keys(db, "Patient?_content=hospital").is_empty());
     // _has and chain
     assert_eq!(
         keys(db, "Patient?_has:Observation:patient:code=8302-2"),
