@@ -695,31 +695,6 @@ impl Database {
         self.matching_keys(&request)
     }
 
-    /// Applies a `transaction` Bundle: every entry commits or none does (see
-    /// [`fhirkeep_engine::bundle`]). Returns `Type/id/_history/vid` per entry.
-    pub fn apply_transaction(&self, ctx: &AccessContext, bundle: &Value) -> Result<Vec<String>> {
-        let guard = self.lock_writes()?;
-        let result = fhirkeep_engine::bundle::apply_transaction(&self.store, ctx, bundle);
-        let seq = self.store.last_change_seq()?;
-        drop(guard);
-        self.index_after_write(seq)?;
-        Ok(result?)
-    }
-
-    /// Applies a `batch` Bundle: each entry on its own.
-    pub fn apply_batch(
-        &self,
-        ctx: &AccessContext,
-        bundle: &Value,
-    ) -> Result<Vec<fhirkeep_engine::bundle::EntryOutcome>> {
-        let guard = self.lock_writes()?;
-        let result = fhirkeep_engine::bundle::apply_batch(&self.store, ctx, bundle);
-        let seq = self.store.last_change_seq()?;
-        drop(guard);
-        self.index_after_write(seq)?;
-        Ok(result?)
-    }
-
     /// Group commit of single-resource writes: the caller queues its operation and takes the
     /// write lock; whoever holds it applies every queued operation in one store transaction
     /// (each audited under its own caller's context) and commits once, so concurrent writers
