@@ -814,29 +814,6 @@ impl Database {
         Ok(value)
     }
 
-    /// Runs `body` in one store write transaction and commits it, without touching the index;
-    /// the caller holds the write lock and then calls [`Database::wait_indexed`] with the
-    /// returned store change sequence (after releasing the write lock, for group commit).
-    /// Like [`Database::commit_locked`], committing deferred: the caller lets go of the write
-    /// lock, then waits for the ticket ([`fhirkeep_engine::store::Store::wait_durable`]) before
-    /// answering, so that concurrent writers share disk syncs.
-    pub(crate) fn commit_locked_deferred<T>(
-        &self,
-        ctx: &AccessContext,
-        body: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>,
-    ) -> Result<(T, DurableTicket)> {
-        let mut txn = self.store.begin_write(ctx)?;
-        let value = match body(&mut txn) {
-            Ok(value) => value,
-            Err(e) => {
-                txn.abort()?;
-                return Err(e);
-            }
-        };
-        let ticket = txn.commit_deferred()?;
-        Ok((value, ticket))
-    }
-
     /// Marks a transaction Bundle as in flight until the returned guard leaves (or drops).
     pub(crate) fn enter_in_flight(&self) -> Result<InFlight<'_>> {
         let mut set = self
@@ -899,24 +876,48 @@ impl Database {
         Ok(())
     }
 
+    /// Runs `body` in one store write transaction and commits it, without touching the index;
+    /// the caller holds the write lock and then calls [`Database::wait_indexed`] with the
+    /// returned store change sequence (after releasing the write lock, for group commit).
     pub(crate) fn commit_locked<T>(
         &self,
         ctx: &AccessContext,
         body: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>,
     ) -> Result<(T, u64)> {
-        let mut txn = self.store.begin_write(ctx)?;
-        let value = match body(&mut txn) {
-            Ok(value) => value,
-            Err(e) => {
-                txn.abort()?;
-                return Err(e);
-            }
-        };
+        let (value, txn) = self.run_in_txn(ctx, body)?;
         txn.commit()?;
         // Under the write lock no other write commits, so this is this write's last change
         // (or an earlier one if it changed nothing).
         let seq = self.store.last_change_seq()?;
         Ok((value, seq))
+    }
+
+    /// Like [`Database::commit_locked`], committing deferred: the caller lets go of the write
+    /// lock, then waits for the ticket ([`fhirkeep_engine::store::Store::wait_durable`]) before
+    /// answering, so that concurrent writers share disk syncs.
+    pub(crate) fn commit_locked_deferred<T>(
+        &self,
+        ctx: &AccessContext,
+        body: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>,
+    ) -> Result<(T, DurableTicket)> {
+        let (value, txn) = self.run_in_txn(ctx, body)?;
+        Ok((value, txn.commit_deferred()?))
+    }
+
+    /// Runs `body` in a new store write transaction, aborting it if `body` fails.
+    fn run_in_txn<T>(
+        &self,
+        ctx: &AccessContext,
+        body: impl FnOnce(&mut WriteTxn<'_>) -> Result<T>,
+    ) -> Result<(T, WriteTxn<'_>)> {
+        let mut txn = self.store.begin_write(ctx)?;
+        match body(&mut txn) {
+            Ok(value) => Ok((value, txn)),
+            Err(e) => {
+                txn.abort()?;
+                Err(e)
+            }
+        }
     }
 
     /// After a write's store commit (which made it durable): puts the changes committed so far

@@ -70,14 +70,7 @@ pub(crate) fn uuid_id(rng: &mut SplitMix64) -> String {
     let lo = rng.next_u64();
     let hi = (hi & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000;
     let lo = (lo & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000;
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        hi >> 32,
-        (hi >> 16) & 0xFFFF,
-        hi & 0xFFFF,
-        lo >> 48,
-        lo & 0xFFFF_FFFF_FFFF
-    )
+    uuid_text(hi, lo)
 }
 
 /// A UUIDv7-shaped id: `millis` in the 48-bit timestamp, then `ordinal` in the next 22 bits
@@ -90,6 +83,11 @@ pub(crate) fn time_ordered_uuid_id(millis: u64, ordinal: u64, rng: &mut SplitMix
     let hi = ((millis & 0xFFFF_FFFF_FFFF) << 16) | 0x7000 | (ordinal >> 10);
     // variant 10 | 10 low bits of the ordinal | 52 random bits.
     let lo = 0x8000_0000_0000_0000 | ((ordinal & 0x3FF) << 52) | (random & 0x000F_FFFF_FFFF_FFFF);
+    uuid_text(hi, lo)
+}
+
+/// The canonical 8-4-4-4-12 text of the 128 bits `hi ‖ lo`.
+fn uuid_text(hi: u64, lo: u64) -> String {
     format!(
         "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
         hi >> 32,
