@@ -45,8 +45,23 @@ impl Store {
     ///
     /// Needs the store to itself: no auxiliary database of it may be open (a `Database`
     /// holds its index open, so compact through a `Store` opened alone, as `fhirkeep compact`
-    /// does). Recorded in the audit log as a `compact` leaf of `ctx`.
+    /// does). Recorded in the audit log as a `compact` leaf of `ctx`, committed before the
+    /// rewrite: a commit after it would grow the compacted file again at once (redb grows a
+    /// full file by doubling it, or by a region). A compaction that then fails records a
+    /// second `compact` leaf with outcome `error`.
     pub fn compact(&mut self, ctx: &AccessContext) -> Result<CompactReport> {
+        let action = AuditAction::Other(COMPACT_ACTION.into());
+        self.record_access(ctx, AccessRecord::succeeded(action.clone()))?;
+        let result = self.compact_files();
+        if result.is_err() {
+            let mut failed = AccessRecord::succeeded(action);
+            failed.outcome = crate::audit::AuditOutcome::Error;
+            self.record_access(ctx, failed)?;
+        }
+        result
+    }
+
+    fn compact_files(&mut self) -> Result<CompactReport> {
         let dir = self.dir().to_path_buf();
         let size = |path: &std::path::Path| -> Result<u64> { Ok(std::fs::metadata(path)?.len()) };
         let mut files = Vec::new();
@@ -91,10 +106,6 @@ impl Store {
             drop(db);
             files.push((format!("{name}.redb"), before, size(&path)?));
         }
-        self.record_access(
-            ctx,
-            AccessRecord::succeeded(AuditAction::Other(COMPACT_ACTION.into())),
-        )?;
         Ok(CompactReport {
             files,
             packed_tables,
