@@ -142,6 +142,16 @@ fn init_import_get_history_check_audit() {
     assert_eq!(again, patient);
     assert!(ok(&db.run(&["check"])).starts_with("ok:"));
 
+    // Stats: one line per table with its entry count, and a total per file; no content.
+    let stats = ok(&db.run(&["stats"]));
+    let versions = stats
+        .lines()
+        .find(|line| line.starts_with("fhirkeep.redb") && line.contains(" versions "))
+        .unwrap_or_else(|| panic!("no versions line: {stats}"));
+    assert_eq!(versions.split_whitespace().nth(2), Some("4"), "{stats}");
+    assert!(stats.contains("index.redb: "), "{stats}");
+    assert!(!stats.contains("Chalmers"), "{stats}");
+
     let head_text = ok(&db.run(&["audit", "head"]));
     let head = SignedTreeHead::from_json(&head_text).unwrap();
     head.verify().unwrap();
