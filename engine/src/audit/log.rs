@@ -9,9 +9,13 @@
 //! * `audit_heads`: `u64` size → stored [`SignedTreeHead`] (145 bytes, see [`super::head`]).
 //! * `audit_meta`: `&str` → bytes; `"signing_key"` holds the 32-byte Ed25519 seed that signs heads.
 //!
-//! Appending leaf `n` writes the leaf and `1 + trailing_ones(n)` nodes (under two on average).
-//! Roots and proofs read `O(log n)` nodes. [`verify_log`] trusts no stored node: it recomputes
-//! everything from the leaf bytes and checks every stored node and signed head against that.
+//! Appending leaf `n` writes the leaf and the nodes of level [`FIRST_STORED_LEVEL`] and above
+//! that it completes (one per 2^`FIRST_STORED_LEVEL` leaves on average). Nodes of the levels
+//! below are recomputed from at most 2^(`FIRST_STORED_LEVEL` − 1) leaves when a root or a proof
+//! needs them; logs written before this rule also hold them, and they are checked like the
+//! rest. Roots and proofs read `O(log n)` nodes. [`verify_log`] trusts no stored node: it
+//! recomputes everything from the leaf bytes and checks every stored node and signed head
+//! against that.
 //! Error messages name sequence numbers and sizes, never leaf content.
 
 use ed25519_dalek::SigningKey;
@@ -156,9 +160,15 @@ impl AuditTxn for WriteTransaction {
     }
 }
 
+/// The lowest level of Merkle node kept in `audit_nodes`. Why not every level: a node per
+/// leaf (levels 1 and up) was one more B-tree insert per audited read and half the table's
+/// bytes; a node below this level costs at most 8 leaf reads and 7 hashes to recompute.
+pub(crate) const FIRST_STORED_LEVEL: u8 = 4;
+
 /// Stored nodes read through an opened nodes table.
 /// Complete-subtree hashes: level 0 is hashed from the leaf itself (so it is never stored
-/// twice); higher levels come from the `audit_nodes` table.
+/// twice); levels below [`FIRST_STORED_LEVEL`] are hashed from their leaves; higher levels
+/// come from the `audit_nodes` table.
 struct TableNodes<'a, L, N> {
     leaves: &'a L,
     nodes: &'a N,
@@ -176,6 +186,9 @@ where
                 None => Err(Error::Corrupted(format!("audit leaf {index} is missing"))),
             };
         }
+        if level < FIRST_STORED_LEVEL {
+            return subtree_from_leaves(self.leaves, level, index);
+        }
         match self.nodes.get((level, index)).map_err(storage)? {
             Some(h) => Ok(h.value()),
             None => Err(Error::Corrupted(format!(
@@ -183,6 +196,45 @@ where
             ))),
         }
     }
+}
+
+/// The hash of the complete subtree `(level, index)`, from its `2^level` leaves.
+fn subtree_from_leaves<L: ReadableTable<u64, &'static [u8]>>(
+    leaves: &L,
+    level: u8,
+    index: u64,
+) -> Result<Hash> {
+    let width = 1u64 << level;
+    let start = index.checked_mul(width).ok_or_else(|| {
+        Error::Corrupted(format!(
+            "audit node (level {level}, index {index}) is out of range"
+        ))
+    })?;
+    // Level-by-level pairing of the leaf hashes, in place.
+    let mut hashes: Vec<Hash> = Vec::with_capacity(width as usize);
+    for (expected, entry) in (start..).zip(leaves.range(start..start + width).map_err(storage)?) {
+        let (key, value) = entry.map_err(storage)?;
+        if key.value() != expected {
+            return Err(Error::Corrupted(format!(
+                "audit leaf {expected} is missing"
+            )));
+        }
+        hashes.push(leaf_hash(value.value()));
+    }
+    if hashes.len() as u64 != width {
+        return Err(Error::Corrupted(format!(
+            "audit leaf {} is missing",
+            start + hashes.len() as u64
+        )));
+    }
+    while hashes.len() > 1 {
+        let pairs = hashes.len() / 2;
+        for i in 0..pairs {
+            hashes[i] = node_hash(&hashes[2 * i], &hashes[2 * i + 1]);
+        }
+        hashes.truncate(pairs);
+    }
+    Ok(hashes[0])
 }
 
 /// Number of leaves: one past the last stored seq.
@@ -250,7 +302,9 @@ pub(crate) fn append_many(
         leaves.insert(seq, bytes.as_slice()).map_err(storage)?;
         for (level, index, hash) in new_nodes {
             if level > 0 {
-                nodes.insert((level, index), hash).map_err(storage)?;
+                if level >= FIRST_STORED_LEVEL {
+                    nodes.insert((level, index), hash).map_err(storage)?;
+                }
                 // Its children are never a left sibling again: keep only the right edge.
                 produced.remove(&(level - 1, 2 * index));
                 produced.remove(&(level - 1, 2 * index + 1));
@@ -595,6 +649,8 @@ pub(crate) fn verify_log(txn: &impl AuditTxn) -> Result<VerifyReport> {
                         "stored audit node (level {level}, index {index}) does not match the leaves"
                     )));
                 }
+                // Lower levels are recomputed, not stored (older logs stored them).
+                None if level < FIRST_STORED_LEVEL => {}
                 None => {
                     return Err(fail(format!(
                         "stored audit node (level {level}, index {index}) is missing"
@@ -897,12 +953,65 @@ mod tests {
             l.record.outcome = AuditOutcome::Denied;
             leaves.insert(17, l.encode().as_slice()).unwrap();
         });
-        expect_audit_failure(&db, "(level 1, index 8)");
+        // The first signed head after the edit no longer matches (levels below 4 are not
+        // stored, so no stored node covers leaf 17 before it).
+        expect_audit_failure(&db, "signed tree head of size 20");
         let r = db.begin_read().unwrap();
         assert!(verify_against_trusted_head(&r, &heads[1]).is_err());
         assert!(verify_against_trusted_head(&r, &heads[3]).is_err());
         // A head below the edit still verifies.
         verify_against_trusted_head(&r, &heads[0]).unwrap();
+    }
+
+    #[test]
+    fn only_levels_from_the_first_stored_one_are_stored_and_proofs_still_verify() {
+        let (_f, db) = new_db();
+        let heads = fill(&db, 100, 7);
+        let r = db.begin_read().unwrap();
+        let nodes = r.open_table(NODES).unwrap();
+        let levels: Vec<u8> = nodes
+            .range((0u8, 0u64)..)
+            .unwrap()
+            .map(|e| e.unwrap().0.value().0)
+            .collect();
+        // 100 leaves complete six level-4 nodes, three of level 5 and one of level 6.
+        assert_eq!(levels.len(), 6 + 3 + 1, "{levels:?}");
+        assert!(levels.iter().all(|&l| l >= FIRST_STORED_LEVEL));
+        drop(nodes);
+        let report = verify_log(&r).unwrap();
+        assert_eq!(report.leaves, 100);
+        let last = heads.last().unwrap();
+        for seq in [0, 5, 17, 63, 64, 99] {
+            prove_inclusion(&r, seq, last.size)
+                .unwrap()
+                .verify(last)
+                .unwrap();
+        }
+        prove_consistency(&r, heads[3].size, last.size)
+            .unwrap()
+            .verify(&heads[3], last)
+            .unwrap();
+    }
+
+    #[test]
+    fn logs_that_stored_every_level_still_verify_and_grow() {
+        // Logs written before `FIRST_STORED_LEVEL` hold the nodes of levels 1 to 3 too.
+        let (_f, db) = new_db();
+        fill(&db, 40, 10);
+        write(&db, |t| {
+            let leaves = t.open_table(LEAVES).unwrap();
+            let mut nodes = t.open_table(NODES).unwrap();
+            for level in 1..FIRST_STORED_LEVEL {
+                for index in 0..(40u64 >> level) {
+                    let hash = subtree_from_leaves(&leaves, level, index).unwrap();
+                    nodes.insert((level, index), hash).unwrap();
+                }
+            }
+        });
+        let report = verify_log(&db.begin_read().unwrap()).unwrap();
+        assert_eq!(report.nodes, 20 + 10 + 5 + 2 + 1);
+        fill(&db, 70, 10);
+        verify_log(&db.begin_read().unwrap()).unwrap();
     }
 
     #[test]
