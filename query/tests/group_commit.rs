@@ -55,24 +55,31 @@ fn patient_with(value: &str) -> Value {
            "name": [{"family": "Group"}]})
 }
 
+/// Runs `work(db, thread)` on [`THREADS`] threads that start at the same moment.
+fn on_threads(db: &Database, work: impl Fn(&Database, usize) + Sync) {
+    let start = Barrier::new(THREADS);
+    std::thread::scope(|scope| {
+        for thread in 0..THREADS {
+            let (start, work) = (&start, &work);
+            scope.spawn(move || {
+                start.wait();
+                work(db, thread);
+            });
+        }
+    });
+}
+
 #[test]
 fn concurrent_writers_each_find_their_own_write_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path());
-    let start = Barrier::new(THREADS);
-    std::thread::scope(|scope| {
-        for thread in 0..THREADS {
-            let (db, start) = (&db, &start);
-            scope.spawn(move || {
-                start.wait();
-                for n in 0..PER_THREAD {
-                    let value = format!("t{thread}-n{n}");
-                    let created = db.create(&ctx(), patient_with(&value)).unwrap();
-                    // Read-your-writes: no flush, no retry.
-                    let found = keys(db, &format!("Patient?identifier={SYSTEM}|{value}"));
-                    assert_eq!(found, vec![format!("Patient/{}", created.id)], "{value}");
-                }
-            });
+    on_threads(&db, |db, thread| {
+        for n in 0..PER_THREAD {
+            let value = format!("t{thread}-n{n}");
+            let created = db.create(&ctx(), patient_with(&value)).unwrap();
+            // Read-your-writes: no flush, no retry.
+            let found = keys(db, &format!("Patient?identifier={SYSTEM}|{value}"));
+            assert_eq!(found, vec![format!("Patient/{}", created.id)], "{value}");
         }
     });
     let all = format!("Patient?identifier={SYSTEM}|&_count=1000");
@@ -87,29 +94,22 @@ fn concurrent_writers_each_find_their_own_write_at_once() {
 fn concurrent_updates_and_deletes_are_visible_when_they_return() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path());
-    let start = Barrier::new(THREADS);
-    std::thread::scope(|scope| {
-        for thread in 0..THREADS {
-            let (db, start) = (&db, &start);
-            scope.spawn(move || {
-                start.wait();
-                for n in 0..PER_THREAD {
-                    let id = format!("u{thread}-{n}");
-                    let mut body = patient_with(&format!("old-{id}"));
-                    body["id"] = json!(id);
-                    db.update(&ctx(), "Patient", &id, body.clone(), None)
-                        .unwrap();
-                    body["identifier"][0]["value"] = json!(format!("new-{id}"));
-                    db.update(&ctx(), "Patient", &id, body, None).unwrap();
-                    let old = keys(db, &format!("Patient?identifier={SYSTEM}|old-{id}"));
-                    assert!(old.is_empty(), "{id}: the replaced version still matches");
-                    let new = keys(db, &format!("Patient?identifier={SYSTEM}|new-{id}"));
-                    assert_eq!(new, vec![format!("Patient/{id}")]);
-                    db.delete(&ctx(), "Patient", &id, None).unwrap();
-                    let gone = keys(db, &format!("Patient?identifier={SYSTEM}|new-{id}"));
-                    assert!(gone.is_empty(), "{id}: deleted but still found");
-                }
-            });
+    on_threads(&db, |db, thread| {
+        for n in 0..PER_THREAD {
+            let id = format!("u{thread}-{n}");
+            let mut body = patient_with(&format!("old-{id}"));
+            body["id"] = json!(id);
+            db.update(&ctx(), "Patient", &id, body.clone(), None)
+                .unwrap();
+            body["identifier"][0]["value"] = json!(format!("new-{id}"));
+            db.update(&ctx(), "Patient", &id, body, None).unwrap();
+            let old = keys(db, &format!("Patient?identifier={SYSTEM}|old-{id}"));
+            assert!(old.is_empty(), "{id}: the replaced version still matches");
+            let new = keys(db, &format!("Patient?identifier={SYSTEM}|new-{id}"));
+            assert_eq!(new, vec![format!("Patient/{id}")]);
+            db.delete(&ctx(), "Patient", &id, None).unwrap();
+            let gone = keys(db, &format!("Patient?identifier={SYSTEM}|new-{id}"));
+            assert!(gone.is_empty(), "{id}: deleted but still found");
         }
     });
 }
@@ -173,26 +173,19 @@ fn concurrent_if_none_exist_creates_exactly_one() {
 fn concurrent_transactions_with_if_none_exist_create_exactly_one() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path());
-    let start = Barrier::new(THREADS);
-    std::thread::scope(|scope| {
-        for thread in 0..THREADS {
-            let (db, start) = (&db, &start);
-            scope.spawn(move || {
-                let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
-                    {"fullUrl": "urn:uuid:0b3c0b52-0000-4000-8000-000000000001",
-                     "resource": patient_with("shared"),
-                     "request": {"method": "POST", "url": "Patient",
-                                 "ifNoneExist": format!("identifier={SYSTEM}|shared")}},
-                    {"resource": patient_with(&format!("own-{thread}")),
-                     "request": {"method": "POST", "url": "Patient"}}
-                ]});
-                start.wait();
-                db.process_bundle(&ctx(), &bundle, "http://localhost/fhir")
-                    .unwrap();
-                let own = keys(db, &format!("Patient?identifier={SYSTEM}|own-{thread}"));
-                assert_eq!(own.len(), 1, "thread {thread}: own entry not visible");
-            });
-        }
+    on_threads(&db, |db, thread| {
+        let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "urn:uuid:0b3c0b52-0000-4000-8000-000000000001",
+             "resource": patient_with("shared"),
+             "request": {"method": "POST", "url": "Patient",
+                         "ifNoneExist": format!("identifier={SYSTEM}|shared")}},
+            {"resource": patient_with(&format!("own-{thread}")),
+             "request": {"method": "POST", "url": "Patient"}}
+        ]});
+        db.process_bundle(&ctx(), &bundle, "http://localhost/fhir")
+            .unwrap();
+        let own = keys(db, &format!("Patient?identifier={SYSTEM}|own-{thread}"));
+        assert_eq!(own.len(), 1, "thread {thread}: own entry not visible");
     });
     assert_eq!(
         keys(&db, &format!("Patient?identifier={SYSTEM}|shared")).len(),
@@ -302,28 +295,24 @@ fn concurrent_transaction_bundles_are_durable_and_searchable_when_they_return() 
     let dir = tempfile::tempdir().unwrap();
     {
         let db = open(dir.path());
-        let start = Barrier::new(THREADS);
-        std::thread::scope(|scope| {
-            for thread in 0..THREADS {
-                let (db, start) = (&db, &start);
-                scope.spawn(move || {
-                    start.wait();
-                    for round in 0..4 {
-                        let entries: Vec<Value> = (0..5)
-                            .map(|k| {
-                                json!({"resource": patient_with(&format!("tx-{thread}-{round}-{k}")),
-                                       "request": {"method": "POST", "url": "Patient"}})
-                            })
-                            .collect();
-                        let bundle = json!({"resourceType": "Bundle", "type": "transaction",
-                                            "entry": entries});
-                        db.process_bundle(&ctx(), &bundle, "http://localhost/fhir")
-                            .unwrap();
-                        // Acknowledged means durable, hence in the change feed and searchable.
-                        let own = keys(db, &format!("Patient?identifier={SYSTEM}|tx-{thread}-{round}-4"));
-                        assert_eq!(own.len(), 1, "thread {thread} round {round}");
-                    }
-                });
+        on_threads(&db, |db, thread| {
+            for round in 0..4 {
+                let entries: Vec<Value> = (0..5)
+                    .map(|k| {
+                        json!({"resource": patient_with(&format!("tx-{thread}-{round}-{k}")),
+                               "request": {"method": "POST", "url": "Patient"}})
+                    })
+                    .collect();
+                let bundle = json!({"resourceType": "Bundle", "type": "transaction",
+                                    "entry": entries});
+                db.process_bundle(&ctx(), &bundle, "http://localhost/fhir")
+                    .unwrap();
+                // Acknowledged means durable, hence in the change feed and searchable.
+                let own = keys(
+                    db,
+                    &format!("Patient?identifier={SYSTEM}|tx-{thread}-{round}-4"),
+                );
+                assert_eq!(own.len(), 1, "thread {thread} round {round}");
             }
         });
     }
