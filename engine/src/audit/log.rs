@@ -237,6 +237,24 @@ fn subtree_from_leaves<L: ReadableTable<u64, &'static [u8]>>(
     Ok(hashes[0])
 }
 
+/// Stores the nodes of levels 1 to 3, as logs written before [`FIRST_STORED_LEVEL`] did
+/// (tests of old logs). Returns how many it stored.
+#[cfg(test)]
+pub(crate) fn store_lower_levels(txn: &WriteTransaction) -> Result<u64> {
+    let leaves = txn.open_table(LEAVES).map_err(storage)?;
+    let mut nodes = txn.open_table(NODES).map_err(storage)?;
+    let count = leaf_count(&leaves)?;
+    let mut stored = 0;
+    for level in 1..FIRST_STORED_LEVEL {
+        for index in 0..(count >> level) {
+            let hash = subtree_from_leaves(&leaves, level, index)?;
+            nodes.insert((level, index), hash).map_err(storage)?;
+            stored += 1;
+        }
+    }
+    Ok(stored)
+}
+
 /// Number of leaves: one past the last stored seq.
 fn leaf_count<T: ReadableTable<u64, &'static [u8]>>(leaves: &T) -> Result<u64> {
     match leaves.last().map_err(storage)? {
@@ -998,16 +1016,7 @@ mod tests {
         // Logs written before `FIRST_STORED_LEVEL` hold the nodes of levels 1 to 3 too.
         let (_f, db) = new_db();
         fill(&db, 40, 10);
-        write(&db, |t| {
-            let leaves = t.open_table(LEAVES).unwrap();
-            let mut nodes = t.open_table(NODES).unwrap();
-            for level in 1..FIRST_STORED_LEVEL {
-                for index in 0..(40u64 >> level) {
-                    let hash = subtree_from_leaves(&leaves, level, index).unwrap();
-                    nodes.insert((level, index), hash).unwrap();
-                }
-            }
-        });
+        assert_eq!(write(&db, |t| store_lower_levels(t).unwrap()), 20 + 10 + 5);
         let report = verify_log(&db.begin_read().unwrap()).unwrap();
         assert_eq!(report.nodes, 20 + 10 + 5 + 2 + 1);
         fill(&db, 70, 10);

@@ -672,3 +672,37 @@ fn space_report_covers_the_store_and_auxiliary_files_and_is_audited() {
         crate::audit::AuditAction::Other(SPACE_ACTION.into())
     );
 }
+
+#[test]
+fn compaction_drops_the_merkle_levels_that_are_recomputed() {
+    let dir = TempDir::new().unwrap();
+    let mut store = open_store(dir.path(), ReadAudit::Durable);
+    for i in 0..40 {
+        store.create(&ctx(), patient(&format!("N{i}"))).unwrap();
+    }
+    // A log written before only levels 4 and up were stored.
+    let txn = store.inner.db.begin_write().unwrap();
+    let lower = crate::audit::log::store_lower_levels(&txn).unwrap();
+    txn.commit().unwrap();
+    assert!(lower > 0);
+    let lower_nodes = |store: &Store| {
+        let read = store.inner.db.begin_read().unwrap();
+        let table = read.open_table(crate::audit::log::NODES).unwrap();
+        let first_stored = crate::audit::log::FIRST_STORED_LEVEL;
+        table
+            .range((1u8, 0u64)..(first_stored, 0u64))
+            .unwrap()
+            .count() as u64
+    };
+    assert_eq!(lower_nodes(&store), lower);
+    store.verify_audit().unwrap();
+    store.compact(&ctx()).unwrap();
+    assert_eq!(lower_nodes(&store), 0);
+    store.verify_audit().unwrap();
+    let head = store.audit_head().unwrap();
+    store
+        .prove_inclusion(3, head.size)
+        .unwrap()
+        .verify(&head)
+        .unwrap();
+}

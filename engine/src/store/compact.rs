@@ -13,7 +13,7 @@ use super::copy::copy_rows;
 use super::record::{CHANGES, TYPE_CHANGES, VERSIONS};
 use super::{AccessContext, AccessRecord, DATABASE_FILE, Flusher, Store};
 use crate::audit::AuditAction;
-use crate::audit::log::{HEADS, LEAVES, NODES};
+use crate::audit::log::{FIRST_STORED_LEVEL, HEADS, LEAVES, NODES};
 use crate::{Error, Result};
 
 /// The audit action of a compaction.
@@ -79,6 +79,7 @@ impl Store {
             let inner = Arc::get_mut(&mut self.inner).ok_or_else(|| {
                 Error::Storage("compaction needs exclusive access to the store".into())
             })?;
+            drop_recomputable_nodes(&inner.db)?;
             for packed in [
                 pack_table(&inner.db, VERSIONS)?,
                 pack_table(&inner.db, CHANGES)?,
@@ -111,6 +112,21 @@ impl Store {
             packed_tables,
         })
     }
+}
+
+/// Removes the Merkle nodes of levels below `FIRST_STORED_LEVEL` that logs written before
+/// that rule stored: they are recomputed from the leaves when needed, and `verify` does not
+/// require them. The packing that follows gives their space back.
+fn drop_recomputable_nodes(db: &redb::Database) -> Result<()> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(redb::Durability::Immediate)?;
+    txn.set_two_phase_commit(true);
+    {
+        let mut nodes = txn.open_table(NODES)?;
+        nodes.retain_in((1u8, 0u64)..(FIRST_STORED_LEVEL, 0u64), |_, _| false)?;
+    }
+    txn.commit()?;
+    Ok(())
 }
 
 /// A table is rewritten when more than this share of its bytes is slack in part-filled pages.
