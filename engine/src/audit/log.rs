@@ -10,7 +10,7 @@
 //! * `audit_meta`: `&str` → bytes; `"signing_key"` holds the 32-byte Ed25519 seed that signs heads.
 //!
 //! Appending leaf `n` writes the leaf and the nodes of level [`FIRST_STORED_LEVEL`] and above
-//! that it completes (one per 2^`FIRST_STORED_LEVEL` leaves on average). Nodes of the levels
+//! that it completes (about one per 2^(`FIRST_STORED_LEVEL` − 1) leaves). Nodes of the levels
 //! below are recomputed from at most 2^(`FIRST_STORED_LEVEL` − 1) leaves when a root or a proof
 //! needs them; logs written before this rule also hold them, and they are checked like the
 //! rest. Roots and proofs read `O(log n)` nodes. [`verify_log`] trusts no stored node: it
