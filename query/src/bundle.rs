@@ -228,6 +228,11 @@ impl Database {
             let outcome = (|| -> Result<(Entry, Done)> {
                 let mut entry = parse_entry(index, raw_entry)?;
                 if entry.method == Method::Get {
+                    // A search sees durable changes only: make the entries before it durable,
+                    // so that it sees them as a batch processed in order should.
+                    if let Some(ticket) = last_ticket {
+                        self.store().wait_durable(ticket)?;
+                    }
                     let done = self.get(ctx, &entry, base)?;
                     return Ok((entry, done));
                 }

@@ -156,6 +156,9 @@ fn a_batch_answers_every_entry_on_its_own() {
         {"request": {"method": "GET", "url": "Patient?bogus=1"}},
         {"request": {"method": "GET", "url": "Patient/a"}},
         {"request": {"method": "PATCH", "url": "Patient/a"}},
+        // A search after a write of the same batch sees it (the batch's writes wait for
+        // their disk sync, and the search for them).
+        {"request": {"method": "GET", "url": "Patient?_id=a"}},
     ]});
     let response = db.process_bundle(&ctx(), &bundle, BASE).unwrap();
     assert_eq!(response["type"], "batch-response");
@@ -167,9 +170,11 @@ fn a_batch_answers_every_entry_on_its_own() {
             "404 Not Found",
             "400 Bad Request",
             "200 OK",
-            "422 Unprocessable Entity"
+            "422 Unprocessable Entity",
+            "200 OK"
         ]
     );
+    assert_eq!(response["entry"][6]["resource"]["total"], 1);
     assert_eq!(
         response["entry"][1]["response"]["outcome"]["resourceType"],
         "OperationOutcome"
