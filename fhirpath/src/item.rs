@@ -53,9 +53,16 @@ pub struct Quantity {
 
 impl<'a> Node<'a> {
     pub(crate) fn new(value: &'a Value, ext: Option<&'a Value>, ty: Option<TypeId>) -> Node<'a> {
-        let ty = match value.get("resourceType").and_then(Value::as_str) {
-            Some(rt) => model().type_id(rt).or(ty),
-            None => ty,
+        // Only an object typed as a resource (or of unknown type) names its own type; data
+        // types and backbone elements never do, and the lookup is the costly part.
+        let m = model();
+        let ty = if ty.is_none_or(|t| m.is_resource_like(t)) {
+            match value.get("resourceType").and_then(Value::as_str) {
+                Some(rt) => m.type_id(rt).or(ty),
+                None => ty,
+            }
+        } else {
+            ty
         };
         Node {
             value,
