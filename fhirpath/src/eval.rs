@@ -266,6 +266,21 @@ fn ext_key<'o>(obj: &'o serde_json::Map<String, Value>, name: &str) -> Option<&'
         .and_then(|k| obj.get(k))
 }
 
+/// The `_name` sibling of element `name` when its value is a primitive (or a list of them):
+/// only primitives have one, and most values are objects, so the look-up is skipped for them.
+fn primitive_ext<'o>(
+    obj: &'o serde_json::Map<String, Value>,
+    name: &str,
+    value: &Value,
+) -> Option<&'o Value> {
+    let primitive = match value {
+        Value::Object(_) => false,
+        Value::Array(items) => items.iter().any(|item| !item.is_object()),
+        _ => true,
+    };
+    if primitive { ext_key(obj, name) } else { None }
+}
+
 /// Appends the children called `name` of `item`.
 pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Coll<'a>) {
     let Item::Node(node) = item else { return };
@@ -288,14 +303,14 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Coll<'a>) {
                     && first_upper(suffix)
                     && let Some(t) = suffix_type(Some(&def.types), suffix)
                 {
-                    push_values(value, ext_key(obj, key), Some(t), out);
+                    push_values(value, primitive_ext(obj, key, value), Some(t), out);
                 }
             }
         }
         Some(def) => {
             if let Some(value) = obj.get(name) {
                 let ty = def.types.first().copied();
-                push_values(value, ext_key(obj, name), ty, out);
+                push_values(value, primitive_ext(obj, name, value), ty, out);
             }
         }
         None => {
@@ -304,7 +319,7 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Coll<'a>) {
                     "extension" | "modifierExtension" => m.type_id("Extension"),
                     _ => None,
                 };
-                push_values(value, ext_key(obj, name), ty, out);
+                push_values(value, primitive_ext(obj, name, value), ty, out);
                 return;
             }
             // Unknown element: treat `nameXxx` as a choice element of type Xxx.
@@ -313,7 +328,7 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Coll<'a>) {
                     && first_upper(suffix)
                     && let Some(t) = suffix_type(None, suffix)
                 {
-                    push_values(value, ext_key(obj, key), Some(t), out);
+                    push_values(value, primitive_ext(obj, key, value), Some(t), out);
                 }
             }
         }
