@@ -42,7 +42,17 @@ pub(crate) fn evaluate<'a>(
     resource: &'a Value,
     focus: Option<&Item<'a>>,
 ) -> Result<Coll<'a>, Error> {
-    let root = Item::Node(Node::new(resource, None, None));
+    evaluate_from(ast, Node::new(resource, None, None), focus)
+}
+
+/// [`evaluate`] with the root node already made (its type looked up once for many
+/// expressions).
+pub(crate) fn evaluate_from<'a>(
+    ast: &Ast,
+    root: Node<'a>,
+    focus: Option<&Item<'a>>,
+) -> Result<Coll<'a>, Error> {
+    let root = Item::Node(root);
     let ctx = Ctx { root: root.clone() };
     let focus = [focus.cloned().unwrap_or(root)];
     let scope = Scope {

@@ -72,6 +72,12 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// The root node of a resource (or of any JSON value, typed by its `resourceType` if
+    /// it has one), for [`crate::Expression::evaluate_node`].
+    pub fn resource(value: &'a Value) -> Node<'a> {
+        Node::new(value, None, None)
+    }
+
     /// The JSON value of this node (`None` for a resolved reference stand-in).
     pub fn json(&self) -> Option<&'a Value> {
         if self.stub { None } else { Some(self.value) }

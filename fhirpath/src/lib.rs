@@ -102,6 +102,12 @@ impl Expression {
         eval::evaluate(&self.ast, resource, None)
     }
 
+    /// Evaluates on `root` ([`Node::resource`]), for many expressions over one resource: the
+    /// resource's type is looked up once, not once per expression.
+    pub fn evaluate_node<'a>(&self, root: Node<'a>) -> Result<Vec<Item<'a>>, Error> {
+        eval::evaluate_from(&self.ast, root, None)
+    }
+
     /// Evaluates relative to `focus` (an item from an earlier evaluation on `resource`), as
     /// composite search parameter components are: `$this` is `focus` and keeps its FHIR type;
     /// `%resource` is `resource`.
@@ -127,6 +133,35 @@ mod tests {
             .iter()
             .map(|i| format!("{}:{}", i.fhir_type().unwrap_or("?"), i))
             .collect()
+    }
+
+    #[test]
+    fn evaluating_on_a_root_node_gives_what_evaluating_the_resource_gives() {
+        let obs = json!({"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+            "subject": {"reference": "Patient/p1"},
+            "valueQuantity": {"value": 72, "unit": "/min"}});
+        let root = Node::resource(&obs);
+        for text in [
+            "Observation.code.coding.code",
+            "(Observation.value as Quantity).value",
+            "Observation.subject.where(resolve() is Patient)",
+            "Patient.name",
+        ] {
+            let expr = Expression::parse(text).unwrap();
+            let show = |items: Vec<Item<'_>>| -> Vec<String> {
+                items
+                    .iter()
+                    .map(|i| format!("{}:{}", i.fhir_type().unwrap_or("?"), i))
+                    .collect()
+            };
+            assert_eq!(
+                show(expr.evaluate_node(root).unwrap()),
+                show(expr.evaluate(&obs).unwrap()),
+                "{text}"
+            );
+        }
+        assert_eq!(root.fhir_type(), Some("Observation"));
     }
 
     #[test]

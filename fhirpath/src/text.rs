@@ -45,10 +45,15 @@ fn walk<'a>(value: &'a Value, ty: Option<TypeId>, depth: usize, visit: &mut impl
             }
         }
         Value::Object(map) => {
-            // A resource (the root, `contained`, `Bundle.entry.resource`) names its own type.
-            let ty = match map.get("resourceType").and_then(Value::as_str) {
-                Some(name) if m.is_resource_type(name) => m.type_id(name),
-                _ => ty,
+            // A resource (the root, `contained`, `Bundle.entry.resource`) names its own type;
+            // data types and backbone elements never do, so they are not asked.
+            let ty = if ty.is_none_or(|t| m.is_resource_like(t)) {
+                match map.get("resourceType").and_then(Value::as_str) {
+                    Some(name) if m.is_resource_type(name) => m.type_id(name),
+                    _ => ty,
+                }
+            } else {
+                ty
             };
             for (key, child) in map {
                 if key == "resourceType" || key == "id" || key == "reference" {

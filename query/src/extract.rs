@@ -101,11 +101,12 @@ pub fn extract(
 ) -> (IndexEntries, usize) {
     let mut entries = IndexEntries::default();
     let mut failures = 0;
+    let root = fhirkeep_fhirpath::Node::resource(resource);
     for param in registry.for_type(resource_type) {
         let Some(expression) = &param.expression else {
             continue;
         };
-        let items = match expression.evaluate(resource) {
+        let items = match expression.evaluate_node(root) {
             Ok(items) => items,
             Err(_) => {
                 failures += 1;
