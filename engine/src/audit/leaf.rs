@@ -326,34 +326,7 @@ impl AuditLeaf {
     /// Strings longer than `u32::MAX` bytes (never accepted by the log) are cut at a character
     /// boundary so that the output always decodes.
     pub fn encode(&self) -> Vec<u8> {
-        let r = &self.record;
-        let mut out = Vec::with_capacity(
-            128 + r.actor.subject.len()
-                + r.actor.client.len()
-                + r.actor.source.len()
-                + r.request_id.len(),
-        );
-        out.push(LEAF_FORMAT_VERSION);
-        out.extend_from_slice(&self.seq.to_le_bytes());
-        out.extend_from_slice(&r.time_micros.to_le_bytes());
-        put_str(&mut out, &r.actor.subject);
-        put_str(&mut out, &r.actor.client);
-        put_str(&mut out, &r.actor.source);
-        put_str(&mut out, &r.request_id);
-        put_str(&mut out, r.action.as_str());
-        put_opt(&mut out, r.resource_type.as_deref(), put_str);
-        put_opt(&mut out, r.id.as_deref(), put_str);
-        put_opt(&mut out, r.version, |o, v| {
-            o.extend_from_slice(&v.to_le_bytes())
-        });
-        put_str(&mut out, r.outcome.as_str());
-        put_opt(&mut out, r.content_hash.as_ref(), |o, h| {
-            o.extend_from_slice(h)
-        });
-        put_opt(&mut out, r.query_hash.as_ref(), |o, h| {
-            o.extend_from_slice(h)
-        });
-        out
+        encode_leaf(self.seq, &self.record)
     }
 
     /// Decodes a version-1 encoding; [`Error::Corrupted`] if `bytes` is not exactly one.
@@ -409,6 +382,38 @@ impl AuditLeaf {
     pub fn hash(&self) -> Hash {
         leaf_hash(&self.encode())
     }
+}
+
+
+/// The canonical version-1 encoding of leaf `seq` holding `r` (see [`AuditLeaf::encode`]).
+pub(crate) fn encode_leaf(seq: u64, r: &AuditRecord) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        128 + r.actor.subject.len()
+            + r.actor.client.len()
+            + r.actor.source.len()
+            + r.request_id.len(),
+    );
+    out.push(LEAF_FORMAT_VERSION);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&r.time_micros.to_le_bytes());
+    put_str(&mut out, &r.actor.subject);
+    put_str(&mut out, &r.actor.client);
+    put_str(&mut out, &r.actor.source);
+    put_str(&mut out, &r.request_id);
+    put_str(&mut out, r.action.as_str());
+    put_opt(&mut out, r.resource_type.as_deref(), put_str);
+    put_opt(&mut out, r.id.as_deref(), put_str);
+    put_opt(&mut out, r.version, |o, v| {
+        o.extend_from_slice(&v.to_le_bytes())
+    });
+    put_str(&mut out, r.outcome.as_str());
+    put_opt(&mut out, r.content_hash.as_ref(), |o, h| {
+        o.extend_from_slice(h)
+    });
+    put_opt(&mut out, r.query_hash.as_ref(), |o, h| {
+        o.extend_from_slice(h)
+    });
+    out
 }
 
 fn corrupt(msg: String) -> Error {

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::head::{ConsistencyProof, InclusionProof, SignedTreeHead};
-use super::leaf::{AuditLeaf, AuditRecord, hex32};
+use super::leaf::{AuditLeaf, AuditRecord, encode_leaf, hex32};
 use super::merkle::{
     Hash, NodeSource, consistency_proof, empty_root, inclusion_proof, leaf_hash, node_hash,
     nodes_to_store_on_append, root,
@@ -296,7 +296,7 @@ pub(crate) fn append(txn: &WriteTransaction, record: AuditRecord) -> Result<u64>
 /// Call it inside the write transaction of the operations it records, with no audit table open.
 pub(crate) fn append_many(
     txn: &WriteTransaction,
-    records: impl IntoIterator<Item = AuditRecord>,
+    records: impl IntoIterator<Item = impl std::borrow::Borrow<AuditRecord>>,
     mut on_seq: impl FnMut(u64),
 ) -> Result<()> {
     let mut leaves = txn.open_table(LEAVES).map_err(storage)?;
@@ -307,8 +307,9 @@ pub(crate) fn append_many(
     // of being re-read (and, for level 0, re-hashed). It holds O(log n) nodes.
     let mut produced: std::collections::HashMap<(u8, u64), Hash> = std::collections::HashMap::new();
     for (seq, record) in (first..).zip(records) {
+        let record = record.borrow();
         record.check_limits()?;
-        let bytes = AuditLeaf { seq, record }.encode();
+        let bytes = encode_leaf(seq, record);
         let source = BatchNodes {
             produced: &produced,
             stored: TableNodes {

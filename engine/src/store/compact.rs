@@ -79,6 +79,9 @@ impl Store {
             let inner = Arc::get_mut(&mut self.inner).ok_or_else(|| {
                 Error::Storage("compaction needs exclusive access to the store".into())
             })?;
+            // redb compacts only with no live read transaction, and the shared read
+            // snapshot is one; no read can open a new one while this holds `&mut`.
+            inner.retire_read_snapshot();
             drop_recomputable_nodes(&inner.db)?;
             for packed in [
                 pack_table(&inner.db, VERSIONS)?,

@@ -85,6 +85,7 @@ impl Store {
             rows += copy_table(&source, &txn, AUDIT_META)?;
         }
         txn.commit()?;
+        target.inner.retire_read_snapshot();
         target.inner.reload_clock()?;
         target.inner.reload_watermarks()?;
         target.record_access(ctx, AccessRecord::succeeded(AuditAction::Rekey))?;

@@ -327,10 +327,12 @@ impl StoreBuilder {
         let db =
             builder.create_with_backend(EncryptedBackend::new(backend, Arc::clone(&keyring))?)?;
         let inner = Arc::new(Inner {
+            read_snapshot: ReadSnapshot::default(),
             db,
             dir: self.dir,
             read_audit: self.read_audit,
             pending_reads: Mutex::new(Vec::new()),
+            spare_read_buffer: Mutex::new(Vec::new()),
             reads_in_flight: AtomicUsize::new(0),
             clock: AtomicI64::new(0),
             aux_cache_size: (self.cache_size / 4).max(8 << 20),
@@ -357,12 +359,39 @@ impl Drop for CounterGuard {
     }
 }
 
+/// The `versions` table of one committed state, kept open for the reads that follow it.
+type VersionsTable = redb::ReadOnlyTable<(&'static str, &'static str, u64), &'static [u8]>;
+
+/// The read snapshot reads share; see [`Inner::versions_snapshot`].
+#[derive(Default)]
+struct ReadSnapshot {
+    /// Bumped after every commit.
+    generation: AtomicU64,
+    /// The shared table and the generation it was opened at.
+    current: Mutex<Option<(u64, Arc<VersionsTable>)>>,
+}
+
+impl std::fmt::Debug for ReadSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadSnapshot")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
+    /// Declared before `db` so that it is dropped first: redb closes a file cleanly only
+    /// when no read transaction is left.
+    read_snapshot: ReadSnapshot,
     db: redb::Database,
     dir: PathBuf,
     read_audit: ReadAudit,
     pending_reads: Mutex<Vec<AuditRecord>>,
+    /// The buffer the last commit took, emptied, with its capacity kept: swapped in for
+    /// the one a commit takes, so that the buffer does not regrow (and fault in fresh
+    /// pages) every flush interval under a steady read load.
+    spare_read_buffer: Mutex<Vec<AuditRecord>>,
     /// Commits that have taken buffered read leaves and not finished yet; `flush_audit`
     /// waits for them (through redb's writer lock) so that it never returns while taken
     /// leaves are still uncommitted.
@@ -551,9 +580,8 @@ impl Store {
     fn lookup(&self, resource_type: &str, id: &str, which: Lookup) -> Result<StoredResource> {
         check_resource_type(resource_type)?;
         check_id(id)?;
-        let txn = self.inner.db.begin_read()?;
-        let versions = txn.open_table(VERSIONS)?;
-        let found = find_version(&versions, resource_type, id, which)?;
+        let versions = self.inner.versions_snapshot()?;
+        let found = find_version(&*versions, resource_type, id, which)?;
         let (version, stored) = found.ok_or(Error::NotFound)?;
         if stored.is_deleted() {
             return Err(Error::Gone { version });
@@ -768,6 +796,7 @@ impl Drop for Store {
         // Best effort on close: a failure here loses at most the buffered read leaves,
         // which is the documented group-commit window.
         let _ = self.inner.flush_pending();
+        self.inner.retire_read_snapshot();
     }
 }
 
@@ -923,6 +952,7 @@ impl Inner {
         }
         audit::log::initialize(&txn)?;
         txn.commit()?;
+        self.retire_read_snapshot();
         self.reload_watermarks()
     }
 
@@ -969,6 +999,34 @@ impl Inner {
     }
 
     /// A durable, two-phase write transaction (see docs/design.md on why 2PC).
+    /// The `versions` table as of the newest commit, shared by reads until the next one:
+    /// opening a read transaction and the table for every read cost a quarter of a read.
+    fn versions_snapshot(&self) -> Result<Arc<VersionsTable>> {
+        // Read before the transaction begins: a snapshot is tagged with a generation no
+        // newer than the state it sees, so one that a commit overtook is never reused.
+        let generation = self.read_snapshot.generation.load(Ordering::SeqCst);
+        if let Some((tagged, table)) = &*lock(&self.read_snapshot.current)
+            && *tagged == generation
+        {
+            return Ok(Arc::clone(table));
+        }
+        let table = Arc::new(self.db.begin_read()?.open_table(VERSIONS)?);
+        let mut current = lock(&self.read_snapshot.current);
+        if self.read_snapshot.generation.load(Ordering::SeqCst) == generation {
+            *current = Some((generation, Arc::clone(&table)));
+        }
+        Ok(table)
+    }
+
+    /// Called after every commit to this file, before the committer returns: reads that
+    /// start from now on open a new snapshot, and the old one stops holding back the pages
+    /// this commit freed.
+    fn retire_read_snapshot(&self) {
+        self.read_snapshot.generation.fetch_add(1, Ordering::SeqCst);
+        let retired = lock(&self.read_snapshot.current).take();
+        drop(retired);
+    }
+
     fn begin_write_txn(&self) -> Result<redb::WriteTransaction> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(redb::Durability::Immediate)?;
@@ -1025,16 +1083,20 @@ impl Inner {
         written_through: Option<u64>,
         sync: CommitSync,
     ) -> Result<SignedTreeHead> {
-        let buffered = {
+        let mut buffered = {
+            let spare = std::mem::take(&mut *lock(&self.spare_read_buffer));
             let mut pending = lock(&self.pending_reads);
-            let taken = std::mem::take(&mut *pending);
-            if !taken.is_empty() {
+            if pending.is_empty() {
+                *lock(&self.spare_read_buffer) = spare;
+                Vec::new()
+            } else {
                 self.reads_in_flight.fetch_add(1, Ordering::SeqCst);
+                std::mem::replace(&mut *pending, spare)
             }
-            taken
         };
         let result = (|| {
-            audit::log::append_many(&txn, buffered.iter().cloned().chain(extra), |_| {})?;
+            let extra = extra.iter();
+            audit::log::append_many(&txn, buffered.iter().chain(extra), |_| {})?;
             let head = audit::log::sign_head(&txn, self.tick())?;
             let mut meta = txn.open_table(record::META)?;
             let clock = self.clock.load(Ordering::SeqCst);
@@ -1044,6 +1106,7 @@ impl Inner {
             // marks move in commit order, and a synced commit covers every one before it.
             let mut marks = lock(&self.watermarks);
             txn.commit()?;
+            self.retire_read_snapshot();
             if let Some(seq) = written_through {
                 marks.committed = marks.committed.max(seq);
             }
@@ -1054,10 +1117,13 @@ impl Inner {
             Ok(head)
         })();
         if !buffered.is_empty() {
-            let mut pending = lock(&self.pending_reads);
             if result.is_err() {
+                let mut pending = lock(&self.pending_reads);
                 let newer = std::mem::replace(&mut *pending, buffered);
                 pending.extend(newer);
+            } else if buffered.capacity() <= MAX_SPARE_READ_LEAVES {
+                buffered.clear();
+                *lock(&self.spare_read_buffer) = buffered;
             }
             self.reads_in_flight.fetch_sub(1, Ordering::SeqCst);
         }
@@ -1076,6 +1142,10 @@ impl Inner {
             .map(drop)
     }
 }
+
+/// The largest read-leaf buffer kept for reuse (about 10 MB): a burst that outgrew it
+/// gives its memory back.
+const MAX_SPARE_READ_LEAVES: usize = 1 << 16;
 
 /// How often the flusher commits buffered leaves. Refused writes are always buffered (their
 /// transaction may still be open), so the flusher runs in both read-audit modes.

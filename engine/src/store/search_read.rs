@@ -1,12 +1,9 @@
 //! Reading the resources a search found, under one audit leaf for the whole search.
 
-use redb::ReadableDatabase;
-
 use super::{AccessContext, Lookup, Store, StoredResource, find_version, now_micros, outcome_of};
 use crate::Result;
 use crate::audit::{AuditAction, AuditRecord};
 use crate::resource::{check_id, check_resource_type};
-use crate::store::record::VERSIONS;
 
 impl Store {
     /// Reads the current versions of `keys` (type, id) for a search or an operation that
@@ -21,13 +18,12 @@ impl Store {
         keys: &[(&str, &str)],
     ) -> Result<Vec<Option<StoredResource>>> {
         let result = (|| {
-            let txn = self.inner.db.begin_read()?;
-            let versions = txn.open_table(VERSIONS)?;
+            let versions = self.inner.versions_snapshot()?;
             let mut out = Vec::with_capacity(keys.len());
             for (resource_type, id) in keys {
                 check_resource_type(resource_type)?;
                 check_id(id)?;
-                let found = find_version(&versions, resource_type, id, Lookup::Current)?;
+                let found = find_version(&*versions, resource_type, id, Lookup::Current)?;
                 out.push(found.map(|(_, s)| s).filter(|s| !s.is_deleted()));
             }
             Ok(out)

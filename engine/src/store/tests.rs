@@ -1012,3 +1012,79 @@ fn concurrent_deferred_commits_all_become_durable_with_one_leaf_each() {
         store.read(&ctx(), "Patient", id).unwrap();
     }
 }
+
+#[test]
+fn reads_share_a_snapshot_until_the_next_commit_and_then_see_it() {
+    let (_dir, store) = temp_store(ReadAudit::default());
+    let created = store.create(&ctx(), patient("First")).unwrap();
+    assert_eq!(store.read(&ctx(), "Patient", &created.id).unwrap().version, 1);
+    let shared = || lock(&store.inner.read_snapshot.current).is_some();
+    assert!(shared(), "a read leaves its snapshot for the next one");
+
+    let mut body = patient("Second");
+    body["id"] = json!(created.id);
+    store.update(&ctx(), "Patient", &created.id, body, None).unwrap();
+    assert!(!shared(), "a commit retires the shared snapshot");
+    let read = store.read(&ctx(), "Patient", &created.id).unwrap();
+    assert_eq!(read.version, 2);
+    assert_eq!(read.to_json().unwrap()["name"][0]["family"], "Second");
+
+    // A deferred commit is visible at once too, and so is a delete.
+    let mut txn = store.begin_write(&ctx()).unwrap();
+    let deferred = txn.create(patient("Deferred")).unwrap();
+    let ticket = txn.commit_deferred().unwrap();
+    assert_eq!(store.read(&ctx(), "Patient", &deferred.id).unwrap().version, 1);
+    store.wait_durable(ticket).unwrap();
+    store.delete(&ctx(), "Patient", &created.id, None).unwrap();
+    assert!(matches!(
+        store.read(&ctx(), "Patient", &created.id),
+        Err(Error::Gone { version: 3 })
+    ));
+    assert_eq!(store.vread(&ctx(), "Patient", &created.id, 1).unwrap().version, 1);
+}
+
+#[test]
+fn a_read_that_starts_after_a_write_returned_sees_it_while_others_share_snapshots() {
+    let (_dir, store) = temp_store(ReadAudit::default());
+    let created = store.create(&ctx(), patient("v1")).unwrap();
+    let id = created.id.as_str();
+    let stop = AtomicBool::new(false);
+    let (acknowledged, written) = std::sync::mpsc::channel::<u64>();
+    let (store, stop) = (&store, &stop);
+    std::thread::scope(|scope| {
+        // Keeps a shared snapshot in place, opened at every generation.
+        for _ in 0..2 {
+            scope.spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    store.read(&ctx(), "Patient", id).unwrap();
+                    // Each read buffers an audit leaf: keep the flusher ahead of them.
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+            });
+        }
+        let checker = scope.spawn(move || {
+            // Stops the readers however this ends, so that a failure is reported, not hung.
+            struct StopOnDrop<'a>(&'a AtomicBool);
+            impl Drop for StopOnDrop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::SeqCst);
+                }
+            }
+            let _stop = StopOnDrop(stop);
+            for version in written {
+                let seen = store.read(&ctx(), "Patient", id).unwrap().version;
+                assert!(seen >= version, "read {seen} after version {version} was acknowledged");
+            }
+        });
+        for round in 2..=100u64 {
+            let mut body = patient(&format!("v{round}"));
+            body["id"] = json!(id);
+            let updated = store.update(&ctx(), "Patient", id, body, None).unwrap();
+            assert_eq!(updated.resource.version, round);
+            acknowledged.send(round).unwrap();
+        }
+        drop(acknowledged);
+        checker.join().unwrap();
+    });
+    assert_eq!(store.read(&ctx(), "Patient", id).unwrap().version, 100);
+}
