@@ -384,7 +384,6 @@ impl AuditLeaf {
     }
 }
 
-
 /// The canonical version-1 encoding of leaf `seq` holding `r` (see [`AuditLeaf::encode`]).
 pub(crate) fn encode_leaf(seq: u64, r: &AuditRecord) -> Vec<u8> {
     let mut out = Vec::with_capacity(

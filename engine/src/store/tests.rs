@@ -1017,13 +1017,18 @@ fn concurrent_deferred_commits_all_become_durable_with_one_leaf_each() {
 fn reads_share_a_snapshot_until_the_next_commit_and_then_see_it() {
     let (_dir, store) = temp_store(ReadAudit::default());
     let created = store.create(&ctx(), patient("First")).unwrap();
-    assert_eq!(store.read(&ctx(), "Patient", &created.id).unwrap().version, 1);
+    assert_eq!(
+        store.read(&ctx(), "Patient", &created.id).unwrap().version,
+        1
+    );
     let shared = || lock(&store.inner.read_snapshot.current).is_some();
     assert!(shared(), "a read leaves its snapshot for the next one");
 
     let mut body = patient("Second");
     body["id"] = json!(created.id);
-    store.update(&ctx(), "Patient", &created.id, body, None).unwrap();
+    store
+        .update(&ctx(), "Patient", &created.id, body, None)
+        .unwrap();
     assert!(!shared(), "a commit retires the shared snapshot");
     let read = store.read(&ctx(), "Patient", &created.id).unwrap();
     assert_eq!(read.version, 2);
@@ -1033,14 +1038,23 @@ fn reads_share_a_snapshot_until_the_next_commit_and_then_see_it() {
     let mut txn = store.begin_write(&ctx()).unwrap();
     let deferred = txn.create(patient("Deferred")).unwrap();
     let ticket = txn.commit_deferred().unwrap();
-    assert_eq!(store.read(&ctx(), "Patient", &deferred.id).unwrap().version, 1);
+    assert_eq!(
+        store.read(&ctx(), "Patient", &deferred.id).unwrap().version,
+        1
+    );
     store.wait_durable(ticket).unwrap();
     store.delete(&ctx(), "Patient", &created.id, None).unwrap();
     assert!(matches!(
         store.read(&ctx(), "Patient", &created.id),
         Err(Error::Gone { version: 3 })
     ));
-    assert_eq!(store.vread(&ctx(), "Patient", &created.id, 1).unwrap().version, 1);
+    assert_eq!(
+        store
+            .vread(&ctx(), "Patient", &created.id, 1)
+            .unwrap()
+            .version,
+        1
+    );
 }
 
 #[test]
@@ -1073,7 +1087,10 @@ fn a_read_that_starts_after_a_write_returned_sees_it_while_others_share_snapshot
             let _stop = StopOnDrop(stop);
             for version in written {
                 let seen = store.read(&ctx(), "Patient", id).unwrap().version;
-                assert!(seen >= version, "read {seen} after version {version} was acknowledged");
+                assert!(
+                    seen >= version,
+                    "read {seen} after version {version} was acknowledged"
+                );
             }
         });
         for round in 2..=100u64 {
