@@ -47,7 +47,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use redb::{BackendError, StorageBackend};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::keys::Keyring;
 use super::page::{
@@ -394,7 +394,10 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         let first = off / PAGE;
         let last = (end - 1) / PAGE;
         let n = usize::try_from(last - first + 1).map_err(io::Error::other)?;
-        let mut buf = Zeroizing::new(vec![0u8; n * PAGE_BLOCK_SIZE]);
+        // Ciphertext only: whole pages decrypt straight into `out`, and a partial page's
+        // plaintext is wiped right after its bytes are copied out. (Wiping the whole buffer
+        // with volatile byte writes cost about as much as the decryption.)
+        let mut buf = vec![0u8; n * PAGE_BLOCK_SIZE];
         self.inner.read(page::page_block_offset(first), &mut buf)?;
         let high_water = lock(&self.header).high_water;
         for (k, blk) in buf.chunks_exact_mut(PAGE_BLOCK_SIZE).enumerate() {
@@ -418,6 +421,7 @@ impl<B: StorageBackend> EncryptedBackend<B> {
                 let a = page::BLOCK_OVERHEAD + (lo - page_start) as usize;
                 let b = page::BLOCK_OVERHEAD + (hi - page_start) as usize;
                 dst.copy_from_slice(&blk[a..b]);
+                blk.zeroize();
                 true
             } else {
                 false
@@ -439,7 +443,9 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         let n = last - first + 1;
         let key_id = self.keyring.consume_nonces(n).map_err(to_io)?;
         let n = usize::try_from(n).map_err(io::Error::other)?;
-        let mut buf = Zeroizing::new(vec![0u8; n * PAGE_BLOCK_SIZE]);
+        // Holds ciphertext once each block is sealed; the one place plaintext passes through
+        // it (a partial page, below) wipes the block if sealing fails.
+        let mut buf = vec![0u8; n * PAGE_BLOCK_SIZE];
         let mut physical_len = None;
         for (k, blk) in buf.chunks_exact_mut(PAGE_BLOCK_SIZE).enumerate() {
             let pg = first + k as u64;
@@ -476,7 +482,10 @@ impl<B: StorageBackend> EncryptedBackend<B> {
             let a = page::BLOCK_OVERHEAD + (lo - page_start) as usize;
             let b = page::BLOCK_OVERHEAD + (hi - page_start) as usize;
             blk[a..b].copy_from_slice(src);
-            page::seal_in_place(&self.keyring, &self.file_id, key_id, pg, blk).map_err(seal_err)?;
+            if let Err(e) = page::seal_in_place(&self.keyring, &self.file_id, key_id, pg, blk) {
+                blk.zeroize();
+                return Err(seal_err(e));
+            }
         }
         self.inner.write(page::page_block_offset(first), &buf)
     }
