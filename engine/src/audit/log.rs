@@ -3,7 +3,9 @@
 //! Four tables live in the same (page-encrypted) database as the data, so a write's leaf commits
 //! or rolls back with the write:
 //!
-//! * `audit_leaves`: `u64` seq → encoded [`AuditLeaf`] (see [`super::leaf`]).
+//! * `audit_leaf_chunks`: `u64` row → the encoded [`AuditLeaf`]s of seqs `8·row .. 8·row+8`,
+//!   each preceded by its `u32` length (see [`super::leaf`]); logs written one leaf to a row
+//!   (`audit_leaves`) are moved into it when the database opens.
 //! * `audit_nodes`: `(u8 level, u64 index)` → 32-byte hash of the complete subtree
 //!   `[index·2^level, (index+1)·2^level)` (the Go `sumdb/tlog` stored hashes).
 //! * `audit_heads`: `u64` size → stored [`SignedTreeHead`] (145 bytes, see [`super::head`]).
@@ -17,6 +19,8 @@
 //! recomputes everything from the leaf bytes and checks every stored node and signed head
 //! against that.
 //! Error messages name sequence numbers and sizes, never leaf content.
+
+use std::ops::ControlFlow;
 
 use ed25519_dalek::SigningKey;
 use redb::{
@@ -33,9 +37,18 @@ use super::merkle::{
 };
 use crate::{Error, Result};
 
-/// Leaves: seq → encoded leaf.
+/// Leaves, [`LEAVES_PER_ROW`] to a row: row `r` holds leaves `8r .. 8r+8` in order, each as
+/// `u32` length ‖ encoded leaf; only the last row may hold fewer.
 pub(crate) const LEAVES: TableDefinition<'static, u64, &'static [u8]> =
+    TableDefinition::new("audit_leaf_chunks");
+/// Leaves one to a row (seq → encoded leaf), as logs written before the rows of eight were;
+/// moved into [`LEAVES`] when such a database opens.
+pub(crate) const LEGACY_LEAVES: TableDefinition<'static, u64, &'static [u8]> =
     TableDefinition::new("audit_leaves");
+/// Leaves per row of [`LEAVES`]. Why rows of leaves: a B-tree insert per audited read was
+/// most of the cost of committing read leaves; why eight: it is 2^([`FIRST_STORED_LEVEL`] − 1),
+/// so every node below the first stored level is hashed from the leaves of one row.
+pub(crate) const LEAVES_PER_ROW: u64 = 8;
 /// Stored complete-subtree hashes: (level, index) → hash.
 pub(crate) const NODES: TableDefinition<'static, (u8, u64), [u8; 32]> =
     TableDefinition::new("audit_nodes");
@@ -104,7 +117,7 @@ pub(crate) trait AuditTxn {
     where
         Self: 't;
 
-    /// Opens `audit_leaves`.
+    /// Opens `audit_leaf_chunks`.
     fn leaves(&self) -> Result<Self::Leaves<'_>>;
     /// Opens `audit_nodes`.
     fn nodes(&self) -> Result<Self::Nodes<'_>>;
@@ -122,7 +135,7 @@ impl AuditTxn for ReadTransaction {
 
     fn leaves(&self) -> Result<Self::Leaves<'_>> {
         self.open_table(LEAVES)
-            .map_err(|e| open_err("audit_leaves", e))
+            .map_err(|e| open_err("audit_leaf_chunks", e))
     }
     fn nodes(&self) -> Result<Self::Nodes<'_>> {
         self.open_table(NODES)
@@ -145,7 +158,7 @@ impl AuditTxn for WriteTransaction {
 
     fn leaves(&self) -> Result<Self::Leaves<'_>> {
         self.open_table(LEAVES)
-            .map_err(|e| open_err("audit_leaves", e))
+            .map_err(|e| open_err("audit_leaf_chunks", e))
     }
     fn nodes(&self) -> Result<Self::Nodes<'_>> {
         self.open_table(NODES)
@@ -181,8 +194,8 @@ where
 {
     fn node(&self, level: u8, index: u64) -> Result<Hash> {
         if level == 0 {
-            return match self.leaves.get(index).map_err(storage)? {
-                Some(leaf) => Ok(leaf_hash(leaf.value())),
+            return match leaf_bytes(self.leaves, index)? {
+                Some(leaf) => Ok(leaf_hash(&leaf)),
                 None => Err(Error::Corrupted(format!("audit leaf {index} is missing"))),
             };
         }
@@ -212,15 +225,14 @@ fn subtree_from_leaves<L: ReadableTable<u64, &'static [u8]>>(
     })?;
     // Level-by-level pairing of the leaf hashes, in place.
     let mut hashes: Vec<Hash> = Vec::with_capacity(width as usize);
-    for (expected, entry) in (start..).zip(leaves.range(start..start + width).map_err(storage)?) {
-        let (key, value) = entry.map_err(storage)?;
-        if key.value() != expected {
-            return Err(Error::Corrupted(format!(
-                "audit leaf {expected} is missing"
-            )));
-        }
-        hashes.push(leaf_hash(value.value()));
-    }
+    for_each_leaf(leaves, start, |_, bytes| {
+        hashes.push(leaf_hash(bytes));
+        Ok(if hashes.len() as u64 == width {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        })
+    })?;
     if hashes.len() as u64 != width {
         return Err(Error::Corrupted(format!(
             "audit leaf {} is missing",
@@ -255,19 +267,190 @@ pub(crate) fn store_lower_levels(txn: &WriteTransaction) -> Result<u64> {
     Ok(stored)
 }
 
-/// Number of leaves: one past the last stored seq.
+/// Number of leaves: the rows before the last one are full.
 fn leaf_count<T: ReadableTable<u64, &'static [u8]>>(leaves: &T) -> Result<u64> {
     match leaves.last().map_err(storage)? {
         None => Ok(0),
-        Some((k, _)) => k
-            .value()
-            .checked_add(1)
-            .ok_or_else(|| Error::Corrupted("audit log is full".to_owned())),
+        Some((k, v)) => {
+            let row = k.value();
+            let in_row = row_leaves(row, v.value())?.len() as u64;
+            row.checked_mul(LEAVES_PER_ROW)
+                .and_then(|first| first.checked_add(in_row))
+                .ok_or_else(|| Error::Corrupted("audit log is full".to_owned()))
+        }
+    }
+}
+
+/// Splits row `row` of [`LEAVES`] into its leaves' bytes.
+fn row_leaves(row: u64, bytes: &[u8]) -> Result<Vec<&[u8]>> {
+    let damaged = || {
+        fail(format!(
+            "audit leaf row {row} is damaged and cannot be split"
+        ))
+    };
+    let mut leaves = Vec::with_capacity(LEAVES_PER_ROW as usize);
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(damaged)?;
+        let len = usize::try_from(u32::from_le_bytes(*len)).map_err(|_| damaged())?;
+        if tail.len() < len {
+            return Err(damaged());
+        }
+        let (leaf, tail) = tail.split_at(len);
+        leaves.push(leaf);
+        rest = tail;
+    }
+    if leaves.is_empty() || leaves.len() as u64 > LEAVES_PER_ROW {
+        return Err(damaged());
+    }
+    Ok(leaves)
+}
+
+/// Appends one leaf to a row being built.
+fn push_to_row(row: &mut Vec<u8>, leaf: &[u8]) -> Result<()> {
+    let len = u32::try_from(leaf.len()).map_err(|_| fail("an audit leaf is too long"))?;
+    row.extend_from_slice(&len.to_le_bytes());
+    row.extend_from_slice(leaf);
+    Ok(())
+}
+
+/// The bytes of leaf `seq`, if it is stored.
+fn leaf_bytes<T: ReadableTable<u64, &'static [u8]>>(
+    leaves: &T,
+    seq: u64,
+) -> Result<Option<Vec<u8>>> {
+    let row = seq / LEAVES_PER_ROW;
+    match leaves.get(row).map_err(storage)? {
+        None => Ok(None),
+        Some(v) => Ok(row_leaves(row, v.value())?
+            .get((seq % LEAVES_PER_ROW) as usize)
+            .map(|leaf| leaf.to_vec())),
+    }
+}
+
+/// Calls `each` with every stored leaf from `from` on, in order, with the seq its position
+/// gives it, until `each` breaks. A row missing, or one that is not full and not the last,
+/// is a missing leaf (`Error::Corrupted`).
+fn for_each_leaf<T: ReadableTable<u64, &'static [u8]>>(
+    leaves: &T,
+    from: u64,
+    mut each: impl FnMut(u64, &[u8]) -> Result<ControlFlow<()>>,
+) -> Result<()> {
+    // Seq the next row must start at; a row that is not full ends the log.
+    let mut expected = from - from % LEAVES_PER_ROW;
+    let mut short_row = None;
+    for entry in leaves.range(from / LEAVES_PER_ROW..).map_err(storage)? {
+        let (k, v) = entry.map_err(storage)?;
+        let first = k.value().saturating_mul(LEAVES_PER_ROW);
+        if short_row.is_some() || first != expected {
+            return Err(fail(format!(
+                "audit leaf {expected} is missing (the next stored leaf is {first}): leaves were deleted"
+            )));
+        }
+        let row = row_leaves(k.value(), v.value())?;
+        if (row.len() as u64) < LEAVES_PER_ROW {
+            short_row = Some(k.value());
+        }
+        for (seq, bytes) in (first..).zip(row) {
+            expected = seq + 1;
+            if seq >= from && each(seq, bytes)?.is_break() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Moves the leaves of a log written one leaf to a row ([`LEGACY_LEAVES`]) into rows of
+/// [`LEAVES_PER_ROW`], in key order, inside `txn`; does nothing for a log that has none.
+/// A gap in the old table (leaves deleted) is closed up, not refused: every leaf carries its
+/// own seq, so `verify` still reports the leaves that moved.
+fn move_legacy_leaves(txn: &WriteTransaction) -> Result<()> {
+    let legacy_exists = txn
+        .list_tables()
+        .map_err(storage)?
+        .any(|table| redb::TableHandle::name(&table) == "audit_leaves");
+    if !legacy_exists {
+        return Ok(());
+    }
+    {
+        let legacy = txn.open_table(LEGACY_LEAVES).map_err(storage)?;
+        let mut leaves = txn.open_table(LEAVES).map_err(storage)?;
+        if !legacy.is_empty().map_err(storage)? && !leaves.is_empty().map_err(storage)? {
+            return Err(fail(
+                "the audit log holds leaves in both the old and the new table",
+            ));
+        }
+        let mut row = Vec::new();
+        let mut row_index = 0u64;
+        let mut in_row = 0u64;
+        for entry in legacy.range(0u64..).map_err(storage)? {
+            let (_, v) = entry.map_err(storage)?;
+            push_to_row(&mut row, v.value())?;
+            in_row += 1;
+            if in_row == LEAVES_PER_ROW {
+                leaves.insert(row_index, row.as_slice()).map_err(storage)?;
+                row.clear();
+                row_index += 1;
+                in_row = 0;
+            }
+        }
+        if in_row > 0 {
+            leaves.insert(row_index, row.as_slice()).map_err(storage)?;
+        }
+    }
+    txn.delete_table(LEGACY_LEAVES).map_err(storage)?;
+    Ok(())
+}
+
+/// Rewrites the leaf rows from the list of leaves `edit` leaves behind, as someone holding
+/// the key could (tamper tests).
+#[cfg(test)]
+pub(crate) fn rewrite_leaves_for_tests(
+    txn: &WriteTransaction,
+    edit: impl FnOnce(&mut Vec<Vec<u8>>),
+) {
+    let mut all = Vec::new();
+    {
+        let leaves = txn.open_table(LEAVES).unwrap();
+        for entry in leaves.range(0u64..).unwrap() {
+            let (k, v) = entry.unwrap();
+            all.extend(
+                row_leaves(k.value(), v.value())
+                    .unwrap()
+                    .into_iter()
+                    .map(<[u8]>::to_vec),
+            );
+        }
+    }
+    edit(&mut all);
+    txn.delete_table(LEAVES).unwrap();
+    let mut leaves = txn.open_table(LEAVES).unwrap();
+    for (row, chunk) in (0u64..).zip(all.chunks(LEAVES_PER_ROW as usize)) {
+        let mut bytes = Vec::new();
+        for leaf in chunk {
+            push_to_row(&mut bytes, leaf).unwrap();
+        }
+        leaves.insert(row, bytes.as_slice()).unwrap();
+    }
+}
+
+/// Moves the leaves back to one per row in [`LEGACY_LEAVES`], as logs were written before
+/// rows of eight (migration tests).
+#[cfg(test)]
+pub(crate) fn legacy_layout_for_tests(txn: &WriteTransaction) {
+    let mut all = Vec::new();
+    rewrite_leaves_for_tests(txn, |leaves| all = leaves.clone());
+    txn.delete_table(LEAVES).unwrap();
+    let mut legacy = txn.open_table(LEGACY_LEAVES).unwrap();
+    for (seq, leaf) in (0u64..).zip(&all) {
+        legacy.insert(seq, leaf.as_slice()).unwrap();
     }
 }
 
 /// Creates the audit tables and a fresh signing key if they do not exist yet.
 pub(crate) fn initialize(txn: &WriteTransaction) -> Result<()> {
+    move_legacy_leaves(txn)?;
     txn.open_table(LEAVES).map_err(storage)?;
     txn.open_table(NODES).map_err(storage)?;
     txn.open_table(HEADS).map_err(storage)?;
@@ -302,6 +485,18 @@ pub(crate) fn append_many(
     let mut leaves = txn.open_table(LEAVES).map_err(storage)?;
     let mut nodes = txn.open_table(NODES).map_err(storage)?;
     let first = leaf_count(&leaves)?;
+    // The row being filled starts as the stored last row if that is not full; it is written
+    // when full and at the end. Until then the table still holds its earlier leaves, and
+    // this batch's leaves are read from `produced`.
+    let mut row_index = first / LEAVES_PER_ROW;
+    let mut row = match first % LEAVES_PER_ROW {
+        0 => Vec::new(),
+        _ => leaves
+            .get(row_index)
+            .map_err(storage)?
+            .map(|v| v.value().to_vec())
+            .ok_or_else(|| fail(format!("audit leaf row {row_index} is missing")))?,
+    };
     // The right edge of the nodes produced in this batch (level 0 included): appending reads
     // its left siblings, which are mostly from this batch, so they come from memory instead
     // of being re-read (and, for level 0, re-hashed). It holds O(log n) nodes.
@@ -318,7 +513,12 @@ pub(crate) fn append_many(
             },
         };
         let new_nodes = nodes_to_store_on_append(seq, leaf_hash(&bytes), &source)?;
-        leaves.insert(seq, bytes.as_slice()).map_err(storage)?;
+        push_to_row(&mut row, &bytes)?;
+        if (seq + 1) % LEAVES_PER_ROW == 0 {
+            leaves.insert(row_index, row.as_slice()).map_err(storage)?;
+            row.clear();
+            row_index += 1;
+        }
         for (level, index, hash) in new_nodes {
             if level > 0 {
                 if level >= FIRST_STORED_LEVEL {
@@ -331,6 +531,9 @@ pub(crate) fn append_many(
             produced.insert((level, index), hash);
         }
         on_seq(seq);
+    }
+    if !row.is_empty() {
+        leaves.insert(row_index, row.as_slice()).map_err(storage)?;
     }
     Ok(())
 }
@@ -446,10 +649,10 @@ pub(crate) fn head_at(txn: &impl AuditTxn, size: u64) -> Result<Option<SignedTre
 
 /// The leaf with this seq, if it exists.
 pub(crate) fn leaf(txn: &impl AuditTxn, seq: u64) -> Result<Option<AuditLeaf>> {
-    match txn.leaves()?.get(seq).map_err(storage)? {
+    match leaf_bytes(&txn.leaves()?, seq)? {
         None => Ok(None),
-        Some(v) => {
-            let leaf = AuditLeaf::decode(v.value())?;
+        Some(bytes) => {
+            let leaf = AuditLeaf::decode(&bytes)?;
             if leaf.seq != seq {
                 return Err(Error::Corrupted(format!(
                     "audit leaf stored at {seq} claims seq {}",
@@ -476,8 +679,8 @@ pub(crate) fn prove_inclusion(txn: &impl AuditTxn, seq: u64, size: u64) -> Resul
             "leaf {seq} is not in a tree of {size} leaves"
         )));
     }
-    let leaf_hash = match leaves.get(seq).map_err(storage)? {
-        Some(v) => leaf_hash(v.value()),
+    let leaf_hash = match leaf_bytes(&leaves, seq)? {
+        Some(bytes) => leaf_hash(&bytes),
         None => return Err(Error::Corrupted(format!("audit leaf {seq} is missing"))),
     };
     let path = inclusion_proof(
@@ -576,19 +779,10 @@ fn replay<L: ReadableTable<u64, &'static [u8]>>(
 ) -> Result<Frontier> {
     let mut frontier = Frontier::default();
     let mut produced = Vec::with_capacity(65);
-    for entry in leaves.range(0u64..).map_err(storage)? {
-        if limit.is_some_and(|l| frontier.n >= l) {
-            break;
-        }
-        let (k, v) = entry.map_err(storage)?;
-        let key = k.value();
-        let expected = frontier.n;
-        if key != expected {
-            return Err(fail(format!(
-                "audit leaf {expected} is missing (the next stored leaf is {key}): leaves were deleted"
-            )));
-        }
-        let bytes = v.value();
+    if limit == Some(0) {
+        return Ok(frontier);
+    }
+    for_each_leaf(leaves, 0, |key, bytes| {
         let leaf = AuditLeaf::decode(bytes)
             .map_err(|_| fail(format!("audit leaf {key} is damaged and cannot be decoded")))?;
         if leaf.seq != key {
@@ -599,7 +793,12 @@ fn replay<L: ReadableTable<u64, &'static [u8]>>(
         }
         frontier.push(leaf_hash(bytes), &mut produced);
         each(&frontier, &produced)?;
-    }
+        Ok(if limit.is_some_and(|l| frontier.n >= l) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        })
+    })?;
     Ok(frontier)
 }
 
@@ -967,10 +1166,11 @@ mod tests {
         let (_f, db) = new_db();
         let heads = fill(&db, 40, 10);
         write(&db, |t| {
-            let mut leaves = t.open_table(LEAVES).unwrap();
-            let mut l = AuditLeaf::decode(leaves.get(17).unwrap().unwrap().value()).unwrap();
-            l.record.outcome = AuditOutcome::Denied;
-            leaves.insert(17, l.encode().as_slice()).unwrap();
+            rewrite_leaves_for_tests(t, |leaves| {
+                let mut l = AuditLeaf::decode(&leaves[17]).unwrap();
+                l.record.outcome = AuditOutcome::Denied;
+                leaves[17] = l.encode();
+            });
         });
         // The first signed head after the edit no longer matches (levels below 4 are not
         // stored, so no stored node covers leaf 17 before it).
@@ -1031,16 +1231,16 @@ mod tests {
         let (_f, db) = new_db();
         let heads = fill(&db, 40, 10);
         write(&db, |t| {
-            let mut leaves = t.open_table(LEAVES).unwrap();
-            let mut l = AuditLeaf::decode(leaves.get(5).unwrap().unwrap().value()).unwrap();
-            l.record.request_id = "forged".into();
-            leaves.insert(5, l.encode().as_slice()).unwrap();
-            drop(leaves);
+            rewrite_leaves_for_tests(t, |leaves| {
+                let mut l = AuditLeaf::decode(&leaves[5]).unwrap();
+                l.record.request_id = "forged".into();
+                leaves[5] = l.encode();
+            });
             t.delete_table(NODES).unwrap();
             let leaves = t.open_table(LEAVES).unwrap();
             let mut nodes = t.open_table(NODES).unwrap();
             for i in 0..40u64 {
-                let h = leaf_hash(leaves.get(i).unwrap().unwrap().value());
+                let h = leaf_hash(&leaf_bytes(&leaves, i).unwrap().unwrap());
                 let source = TableNodes {
                     leaves: &leaves,
                     nodes: &nodes,
@@ -1058,15 +1258,42 @@ mod tests {
 
     #[test]
     fn tamper_delete_leaf() {
+        // One leaf taken out: the leaves after it move down a place.
         let (_f, db) = new_db();
         let heads = fill(&db, 30, 10);
         write(&db, |t| {
-            t.open_table(LEAVES).unwrap().remove(12).unwrap();
+            rewrite_leaves_for_tests(t, |leaves| {
+                leaves.remove(12);
+            });
         });
-        expect_audit_failure(&db, "leaf 12 is missing");
+        expect_audit_failure(&db, "stored at 12 carries seq 13");
         let r = db.begin_read().unwrap();
         assert!(verify_against_trusted_head(&r, &heads[1]).is_err());
         verify_against_trusted_head(&r, &heads[0]).unwrap();
+        // A whole row taken out: a gap.
+        let (_g, db) = new_db();
+        let heads = fill(&db, 30, 10);
+        write(&db, |t| {
+            t.open_table(LEAVES).unwrap().remove(2).unwrap();
+        });
+        expect_audit_failure(&db, "leaf 16 is missing");
+        let r = db.begin_read().unwrap();
+        assert!(verify_against_trusted_head(&r, &heads[1]).is_err());
+        verify_against_trusted_head(&r, &heads[0]).unwrap();
+        // A row cut short in the middle of the log.
+        let (_h, db) = new_db();
+        fill(&db, 30, 10);
+        write(&db, |t| {
+            let mut leaves = t.open_table(LEAVES).unwrap();
+            let row = leaves.get(1).unwrap().unwrap().value().to_vec();
+            let kept = &row_leaves(1, &row).unwrap()[..5];
+            let mut short = Vec::new();
+            for leaf in kept {
+                push_to_row(&mut short, leaf).unwrap();
+            }
+            leaves.insert(1, short.as_slice()).unwrap();
+        });
+        expect_audit_failure(&db, "leaf 13 is missing");
     }
 
     #[test]
@@ -1074,10 +1301,7 @@ mod tests {
         let (_f, db) = new_db();
         let heads = fill(&db, 30, 10);
         write(&db, |t| {
-            let mut leaves = t.open_table(LEAVES).unwrap();
-            for i in 25..30u64 {
-                leaves.remove(i).unwrap();
-            }
+            rewrite_leaves_for_tests(t, |leaves| leaves.truncate(25));
         });
         // The head of size 30 is now beyond the log.
         expect_audit_failure(&db, "covers 30 leaves");
@@ -1090,11 +1314,7 @@ mod tests {
         let (_f, db) = new_db();
         let heads = fill(&db, 30, 10);
         write(&db, |t| {
-            let mut leaves = t.open_table(LEAVES).unwrap();
-            let a = leaves.get(3).unwrap().unwrap().value().to_vec();
-            let b = leaves.get(8).unwrap().unwrap().value().to_vec();
-            leaves.insert(3, b.as_slice()).unwrap();
-            leaves.insert(8, a.as_slice()).unwrap();
+            rewrite_leaves_for_tests(t, |leaves| leaves.swap(3, 8));
         });
         expect_audit_failure(&db, "stored at 3");
         let r = db.begin_read().unwrap();
@@ -1179,10 +1399,7 @@ mod tests {
         assert_eq!(h.size, 30);
         // Roll back `other` by removing leaves past 10: its trusted head of 30 no longer verifies.
         write(&other, |t| {
-            let mut leaves = t.open_table(LEAVES).unwrap();
-            for i in 10..30u64 {
-                leaves.remove(i).unwrap();
-            }
+            rewrite_leaves_for_tests(t, |leaves| leaves.truncate(10));
         });
         let r3 = other.begin_read().unwrap();
         assert!(matches!(
@@ -1211,7 +1428,69 @@ mod tests {
         })
         .unwrap();
         let p = inclusion_proof(50, 100, &src).unwrap();
-        let h = leaf_hash(leaves.get(50).unwrap().unwrap().value());
+        let h = leaf_hash(&leaf_bytes(&leaves, 50).unwrap().unwrap());
         verify_inclusion(&h, 50, 100, &p, &root(100, &src).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn leaves_are_stored_eight_to_a_row_and_batches_fill_the_last_row() {
+        let (_f, db) = new_db();
+        // Batches of 5 end in the middle of rows: the next batch completes the stored row.
+        let heads = fill(&db, 21, 5);
+        let r = db.begin_read().unwrap();
+        let leaves = r.leaves().unwrap();
+        let rows: Vec<usize> = leaves
+            .range(0u64..)
+            .unwrap()
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                row_leaves(k.value(), v.value()).unwrap().len()
+            })
+            .collect();
+        assert_eq!(rows, vec![8, 8, 5]);
+        assert_eq!(leaf_count(&leaves).unwrap(), 21);
+        for seq in 0..21 {
+            assert_eq!(leaf(&r, seq).unwrap().unwrap().seq, seq);
+        }
+        assert!(leaf(&r, 21).unwrap().is_none());
+        let last = heads.last().unwrap();
+        for seq in [0, 7, 8, 15, 16, 20] {
+            prove_inclusion(&r, seq, last.size)
+                .unwrap()
+                .verify(last)
+                .unwrap();
+        }
+        assert_eq!(verify_log(&r).unwrap().leaves, 21);
+    }
+
+    #[test]
+    fn a_log_written_one_leaf_to_a_row_is_moved_into_rows_and_still_verifies() {
+        let (_f, db) = new_db();
+        let heads = fill(&db, 30, 7);
+        write(&db, legacy_layout_for_tests);
+        write(&db, |t| initialize(t).unwrap());
+        let r = db.begin_read().unwrap();
+        assert!(
+            !r.list_tables()
+                .unwrap()
+                .any(|t| redb::TableHandle::name(&t) == "audit_leaves"),
+            "the old table is gone"
+        );
+        assert_eq!(verify_log(&r).unwrap().leaves, 30);
+        let last = heads.last().unwrap();
+        verify_against_trusted_head(&r, last).unwrap();
+        prove_inclusion(&r, 17, last.size)
+            .unwrap()
+            .verify(last)
+            .unwrap();
+        drop(r);
+        // The log keeps growing in rows.
+        let more = fill(&db, 45, 7);
+        let r = db.begin_read().unwrap();
+        assert_eq!(verify_log(&r).unwrap().leaves, 45);
+        prove_consistency(&r, last.size, 45)
+            .unwrap()
+            .verify(last, more.last().unwrap())
+            .unwrap();
     }
 }

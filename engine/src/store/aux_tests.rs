@@ -663,7 +663,7 @@ fn space_report_covers_the_store_and_auxiliary_files_and_is_audited() {
             .unwrap_or_else(|| panic!("{file} {table} missing: {tables:?}"))
     };
     assert_eq!(find(DATABASE_FILE, "versions").entries, 1);
-    assert!(find(DATABASE_FILE, "audit_leaves").entries >= 1);
+    assert!(find(DATABASE_FILE, "audit_leaf_chunks").entries >= 1);
     assert_eq!(find("index.redb", "t").entries, 10);
     assert!(find("index.redb", "t").stored_bytes > 0);
     let last = store.audit_size().unwrap() - 1;

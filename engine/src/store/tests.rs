@@ -521,24 +521,17 @@ fn wrong_key_fails_at_open() {
 /// recomputed tree no longer matches the signed heads, and `check` fails.
 #[test]
 fn key_holder_editing_the_audit_log_is_detected() {
-    use crate::audit::log::LEAVES;
-    type Tamper = fn(&mut redb::Table<'_, u64, &'static [u8]>);
+    use crate::audit::log::rewrite_leaves_for_tests;
+    type Tamper = fn(&mut Vec<Vec<u8>>);
     let tampers: [(&str, Tamper); 3] = [
         ("edit", |leaves| {
-            let mut bytes = leaves.get(2).unwrap().unwrap().value().to_vec();
-            let last = bytes.len() - 1;
-            bytes[last] ^= 1;
-            leaves.insert(2, bytes.as_slice()).unwrap();
+            let last = leaves[2].len() - 1;
+            leaves[2][last] ^= 1;
         }),
         ("delete", |leaves| {
-            leaves.remove(1).unwrap();
+            leaves.remove(1);
         }),
-        ("reorder", |leaves| {
-            let a = leaves.get(1).unwrap().unwrap().value().to_vec();
-            let b = leaves.get(2).unwrap().unwrap().value().to_vec();
-            leaves.insert(1, b.as_slice()).unwrap();
-            leaves.insert(2, a.as_slice()).unwrap();
-        }),
+        ("reorder", |leaves| leaves.swap(1, 2)),
     ];
     for (name, tamper) in tampers {
         let dir = TempDir::new().unwrap();
@@ -551,10 +544,7 @@ fn key_holder_editing_the_audit_log_is_detected() {
             }
             let head = store.audit_head().unwrap();
             let txn = store.inner.db.begin_write().unwrap();
-            {
-                let mut leaves = txn.open_table(LEAVES).unwrap();
-                tamper(&mut leaves);
-            }
+            rewrite_leaves_for_tests(&txn, tamper);
             txn.commit().unwrap();
             let err = store.verify_audit().unwrap_err();
             assert!(matches!(err, Error::AuditVerification(_)), "{name}: {err}");
@@ -1104,4 +1094,31 @@ fn a_read_that_starts_after_a_write_returned_sees_it_while_others_share_snapshot
         checker.join().unwrap();
     });
     assert_eq!(store.read(&ctx(), "Patient", id).unwrap().version, 100);
+}
+
+#[test]
+fn a_database_whose_audit_log_has_one_leaf_to_a_row_opens_and_verifies() {
+    let dir = TempDir::new().unwrap();
+    let (ids, head) = {
+        let store = open_store(dir.path(), ReadAudit::Durable);
+        let ids: Vec<String> = (0..6)
+            .map(|i| store.create(&ctx(), patient(&format!("P{i}"))).unwrap().id)
+            .collect();
+        let head = store.audit_head().unwrap();
+        // The layout of databases written before rows of eight leaves.
+        let txn = store.inner.db.begin_write().unwrap();
+        crate::audit::log::legacy_layout_for_tests(&txn);
+        txn.commit().unwrap();
+        (ids, head)
+    };
+    let store = open_store(dir.path(), ReadAudit::Durable);
+    let report = store.verify_audit().unwrap();
+    assert!(report.leaves >= head.size);
+    store.verify_audit_against(&head).unwrap();
+    for id in &ids {
+        store.read(&ctx(), "Patient", id).unwrap();
+    }
+    store.verify_audit().unwrap();
+    drop(store);
+    Store::check(&ctx(), dir.path().join("db"), key_for(dir.path())).unwrap();
 }
