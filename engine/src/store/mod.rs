@@ -920,25 +920,24 @@ impl Inner {
             let format = meta
                 .get(record::META_FORMAT)?
                 .map(|guard| guard.value().to_vec());
-            match format {
-                None => {
-                    meta.insert(
-                        record::META_FORMAT,
-                        &record::FORMAT_VERSION.to_le_bytes()[..],
-                    )?;
-                }
-                Some(bytes) => {
-                    let found = <[u8; 4]>::try_from(bytes.as_slice())
-                        .map(u32::from_le_bytes)
-                        .map_err(|_| Error::Corrupted("format marker is malformed".into()))?;
-                    if found != record::FORMAT_VERSION {
-                        return Err(Error::Storage(format!(
-                            "database format {found} is not supported by this build (expects {})",
-                            record::FORMAT_VERSION
-                        )));
-                    }
+            if let Some(bytes) = format {
+                let found = <[u8; 4]>::try_from(bytes.as_slice())
+                    .map(u32::from_le_bytes)
+                    .map_err(|_| Error::Corrupted("format marker is malformed".into()))?;
+                if !(record::OLDEST_UPGRADABLE_FORMAT..=record::FORMAT_VERSION).contains(&found) {
+                    return Err(Error::Storage(format!(
+                        "database format {found} is not supported by this build (it opens formats {} to {})",
+                        record::OLDEST_UPGRADABLE_FORMAT,
+                        record::FORMAT_VERSION
+                    )));
                 }
             }
+            // Written in the same transaction as the upgrade below (format 1: the audit
+            // leaves move into rows), so a crash leaves either format whole.
+            meta.insert(
+                record::META_FORMAT,
+                &record::FORMAT_VERSION.to_le_bytes()[..],
+            )?;
             let clock = match meta.get(record::META_CLOCK)? {
                 Some(guard) => <[u8; 8]>::try_from(guard.value())
                     .map(i64::from_le_bytes)

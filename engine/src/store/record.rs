@@ -41,8 +41,12 @@ pub(crate) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("
 pub(crate) const META_FORMAT: &str = "format";
 pub(crate) const META_CLOCK: &str = "clock";
 
-/// The on-disk format version of the engine's tables.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// The on-disk format version of the engine's tables. 2: audit leaves in rows
+/// (`audit_leaf_chunks`). A build that knows only 1 refuses a database of format 2 rather
+/// than starting an empty audit log beside its rows.
+pub(crate) const FORMAT_VERSION: u32 = 2;
+/// The oldest format that opening upgrades (1: one audit leaf per row in `audit_leaves`).
+pub(crate) const OLDEST_UPGRADABLE_FORMAT: u32 = 1;
 
 const RECORD_FORMAT: u8 = 2;
 

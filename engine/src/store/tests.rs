@@ -1105,9 +1105,13 @@ fn a_database_whose_audit_log_has_one_leaf_to_a_row_opens_and_verifies() {
             .map(|i| store.create(&ctx(), patient(&format!("P{i}"))).unwrap().id)
             .collect();
         let head = store.audit_head().unwrap();
-        // The layout of databases written before rows of eight leaves.
+        // The layout of databases written before rows of leaves (format 1).
         let txn = store.inner.db.begin_write().unwrap();
         crate::audit::log::legacy_layout_for_tests(&txn);
+        txn.open_table(record::META)
+            .unwrap()
+            .insert(record::META_FORMAT, &1u32.to_le_bytes()[..])
+            .unwrap();
         txn.commit().unwrap();
         (ids, head)
     };
@@ -1119,6 +1123,29 @@ fn a_database_whose_audit_log_has_one_leaf_to_a_row_opens_and_verifies() {
         store.read(&ctx(), "Patient", id).unwrap();
     }
     store.verify_audit().unwrap();
+    let format = |store: &Store| {
+        let txn = store.inner.db.begin_read().unwrap();
+        let meta = txn.open_table(record::META).unwrap();
+        let bytes = meta
+            .get(record::META_FORMAT)
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        u32::from_le_bytes(bytes.try_into().unwrap())
+    };
+    assert_eq!(format(&store), record::FORMAT_VERSION);
+    // A format newer than this build is refused, and nothing is changed.
+    let txn = store.inner.db.begin_write().unwrap();
+    txn.open_table(record::META)
+        .unwrap()
+        .insert(record::META_FORMAT, &99u32.to_le_bytes()[..])
+        .unwrap();
+    txn.commit().unwrap();
     drop(store);
-    Store::check(&ctx(), dir.path().join("db"), key_for(dir.path())).unwrap();
+    let refused = Store::builder(dir.path().join("db"))
+        .key(key_for(dir.path()))
+        .open()
+        .unwrap_err();
+    assert!(refused.to_string().contains("format 99"), "{refused}");
 }
