@@ -681,6 +681,9 @@ fn serve(args: &ServeArgs) -> Result<ExitCode> {
     let deny_status = axum::http::StatusCode::from_u16(auth.deny_status)
         .unwrap_or(axum::http::StatusCode::NOT_FOUND);
     ensure_embedded_key(db)?;
+    // Before logging is set up, and an open can take a while (the index catches up with the
+    // store; the first open after an upgrade may convert the audit log): say what is going on.
+    eprintln!("opening the database in {} ...", db.db.display());
     let database = Database::builder(&db.db)
         .key(db.key_source()?)
         .kdf(db.kdf())
