@@ -997,7 +997,6 @@ impl Inner {
         Ok(())
     }
 
-    /// A durable, two-phase write transaction (see docs/design.md on why 2PC).
     /// The `versions` table as of the newest commit, shared by reads until the next one:
     /// opening a read transaction and the table for every read cost a quarter of a read.
     fn versions_snapshot(&self) -> Result<Arc<VersionsTable>> {
@@ -1026,6 +1025,7 @@ impl Inner {
         drop(retired);
     }
 
+    /// A durable, two-phase write transaction (see docs/design.md on why 2PC).
     fn begin_write_txn(&self) -> Result<redb::WriteTransaction> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(redb::Durability::Immediate)?;
