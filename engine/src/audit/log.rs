@@ -308,12 +308,59 @@ fn row_leaves(row: u64, bytes: &[u8]) -> Result<Vec<&[u8]>> {
     Ok(leaves)
 }
 
-/// Appends one leaf to a row being built.
-fn push_to_row(row: &mut Vec<u8>, leaf: &[u8]) -> Result<()> {
-    let len = u32::try_from(leaf.len()).map_err(|_| fail("an audit leaf is too long"))?;
-    row.extend_from_slice(&len.to_le_bytes());
-    row.extend_from_slice(leaf);
-    Ok(())
+/// Writes leaves in order into rows of [`LEAVES`], from leaf `next`: a row is written when it
+/// is full and by [`RowWriter::finish`]. Until then the table keeps what it held.
+struct RowWriter {
+    next: u64,
+    row: Vec<u8>,
+}
+
+impl RowWriter {
+    /// Continues the log at leaf `next`, taking up the stored last row if it is not full.
+    fn resume<T: ReadableTable<u64, &'static [u8]>>(leaves: &T, next: u64) -> Result<Self> {
+        let row = match next % LEAVES_PER_ROW {
+            0 => Vec::new(),
+            _ => {
+                let index = next / LEAVES_PER_ROW;
+                leaves
+                    .get(index)
+                    .map_err(storage)?
+                    .map(|v| v.value().to_vec())
+                    .ok_or_else(|| fail(format!("audit leaf row {index} is missing")))?
+            }
+        };
+        Ok(RowWriter { next, row })
+    }
+
+    fn push(
+        &mut self,
+        leaves: &mut redb::Table<'_, u64, &'static [u8]>,
+        leaf: &[u8],
+    ) -> Result<()> {
+        let len = u32::try_from(leaf.len()).map_err(|_| fail("an audit leaf is too long"))?;
+        self.row.extend_from_slice(&len.to_le_bytes());
+        self.row.extend_from_slice(leaf);
+        self.next += 1;
+        if self.next.is_multiple_of(LEAVES_PER_ROW) {
+            self.write(leaves)?;
+            self.row.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes the last row if it is not full (a full one is already written).
+    fn finish(self, leaves: &mut redb::Table<'_, u64, &'static [u8]>) -> Result<()> {
+        if self.row.is_empty() {
+            return Ok(());
+        }
+        self.write(leaves)
+    }
+
+    fn write(&self, leaves: &mut redb::Table<'_, u64, &'static [u8]>) -> Result<()> {
+        let index = (self.next - 1) / LEAVES_PER_ROW;
+        leaves.insert(index, self.row.as_slice()).map_err(storage)?;
+        Ok(())
+    }
 }
 
 /// The bytes of leaf `seq`, if it is stored.
@@ -383,26 +430,28 @@ fn move_legacy_leaves(txn: &WriteTransaction) -> Result<()> {
                 "the audit log holds leaves in both the old and the new table",
             ));
         }
-        let mut row = Vec::new();
-        let mut row_index = 0u64;
-        let mut in_row = 0u64;
+        let mut rows = RowWriter::resume(&leaves, 0)?;
         for entry in legacy.range(0u64..).map_err(storage)? {
             let (_, v) = entry.map_err(storage)?;
-            push_to_row(&mut row, v.value())?;
-            in_row += 1;
-            if in_row == LEAVES_PER_ROW {
-                leaves.insert(row_index, row.as_slice()).map_err(storage)?;
-                row.clear();
-                row_index += 1;
-                in_row = 0;
-            }
+            rows.push(&mut leaves, v.value())?;
         }
-        if in_row > 0 {
-            leaves.insert(row_index, row.as_slice()).map_err(storage)?;
-        }
+        rows.finish(&mut leaves)?;
     }
     txn.delete_table(LEGACY_LEAVES).map_err(storage)?;
     Ok(())
+}
+
+/// Every stored leaf's bytes, in order (tests).
+#[cfg(test)]
+fn all_leaves_for_tests(txn: &WriteTransaction) -> Vec<Vec<u8>> {
+    let leaves = txn.open_table(LEAVES).unwrap();
+    let mut all = Vec::new();
+    for entry in leaves.range(0u64..).unwrap() {
+        let (k, v) = entry.unwrap();
+        let row = row_leaves(k.value(), v.value()).unwrap();
+        all.extend(row.into_iter().map(<[u8]>::to_vec));
+    }
+    all
 }
 
 /// Rewrites the leaf rows from the list of leaves `edit` leaves behind, as someone holding
@@ -412,37 +461,22 @@ pub(crate) fn rewrite_leaves_for_tests(
     txn: &WriteTransaction,
     edit: impl FnOnce(&mut Vec<Vec<u8>>),
 ) {
-    let mut all = Vec::new();
-    {
-        let leaves = txn.open_table(LEAVES).unwrap();
-        for entry in leaves.range(0u64..).unwrap() {
-            let (k, v) = entry.unwrap();
-            all.extend(
-                row_leaves(k.value(), v.value())
-                    .unwrap()
-                    .into_iter()
-                    .map(<[u8]>::to_vec),
-            );
-        }
-    }
+    let mut all = all_leaves_for_tests(txn);
     edit(&mut all);
     txn.delete_table(LEAVES).unwrap();
     let mut leaves = txn.open_table(LEAVES).unwrap();
-    for (row, chunk) in (0u64..).zip(all.chunks(LEAVES_PER_ROW as usize)) {
-        let mut bytes = Vec::new();
-        for leaf in chunk {
-            push_to_row(&mut bytes, leaf).unwrap();
-        }
-        leaves.insert(row, bytes.as_slice()).unwrap();
+    let mut rows = RowWriter::resume(&leaves, 0).unwrap();
+    for leaf in &all {
+        rows.push(&mut leaves, leaf).unwrap();
     }
+    rows.finish(&mut leaves).unwrap();
 }
 
 /// Moves the leaves back to one per row in [`LEGACY_LEAVES`], as logs were written before
 /// rows of leaves (migration tests).
 #[cfg(test)]
 pub(crate) fn legacy_layout_for_tests(txn: &WriteTransaction) {
-    let mut all = Vec::new();
-    rewrite_leaves_for_tests(txn, |leaves| all = leaves.clone());
+    let all = all_leaves_for_tests(txn);
     txn.delete_table(LEAVES).unwrap();
     let mut legacy = txn.open_table(LEGACY_LEAVES).unwrap();
     for (seq, leaf) in (0u64..).zip(&all) {
@@ -487,18 +521,9 @@ pub(crate) fn append_many(
     let mut leaves = txn.open_table(LEAVES).map_err(storage)?;
     let mut nodes = txn.open_table(NODES).map_err(storage)?;
     let first = leaf_count(&leaves)?;
-    // The row being filled starts as the stored last row if that is not full; it is written
-    // when full and at the end. Until then the table still holds its earlier leaves, and
-    // this batch's leaves are read from `produced`.
-    let mut row_index = first / LEAVES_PER_ROW;
-    let mut row = match first % LEAVES_PER_ROW {
-        0 => Vec::new(),
-        _ => leaves
-            .get(row_index)
-            .map_err(storage)?
-            .map(|v| v.value().to_vec())
-            .ok_or_else(|| fail(format!("audit leaf row {row_index} is missing")))?,
-    };
+    // Until a row is written the table still holds its earlier leaves; this batch's leaves
+    // are read from `produced`.
+    let mut rows = RowWriter::resume(&leaves, first)?;
     // The right edge of the nodes produced in this batch (level 0 included): appending reads
     // its left siblings, which are mostly from this batch, so they come from memory instead
     // of being re-read (and, for level 0, re-hashed). It holds O(log n) nodes.
@@ -515,12 +540,7 @@ pub(crate) fn append_many(
             },
         };
         let new_nodes = nodes_to_store_on_append(seq, leaf_hash(&bytes), &source)?;
-        push_to_row(&mut row, &bytes)?;
-        if (seq + 1) % LEAVES_PER_ROW == 0 {
-            leaves.insert(row_index, row.as_slice()).map_err(storage)?;
-            row.clear();
-            row_index += 1;
-        }
+        rows.push(&mut leaves, &bytes)?;
         for (level, index, hash) in new_nodes {
             if level > 0 {
                 if level >= FIRST_STORED_LEVEL {
@@ -534,10 +554,7 @@ pub(crate) fn append_many(
         }
         on_seq(seq);
     }
-    if !row.is_empty() {
-        leaves.insert(row_index, row.as_slice()).map_err(storage)?;
-    }
-    Ok(())
+    rows.finish(&mut leaves)
 }
 
 /// Stored nodes, preferring those produced earlier in the same batch.
@@ -1289,12 +1306,11 @@ mod tests {
         write(&db, |t| {
             let mut leaves = t.open_table(LEAVES).unwrap();
             let row = leaves.get(1).unwrap().unwrap().value().to_vec();
-            let kept = &row_leaves(1, &row).unwrap()[..2];
-            let mut short = Vec::new();
-            for leaf in kept {
-                push_to_row(&mut short, leaf).unwrap();
+            let mut rows = RowWriter::resume(&leaves, LEAVES_PER_ROW).unwrap();
+            for leaf in &row_leaves(1, &row).unwrap()[..2] {
+                rows.push(&mut leaves, leaf).unwrap();
             }
-            leaves.insert(1, short.as_slice()).unwrap();
+            rows.finish(&mut leaves).unwrap();
         });
         expect_audit_failure(&db, &format!("leaf {} is missing", LEAVES_PER_ROW + 2));
     }
