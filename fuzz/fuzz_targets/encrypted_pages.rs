@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 
 use arbitrary::{Arbitrary, Unstructured};
 use fhirkeep_engine::Error;
+use fhirkeep_engine::crypto::page;
 use fhirkeep_engine::crypto::{EncryptedBackend, KEY_HEADER_FILE, KeySource, Keyring, verify_file};
 use fhirkeep_engine::store::{AccessContext, DATABASE_FILE, ReadAudit, Store};
 use libfuzzer_sys::fuzz_target;
@@ -24,16 +25,15 @@ const VERSIONS: TableDefinition<'_, (&str, &str, u64), &[u8]> = TableDefinition:
 const CHANGES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("changes");
 const TYPE_CHANGES: TableDefinition<'_, (&str, u64), ()> = TableDefinition::new("type_changes");
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
-const LEAVES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("audit_leaves");
+const LEAVES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("audit_leaf_chunks");
 const NODES: TableDefinition<'_, (u8, u64), [u8; 32]> = TableDefinition::new("audit_nodes");
 const HEADS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("audit_heads");
 const AUDIT_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("audit_meta");
 
-// Physical layout (engine/src/crypto/page.rs).
-const PREAMBLE: usize = 64;
-const HEADER_BLOCK: usize = 4144;
-const PAGE_BLOCK: usize = 4128;
-const PAGES_OFFSET: usize = PREAMBLE + 2 * HEADER_BLOCK;
+// Physical layout: format 2, which new files get (engine/src/crypto/page.rs).
+const HEADER_BLOCK: usize = page::HEADER_BLOCK_SIZE;
+const ENTRY: usize = page::ENTRY_SIZE;
+const PAGE: usize = page::PAGE_SIZE;
 
 /// (table, key as text) → value bytes.
 type Dump = BTreeMap<(String, String), Vec<u8>>;
@@ -175,7 +175,10 @@ where
                     "table {name} key {} returned a value the database never held",
                     key.1
                 ),
-                None => panic!("table {name} returned key {} that the database never held", key.1),
+                None => panic!(
+                    "table {name} returned key {} that the database never held",
+                    key.1
+                ),
             }
         }
         dump.insert(key, value);
@@ -206,10 +209,24 @@ fn read_all(image: &[u8], keyring: &Arc<Keyring>, truth: Option<&Dump>) -> Outco
     let mut ok = true;
     ok &= scan(&txn, VERSIONS, truth, &mut dump, |k| format!("{k:?}"), b);
     ok &= scan(&txn, CHANGES, truth, &mut dump, u64::to_string, b);
-    ok &= scan(&txn, TYPE_CHANGES, truth, &mut dump, |k| format!("{k:?}"), |()| Vec::new());
+    ok &= scan(
+        &txn,
+        TYPE_CHANGES,
+        truth,
+        &mut dump,
+        |k| format!("{k:?}"),
+        |()| Vec::new(),
+    );
     ok &= scan(&txn, META, truth, &mut dump, s, b);
     ok &= scan(&txn, LEAVES, truth, &mut dump, u64::to_string, b);
-    ok &= scan(&txn, NODES, truth, &mut dump, |k| format!("{k:?}"), |v| v.to_vec());
+    ok &= scan(
+        &txn,
+        NODES,
+        truth,
+        &mut dump,
+        |k| format!("{k:?}"),
+        |v| v.to_vec(),
+    );
     ok &= scan(&txn, HEADS, truth, &mut dump, u64::to_string, b);
     ok &= scan(&txn, AUDIT_META, truth, &mut dump, s, b);
 
@@ -218,7 +235,9 @@ fn read_all(image: &[u8], keyring: &Arc<Keyring>, truth: Option<&Dump>) -> Outco
         for ((table, key), expected) in truth.iter().filter(|((t, _), _)| t == "versions") {
             let _ = table;
             // key is Debug of ("Type", "id", v): re-parse cheaply via the fixture's resources.
-            let Some((t, id, v)) = parse_version_key(key) else { continue };
+            let Some((t, id, v)) = parse_version_key(key) else {
+                continue;
+            };
             match versions.get((t.as_str(), id.as_str(), v)) {
                 Ok(Some(guard)) => assert_eq!(guard.value(), expected.as_slice(), "get {key}"),
                 Ok(None) => panic!("get {key}: a stored version read as absent"),
@@ -247,21 +266,42 @@ fn parse_version_key(key: &str) -> Option<(String, String, u64)> {
     Some((t, id, v))
 }
 
-/// Physical byte range of block `b`: 0 = header copy A, 1 = header copy B, 2.. = pages 1...
-fn block_range(b: usize, len: usize) -> Option<std::ops::Range<usize>> {
-    let (start, size) = match b {
-        0 => (PREAMBLE, HEADER_BLOCK),
-        1 => (PREAMBLE + HEADER_BLOCK, HEADER_BLOCK),
-        _ => (PAGES_OFFSET + (b - 2) * PAGE_BLOCK, PAGE_BLOCK),
+/// Physical byte ranges of block `b`: 0 = header copy A, 1 = header copy B, 2.. = pages 1..
+/// (a page's entry, then its ciphertext).
+fn block_parts(b: usize, len: usize) -> Option<Vec<std::ops::Range<usize>>> {
+    let parts = match b {
+        0 | 1 => {
+            let start = page::PageFormat::V2.header_offset(b == 1) as usize;
+            vec![start..start + HEADER_BLOCK]
+        }
+        _ => {
+            let pg = (b - 1) as u64;
+            let entry = page::v2_entry_offset(pg) as usize;
+            let data = page::v2_data_offset(pg) as usize;
+            vec![entry..entry + ENTRY, data..data + PAGE]
+        }
     };
-    (start + size <= len).then_some(start..start + size)
+    parts.iter().all(|r| r.end <= len).then_some(parts)
 }
 
 fn block_count(len: usize) -> usize {
-    if len < PAGES_OFFSET {
-        return 2;
+    (0..)
+        .map(|b| b + 2)
+        .find(|&b| block_parts(b, len).is_none())
+        .unwrap_or(2)
+}
+
+fn copy_block(
+    image: &mut [u8],
+    to: &[std::ops::Range<usize>],
+    source: &[u8],
+    from: &[std::ops::Range<usize>],
+) {
+    if to.len() == from.len() && to.iter().zip(from).all(|(t, f)| t.len() == f.len()) {
+        for (t, f) in to.iter().zip(from) {
+            image[t.clone()].copy_from_slice(&source[f.clone()]);
+        }
     }
-    2 + (len - PAGES_OFFSET) / PAGE_BLOCK
 }
 
 #[derive(Debug, Arbitrary)]
@@ -290,31 +330,28 @@ fn apply(image: &mut Vec<u8>, older: &[u8], edit: &Edit) {
             image[at..at + n].copy_from_slice(&bytes[..n]);
         }
         Edit::ZeroBlock { block } => {
-            if let Some(r) = block_range(usize::from(*block) % nblocks, len) {
+            for r in block_parts(usize::from(*block) % nblocks, len).unwrap_or_default() {
                 image[r].fill(0);
             }
         }
         Edit::MoveBlock { from, to } => {
             let (f, t) = (usize::from(*from) % nblocks, usize::from(*to) % nblocks);
-            if let (Some(rf), Some(rt)) = (block_range(f, len), block_range(t, len))
-                && rf.len() == rt.len()
-            {
-                let src = image[rf].to_vec();
-                image[rt].copy_from_slice(&src);
+            if let (Some(rf), Some(rt)) = (block_parts(f, len), block_parts(t, len)) {
+                let source = image.clone();
+                copy_block(image, &rt, &source, &rf);
             }
         }
         Edit::ReplayBlock { block } => {
             let b = usize::from(*block) % nblocks;
-            if let (Some(r), Some(ro)) = (block_range(b, len), block_range(b, older.len())) {
-                image[r].copy_from_slice(&older[ro]);
+            if let (Some(r), Some(ro)) = (block_parts(b, len), block_parts(b, older.len())) {
+                copy_block(image, &r, older, &ro);
             }
         }
         Edit::SwapHeaderCopies => {
-            if let (Some(a), Some(b)) = (block_range(0, len), block_range(1, len)) {
-                let copy_a = image[a.clone()].to_vec();
-                let copy_b = image[b.clone()].to_vec();
-                image[a].copy_from_slice(&copy_b);
-                image[b].copy_from_slice(&copy_a);
+            if let (Some(a), Some(b)) = (block_parts(0, len), block_parts(1, len)) {
+                let source = image.clone();
+                copy_block(image, &a, &source, &b);
+                copy_block(image, &b, &source, &a);
             }
         }
         Edit::Truncate { len: to } => image.truncate(*to as usize % (len + 1)),
@@ -344,7 +381,11 @@ fn store_level(fx: &Fixture, image: &[u8]) {
     for ((t, id), expected) in &fx.resources {
         match (store.read(&ctx(), t, id), expected) {
             (Ok(found), Some(body)) => {
-                assert_eq!(found.json_bytes(), body.as_slice(), "{t}/{id} read wrong data")
+                assert_eq!(
+                    found.json_bytes(),
+                    body.as_slice(),
+                    "{t}/{id} read wrong data"
+                )
             }
             (Ok(_), None) => panic!("{t}/{id} was deleted but reads as present"),
             (Err(Error::Gone { .. }), None) => {}
@@ -386,7 +427,10 @@ fuzz_target!(|data: &[u8]| {
     std::fs::write(&path, &image).expect("write scratch image");
     let report = verify_file(&path, &fx.keyring).expect("verify_file failed on a readable file");
     if image == fx.original {
-        assert!(report.is_ok(), "pristine image reported damaged: {report:?}");
+        assert!(
+            report.is_ok(),
+            "pristine image reported damaged: {report:?}"
+        );
     }
 
     match read_all(&image, &fx.keyring, Some(&fx.truth)) {

@@ -932,8 +932,11 @@ fn check(db: &DbArgs) -> Result<ExitCode> {
                 eprintln!("warning: {warning}");
             }
             println!(
-                "ok: {} page blocks authenticated ({} never written), redb integrity ok, audit log of {} leaves verified",
-                report.pages.page_blocks, report.pages.zero_blocks, report.audit.leaves
+                "ok: {} page blocks authenticated ({} never written; page format {}), redb integrity ok, audit log of {} leaves verified",
+                report.pages.page_blocks,
+                report.pages.zero_blocks,
+                report.pages.format_version,
+                report.audit.leaves
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -1,6 +1,15 @@
 //! [`EncryptedBackend`]: a redb [`StorageBackend`] that stores every logical page as an
 //! AES-256-GCM block (format in [`super::page`]), plus [`verify_file`] for offline checks.
 //!
+//! # Formats
+//!
+//! New files are written in format 2: each page's ciphertext is one aligned 4096-byte span and
+//! its entry (key id, nonce, tag) is in the entry page of its group of 128. Entry pages are
+//! kept in memory and the changed ones are written before every header write, every sync
+//! and at close: the same points at which format 1 would already have written its blocks, so
+//! the crash reasoning below holds for both. Files of format 1 are read and written in
+//! format 1.
+//!
 //! # Page 0 (redb's header) and crash safety
 //!
 //! redb keeps two commit slots inside the 320-byte header at offset 0 and relies on
@@ -37,6 +46,7 @@
 //! authenticate, [`Error::NonceBudgetExhausted`] when the active key is used up. Messages
 //! never contain page contents.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
@@ -51,8 +61,9 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::keys::Keyring;
 use super::page::{
-    self, HEADER_A_INDEX, HEADER_A_OFFSET, HEADER_B_INDEX, HEADER_B_OFFSET, HEADER_BLOCK_SIZE,
-    HEADER_PLAIN_SIZE, PAGE_BLOCK_SIZE, PAGE_SIZE, PAGES_OFFSET, PREAMBLE_SIZE, SealError,
+    self, ENTRY_SIZE, HEADER_A_INDEX, HEADER_B_INDEX, HEADER_BLOCK_SIZE, HEADER_PLAIN_SIZE,
+    PAGE_BLOCK_SIZE, PAGE_SIZE, PAGES_OFFSET, PAGES_PER_GROUP, PREAMBLE_SIZE, PageFormat,
+    SealError,
 };
 use super::to_io;
 use crate::{Error, Result};
@@ -60,13 +71,27 @@ use crate::{Error, Result};
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Largest logical length accepted (4 PiB), far below where physical offsets could overflow.
 const MAX_LOGICAL_LEN: u64 = 1 << 52;
+/// Format 2: clean entry pages kept in memory before they are dropped (16 MiB: the entries
+/// of 2 GiB of pages). Dirty ones are kept until written.
+const MAX_CLEAN_ENTRY_PAGES: usize = 4096;
+
+thread_local! {
+    /// Tests only: the format new files get on this thread (to test reading format 1).
+    static NEW_FILE_FORMAT: Cell<PageFormat> = const { Cell::new(PageFormat::NEWEST) };
+}
+
+/// Tests only: new files created on this thread get `format` until this is called again.
+#[cfg(test)]
+pub(crate) fn set_new_file_format_for_tests(format: PageFormat) {
+    NEW_FILE_FORMAT.with(|f| f.set(format));
+}
 
 /// One of the two physical copies of logical page 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeaderSlot {
-    /// Copy A, at physical offset 64.
+    /// Copy A, at physical offset 4096 (format 1: 64).
     A,
-    /// Copy B, at physical offset 4208.
+    /// Copy B, at physical offset 12288 (format 1: 4208).
     B,
 }
 
@@ -77,11 +102,8 @@ impl HeaderSlot {
             HeaderSlot::B => HeaderSlot::A,
         }
     }
-    fn offset(self) -> u64 {
-        match self {
-            HeaderSlot::A => HEADER_A_OFFSET,
-            HeaderSlot::B => HEADER_B_OFFSET,
-        }
+    fn offset(self, format: PageFormat) -> u64 {
+        format.header_offset(self == HeaderSlot::B)
     }
     fn index(self) -> u64 {
         match self {
@@ -132,6 +154,21 @@ impl HeaderState {
     }
 }
 
+/// Format 2: one entry page (the 32-byte entries of a group of 128 pages) in memory.
+struct EntryPage {
+    bytes: Box<[u8; PAGE_SIZE]>,
+    /// Changed since it was last written.
+    dirty: bool,
+}
+
+/// Format 2: the entry pages in memory, by group. Changed entries reach the file before the
+/// next header write or sync ([`EncryptedBackend::write_entry_pages`]), which is where
+/// format 1 would have written them too: before anything that could make them needed.
+#[derive(Default)]
+struct EntryPages {
+    by_group: BTreeMap<u64, EntryPage>,
+}
+
 /// A redb storage backend that encrypts and authenticates every page it stores in `inner`.
 pub struct EncryptedBackend<B> {
     inner: B,
@@ -139,7 +176,11 @@ pub struct EncryptedBackend<B> {
     /// Bound into the preamble and every block's AAD: the `db_id` for the main data file, an
     /// id derived from it for an auxiliary file (see [`page::aux_file_id`]).
     file_id: [u8; 16],
+    /// The file's format (from its preamble; new files get [`PageFormat::NEWEST`]).
+    format: PageFormat,
     header: Mutex<HeaderState>,
+    /// Format 2 only. Lock order: `header` before `entries`.
+    entries: Mutex<EntryPages>,
 }
 
 impl<B: fmt::Debug> fmt::Debug for EncryptedBackend<B> {
@@ -148,6 +189,7 @@ impl<B: fmt::Debug> fmt::Debug for EncryptedBackend<B> {
             .field("inner", &self.inner)
             .field("db_id", &hex::encode(self.keyring.db_id()))
             .field("file_id", &hex::encode(self.file_id))
+            .field("format", &self.format)
             .finish_non_exhaustive()
     }
 }
@@ -180,6 +222,7 @@ fn header_high_water(plain: &[u8]) -> u64 {
 
 /// Authenticates a header copy; on success `plain` holds `sequence ‖ high_water ‖ page 0`.
 fn decode_header_copy(
+    format: PageFormat,
     keyring: &Keyring,
     file_id: &[u8; 16],
     slot: HeaderSlot,
@@ -192,7 +235,7 @@ fn decode_header_copy(
     if page::is_zero_block(block) {
         return HeaderCopyStatus::Zero;
     }
-    if page::open_into(keyring, file_id, slot.index(), block, plain) {
+    if page::open_into(format, keyring, file_id, slot.index(), block, plain) {
         let mut s = [0u8; 8];
         s.copy_from_slice(&plain[..8]);
         HeaderCopyStatus::Valid {
@@ -241,22 +284,29 @@ impl<B: StorageBackend> EncryptedBackend<B> {
     }
 
     fn with_file_id(inner: B, keyring: Arc<Keyring>, file_id: [u8; 16]) -> Result<Self> {
-        let state = Self::load_state(&inner, &keyring, &file_id)?;
+        let (format, state) = Self::load_state(&inner, &keyring, &file_id)?;
         Ok(EncryptedBackend {
             inner,
             keyring,
             file_id,
+            format,
             header: Mutex::new(state),
+            entries: Mutex::new(EntryPages::default()),
         })
     }
 
-    fn load_state(inner: &B, keyring: &Keyring, file_id: &[u8; 16]) -> Result<HeaderState> {
+    fn load_state(
+        inner: &B,
+        keyring: &Keyring,
+        file_id: &[u8; 16],
+    ) -> Result<(PageFormat, HeaderState)> {
         let plen = inner.len()?;
         if plen == 0 {
+            let format = NEW_FILE_FORMAT.with(Cell::get);
             // Backends may refuse writes past their length (redb's in-memory one does).
-            inner.set_len(PREAMBLE_SIZE as u64)?;
-            inner.write(0, &page::encode_preamble(file_id))?;
-            return Ok(HeaderState::empty());
+            inner.set_len(format.empty_len())?;
+            inner.write(0, &page::encode_preamble(format, file_id))?;
+            return Ok((format, HeaderState::empty()));
         }
         if plen < PREAMBLE_SIZE as u64 {
             return Err(Error::Corrupted(
@@ -265,28 +315,41 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         }
         let mut pre = [0u8; PREAMBLE_SIZE];
         inner.read(0, &mut pre)?;
-        if let Some(problem) = page::check_preamble(&pre, file_id) {
-            return Err(Error::Corrupted(problem));
-        }
-        let Some(logical) = page::logical_len(plen) else {
+        let format = page::check_preamble(&pre, file_id).map_err(Error::Corrupted)?;
+        let Some(logical) = format.logical_len(plen) else {
             return Err(Error::Corrupted(format!(
                 "the data file length {plen} is not a whole number of blocks: it was truncated or extended"
             )));
         };
         if logical == 0 {
-            return Ok(HeaderState::empty());
+            return Ok((format, HeaderState::empty()));
         }
         // Make what we are about to read durable, so that choosing a header copy and writing
         // to the other one can never lose the last durable header.
         inner.sync_data()?;
-        let mut blocks = vec![0u8; 2 * HEADER_BLOCK_SIZE];
-        inner.read(HEADER_A_OFFSET, &mut blocks)?;
+        let mut block_a = vec![0u8; HEADER_BLOCK_SIZE];
+        let mut block_b = vec![0u8; HEADER_BLOCK_SIZE];
+        inner.read(HeaderSlot::A.offset(format), &mut block_a)?;
+        inner.read(HeaderSlot::B.offset(format), &mut block_b)?;
         let mut plain_a = Zeroizing::new(vec![0u8; HEADER_PLAIN_SIZE]);
         let mut plain_b = Zeroizing::new(vec![0u8; HEADER_PLAIN_SIZE]);
-        let (block_a, block_b) = blocks.split_at(HEADER_BLOCK_SIZE);
-        let a = decode_header_copy(keyring, file_id, HeaderSlot::A, block_a, &mut plain_a);
-        let b = decode_header_copy(keyring, file_id, HeaderSlot::B, block_b, &mut plain_b);
-        Ok(match newest(a, b) {
+        let a = decode_header_copy(
+            format,
+            keyring,
+            file_id,
+            HeaderSlot::A,
+            &block_a,
+            &mut plain_a,
+        );
+        let b = decode_header_copy(
+            format,
+            keyring,
+            file_id,
+            HeaderSlot::B,
+            &block_b,
+            &mut plain_b,
+        );
+        let state = match newest(a, b) {
             Some((slot, seq)) => {
                 let plain = if slot == HeaderSlot::A {
                     &plain_a
@@ -313,7 +376,8 @@ impl<B: StorageBackend> EncryptedBackend<B> {
                     "both copies of the database header (page 0) failed authentication".into(),
                 ));
             }
-        })
+        };
+        Ok((format, state))
     }
 
     /// The wrapped backend.
@@ -331,6 +395,11 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         self.file_id
     }
 
+    /// The file's physical format.
+    pub fn format(&self) -> PageFormat {
+        self.format
+    }
+
     /// The header copy holding the newest durable header, and the newest sequence number.
     pub fn header_position(&self) -> (HeaderSlot, u64) {
         let st = lock(&self.header);
@@ -338,6 +407,9 @@ impl<B: StorageBackend> EncryptedBackend<B> {
     }
 
     fn write_page0(&self, st: &mut HeaderState, new_page0: &[u8]) -> io::Result<()> {
+        // Every entry of a page written so far reaches the file before any header copy that
+        // could refer to the page (format 1 wrote them with the pages).
+        self.write_entry_pages()?;
         let target = st.durable.other();
         let seq = st
             .seq
@@ -350,6 +422,7 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         plain[page::HEADER_PAGE0_OFFSET..].copy_from_slice(new_page0);
         let mut block = [0u8; HEADER_BLOCK_SIZE];
         page::seal_into(
+            self.format,
             &self.keyring,
             &self.file_id,
             key_id,
@@ -358,7 +431,7 @@ impl<B: StorageBackend> EncryptedBackend<B> {
             &mut block,
         )
         .map_err(seal_err)?;
-        self.inner.write(target.offset(), &block)?;
+        self.inner.write(target.offset(self.format), &block)?;
         st.seq = seq;
         st.pending = Some(target);
         st.page0.copy_from_slice(new_page0);
@@ -376,6 +449,19 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         let mut st = lock(&self.header);
         let old = st.high_water;
         let mut next = old.max(1);
+        if self.format == PageFormat::V2 {
+            // A marker is an entry only: the gap's ciphertext area is neither written nor read.
+            if next < first {
+                let key = page::empty_marker_key(&self.keyring);
+                let mut entries = lock(&self.entries);
+                for pg in next..first {
+                    let marker = page::empty_entry(&key, &self.file_id, pg);
+                    self.set_entry(&mut entries, pg, &marker)?;
+                }
+            }
+            st.high_water = st.high_water.max(first).max(end);
+            return Ok(old);
+        }
         while next < first {
             let count = FILL_CHUNK.min(first - next);
             let mut buf = vec![0u8; count as usize * PAGE_BLOCK_SIZE];
@@ -388,7 +474,191 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         Ok(old)
     }
 
-    /// Reads logical bytes `[off, off + out.len())`, all in pages ≥ 1.
+    /// Format 2: the entry page of `group`, read from the file on first use (all zeros if the
+    /// file does not reach it).
+    fn entry_page<'a>(
+        &self,
+        entries: &'a mut EntryPages,
+        group: u64,
+    ) -> io::Result<&'a mut EntryPage> {
+        if !entries.by_group.contains_key(&group) {
+            if entries.by_group.len() >= MAX_CLEAN_ENTRY_PAGES {
+                entries.by_group.retain(|_, p| p.dirty);
+            }
+            let mut bytes = Box::new([0u8; PAGE_SIZE]);
+            let offset = page::v2_entry_page_offset(group);
+            if offset + PAGE <= self.inner.len()? {
+                self.inner.read(offset, &mut bytes[..])?;
+            }
+            entries.by_group.insert(
+                group,
+                EntryPage {
+                    bytes,
+                    dirty: false,
+                },
+            );
+        }
+        Ok(entries
+            .by_group
+            .get_mut(&group)
+            .expect("the entry page was just inserted"))
+    }
+
+    fn set_entry(
+        &self,
+        entries: &mut EntryPages,
+        pg: u64,
+        entry: &[u8; ENTRY_SIZE],
+    ) -> io::Result<()> {
+        let (group, slot) = page::v2_group_of(pg);
+        let page = self.entry_page(entries, group)?;
+        page.bytes[slot * ENTRY_SIZE..(slot + 1) * ENTRY_SIZE].copy_from_slice(entry);
+        page.dirty = true;
+        Ok(())
+    }
+
+    /// Format 2: writes every changed entry page (in file order). A page whose write fails
+    /// stays changed and is written again next time.
+    fn write_entry_pages(&self) -> io::Result<()> {
+        if self.format != PageFormat::V2 {
+            return Ok(());
+        }
+        let mut entries = lock(&self.entries);
+        for (&group, page) in entries.by_group.iter_mut().filter(|(_, p)| p.dirty) {
+            self.inner
+                .write(page::v2_entry_page_offset(group), &page.bytes[..])?;
+            page.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Format 2: decrypts the whole pages `first, first + 1, ...` into `out` (a multiple of
+    /// 4096 bytes). A page with an all-zero entry reads as zeros at or above `high_water` and
+    /// fails below it, like any page that does not authenticate. On failure `out` is zeroed.
+    fn read_whole_pages_v2(&self, first: u64, out: &mut [u8], high_water: u64) -> io::Result<()> {
+        let n = out.len() / PAGE_SIZE;
+        let mut heads = Vec::with_capacity(n);
+        {
+            let mut entries = lock(&self.entries);
+            for pg in first..first + n as u64 {
+                let (group, slot) = page::v2_group_of(pg);
+                let page = self.entry_page(&mut entries, group)?;
+                let mut head = [0u8; ENTRY_SIZE];
+                head.copy_from_slice(&page.bytes[slot * ENTRY_SIZE..(slot + 1) * ENTRY_SIZE]);
+                heads.push(head);
+            }
+        }
+        // One read per run of pages within a group (entry pages sit between groups), unless
+        // no page of the run has ciphertext (never written, or an empty-page marker).
+        let has_ciphertext = |head: &[u8; ENTRY_SIZE]| head[..4] != [0u8; 4];
+        let mut done = 0usize;
+        while done < n {
+            let pg = first + done as u64;
+            let (_, slot) = page::v2_group_of(pg);
+            let run = (n - done).min(PAGES_PER_GROUP as usize - slot);
+            if heads[done..done + run].iter().any(has_ciphertext) {
+                self.inner.read(
+                    page::v2_data_offset(pg),
+                    &mut out[done * PAGE_SIZE..(done + run) * PAGE_SIZE],
+                )?;
+            }
+            done += run;
+        }
+        for (k, (head, body)) in heads
+            .iter()
+            .zip(out.chunks_exact_mut(PAGE_SIZE))
+            .enumerate()
+        {
+            let pg = first + k as u64;
+            if page::is_zero_block(head) {
+                if pg < high_water {
+                    // Written once, so it must hold a real entry: damaged or tampered.
+                    out.fill(0);
+                    return Err(auth_failed(pg));
+                }
+                body.fill(0);
+                continue;
+            }
+            let ok = page::open_page(&self.keyring, &self.file_id, pg, head, body);
+            if !ok {
+                out.fill(0);
+                return Err(auth_failed(pg));
+            }
+        }
+        Ok(())
+    }
+
+    /// Format 2: reads logical bytes `[off, off + out.len())`, all in pages ≥ 1.
+    fn read_pages_v2(&self, off: u64, out: &mut [u8]) -> io::Result<()> {
+        let high_water = lock(&self.header).high_water;
+        let first = off / PAGE;
+        if off.is_multiple_of(PAGE) && out.len().is_multiple_of(PAGE_SIZE) {
+            // What redb does: whole pages, decrypted in place in the caller's buffer.
+            return self.read_whole_pages_v2(first, out, high_water);
+        }
+        let end = off + out.len() as u64;
+        let n = usize::try_from(end.div_ceil(PAGE) - first).map_err(io::Error::other)?;
+        let mut pages = Zeroizing::new(vec![0u8; n * PAGE_SIZE]);
+        if let Err(e) = self.read_whole_pages_v2(first, &mut pages, high_water) {
+            out.fill(0);
+            return Err(e);
+        }
+        let from = (off - first * PAGE) as usize;
+        out.copy_from_slice(&pages[from..from + out.len()]);
+        Ok(())
+    }
+
+    /// Format 2: writes logical bytes `[off, off + data.len())`, all in pages ≥ 1. The
+    /// caller has already raised the high-water mark over them; `old_high_water` is its value
+    /// before. The ciphertext is written now; the entries when the next header copy or sync
+    /// needs them.
+    fn write_pages_v2(&self, off: u64, data: &[u8], old_high_water: u64) -> io::Result<()> {
+        let end = off + data.len() as u64;
+        let first = off / PAGE;
+        let n = end.div_ceil(PAGE) - first;
+        let key_id = self.keyring.consume_nonces(n).map_err(to_io)?;
+        let n = usize::try_from(n).map_err(io::Error::other)?;
+        let mut buf = vec![0u8; n * PAGE_SIZE];
+        let mut heads = vec![[0u8; ENTRY_SIZE]; n];
+        for (k, (body, head)) in buf.chunks_exact_mut(PAGE_SIZE).zip(&mut heads).enumerate() {
+            let pg = first + k as u64;
+            let page_start = pg * PAGE;
+            let lo = off.max(page_start);
+            let hi = end.min(page_start + PAGE);
+            let src = &data[(lo - off) as usize..(hi - off) as usize];
+            if hi - lo == PAGE {
+                body.copy_from_slice(src);
+            } else {
+                // Partial page (redb never does this for pages >= 1): read, modify, re-encrypt.
+                // A zero entry at or above the old mark is a page never written: zeros.
+                self.read_whole_pages_v2(pg, body, old_high_water)?;
+                let a = (lo - page_start) as usize;
+                body[a..a + src.len()].copy_from_slice(src);
+            }
+            if let Err(e) = page::seal_page(&self.keyring, &self.file_id, key_id, pg, body, head) {
+                buf.zeroize();
+                return Err(seal_err(e));
+            }
+        }
+        let mut done = 0usize;
+        while done < n {
+            let pg = first + done as u64;
+            let (_, slot) = page::v2_group_of(pg);
+            let run = (n - done).min(PAGES_PER_GROUP as usize - slot);
+            self.inner.write(
+                page::v2_data_offset(pg),
+                &buf[done * PAGE_SIZE..(done + run) * PAGE_SIZE],
+            )?;
+            done += run;
+        }
+        let mut entries = lock(&self.entries);
+        for (k, head) in heads.iter().enumerate() {
+            self.set_entry(&mut entries, first + k as u64, head)?;
+        }
+        Ok(())
+    }
+
+    /// Format 1: reads logical bytes `[off, off + out.len())`, all in pages ≥ 1.
     fn read_pages(&self, off: u64, out: &mut [u8]) -> io::Result<()> {
         let end = off + out.len() as u64;
         let first = off / PAGE;
@@ -416,7 +686,7 @@ impl<B: StorageBackend> EncryptedBackend<B> {
                 continue;
             }
             let ok = if hi - lo == PAGE {
-                page::open_into(&self.keyring, &self.file_id, pg, blk, dst)
+                page::open_into(PageFormat::V1, &self.keyring, &self.file_id, pg, blk, dst)
             } else if page::open_in_place(&self.keyring, &self.file_id, pg, blk) {
                 let a = page::BLOCK_OVERHEAD + (lo - page_start) as usize;
                 let b = page::BLOCK_OVERHEAD + (hi - page_start) as usize;
@@ -434,8 +704,8 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         Ok(())
     }
 
-    /// Writes logical bytes `[off, off + data.len())`, all in pages ≥ 1. The caller has
-    /// already raised the high-water mark over them; `old_high_water` is its value before.
+    /// Format 1: writes logical bytes `[off, off + data.len())`, all in pages ≥ 1. The caller
+    /// has already raised the high-water mark over them; `old_high_water` is its value before.
     fn write_pages(&self, off: u64, data: &[u8], old_high_water: u64) -> io::Result<()> {
         let end = off + data.len() as u64;
         let first = off / PAGE;
@@ -454,8 +724,16 @@ impl<B: StorageBackend> EncryptedBackend<B> {
             let hi = end.min(page_start + PAGE);
             let src = &data[(lo - off) as usize..(hi - off) as usize];
             if hi - lo == PAGE {
-                page::seal_into(&self.keyring, &self.file_id, key_id, pg, src, blk)
-                    .map_err(seal_err)?;
+                page::seal_into(
+                    PageFormat::V1,
+                    &self.keyring,
+                    &self.file_id,
+                    key_id,
+                    pg,
+                    src,
+                    blk,
+                )
+                .map_err(seal_err)?;
                 continue;
             }
             // Partial page (redb never does this for pages >= 1): read, modify, re-encrypt.
@@ -482,7 +760,14 @@ impl<B: StorageBackend> EncryptedBackend<B> {
             let a = page::BLOCK_OVERHEAD + (lo - page_start) as usize;
             let b = page::BLOCK_OVERHEAD + (hi - page_start) as usize;
             blk[a..b].copy_from_slice(src);
-            if let Err(e) = page::seal_in_place(&self.keyring, &self.file_id, key_id, pg, blk) {
+            if let Err(e) = page::seal_in_place(
+                PageFormat::V1,
+                &self.keyring,
+                &self.file_id,
+                key_id,
+                pg,
+                blk,
+            ) {
                 blk.zeroize();
                 return Err(seal_err(e));
             }
@@ -497,7 +782,7 @@ impl<B: StorageBackend> StorageBackend for EncryptedBackend<B> {
         if plen == 0 {
             return Ok(0);
         }
-        page::logical_len(plen).ok_or_else(|| {
+        self.format.logical_len(plen).ok_or_else(|| {
             corrupted(format!(
                 "the data file length {plen} is not a whole number of blocks"
             ))
@@ -529,7 +814,10 @@ impl<B: StorageBackend> StorageBackend for EncryptedBackend<B> {
             off += n as u64;
         }
         if off < end {
-            self.read_pages(off, &mut out[pos..])?;
+            match self.format {
+                PageFormat::V1 => self.read_pages(off, &mut out[pos..])?,
+                PageFormat::V2 => self.read_pages_v2(off, &mut out[pos..])?,
+            }
         }
         Ok(())
     }
@@ -542,7 +830,25 @@ impl<B: StorageBackend> StorageBackend for EncryptedBackend<B> {
             ));
         }
         let mut st = lock(&self.header);
-        self.inner.set_len(page::physical_len(len))?;
+        let physical = self.format.physical_len(len);
+        self.inner.set_len(physical)?;
+        if self.format == PageFormat::V2 {
+            // Entry pages cut off are gone with their pages. In a group that keeps some pages,
+            // the entries of the cut ones are cleared: space added later must read as zeros.
+            let mut entries = lock(&self.entries);
+            entries
+                .by_group
+                .retain(|&group, _| page::v2_entry_page_offset(group) < physical);
+            let first_cut = len / PAGE;
+            let (group, slot) = page::v2_group_of(first_cut.max(1));
+            if first_cut >= 1 && slot > 0 {
+                let page = self.entry_page(&mut entries, group)?;
+                if !page::is_zero_block(&page.bytes[slot * ENTRY_SIZE..]) {
+                    page.bytes[slot * ENTRY_SIZE..].fill(0);
+                    page.dirty = true;
+                }
+            }
+        }
         // Pages at or past the new end are gone; space added later must read as zeros.
         st.high_water = st.high_water.min(len / PAGE);
         if len == 0 {
@@ -555,6 +861,7 @@ impl<B: StorageBackend> StorageBackend for EncryptedBackend<B> {
 
     fn sync_data(&self) -> io::Result<()> {
         let mut st = lock(&self.header);
+        self.write_entry_pages()?;
         self.inner.sync_data()?;
         if let Some(slot) = st.pending.take() {
             st.durable = slot;
@@ -590,12 +897,19 @@ impl<B: StorageBackend> StorageBackend for EncryptedBackend<B> {
             off += n as u64;
         }
         if off < end {
-            self.write_pages(off, &data[pos..], old_high_water)?;
+            match self.format {
+                PageFormat::V1 => self.write_pages(off, &data[pos..], old_high_water)?,
+                PageFormat::V2 => self.write_pages_v2(off, &data[pos..], old_high_water)?,
+            }
         }
         Ok(())
     }
 
     fn close(&self) -> io::Result<()> {
+        {
+            let _st = lock(&self.header);
+            self.write_entry_pages()?;
+        }
         self.inner.close()
     }
 
@@ -653,6 +967,8 @@ impl<B: StorageBackend> StorageBackend for EncryptedBackend<B> {
 pub struct FileReport {
     /// Physical file length in bytes.
     pub physical_len: u64,
+    /// Page format version from the preamble (1 or 2; 0 if there is no usable preamble).
+    pub format_version: u16,
     /// Logical (redb) length in bytes implied by the whole blocks present.
     pub logical_len: u64,
     /// Page blocks examined (logical pages ≥ 1; header copies not included).
@@ -720,20 +1036,31 @@ fn verify_file_as(path: &Path, keyring: &Keyring, file_id: &[u8; 16]) -> Result<
     }
     let mut pre = [0u8; PREAMBLE_SIZE];
     file.read_exact_at(&mut pre, 0)?;
-    if let Some(problem) = page::check_preamble(&pre, file_id) {
-        let foreign = pre[..8] != page::MAGIC[..];
-        report.problems.push(problem);
-        if foreign {
-            return Ok(report);
+    let format = match page::check_preamble(&pre, file_id) {
+        Ok(format) => {
+            report.format_version = format.version();
+            format
         }
-    }
-    if page::logical_len(plen).is_none() {
+        Err(problem) => {
+            let foreign = pre[..8] != page::MAGIC[..];
+            report.problems.push(problem);
+            if foreign {
+                return Ok(report);
+            }
+            // Damaged: go on with the format the preamble names, if any, to report the rest.
+            match u16::from_le_bytes([pre[8], pre[9]]) {
+                1 => PageFormat::V1,
+                _ => PageFormat::V2,
+            }
+        }
+    };
+    if format.logical_len(plen).is_none() {
         report.problems.push(format!(
             "the file length {plen} is not a whole number of blocks: it was truncated or extended"
         ));
     }
-    if plen < PAGES_OFFSET {
-        if plen > PREAMBLE_SIZE as u64 {
+    if plen < format.pages_offset() {
+        if plen > format.empty_len() {
             report.header_copies = [Some(HeaderCopyStatus::Missing); 2];
         }
         return Ok(report);
@@ -743,8 +1070,8 @@ fn verify_file_as(path: &Path, keyring: &Keyring, file_id: &[u8; 16]) -> Result<
     let mut statuses = [HeaderCopyStatus::Missing; 2];
     let mut high_waters = [0u64; 2];
     for (i, slot) in [HeaderSlot::A, HeaderSlot::B].into_iter().enumerate() {
-        file.read_exact_at(&mut block, slot.offset())?;
-        statuses[i] = decode_header_copy(keyring, file_id, slot, &block, &mut plain);
+        file.read_exact_at(&mut block, slot.offset(format))?;
+        statuses[i] = decode_header_copy(format, keyring, file_id, slot, &block, &mut plain);
         if let HeaderCopyStatus::Valid { .. } = statuses[i] {
             high_waters[i] = header_high_water(&plain);
             if let Some(id) = page::block_key_id(&block) {
@@ -769,9 +1096,23 @@ fn verify_file_as(path: &Path, keyring: &Keyring, file_id: &[u8; 16]) -> Result<
             .push("one header copy does not authenticate (expected after a crash during a header write)".into()),
         _ => {}
     }
+    let pages = match format {
+        PageFormat::V1 => verify_pages_v1(&file, plen, keyring, file_id, &mut report)?,
+        PageFormat::V2 => verify_pages_v2(&file, plen, keyring, file_id, &mut report)?,
+    };
+    report.logical_len = (pages + 1) * PAGE;
+    Ok(report)
+}
 
+/// Authenticates every whole page block of a format-1 file; returns how many there are.
+fn verify_pages_v1(
+    file: &File,
+    plen: u64,
+    keyring: &Keyring,
+    file_id: &[u8; 16],
+    report: &mut FileReport,
+) -> Result<u64> {
     let whole_blocks = (plen - PAGES_OFFSET) / PAGE_BLOCK_SIZE as u64;
-    report.logical_len = (whole_blocks + 1) * PAGE;
     const CHUNK: u64 = 256;
     let mut buf = vec![0u8; CHUNK as usize * PAGE_BLOCK_SIZE];
     let mut out = Zeroizing::new(vec![0u8; PAGE_SIZE]);
@@ -790,7 +1131,7 @@ fn verify_file_as(path: &Path, keyring: &Keyring, file_id: &[u8; 16]) -> Result<
                 } else {
                     report.zero_blocks += 1;
                 }
-            } else if page::open_into(keyring, file_id, pg, blk, &mut out) {
+            } else if page::open_into(PageFormat::V1, keyring, file_id, pg, blk, &mut out) {
                 match page::block_key_id(blk) {
                     Some(page::EMPTY_KEY_ID) => report.empty_markers += 1,
                     Some(id) => *report.blocks_by_key.entry(id).or_default() += 1,
@@ -802,7 +1143,59 @@ fn verify_file_as(path: &Path, keyring: &Keyring, file_id: &[u8; 16]) -> Result<
         }
         next += count;
     }
-    Ok(report)
+    Ok(whole_blocks)
+}
+
+/// Authenticates every whole page of a format-2 file, group by group, as a read would; returns
+/// how many pages the file holds. The ciphertext area of an empty-page marker is not looked
+/// at: the page reads as zeros whatever it holds.
+fn verify_pages_v2(
+    file: &File,
+    plen: u64,
+    keyring: &Keyring,
+    file_id: &[u8; 16],
+    report: &mut FileReport,
+) -> Result<u64> {
+    let mut entries = [0u8; PAGE_SIZE];
+    let mut data = Zeroizing::new(vec![0u8; PAGES_PER_GROUP as usize * PAGE_SIZE]);
+    let mut pages = 0u64;
+    for group in 0.. {
+        let at = page::v2_entry_page_offset(group);
+        let Some(room) = plen.checked_sub(at + PAGE) else {
+            break;
+        };
+        let count = (room / PAGE).min(PAGES_PER_GROUP);
+        if count == 0 {
+            break;
+        }
+        file.read_exact_at(&mut entries, at)?;
+        let bytes = &mut data[..count as usize * PAGE_SIZE];
+        file.read_exact_at(bytes, at + PAGE)?;
+        for (k, body) in bytes.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            let pg = group * PAGES_PER_GROUP + k as u64 + 1;
+            report.page_blocks += 1;
+            let mut head = [0u8; ENTRY_SIZE];
+            head.copy_from_slice(&entries[k * ENTRY_SIZE..(k + 1) * ENTRY_SIZE]);
+            if page::is_zero_block(&head) {
+                if pg < report.high_water {
+                    // Written once (below the high-water mark): damaged or tampered.
+                    report.failed_pages.push(pg);
+                } else {
+                    report.zero_blocks += 1;
+                }
+            } else if page::open_page(keyring, file_id, pg, &head, body) {
+                match page::block_key_id(&head) {
+                    Some(page::EMPTY_KEY_ID) => report.empty_markers += 1,
+                    Some(id) => *report.blocks_by_key.entry(id).or_default() += 1,
+                    None => {}
+                }
+            } else {
+                report.failed_pages.push(pg);
+            }
+        }
+        pages += count;
+    }
+    Ok(pages)
 }
 
 #[cfg(test)]
@@ -810,6 +1203,7 @@ mod tests {
     use super::*;
     use crate::crypto::KdfParams;
     use crate::crypto::keys::KeySource;
+    use crate::crypto::page::image;
     use crate::crypto::{create_key_file, error_from_io};
     use redb::backends::FileBackend;
     use redb::{Database, ReadableDatabase, ReadableTableMetadata, TableDefinition};
@@ -908,16 +1302,20 @@ mod tests {
         Fixture { _dir: dir, path, k }
     }
 
-    /// Indices of page blocks that are not all zeros.
+    /// Runs `test` with new files created in `format`.
+    fn in_format(format: PageFormat, test: impl FnOnce()) {
+        set_new_file_format_for_tests(format);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(test));
+        set_new_file_format_for_tests(PageFormat::NEWEST);
+        if let Err(panic) = outcome {
+            eprintln!("in format {format:?}:");
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// Pages that were ever written.
     fn nonzero_pages(path: &Path) -> Vec<u64> {
-        let bytes = std::fs::read(path).unwrap();
-        let n = (bytes.len() as u64 - PAGES_OFFSET) / PAGE_BLOCK_SIZE as u64;
-        (1..=n)
-            .filter(|&p| {
-                let off = page::page_block_offset(p) as usize;
-                !page::is_zero_block(&bytes[off..off + PAGE_BLOCK_SIZE])
-            })
-            .collect()
+        image::written_pages(&std::fs::read(path).unwrap())
     }
 
     /// Opening and reading either fails or returns exactly the expected data; returns
@@ -942,6 +1340,14 @@ mod tests {
 
     #[test]
     fn redb_roundtrip_many_entries_and_big_values() {
+        for format in [PageFormat::V1, PageFormat::V2] {
+            in_format(format, || {
+                redb_roundtrip_many_entries_and_big_values_in(format)
+            });
+        }
+    }
+
+    fn redb_roundtrip_many_entries_and_big_values_in(format: PageFormat) {
         let f = fixture(1500);
         let db = open_db(&f.path, &f.k).unwrap();
         fill(&db, 1500..2000);
@@ -978,12 +1384,18 @@ mod tests {
         assert!(report.failed_pages.is_empty());
         assert_eq!(
             report.logical_len,
-            page::logical_len(report.physical_len).unwrap()
+            format.logical_len(report.physical_len).unwrap()
         );
     }
 
     #[test]
     fn file_of_another_database_is_rejected() {
+        for format in [PageFormat::V1, PageFormat::V2] {
+            in_format(format, || file_of_another_database_is_rejected_in(format));
+        }
+    }
+
+    fn file_of_another_database_is_rejected_in(format: PageFormat) {
         let f = fixture(10);
         let other_dir = tempfile::tempdir().unwrap();
         let other = keyring(other_dir.path());
@@ -1002,7 +1414,7 @@ mod tests {
 
         // Even with the preamble's db_id rewritten, the blocks do not authenticate.
         let mut bytes = std::fs::read(&f.path).unwrap();
-        bytes[..PREAMBLE_SIZE].copy_from_slice(&page::encode_preamble(&other.db_id()));
+        bytes[..PREAMBLE_SIZE].copy_from_slice(&page::encode_preamble(format, &other.db_id()));
         std::fs::write(&f.path, &bytes).unwrap();
         let err = backend(&f.path, &other).unwrap_err();
         assert!(
@@ -1013,6 +1425,12 @@ mod tests {
 
     #[test]
     fn flipped_byte_in_page_block_is_detected() {
+        for format in [PageFormat::V1, PageFormat::V2] {
+            in_format(format, || flipped_byte_in_page_block_is_detected_in(format));
+        }
+    }
+
+    fn flipped_byte_in_page_block_is_detected_in(_format: PageFormat) {
         let f = fixture(600);
         let good = std::fs::read(&f.path).unwrap();
         let pages = nonzero_pages(&f.path);
@@ -1021,9 +1439,15 @@ mod tests {
         let step = (pages.len() / 12).max(1);
         for (n, &pg) in pages.iter().step_by(step).enumerate() {
             let mut bad = good.clone();
-            // Alternate between key id, nonce, tag and ciphertext bytes.
+            // Alternate between key id, nonce, tag and ciphertext bytes (a format-2 marker
+            // has no ciphertext: its page reads as zeros whatever the area holds).
             let within = [0usize, 7, 20, 40, 2000, PAGE_BLOCK_SIZE - 1][n % 6];
-            bad[page::page_block_offset(pg) as usize + within] ^= 0x10;
+            let within = if image::is_marker(&good, pg) {
+                within % 32
+            } else {
+                within
+            };
+            bad[image::block_byte(&good, pg, within)] ^= 0x10;
             std::fs::write(&f.path, &bad).unwrap();
             let report = verify_file(&f.path, &f.k).unwrap();
             assert_eq!(report.failed_pages, vec![pg]);
@@ -1048,6 +1472,14 @@ mod tests {
 
     #[test]
     fn zeroed_page_block_is_an_error_never_a_panic_or_wrong_data() {
+        for format in [PageFormat::V1, PageFormat::V2] {
+            in_format(format, || {
+                zeroed_page_block_is_an_error_never_a_panic_or_wrong_data_in(format)
+            });
+        }
+    }
+
+    fn zeroed_page_block_is_an_error_never_a_panic_or_wrong_data_in(_format: PageFormat) {
         let f = fixture(60);
         let good = std::fs::read(&f.path).unwrap();
         let clean = verify_file(&f.path, &f.k).unwrap();
@@ -1058,8 +1490,7 @@ mod tests {
         let mut failures = 0;
         for &pg in &pages {
             let mut bad = good.clone();
-            let at = page::page_block_offset(pg) as usize;
-            bad[at..at + PAGE_BLOCK_SIZE].fill(0);
+            image::put_block(&mut bad, pg, &[0u8; PAGE_BLOCK_SIZE]);
             std::fs::write(&f.path, &bad).unwrap();
             let report = verify_file(&f.path, &f.k).unwrap();
             assert_eq!(report.failed_pages, vec![pg], "{report:?}");
@@ -1091,6 +1522,14 @@ mod tests {
 
     #[test]
     fn zeroed_page_block_of_a_store_is_an_error_not_a_panic() {
+        for format in [PageFormat::V1, PageFormat::V2] {
+            in_format(format, || {
+                zeroed_page_block_of_a_store_is_an_error_not_a_panic_in(format)
+            });
+        }
+    }
+
+    fn zeroed_page_block_of_a_store_is_an_error_not_a_panic_in(_format: PageFormat) {
         use crate::store::tests::{key_for, open_store};
         use crate::store::{AccessContext, DATABASE_FILE, ReadAudit, Store};
         let dir = tempfile::tempdir().unwrap();
@@ -1112,8 +1551,7 @@ mod tests {
         let mut failures = 0;
         for &pg in &pages {
             let mut bad = good.clone();
-            let at = page::page_block_offset(pg) as usize;
-            bad[at..at + PAGE_BLOCK_SIZE].fill(0);
+            image::put_block(&mut bad, pg, &[0u8; PAGE_BLOCK_SIZE]);
             std::fs::write(&path, &bad).unwrap();
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let store = Store::builder(dir.path().join("db"))
@@ -1137,6 +1575,14 @@ mod tests {
 
     #[test]
     fn high_water_mark_decides_how_zero_blocks_read() {
+        for format in [PageFormat::V1, PageFormat::V2] {
+            in_format(format, || {
+                high_water_mark_decides_how_zero_blocks_read_in(format)
+            });
+        }
+    }
+
+    fn high_water_mark_decides_how_zero_blocks_read_in(_format: PageFormat) {
         let dir = tempfile::tempdir().unwrap();
         let k = keyring(dir.path());
         let path = dir.path().join("d");
@@ -1153,8 +1599,7 @@ mod tests {
         assert!(r.is_ok());
         let good = std::fs::read(&path).unwrap();
         let mut bad = good.clone();
-        let at = page::page_block_offset(2) as usize;
-        bad[at..at + PAGE_BLOCK_SIZE].fill(0);
+        image::put_block(&mut bad, 2, &[0u8; PAGE_BLOCK_SIZE]);
         std::fs::write(&path, &bad).unwrap();
         let r = verify_file(&path, &k).unwrap();
         assert_eq!(r.failed_pages, vec![2]);
@@ -1192,20 +1637,21 @@ mod tests {
 
     #[test]
     fn swapped_page_blocks_are_detected() {
+        for format in [PageFormat::V1, PageFormat::V2] {
+            in_format(format, || swapped_page_blocks_are_detected_in(format));
+        }
+    }
+
+    fn swapped_page_blocks_are_detected_in(_format: PageFormat) {
         let f = fixture(600);
         let good = std::fs::read(&f.path).unwrap();
         let pages = nonzero_pages(&f.path);
         let mut failures = 0;
         for w in pages.windows(2).step_by((pages.len() / 8).max(1)) {
             let (p, q) = (w[0], w[1]);
-            let (a, b) = (
-                page::page_block_offset(p) as usize,
-                page::page_block_offset(q) as usize,
-            );
             let mut bad = good.clone();
-            let block_p = good[a..a + PAGE_BLOCK_SIZE].to_vec();
-            bad.copy_within(b..b + PAGE_BLOCK_SIZE, a);
-            bad[b..b + PAGE_BLOCK_SIZE].copy_from_slice(&block_p);
+            image::put_block(&mut bad, p, &image::block(&good, q));
+            image::put_block(&mut bad, q, &image::block(&good, p));
             std::fs::write(&f.path, &bad).unwrap();
             let report = verify_file(&f.path, &f.k).unwrap();
             assert_eq!(report.failed_pages, vec![p, q]);
@@ -1216,10 +1662,9 @@ mod tests {
         assert!(failures > 0);
         // Swapping the two header copies is detected too.
         let mut bad = good.clone();
-        let (a, b) = (HEADER_A_OFFSET as usize, HEADER_B_OFFSET as usize);
-        let copy_a = good[a..a + HEADER_BLOCK_SIZE].to_vec();
-        bad.copy_within(b..b + HEADER_BLOCK_SIZE, a);
-        bad[b..b + HEADER_BLOCK_SIZE].copy_from_slice(&copy_a);
+        let (a, b) = (image::header(&good, false), image::header(&good, true));
+        bad[a.clone()].copy_from_slice(&good[b.clone()]);
+        bad[b].copy_from_slice(&good[a]);
         std::fs::write(&f.path, &bad).unwrap();
         let err = backend(&f.path, &f.k).unwrap_err();
         assert!(matches!(err, Error::Corrupted(_)));
@@ -1236,6 +1681,12 @@ mod tests {
 
     #[test]
     fn truncated_file_is_detected() {
+        for format in [PageFormat::V1, PageFormat::V2] {
+            in_format(format, || truncated_file_is_detected_in(format));
+        }
+    }
+
+    fn truncated_file_is_detected_in(format: PageFormat) {
         let f = fixture(600);
         let good = std::fs::read(&f.path).unwrap();
         // Not a whole number of blocks.
@@ -1246,13 +1697,14 @@ mod tests {
             assert!(!report.is_ok());
             assert!(report.problems.iter().any(|p| p.contains("whole number")));
         }
-        for short in [10usize, 64 + 100, PAGES_OFFSET as usize - 1] {
+        let pages_offset = format.pages_offset() as usize;
+        for short in [10usize, 64 + 100, pages_offset - 1] {
             std::fs::write(&f.path, &good[..short]).unwrap();
             assert!(backend(&f.path, &f.k).is_err());
             assert!(!verify_file(&f.path, &f.k).unwrap().is_ok());
         }
         // Whole blocks cut off: the data that lived there can no longer be read.
-        let keep = page::physical_len(good.len() as u64 / 2 / 4096 * 4096) as usize;
+        let keep = format.physical_len(good.len() as u64 / 2 / 4096 * 4096) as usize;
         let keep = keep.min(good.len());
         std::fs::write(&f.path, &good[..keep]).unwrap();
         assert!(open_and_read_fails(&f.path, &f.k, 600));
@@ -1260,6 +1712,12 @@ mod tests {
 
     #[test]
     fn no_plaintext_in_file() {
+        for format in [PageFormat::V1, PageFormat::V2] {
+            in_format(format, || no_plaintext_in_file_in(format));
+        }
+    }
+
+    fn no_plaintext_in_file_in(_format: PageFormat) {
         let dir = tempfile::tempdir().unwrap();
         let k = keyring(dir.path());
         let path = dir.path().join("data.fhk");
@@ -1303,6 +1761,12 @@ mod tests {
 
     #[test]
     fn header_copies_alternate_after_sync() {
+        for format in [PageFormat::V1, PageFormat::V2] {
+            in_format(format, || header_copies_alternate_after_sync_in(format));
+        }
+    }
+
+    fn header_copies_alternate_after_sync_in(_format: PageFormat) {
         let dir = tempfile::tempdir().unwrap();
         let k = keyring(dir.path());
         let path = dir.path().join("d");
@@ -1342,6 +1806,12 @@ mod tests {
 
     #[test]
     fn unaligned_reads_and_writes() {
+        for format in [PageFormat::V1, PageFormat::V2] {
+            in_format(format, || unaligned_reads_and_writes_in(format));
+        }
+    }
+
+    fn unaligned_reads_and_writes_in(_format: PageFormat) {
         let dir = tempfile::tempdir().unwrap();
         let k = keyring(dir.path());
         let b = backend(&dir.path().join("d"), &k).unwrap();
@@ -1449,6 +1919,133 @@ mod tests {
         }
     }
 
+    /// Records the writes that reach the wrapped backend.
+    #[derive(Debug)]
+    struct RecordingBackend {
+        inner: redb::backends::InMemoryBackend,
+        writes: Arc<Mutex<Vec<(u64, usize)>>>,
+    }
+
+    impl StorageBackend for RecordingBackend {
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+            lock(&self.writes).push((offset, data.len()));
+            self.inner.write(offset, data)
+        }
+    }
+
+    #[test]
+    fn format_2_writes_whole_aligned_pages_and_fills_gaps_with_entries_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keyring(dir.path());
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let disk = RecordingBackend {
+            inner: redb::backends::InMemoryBackend::new(),
+            writes: Arc::clone(&writes),
+        };
+        let b = EncryptedBackend::new(disk, k.clone()).unwrap();
+        assert_eq!(b.format(), PageFormat::V2);
+        b.set_len(300 * PAGE).unwrap();
+        lock(&writes).clear();
+        // Pages 200 and 201, above a gap of pages 1..200 that redb never wrote.
+        b.write(200 * PAGE, &vec![9u8; 2 * PAGE_SIZE]).unwrap();
+        assert_eq!(
+            *lock(&writes),
+            vec![(page::v2_data_offset(200), 2 * PAGE_SIZE)],
+            "one aligned write of the two pages' ciphertext; no entry and no gap written yet"
+        );
+        b.sync_data().unwrap();
+        // The entry pages of groups 0 and 1 (markers for the gap, entries for 200 and 201).
+        assert_eq!(
+            lock(&writes)[1..],
+            [
+                (page::v2_entry_page_offset(0), PAGE_SIZE),
+                (page::v2_entry_page_offset(1), PAGE_SIZE)
+            ]
+        );
+        for (offset, len) in lock(&writes).iter() {
+            assert!(offset.is_multiple_of(PAGE) && len.is_multiple_of(PAGE_SIZE));
+        }
+        let mut out = vec![1u8; 3 * PAGE_SIZE];
+        b.read(199 * PAGE, &mut out).unwrap();
+        assert!(
+            out[..PAGE_SIZE].iter().all(|&x| x == 0),
+            "a gap page is zeros"
+        );
+        assert!(out[PAGE_SIZE..].iter().all(|&x| x == 9));
+        // A read straddling a group boundary (pages 128 and 129) and a partial read.
+        b.write(128 * PAGE, &vec![5u8; 2 * PAGE_SIZE]).unwrap();
+        let mut two = vec![0u8; 2 * PAGE_SIZE];
+        b.read(128 * PAGE, &mut two).unwrap();
+        assert!(two.iter().all(|&x| x == 5));
+        let mut part = [0u8; 10];
+        b.read(129 * PAGE + 4086, &mut part).unwrap();
+        assert_eq!(part, [5u8; 10]);
+        // Shrinking clears the cut pages' entries: regrown space reads as zeros.
+        b.set_len(201 * PAGE).unwrap();
+        b.set_len(300 * PAGE).unwrap();
+        b.read(200 * PAGE, &mut out[..2 * PAGE_SIZE]).unwrap();
+        assert!(out[..PAGE_SIZE].iter().all(|&x| x == 9));
+        assert!(out[PAGE_SIZE..2 * PAGE_SIZE].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn format_2_marker_and_entry_tampering_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keyring(dir.path());
+        let path = dir.path().join("d");
+        let b = backend(&path, &k).unwrap();
+        b.set_len(10 * PAGE).unwrap();
+        b.write(5 * PAGE, &vec![3u8; PAGE_SIZE]).unwrap(); // pages 1..5 become markers
+        b.sync_data().unwrap();
+        b.write(0, b"head").unwrap();
+        b.sync_data().unwrap();
+        drop(b);
+        let good = std::fs::read(&path).unwrap();
+        let r = verify_file(&path, &k).unwrap();
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!((r.empty_markers, r.high_water, r.format_version), (4, 6, 2));
+        // A marker moved to another page, a real entry moved onto a marker's page, and a
+        // zeroed entry below the mark: each fails at that page.
+        let entry = |pg: u64| image::parts(&good, pg)[0].clone();
+        let cases: Vec<(Vec<u8>, Vec<u64>)> = vec![
+            {
+                let mut bad = good.clone();
+                bad.copy_within(entry(1), entry(2).start);
+                (bad, vec![2])
+            },
+            {
+                let mut bad = good.clone();
+                bad.copy_within(entry(5), entry(3).start);
+                (bad, vec![3])
+            },
+            {
+                let mut bad = good.clone();
+                bad[entry(4)].fill(0);
+                (bad, vec![4])
+            },
+        ];
+        for (bad, failed) in cases {
+            std::fs::write(&path, &bad).unwrap();
+            assert_eq!(verify_file(&path, &k).unwrap().failed_pages, failed);
+            let b = backend(&path, &k).unwrap();
+            let mut out = vec![1u8; PAGE_SIZE];
+            assert!(b.read(failed[0] * PAGE, &mut out).is_err());
+            assert!(out.iter().all(|&x| x == 0));
+        }
+    }
+
     #[test]
     fn nonce_budget_exhaustion_surfaces_through_redb() {
         let f = fixture(10);
@@ -1475,6 +2072,14 @@ mod tests {
 
     #[test]
     fn rotated_and_rekeyed_database_stays_readable() {
+        for format in [PageFormat::V1, PageFormat::V2] {
+            in_format(format, || {
+                rotated_and_rekeyed_database_stays_readable_in(format)
+            });
+        }
+    }
+
+    fn rotated_and_rekeyed_database_stays_readable_in(_format: PageFormat) {
         let dir = tempfile::tempdir().unwrap();
         let kf = dir.path().join("key");
         create_key_file(&kf).unwrap();
@@ -1517,19 +2122,47 @@ mod tests {
         page::seal_empty_pages(&k, &id, 10, &mut blocks);
         let mut out = vec![1u8; PAGE_SIZE];
         let marker = |i: usize| &blocks[i * PAGE_BLOCK_SIZE..(i + 1) * PAGE_BLOCK_SIZE];
-        assert!(page::open_into(&k, &id, 11, marker(1), &mut out));
+        assert!(page::open_into(
+            PageFormat::V1,
+            &k,
+            &id,
+            11,
+            marker(1),
+            &mut out
+        ));
         assert!(out.iter().all(|&b| b == 0));
         // Moved to another page, another file of the database, or read by another
         // database: not authentic.
-        assert!(!page::open_into(&k, &id, 12, marker(1), &mut out));
-        assert!(!page::open_into(&k, &aux_id, 11, marker(1), &mut out));
-        assert!(!page::open_into(&other, &other_id, 11, marker(1), &mut out));
+        assert!(!page::open_into(
+            PageFormat::V1,
+            &k,
+            &id,
+            12,
+            marker(1),
+            &mut out
+        ));
+        assert!(!page::open_into(
+            PageFormat::V1,
+            &k,
+            &aux_id,
+            11,
+            marker(1),
+            &mut out
+        ));
+        assert!(!page::open_into(
+            PageFormat::V1,
+            &other,
+            &other_id,
+            11,
+            marker(1),
+            &mut out
+        ));
         // Any changed byte, in the tag or in the (zero) body, breaks it.
         for at in [0, 5, 16, 31, 32, 4000] {
             let mut changed = marker(1).to_vec();
             changed[at] ^= 1;
             assert!(
-                !page::open_into(&k, &id, 11, &changed, &mut out),
+                !page::open_into(PageFormat::V1, &k, &id, 11, &changed, &mut out),
                 "byte {at}"
             );
             let mut in_place = changed.clone();
@@ -1544,6 +2177,14 @@ mod tests {
     /// (redb's `InMemoryBackend`) must still take the preamble and pages.
     #[test]
     fn works_over_a_backend_that_refuses_writes_past_its_end() {
+        for format in [PageFormat::V1, PageFormat::V2] {
+            in_format(format, || {
+                works_over_a_backend_that_refuses_writes_past_its_end_in(format)
+            });
+        }
+    }
+
+    fn works_over_a_backend_that_refuses_writes_past_its_end_in(_format: PageFormat) {
         let dir = tempfile::tempdir().unwrap();
         let k = keyring(dir.path());
         let backend = EncryptedBackend::new(redb::backends::InMemoryBackend::new(), k).unwrap();

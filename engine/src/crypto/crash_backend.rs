@@ -247,7 +247,7 @@ impl StorageBackend for CrashBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::page::{HEADER_A_OFFSET, HEADER_B_OFFSET, HEADER_BLOCK_SIZE};
+    use crate::crypto::page::{HEADER_BLOCK_SIZE, V2_HEADER_A_OFFSET, V2_HEADER_B_OFFSET};
     use crate::crypto::{EncryptedBackend, KdfParams, KeySource, Keyring};
     use redb::{Database, Durability, ReadableDatabase, TableDefinition};
     use std::collections::BTreeMap;
@@ -378,7 +378,7 @@ mod tests {
 
     fn is_header_write(op: &PendingOp) -> bool {
         matches!(op, PendingOp::Write { offset, data }
-            if (*offset == HEADER_A_OFFSET || *offset == HEADER_B_OFFSET)
+            if (*offset == V2_HEADER_A_OFFSET || *offset == V2_HEADER_B_OFFSET)
                 && data.len() == HEADER_BLOCK_SIZE)
     }
 

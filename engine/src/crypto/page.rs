@@ -1,7 +1,27 @@
 //! The physical format of an encrypted database file: preamble, the two copies of redb's
 //! header page, and one AES-256-GCM block per 4 KiB logical page.
 //!
-//! # Layout (format version 1, all integers little-endian)
+//! Two formats exist ([`PageFormat`]); new files are written in format 2, files of format 1
+//! are read and written in their own format (`fhirkeep compact` rewrites them as format 2).
+//!
+//! # Layout (format version 2, all integers little-endian)
+//!
+//! ```text
+//! offset                           size   content
+//! 0                                4096   preamble (64 bytes, plaintext) + zeros
+//! 4096                             4144   header copy A (in an 8192-byte slot)
+//! 12288                            4144   header copy B (in an 8192-byte slot)
+//! 20480 + g*129*4096               4096   entry page of group g: 128 entries of 32 bytes
+//! 20480 + g*129*4096 + (k+1)*4096  4096   ciphertext of logical page 1 + 128*g + k
+//! ```
+//!
+//! A page's ciphertext is exactly 4096 bytes at a 4096-aligned offset, so writing a page
+//! dirties one kernel page, not two; its 32-byte *entry* (key id, nonce, tag: the prefix of a
+//! format-1 block) is in the entry page in front of its group of 128. An empty-page marker is
+//! an entry only. The backend keeps entry pages in memory and writes the changed ones before
+//! every header write and every sync.
+//!
+//! # Layout (format version 1)
 //!
 //! ```text
 //! offset                        size   content
@@ -73,7 +93,6 @@
 
 use aes_gcm::Aes256Gcm;
 use aes_gcm::aead::AeadInOut;
-use aes_gcm::aead::inout::InOutBuf;
 
 use super::keys::Keyring;
 
@@ -97,8 +116,138 @@ pub const HEADER_A_OFFSET: u64 = PREAMBLE_SIZE as u64;
 pub const HEADER_B_OFFSET: u64 = HEADER_A_OFFSET + HEADER_BLOCK_SIZE as u64;
 /// Physical offset of the block of logical page 1.
 pub const PAGES_OFFSET: u64 = HEADER_B_OFFSET + HEADER_BLOCK_SIZE as u64;
-/// Physical format version.
-pub const FORMAT_VERSION: u16 = 1;
+/// Physical format version of new files.
+pub const FORMAT_VERSION: u16 = 2;
+/// Size of one entry (key id, nonce, tag) of a format-2 page.
+pub const ENTRY_SIZE: usize = BLOCK_OVERHEAD;
+/// Format 2: logical pages per group (one entry page in front of them).
+pub const PAGES_PER_GROUP: u64 = (PAGE_SIZE / ENTRY_SIZE) as u64;
+/// Format 2: physical offset of header copy A.
+pub const V2_HEADER_A_OFFSET: u64 = PAGE_SIZE as u64;
+/// Format 2: physical offset of header copy B.
+pub const V2_HEADER_B_OFFSET: u64 = 3 * PAGE_SIZE as u64;
+/// Format 2: physical offset of the first group (its entry page).
+pub const V2_GROUPS_OFFSET: u64 = 5 * PAGE_SIZE as u64;
+/// Format 2: physical size of a whole group (entry page + 128 pages).
+pub const V2_GROUP_SPAN: u64 = (PAGES_PER_GROUP + 1) * PAGE_SIZE as u64;
+
+/// The physical format of a file, from its preamble.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageFormat {
+    /// Format 1: each page a contiguous 4128-byte block (prefix ‖ ciphertext).
+    V1,
+    /// Format 2: 4096-aligned ciphertext; prefixes (entries) in an entry page per group.
+    V2,
+}
+
+impl PageFormat {
+    /// The format of new files.
+    pub const NEWEST: PageFormat = PageFormat::V2;
+
+    /// The version number in the preamble and in every AAD.
+    pub fn version(self) -> u16 {
+        match self {
+            PageFormat::V1 => 1,
+            PageFormat::V2 => 2,
+        }
+    }
+
+    fn from_version(version: u16) -> Option<PageFormat> {
+        match version {
+            1 => Some(PageFormat::V1),
+            2 => Some(PageFormat::V2),
+            _ => None,
+        }
+    }
+
+    /// Physical offset of header copy A (`b = false`) or B.
+    pub fn header_offset(self, b: bool) -> u64 {
+        match (self, b) {
+            (PageFormat::V1, false) => HEADER_A_OFFSET,
+            (PageFormat::V1, true) => HEADER_B_OFFSET,
+            (PageFormat::V2, false) => V2_HEADER_A_OFFSET,
+            (PageFormat::V2, true) => V2_HEADER_B_OFFSET,
+        }
+    }
+
+    /// Physical length of a file with no page: the preamble (format 2 pads it to a page).
+    pub fn empty_len(self) -> u64 {
+        match self {
+            PageFormat::V1 => PREAMBLE_SIZE as u64,
+            PageFormat::V2 => PAGE_SIZE as u64,
+        }
+    }
+
+    /// Physical offset where the pages ≥ 1 begin (after both header copies).
+    pub fn pages_offset(self) -> u64 {
+        match self {
+            PageFormat::V1 => PAGES_OFFSET,
+            PageFormat::V2 => V2_GROUPS_OFFSET,
+        }
+    }
+
+    /// Physical length for a logical length (a multiple of 4096).
+    pub fn physical_len(self, logical: u64) -> u64 {
+        let pages = logical / PAGE_SIZE as u64;
+        match (self, pages) {
+            (_, 0) => self.empty_len(),
+            (PageFormat::V1, _) => page_block_offset(pages),
+            (PageFormat::V2, _) => {
+                let data = pages - 1;
+                let (groups, rest) = (data / PAGES_PER_GROUP, data % PAGES_PER_GROUP);
+                let partial = if rest == 0 {
+                    0
+                } else {
+                    (rest + 1) * PAGE_SIZE as u64
+                };
+                V2_GROUPS_OFFSET + groups * V2_GROUP_SPAN + partial
+            }
+        }
+    }
+
+    /// Logical length for a physical length, or `None` if it is not a valid boundary.
+    pub fn logical_len(self, physical: u64) -> Option<u64> {
+        if physical == self.empty_len() {
+            return Some(0);
+        }
+        match self {
+            PageFormat::V1 => logical_len(physical),
+            PageFormat::V2 => {
+                let rest = physical.checked_sub(V2_GROUPS_OFFSET)?;
+                let (groups, tail) = (rest / V2_GROUP_SPAN, rest % V2_GROUP_SPAN);
+                // A partial group has its entry page and at least one page.
+                if !tail.is_multiple_of(PAGE_SIZE as u64) || tail == PAGE_SIZE as u64 {
+                    return None;
+                }
+                let partial = (tail / PAGE_SIZE as u64).saturating_sub(1);
+                Some((groups * PAGES_PER_GROUP + partial + 1) * PAGE_SIZE as u64)
+            }
+        }
+    }
+}
+
+/// Format 2: the group of logical page `page` (≥ 1) and its slot in the group's entry page.
+pub fn v2_group_of(page: u64) -> (u64, usize) {
+    let data = page - 1;
+    (data / PAGES_PER_GROUP, (data % PAGES_PER_GROUP) as usize)
+}
+
+/// Format 2: physical offset of the entry page of group `group`.
+pub fn v2_entry_page_offset(group: u64) -> u64 {
+    V2_GROUPS_OFFSET + group * V2_GROUP_SPAN
+}
+
+/// Format 2: physical offset of the entry of logical page `page` (≥ 1).
+pub fn v2_entry_offset(page: u64) -> u64 {
+    let (group, slot) = v2_group_of(page);
+    v2_entry_page_offset(group) + (slot * ENTRY_SIZE) as u64
+}
+
+/// Format 2: physical offset of the ciphertext of logical page `page` (≥ 1).
+pub fn v2_data_offset(page: u64) -> u64 {
+    let (group, slot) = v2_group_of(page);
+    v2_entry_page_offset(group) + (slot as u64 + 1) * PAGE_SIZE as u64
+}
 /// Magic bytes at offset 0.
 pub const MAGIC: &[u8; 8] = b"FHKPAGE\0";
 /// Pseudo block index of header copy A in the AAD.
@@ -106,12 +255,12 @@ pub const HEADER_A_INDEX: u64 = u64::MAX - 1;
 /// Pseudo block index of header copy B in the AAD.
 pub const HEADER_B_INDEX: u64 = u64::MAX;
 
-/// Physical offset of the block holding logical page `page` (≥ 1).
+/// Format 1: physical offset of the block holding logical page `page` (≥ 1).
 pub fn page_block_offset(page: u64) -> u64 {
     PAGES_OFFSET + (page - 1) * PAGE_BLOCK_SIZE as u64
 }
 
-/// Physical length for a logical length (a multiple of 4096).
+/// Format 1: physical length for a logical length (a multiple of 4096).
 pub fn physical_len(logical: u64) -> u64 {
     if logical == 0 {
         PREAMBLE_SIZE as u64
@@ -120,7 +269,8 @@ pub fn physical_len(logical: u64) -> u64 {
     }
 }
 
-/// Logical length for a physical length, or `None` if it is not a valid block boundary.
+/// Format 1: logical length for a physical length, or `None` if it is not a valid block
+/// boundary.
 pub fn logical_len(physical: u64) -> Option<u64> {
     if physical == PREAMBLE_SIZE as u64 {
         return Some(0);
@@ -147,82 +297,91 @@ pub fn aux_file_id(db_id: &[u8; 16], name: &str) -> [u8; 16] {
     id
 }
 
-/// Builds the preamble of a file with id `file_id` (the `db_id` for the main data file).
-pub fn encode_preamble(file_id: &[u8; 16]) -> [u8; PREAMBLE_SIZE] {
+/// Builds the preamble of a file in `format` with id `file_id` (the `db_id` for the main
+/// data file).
+pub fn encode_preamble(format: PageFormat, file_id: &[u8; 16]) -> [u8; PREAMBLE_SIZE] {
     let mut p = [0u8; PREAMBLE_SIZE];
     p[..8].copy_from_slice(MAGIC);
-    p[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    p[8..10].copy_from_slice(&format.version().to_le_bytes());
     p[12..16].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
-    p[16..20].copy_from_slice(&(PAGE_BLOCK_SIZE as u32).to_le_bytes());
+    let stride = match format {
+        PageFormat::V1 => PAGE_BLOCK_SIZE,
+        PageFormat::V2 => PAGE_SIZE,
+    };
+    p[16..20].copy_from_slice(&(stride as u32).to_le_bytes());
     p[20..24].copy_from_slice(&(HEADER_BLOCK_SIZE as u32).to_le_bytes());
     p[24..40].copy_from_slice(file_id);
+    if format == PageFormat::V2 {
+        p[40..44].copy_from_slice(&(PAGES_PER_GROUP as u32).to_le_bytes());
+    }
     let sum = blake3::hash(&p[..48]);
     p[48..64].copy_from_slice(&sum.as_bytes()[..16]);
     p
 }
 
-/// Checks a preamble; returns a description of the problem, or `None` if it is valid for
-/// `file_id`. Descriptions contain no data.
-pub fn check_preamble(p: &[u8], file_id: &[u8; 16]) -> Option<String> {
+/// Checks a preamble and returns the file's format, or a description of the problem if it
+/// is not a valid preamble for `file_id`. Descriptions contain no data.
+pub fn check_preamble(p: &[u8], file_id: &[u8; 16]) -> Result<PageFormat, String> {
     if p.len() != PREAMBLE_SIZE || &p[..8] != MAGIC {
-        return Some("not an encrypted fhirkeep data file (bad magic)".into());
+        return Err("not an encrypted fhirkeep data file (bad magic)".into());
     }
     let sum = blake3::hash(&p[..48]);
     if sum.as_bytes()[..16] != p[48..64] {
-        return Some("the file preamble is damaged".into());
+        return Err("the file preamble is damaged".into());
     }
     let version = u16::from_le_bytes([p[8], p[9]]);
-    if version != FORMAT_VERSION {
-        return Some(format!("unsupported data file format version {version}"));
-    }
-    let expected = encode_preamble(file_id);
+    let Some(format) = PageFormat::from_version(version) else {
+        return Err(format!("unsupported data file format version {version}"));
+    };
+    let expected = encode_preamble(format, file_id);
     if p[10..24] != expected[10..24] || p[40..48] != expected[40..48] {
-        return Some("the file preamble has unsupported parameters".into());
+        return Err("the file preamble has unsupported parameters".into());
     }
     if p[24..40] != expected[24..40] {
-        return Some(
+        return Err(
             "the data file belongs to another database, or is another of its files (file id \
              differs from the one expected from the key header)"
                 .into(),
         );
     }
-    None
+    Ok(format)
 }
 
-fn aad(file_id: &[u8; 16], index: u64, key_id: u32) -> [u8; 30] {
+fn aad(format: PageFormat, file_id: &[u8; 16], index: u64, key_id: u32) -> [u8; 30] {
     let mut a = [0u8; 30];
     a[..16].copy_from_slice(file_id);
-    a[16..18].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    a[16..18].copy_from_slice(&format.version().to_le_bytes());
     a[18..26].copy_from_slice(&index.to_le_bytes());
     a[26..30].copy_from_slice(&key_id.to_le_bytes());
     a
 }
 
-/// Whether a physical block is all zeros (never written).
+/// Whether a physical block (or a format-2 entry) is all zeros (never written).
 pub fn is_zero_block(block: &[u8]) -> bool {
     block.iter().all(|&b| b == 0)
 }
 
-/// Key id of an *empty-page marker*: a page block that stands for a page redb never wrote,
-/// below the high-water mark. No data key has id 0.
+/// Key id of an *empty-page marker*: a page block (format 2: an entry) that stands for a
+/// page redb never wrote, below the high-water mark. No data key has id 0.
 pub const EMPTY_KEY_ID: u32 = 0;
 
 /// Tag of the empty-page marker of page `index`: BLAKE3 keyed with a subkey of the data key,
 /// over the same AAD as a real block with key id 0, truncated to 16 bytes.
-fn empty_tag(key: &[u8; 32], file_id: &[u8; 16], index: u64) -> [u8; 16] {
-    let hash = blake3::keyed_hash(key, &aad(file_id, index, EMPTY_KEY_ID));
+fn empty_tag(format: PageFormat, key: &[u8; 32], file_id: &[u8; 16], index: u64) -> [u8; 16] {
+    let hash = blake3::keyed_hash(key, &aad(format, file_id, index, EMPTY_KEY_ID));
     let mut tag = [0u8; 16];
     tag.copy_from_slice(&hash.as_bytes()[..16]);
     tag
 }
 
-fn empty_marker_key(keyring: &Keyring) -> zeroize::Zeroizing<[u8; 32]> {
+/// The key of empty-page marker tags (a subkey of the keyring's derivation key).
+pub(crate) fn empty_marker_key(keyring: &Keyring) -> zeroize::Zeroizing<[u8; 32]> {
     keyring.derive_subkey("empty page marker v1")
 }
 
-/// Writes empty-page markers for pages `first, first + 1, ...` into `blocks` (a whole number
-/// of page blocks). A marker costs a keyed hash, not an encryption, and no nonce: the page
-/// content is known (zeros), only its authenticity matters.
+/// Format 1: writes empty-page markers for pages `first, first + 1, ...` into `blocks` (a
+/// whole number of page blocks). A marker costs a keyed hash, not an encryption, and no
+/// nonce: the page content is known (zeros), only its authenticity matters.
 pub(crate) fn seal_empty_pages(
     keyring: &Keyring,
     file_id: &[u8; 16],
@@ -232,22 +391,47 @@ pub(crate) fn seal_empty_pages(
     let key = empty_marker_key(keyring);
     for (k, block) in blocks.chunks_exact_mut(PAGE_BLOCK_SIZE).enumerate() {
         block.fill(0);
-        let tag = empty_tag(&key, file_id, first + k as u64);
+        let tag = empty_tag(PageFormat::V1, &key, file_id, first + k as u64);
         block[16..32].copy_from_slice(&tag);
     }
 }
 
-/// Whether `block` is the authentic empty-page marker of page `index`.
-fn is_empty_marker(keyring: &Keyring, file_id: &[u8; 16], index: u64, block: &[u8]) -> bool {
+/// Format 2: the entry of the empty-page marker of page `index`, with `key` from
+/// [`empty_marker_key`]. The page's ciphertext area is neither written nor read.
+pub(crate) fn empty_entry(key: &[u8; 32], file_id: &[u8; 16], index: u64) -> [u8; ENTRY_SIZE] {
+    let mut entry = [0u8; ENTRY_SIZE];
+    entry[16..32].copy_from_slice(&empty_tag(PageFormat::V2, key, file_id, index));
+    entry
+}
+
+/// Whether `prefix` (the first 32 bytes of a block, or an entry) is the authentic empty-page
+/// marker of page `index`.
+fn is_empty_marker(
+    format: PageFormat,
+    keyring: &Keyring,
+    file_id: &[u8; 16],
+    index: u64,
+    prefix: &[u8],
+) -> bool {
     use subtle::ConstantTimeEq;
-    if block.len() != PAGE_BLOCK_SIZE
-        || !block[..16].iter().all(|&b| b == 0)
-        || !block[BLOCK_OVERHEAD..].iter().all(|&b| b == 0)
-    {
+    if prefix.len() != BLOCK_OVERHEAD || !prefix[..16].iter().all(|&b| b == 0) {
         return false;
     }
-    let expected = empty_tag(&empty_marker_key(keyring), file_id, index);
-    bool::from(expected.ct_eq(&block[16..32]))
+    let expected = empty_tag(format, &empty_marker_key(keyring), file_id, index);
+    bool::from(expected.ct_eq(&prefix[16..32]))
+}
+
+/// Format 1: whether `block` is the authentic empty-page marker of page `index`.
+fn is_empty_marker_block(keyring: &Keyring, file_id: &[u8; 16], index: u64, block: &[u8]) -> bool {
+    block.len() == PAGE_BLOCK_SIZE
+        && block[BLOCK_OVERHEAD..].iter().all(|&b| b == 0)
+        && is_empty_marker(
+            PageFormat::V1,
+            keyring,
+            file_id,
+            index,
+            &block[..BLOCK_OVERHEAD],
+        )
 }
 
 /// Why a block could not be encrypted.
@@ -259,91 +443,51 @@ pub(crate) enum SealError {
     Internal,
 }
 
-/// Encrypts `plain` into `block` (`block.len() == plain.len() + 32`) with a fresh random
-/// nonce. The caller must already have counted the encryption with
+/// Encrypts `body` in place with a fresh random nonce and writes key id, nonce and tag into
+/// `head` (32 bytes). The caller must already have counted the encryption with
 /// [`Keyring::consume_nonces`].
-pub(crate) fn seal_into(
+fn seal_detached(
+    format: PageFormat,
     keyring: &Keyring,
     file_id: &[u8; 16],
     key_id: u32,
     index: u64,
-    plain: &[u8],
-    block: &mut [u8],
+    head: &mut [u8],
+    body: &mut [u8],
 ) -> Result<(), SealError> {
     let cipher: &Aes256Gcm = keyring.cipher(key_id).ok_or(SealError::Internal)?;
-    if block.len() != plain.len() + BLOCK_OVERHEAD {
+    if head.len() != BLOCK_OVERHEAD {
         return Err(SealError::Internal);
     }
-    let (head, body) = block.split_at_mut(BLOCK_OVERHEAD);
-    head[..4].copy_from_slice(&key_id.to_le_bytes());
-    getrandom::fill(&mut head[4..16]).map_err(|_| SealError::Random)?;
-    let mut nonce = [0u8; 12];
-    nonce.copy_from_slice(&head[4..16]);
-    let buf = InOutBuf::new(plain, body).map_err(|_| SealError::Internal)?;
-    let tag = cipher
-        .encrypt_inout_detached(&nonce.into(), &aad(file_id, index, key_id), buf)
-        .map_err(|_| SealError::Internal)?;
-    head[16..32].copy_from_slice(&tag);
-    Ok(())
-}
-
-/// Encrypts `block[32..]` in place (the plaintext is already there).
-pub(crate) fn seal_in_place(
-    keyring: &Keyring,
-    file_id: &[u8; 16],
-    key_id: u32,
-    index: u64,
-    block: &mut [u8],
-) -> Result<(), SealError> {
-    let cipher: &Aes256Gcm = keyring.cipher(key_id).ok_or(SealError::Internal)?;
-    if block.len() < BLOCK_OVERHEAD {
-        return Err(SealError::Internal);
-    }
-    let (head, body) = block.split_at_mut(BLOCK_OVERHEAD);
     head[..4].copy_from_slice(&key_id.to_le_bytes());
     getrandom::fill(&mut head[4..16]).map_err(|_| SealError::Random)?;
     let mut nonce = [0u8; 12];
     nonce.copy_from_slice(&head[4..16]);
     let tag = cipher
-        .encrypt_inout_detached(&nonce.into(), &aad(file_id, index, key_id), body.into())
+        .encrypt_inout_detached(
+            &nonce.into(),
+            &aad(format, file_id, index, key_id),
+            body.into(),
+        )
         .map_err(|_| SealError::Internal)?;
     head[16..32].copy_from_slice(&tag);
     Ok(())
 }
 
-/// Decrypts `block` into `out` (`out.len() == block.len() - 32`). Returns false (and zeroes
-/// `out`) if the block does not authenticate at position `index`.
-#[must_use]
-pub(crate) fn open_into(
+/// Decrypts `body` in place with the key id, nonce and tag in `head`. False if it does not
+/// authenticate (the body is then garbage: the callers zero it).
+fn open_detached(
+    format: PageFormat,
     keyring: &Keyring,
     file_id: &[u8; 16],
     index: u64,
-    block: &[u8],
-    out: &mut [u8],
+    head: &[u8],
+    body: &mut [u8],
 ) -> bool {
-    let ok = open_into_inner(keyring, file_id, index, block, out);
-    if !ok {
-        out.fill(0);
-    }
-    ok
-}
-
-fn open_into_inner(
-    keyring: &Keyring,
-    file_id: &[u8; 16],
-    index: u64,
-    block: &[u8],
-    out: &mut [u8],
-) -> bool {
-    if block.len() != out.len() + BLOCK_OVERHEAD {
+    if head.len() != BLOCK_OVERHEAD {
         return false;
     }
-    let (head, body) = block.split_at(BLOCK_OVERHEAD);
     let key_id = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-    if key_id == EMPTY_KEY_ID {
-        out.fill(0);
-        return is_empty_marker(keyring, file_id, index, block);
-    }
     let Some(cipher) = keyring.cipher(key_id) else {
         return false;
     };
@@ -351,20 +495,117 @@ fn open_into_inner(
     nonce.copy_from_slice(&head[4..16]);
     let mut tag = [0u8; 16];
     tag.copy_from_slice(&head[16..32]);
-    let Ok(buf) = InOutBuf::new(body, out) else {
-        return false;
-    };
     cipher
         .decrypt_inout_detached(
             &nonce.into(),
-            &aad(file_id, index, key_id),
-            buf,
+            &aad(format, file_id, index, key_id),
+            body.into(),
             &tag.into(),
         )
         .is_ok()
 }
 
-/// Decrypts `block[32..]` in place. On failure the plaintext area is zeroed.
+/// Encrypts `plain` into `block` (`block.len() == plain.len() + 32`) with a fresh random
+/// nonce: a format-1 page block, or a header copy of either format. The caller must already
+/// have counted the encryption with [`Keyring::consume_nonces`].
+pub(crate) fn seal_into(
+    format: PageFormat,
+    keyring: &Keyring,
+    file_id: &[u8; 16],
+    key_id: u32,
+    index: u64,
+    plain: &[u8],
+    block: &mut [u8],
+) -> Result<(), SealError> {
+    if block.len() != plain.len() + BLOCK_OVERHEAD {
+        return Err(SealError::Internal);
+    }
+    let (head, body) = block.split_at_mut(BLOCK_OVERHEAD);
+    body.copy_from_slice(plain);
+    seal_detached(format, keyring, file_id, key_id, index, head, body)
+}
+
+/// Encrypts `block[32..]` in place (the plaintext is already there).
+pub(crate) fn seal_in_place(
+    format: PageFormat,
+    keyring: &Keyring,
+    file_id: &[u8; 16],
+    key_id: u32,
+    index: u64,
+    block: &mut [u8],
+) -> Result<(), SealError> {
+    if block.len() < BLOCK_OVERHEAD {
+        return Err(SealError::Internal);
+    }
+    let (head, body) = block.split_at_mut(BLOCK_OVERHEAD);
+    seal_detached(format, keyring, file_id, key_id, index, head, body)
+}
+
+/// Format 2: encrypts the 4096-byte `page` in place and fills its `entry`.
+pub(crate) fn seal_page(
+    keyring: &Keyring,
+    file_id: &[u8; 16],
+    key_id: u32,
+    index: u64,
+    page: &mut [u8],
+    entry: &mut [u8; ENTRY_SIZE],
+) -> Result<(), SealError> {
+    seal_detached(PageFormat::V2, keyring, file_id, key_id, index, entry, page)
+}
+
+/// Format 2: decrypts the 4096-byte `page` in place with its `entry` (an empty-page marker's
+/// entry gives a zero page). Returns false, and zeroes `page`, if it does not authenticate at
+/// position `index`. An all-zero entry is the caller's to interpret (it fails here).
+#[must_use]
+pub(crate) fn open_page(
+    keyring: &Keyring,
+    file_id: &[u8; 16],
+    index: u64,
+    entry: &[u8; ENTRY_SIZE],
+    page: &mut [u8],
+) -> bool {
+    let ok = if entry[..4] == EMPTY_KEY_ID.to_le_bytes() {
+        page.fill(0);
+        is_empty_marker(PageFormat::V2, keyring, file_id, index, entry)
+    } else {
+        open_detached(PageFormat::V2, keyring, file_id, index, entry, page)
+    };
+    if !ok {
+        page.fill(0);
+    }
+    ok
+}
+
+/// Decrypts `block` into `out` (`out.len() == block.len() - 32`): a format-1 page block or a
+/// header copy. Returns false (and zeroes `out`) if the block does not authenticate at
+/// position `index`.
+#[must_use]
+pub(crate) fn open_into(
+    format: PageFormat,
+    keyring: &Keyring,
+    file_id: &[u8; 16],
+    index: u64,
+    block: &[u8],
+    out: &mut [u8],
+) -> bool {
+    let ok = block.len() == out.len() + BLOCK_OVERHEAD && {
+        let (head, body) = block.split_at(BLOCK_OVERHEAD);
+        if head[..4] == EMPTY_KEY_ID.to_le_bytes() {
+            out.fill(0);
+            format == PageFormat::V1 && is_empty_marker_block(keyring, file_id, index, block)
+        } else {
+            out.copy_from_slice(body);
+            open_detached(format, keyring, file_id, index, head, out)
+        }
+    };
+    if !ok {
+        out.fill(0);
+    }
+    ok
+}
+
+/// Decrypts `block[32..]` in place (a format-1 page block). On failure the plaintext area is
+/// zeroed.
 #[must_use]
 pub(crate) fn open_in_place(
     keyring: &Keyring,
@@ -376,29 +617,12 @@ pub(crate) fn open_in_place(
         return false;
     }
     if block.get(..4) == Some(&EMPTY_KEY_ID.to_le_bytes()[..]) {
-        let ok = is_empty_marker(keyring, file_id, index, block);
+        let ok = is_empty_marker_block(keyring, file_id, index, block);
         block[BLOCK_OVERHEAD..].fill(0);
         return ok;
     }
     let (head, body) = block.split_at_mut(BLOCK_OVERHEAD);
-    let key_id = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-    let ok = match keyring.cipher(key_id) {
-        Some(cipher) => {
-            let mut nonce = [0u8; 12];
-            nonce.copy_from_slice(&head[4..16]);
-            let mut tag = [0u8; 16];
-            tag.copy_from_slice(&head[16..32]);
-            cipher
-                .decrypt_inout_detached(
-                    &nonce.into(),
-                    &aad(file_id, index, key_id),
-                    body.into(),
-                    &tag.into(),
-                )
-                .is_ok()
-        }
-        None => false,
-    };
+    let ok = open_detached(PageFormat::V1, keyring, file_id, index, head, body);
     if !ok {
         body.fill(0);
     }
@@ -411,12 +635,110 @@ pub(crate) fn block_key_id(block: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
+/// Tests only: the blocks of a file image, in either format. A page's *block* is its 32-byte
+/// prefix (format 2: its entry) followed by its 4096 bytes of ciphertext, wherever they are.
+#[cfg(test)]
+pub(crate) mod image {
+    use std::ops::Range;
+
+    use super::*;
+
+    /// The format named by an image's preamble.
+    pub(crate) fn format(bytes: &[u8]) -> PageFormat {
+        match u16::from_le_bytes([bytes[8], bytes[9]]) {
+            1 => PageFormat::V1,
+            _ => PageFormat::V2,
+        }
+    }
+
+    /// How many pages (≥ 1) have their whole block in the image.
+    pub(crate) fn page_count(bytes: &[u8]) -> u64 {
+        let len = bytes.len() as u64;
+        match format(bytes) {
+            PageFormat::V1 => len.saturating_sub(PAGES_OFFSET) / PAGE_BLOCK_SIZE as u64,
+            PageFormat::V2 => {
+                let Some(rest) = len.checked_sub(V2_GROUPS_OFFSET) else {
+                    return 0;
+                };
+                let tail = (rest % V2_GROUP_SPAN) / PAGE_SIZE as u64;
+                rest / V2_GROUP_SPAN * PAGES_PER_GROUP + tail.saturating_sub(1)
+            }
+        }
+    }
+
+    /// Where page `pg`'s prefix (entry) and ciphertext are.
+    pub(crate) fn parts(bytes: &[u8], pg: u64) -> [Range<usize>; 2] {
+        match format(bytes) {
+            PageFormat::V1 => {
+                let at = page_block_offset(pg) as usize;
+                [
+                    at..at + BLOCK_OVERHEAD,
+                    at + BLOCK_OVERHEAD..at + PAGE_BLOCK_SIZE,
+                ]
+            }
+            PageFormat::V2 => {
+                let (entry, data) = (v2_entry_offset(pg) as usize, v2_data_offset(pg) as usize);
+                [entry..entry + ENTRY_SIZE, data..data + PAGE_SIZE]
+            }
+        }
+    }
+
+    /// The file offset of byte `within` (< 4128) of page `pg`'s block.
+    pub(crate) fn block_byte(bytes: &[u8], pg: u64, within: usize) -> usize {
+        let [head, body] = parts(bytes, pg);
+        if within < BLOCK_OVERHEAD {
+            head.start + within
+        } else {
+            body.start + within - BLOCK_OVERHEAD
+        }
+    }
+
+    /// A copy of page `pg`'s block (4128 bytes).
+    pub(crate) fn block(bytes: &[u8], pg: u64) -> Vec<u8> {
+        let [head, body] = parts(bytes, pg);
+        [&bytes[head], &bytes[body]].concat()
+    }
+
+    /// Replaces page `pg`'s block with `block` (4128 bytes).
+    pub(crate) fn put_block(bytes: &mut [u8], pg: u64, block: &[u8]) {
+        let [head, body] = parts(bytes, pg);
+        bytes[head].copy_from_slice(&block[..BLOCK_OVERHEAD]);
+        bytes[body].copy_from_slice(&block[BLOCK_OVERHEAD..]);
+    }
+
+    /// Whether page `pg` was ever written (its prefix, or entry, is not all zeros).
+    pub(crate) fn is_written(bytes: &[u8], pg: u64) -> bool {
+        let [head, _] = parts(bytes, pg);
+        !is_zero_block(&bytes[head])
+    }
+
+    /// Whether page `pg` holds an empty-page marker (key id 0). In format 2 a marker is an
+    /// entry only, and the page's ciphertext area is never read.
+    pub(crate) fn is_marker(bytes: &[u8], pg: u64) -> bool {
+        let [head, _] = parts(bytes, pg);
+        is_written(bytes, pg) && bytes[head][..4] == EMPTY_KEY_ID.to_le_bytes()
+    }
+
+    /// The pages (≥ 1) that were ever written.
+    pub(crate) fn written_pages(bytes: &[u8]) -> Vec<u64> {
+        (1..=page_count(bytes))
+            .filter(|&pg| is_written(bytes, pg))
+            .collect()
+    }
+
+    /// Where header copy A (`b = false`) or B is.
+    pub(crate) fn header(bytes: &[u8], b: bool) -> Range<usize> {
+        let at = format(bytes).header_offset(b) as usize;
+        at..at + HEADER_BLOCK_SIZE
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn length_mapping_roundtrips() {
+    fn format_1_length_mapping_roundtrips() {
         assert_eq!(physical_len(0), 64);
         assert_eq!(logical_len(64), Some(0));
         assert_eq!(physical_len(4096), PAGES_OFFSET);
@@ -434,15 +756,102 @@ mod tests {
     }
 
     #[test]
+    fn format_2_length_mapping_roundtrips() {
+        let f = PageFormat::V2;
+        assert_eq!(f.physical_len(0), 4096);
+        assert_eq!(f.logical_len(4096), Some(0));
+        assert_eq!(f.physical_len(4096), V2_GROUPS_OFFSET);
+        // Page 1 is the first page of group 0, after its entry page.
+        assert_eq!(f.physical_len(2 * 4096), V2_GROUPS_OFFSET + 2 * 4096);
+        assert_eq!(v2_data_offset(1), V2_GROUPS_OFFSET + 4096);
+        assert_eq!(v2_data_offset(128), V2_GROUPS_OFFSET + 128 * 4096);
+        assert_eq!(v2_data_offset(129), V2_GROUPS_OFFSET + V2_GROUP_SPAN + 4096);
+        assert_eq!(v2_entry_offset(129), V2_GROUPS_OFFSET + V2_GROUP_SPAN);
+        assert_eq!(v2_entry_offset(130), V2_GROUPS_OFFSET + V2_GROUP_SPAN + 32);
+        for pages in 1..600u64 {
+            let l = pages * 4096;
+            let p = f.physical_len(l);
+            assert_eq!(f.logical_len(p), Some(l), "{pages} pages");
+            assert_eq!(f.logical_len(p + 1), None);
+            assert_eq!(f.logical_len(p - 1), None);
+            if pages > 1 {
+                // The last page's ciphertext ends the file, and is 4096-aligned.
+                assert_eq!(v2_data_offset(pages - 1) + 4096, p);
+                assert!(v2_data_offset(pages - 1).is_multiple_of(4096));
+            }
+        }
+        // An entry page with no page after it is not a valid end.
+        assert_eq!(f.logical_len(V2_GROUPS_OFFSET + V2_GROUP_SPAN + 4096), None);
+        assert_eq!(f.logical_len(0), None);
+        assert_eq!(f.logical_len(8192), None);
+    }
+
+    #[test]
     fn preamble_checks() {
         let id = [7u8; 16];
-        let p = encode_preamble(&id);
-        assert!(check_preamble(&p, &id).is_none());
-        assert!(check_preamble(&p, &[8u8; 16]).is_some());
-        for i in 0..PREAMBLE_SIZE {
-            let mut bad = p;
-            bad[i] ^= 0x40;
-            assert!(check_preamble(&bad, &id).is_some(), "byte {i}");
+        for format in [PageFormat::V1, PageFormat::V2] {
+            let p = encode_preamble(format, &id);
+            assert_eq!(check_preamble(&p, &id), Ok(format));
+            assert!(check_preamble(&p, &[8u8; 16]).is_err());
+            for i in 0..PREAMBLE_SIZE {
+                let mut bad = p;
+                bad[i] ^= 0x40;
+                assert!(check_preamble(&bad, &id).is_err(), "byte {i}");
+            }
         }
+    }
+
+    #[test]
+    fn format_2_pages_and_markers_are_bound_to_their_position_and_format() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let keyring = Keyring::create(
+            dir.path(),
+            &super::super::keys::KeySource::Passphrase(zeroize::Zeroizing::new("pw".into())),
+            super::super::keys::KdfParams::fast_insecure(),
+        )
+        .unwrap();
+        let id = keyring.db_id();
+        let key_id = keyring.consume_nonces(2).unwrap();
+        let mut page = vec![7u8; PAGE_SIZE];
+        let mut entry = [0u8; ENTRY_SIZE];
+        seal_page(&keyring, &id, key_id, 5, &mut page, &mut entry).unwrap();
+        assert_ne!(page, vec![7u8; PAGE_SIZE]);
+        let sealed = page.clone();
+        assert!(open_page(&keyring, &id, 5, &entry, &mut page));
+        assert_eq!(page, vec![7u8; PAGE_SIZE]);
+        let mut moved = sealed.clone();
+        assert!(!open_page(&keyring, &id, 6, &entry, &mut moved));
+        assert!(moved.iter().all(|&b| b == 0), "a failed page is zeroed");
+        // The same bytes as a format-1 block do not authenticate (the AAD names the format).
+        let mut block = entry.to_vec();
+        block.extend_from_slice(&sealed);
+        let mut out = vec![0u8; PAGE_SIZE];
+        assert!(!open_into(
+            PageFormat::V1,
+            &keyring,
+            &id,
+            5,
+            &block,
+            &mut out
+        ));
+        // Markers: bound to the page, and not valid for format 1.
+        let key = empty_marker_key(&keyring);
+        let marker = empty_entry(&key, &id, 9);
+        let mut zero = vec![1u8; PAGE_SIZE];
+        assert!(open_page(&keyring, &id, 9, &marker, &mut zero));
+        assert!(zero.iter().all(|&b| b == 0));
+        assert!(!open_page(&keyring, &id, 10, &marker, &mut zero));
+        let mut v1_block = marker.to_vec();
+        v1_block.extend_from_slice(&[0u8; PAGE_SIZE]);
+        assert!(!open_into(
+            PageFormat::V1,
+            &keyring,
+            &id,
+            9,
+            &v1_block,
+            &mut out
+        ));
+        // An all-zero entry never authenticates.
+        assert!(!open_page(&keyring, &id, 9, &[0u8; ENTRY_SIZE], &mut zero));
     }
 }

@@ -7,7 +7,7 @@ use tempfile::TempDir;
 
 use super::tests::{key_for, open_store};
 use super::*;
-use crate::crypto::page::{self, PAGE_BLOCK_SIZE, page_block_offset};
+use crate::crypto::page::{self, image};
 use crate::crypto::{create_key_file, verify_aux_file, verify_file};
 
 const T: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("t");
@@ -136,17 +136,14 @@ fn a_store_block_copied_into_the_aux_file_fails_authentication() {
     let aux_bytes = std::fs::read(&aux).unwrap();
     let keyring = Keyring::open(&dir.path().join("db"), &key_for(dir.path())).unwrap();
     assert!(verify_aux_file(&aux, &keyring, "index").unwrap().is_ok());
-    let blocks = |bytes: &[u8]| (bytes.len() as u64 - page::PAGES_OFFSET) / PAGE_BLOCK_SIZE as u64;
-    let shared = blocks(&main_bytes).min(blocks(&aux_bytes));
+    let shared = image::page_count(&main_bytes).min(image::page_count(&aux_bytes));
     let mut tried = 0;
     for pg in 1..=shared {
-        let at = usize::try_from(page_block_offset(pg)).unwrap();
-        let block = &main_bytes[at..at + PAGE_BLOCK_SIZE];
-        if page::is_zero_block(block) {
+        if !image::is_written(&main_bytes, pg) {
             continue;
         }
         let mut bad = aux_bytes.clone();
-        bad[at..at + PAGE_BLOCK_SIZE].copy_from_slice(block);
+        image::put_block(&mut bad, pg, &image::block(&main_bytes, pg));
         std::fs::write(&aux, &bad).unwrap();
         let report = verify_aux_file(&aux, &keyring, "index").unwrap();
         assert_eq!(report.failed_pages, vec![pg]);
@@ -154,13 +151,13 @@ fn a_store_block_copied_into_the_aux_file_fails_authentication() {
     }
     assert!(tried > 3, "only {tried} blocks compared");
     // The header copies and the preamble do not move either.
-    for (offset, len) in [
-        (0, page::PREAMBLE_SIZE),
-        (page::HEADER_A_OFFSET as usize, page::HEADER_BLOCK_SIZE),
-        (page::HEADER_B_OFFSET as usize, page::HEADER_BLOCK_SIZE),
+    for range in [
+        0..page::PREAMBLE_SIZE,
+        image::header(&aux_bytes, false),
+        image::header(&aux_bytes, true),
     ] {
         let mut bad = aux_bytes.clone();
-        bad[offset..offset + len].copy_from_slice(&main_bytes[offset..offset + len]);
+        bad[range.clone()].copy_from_slice(&main_bytes[range]);
         std::fs::write(&aux, &bad).unwrap();
         let report = verify_aux_file(&aux, &keyring, "index").unwrap();
         assert!(
@@ -198,16 +195,12 @@ fn a_page_copied_into_the_aux_file_is_an_error_through_redb() {
     let aux = aux_file(&dir, "index");
     let good = std::fs::read(&aux).unwrap();
     let mut errors = 0;
-    for pg in 1..((good.len() as u64 - page::PAGES_OFFSET) / PAGE_BLOCK_SIZE as u64) {
-        let at = usize::try_from(page_block_offset(pg)).unwrap();
-        let Some(block) = main_bytes.get(at..at + PAGE_BLOCK_SIZE) else {
-            break;
-        };
-        if page::is_zero_block(block) || page::is_zero_block(&good[at..at + PAGE_BLOCK_SIZE]) {
+    for pg in 1..image::page_count(&good).min(image::page_count(&main_bytes) + 1) {
+        if !image::is_written(&main_bytes, pg) || !image::is_written(&good, pg) {
             continue;
         }
         let mut bad = good.clone();
-        bad[at..at + PAGE_BLOCK_SIZE].copy_from_slice(block);
+        image::put_block(&mut bad, pg, &image::block(&main_bytes, pg));
         std::fs::write(&aux, &bad).unwrap();
         let store = open_store(dir.path(), ReadAudit::Durable);
         let outcome = store
@@ -246,7 +239,8 @@ fn aux_database_with_another_key_fails() {
     let mut bytes = std::fs::read(aux_file(&other, "index")).unwrap();
     let other_keyring = &other_store.inner.counters.0;
     let id = page::aux_file_id(&other_keyring.db_id(), "index");
-    bytes[..page::PREAMBLE_SIZE].copy_from_slice(&page::encode_preamble(&id));
+    bytes[..page::PREAMBLE_SIZE]
+        .copy_from_slice(&page::encode_preamble(page::PageFormat::NEWEST, &id));
     std::fs::write(aux_file(&other, "index"), &bytes).unwrap();
     let err = other_store.open_aux_database("index").unwrap_err();
     assert!(
@@ -307,14 +301,12 @@ fn check_authenticates_aux_files() {
     let aux = aux_file(&dir, "index");
     let good = std::fs::read(&aux).unwrap();
     let mut failed = false;
-    let blocks = (good.len() as u64 - page::PAGES_OFFSET) / PAGE_BLOCK_SIZE as u64;
-    for pg in (1..=blocks).rev() {
-        let at = usize::try_from(page_block_offset(pg)).unwrap();
-        if page::is_zero_block(&good[at..at + PAGE_BLOCK_SIZE]) {
+    for pg in (1..=image::page_count(&good)).rev() {
+        if !image::is_written(&good, pg) {
             continue;
         }
         let mut bad = good.clone();
-        bad[at + 100] ^= 0x40;
+        bad[image::block_byte(&good, pg, 100)] ^= 0x40;
         std::fs::write(&aux, &bad).unwrap();
         match Store::check(&ctx(), dir.path().join("db"), key_for(dir.path())) {
             Ok(report) => {

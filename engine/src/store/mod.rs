@@ -33,6 +33,7 @@ use crate::audit::{
     self, AuditAction, AuditActor, AuditOutcome, AuditRecord, ConsistencyProof, InclusionProof,
     SignedTreeHead, VerifyReport,
 };
+use crate::crypto::page::PageFormat;
 use crate::crypto::{EncryptedBackend, FileReport, KdfParams, KeySource, Keyring};
 use crate::resource::{check_id, check_resource_type};
 use crate::{Error, Result};
@@ -761,6 +762,14 @@ impl Store {
             .unwrap_or_default();
         for report in &mut aux_files {
             warnings.extend(store.check_aux_file(report)?);
+        }
+        if pages.format_version == PageFormat::V1.version() {
+            warnings.push(
+                "the data file is in page format 1 (unaligned blocks): it stays readable and \
+                 writable; `fhirkeep copy` rewrites it in format 2, which writes random pages \
+                 faster"
+                    .into(),
+            );
         }
         store.record_access(ctx, AccessRecord::succeeded(AuditAction::Check))?;
         Ok(CheckReport {

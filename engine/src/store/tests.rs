@@ -561,7 +561,7 @@ fn key_holder_editing_the_audit_log_is_detected() {
 /// Byte-level damage to the files is reported by `check` as corruption, never as wrong data.
 #[test]
 fn check_detects_damaged_files() {
-    use crate::crypto::page::{PAGE_BLOCK_SIZE, page_block_offset};
+    use crate::crypto::page::image;
     let build = || {
         let dir = TempDir::new().unwrap();
         {
@@ -581,16 +581,7 @@ fn check_detects_damaged_files() {
         dir
     };
     let data_file = |dir: &TempDir| dir.path().join("db").join(DATABASE_FILE);
-    let written_pages = |bytes: &[u8]| -> Vec<u64> {
-        (1..)
-            .map_while(|page| {
-                let at = usize::try_from(page_block_offset(page)).unwrap();
-                (at + PAGE_BLOCK_SIZE <= bytes.len()).then_some((page, at))
-            })
-            .filter(|&(_, at)| bytes[at..at + PAGE_BLOCK_SIZE].iter().any(|&b| b != 0))
-            .map(|(page, _)| page)
-            .collect()
-    };
+    let written_pages = image::written_pages;
     type Damage = Box<dyn Fn(&mut Vec<u8>, &[u64])>;
     // One flipped byte, in one page at a time from the newest: a free page (left by
     // copy-on-write) is reported as a warning, a live page fails the check.
@@ -601,7 +592,7 @@ fn check_detects_damaged_files() {
     let mut failed = false;
     for &page in pages.iter().rev() {
         let mut bytes = pristine.clone();
-        let at = usize::try_from(page_block_offset(page)).unwrap() + 100;
+        let at = image::block_byte(&pristine, page, 100);
         bytes[at] ^= 0x40;
         std::fs::write(&path, &bytes).unwrap();
         match Store::check(&ctx(), dir.path().join("db"), key_for(dir.path())) {
@@ -625,11 +616,9 @@ fn check_detects_damaged_files() {
         (
             "swap two pages",
             Box::new(|bytes, pages| {
-                let a = usize::try_from(page_block_offset(pages[1])).unwrap();
-                let b = usize::try_from(page_block_offset(pages[2])).unwrap();
-                let first = bytes[a..a + PAGE_BLOCK_SIZE].to_vec();
-                bytes.copy_within(b..b + PAGE_BLOCK_SIZE, a);
-                bytes[b..b + PAGE_BLOCK_SIZE].copy_from_slice(&first);
+                let (a, b) = (image::block(bytes, pages[1]), image::block(bytes, pages[2]));
+                image::put_block(bytes, pages[1], &b);
+                image::put_block(bytes, pages[2], &a);
             }),
         ),
         (
@@ -857,7 +846,7 @@ fn update_many_matches_one_by_one_updates() {
 /// its parent holds: each such replay is then refused or harmless, never stale data or a panic.
 #[test]
 fn replayed_old_page_is_caught_by_verify_on_open() {
-    use crate::crypto::page::{PAGE_BLOCK_SIZE, page_block_offset};
+    use crate::crypto::page::image;
     let dir = TempDir::new().unwrap();
     let c = ctx();
     let gendered = |gender: &str| json!({"resourceType": "Patient", "gender": gender});
@@ -882,20 +871,14 @@ fn replayed_old_page_is_caught_by_verify_on_open() {
     let current = std::fs::read(&path).unwrap();
     let mut replays = 0;
     let mut refused = 0;
-    for page in 1.. {
-        let at = usize::try_from(page_block_offset(page)).unwrap();
-        if at + PAGE_BLOCK_SIZE > old.len().min(current.len()) {
-            break;
-        }
-        let block = at..at + PAGE_BLOCK_SIZE;
-        if old[block.clone()] == current[block.clone()]
-            || old[block.clone()].iter().all(|&b| b == 0)
-        {
+    for page in 1..=image::page_count(&old).min(image::page_count(&current)) {
+        let block = image::block(&old, page);
+        if block == image::block(&current, page) || !image::is_written(&old, page) {
             continue;
         }
         replays += 1;
         let mut bytes = current.clone();
-        bytes[block.clone()].copy_from_slice(&old[block]);
+        image::put_block(&mut bytes, page, &block);
         std::fs::write(&path, &bytes).unwrap();
         let key = key_for(dir.path());
         let db = dir.path().join("db");
@@ -1148,4 +1131,76 @@ fn a_database_whose_audit_log_has_one_leaf_to_a_row_opens_and_verifies() {
         .open()
         .unwrap_err();
     assert!(refused.to_string().contains("format 99"), "{refused}");
+}
+
+/// A database written in page format 1 (before format 2 existed) opens, reads, takes writes
+/// and passes `check` in its own format; `copy_to` rewrites it in format 2.
+#[test]
+fn a_store_in_page_format_1_keeps_working_and_copies_into_format_2() {
+    use crate::crypto::backend::set_new_file_format_for_tests;
+    use crate::crypto::page::PageFormat;
+    let dir = TempDir::new().unwrap();
+    let c = ctx();
+    set_new_file_format_for_tests(PageFormat::V1);
+    let created = std::panic::catch_unwind(|| {
+        let store = open_store(dir.path(), ReadAudit::Durable);
+        for i in 0..50 {
+            store
+                .update(&c, "Patient", &format!("v{i}"), patient("One"), None)
+                .unwrap();
+        }
+        store.audit_head().unwrap()
+    });
+    set_new_file_format_for_tests(PageFormat::NEWEST);
+    let head = created.unwrap();
+    let file = dir.path().join("db").join(DATABASE_FILE);
+    let format_of = |path: &Path| crate::crypto::page::image::format(&std::fs::read(path).unwrap());
+    assert_eq!(format_of(&file), PageFormat::V1);
+
+    let store = open_store(dir.path(), ReadAudit::Durable);
+    for i in 0..50 {
+        store
+            .update(&c, "Patient", &format!("v{i}"), patient("Two"), None)
+            .unwrap();
+    }
+    for i in 50..80 {
+        store
+            .update(&c, "Patient", &format!("v{i}"), patient("Two"), None)
+            .unwrap();
+    }
+    assert_eq!(store.read(&c, "Patient", "v7").unwrap().version, 2);
+    store.verify_audit_against(&head).unwrap();
+    drop(store);
+    assert_eq!(format_of(&file), PageFormat::V1, "a file keeps its format");
+    let report = Store::check(&c, dir.path().join("db"), key_for(dir.path())).unwrap();
+    assert_eq!(report.pages.format_version, 1);
+    assert!(report.pages.is_ok());
+    assert!(
+        report.warnings.iter().any(|w| w.contains("page format 1")),
+        "{:?}",
+        report.warnings
+    );
+
+    let store = open_store(dir.path(), ReadAudit::Durable);
+    let dest = dir.path().join("copy");
+    store
+        .copy_to(&c, &dest, key_for(dir.path()), KdfParams::fast_insecure())
+        .unwrap();
+    drop(store);
+    assert_eq!(format_of(&dest.join(DATABASE_FILE)), PageFormat::V2);
+    let copy = Store::builder(&dest)
+        .key(key_for(dir.path()))
+        .open()
+        .unwrap();
+    for i in 0..80 {
+        let version = if i < 50 { 2 } else { 1 };
+        assert_eq!(
+            copy.read(&c, "Patient", &format!("v{i}")).unwrap().version,
+            version
+        );
+    }
+    drop(copy);
+    let report = Store::check(&c, &dest, key_for(dir.path())).unwrap();
+    assert_eq!(report.pages.format_version, 2);
+    assert!(!report.warnings.iter().any(|w| w.contains("page format")));
 }
