@@ -54,7 +54,7 @@ use std::io;
 use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use redb::{BackendError, StorageBackend};
 use zeroize::{Zeroize, Zeroizing};
@@ -180,7 +180,7 @@ pub struct EncryptedBackend<B> {
     format: PageFormat,
     header: Mutex<HeaderState>,
     /// Format 2 only. Lock order: `header` before `entries`.
-    entries: Mutex<EntryPages>,
+    entries: RwLock<EntryPages>,
 }
 
 impl<B: fmt::Debug> fmt::Debug for EncryptedBackend<B> {
@@ -196,6 +196,14 @@ impl<B: fmt::Debug> fmt::Debug for EncryptedBackend<B> {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_lock<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_lock<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
 }
 
 fn corrupted(msg: impl Into<String>) -> io::Error {
@@ -291,7 +299,7 @@ impl<B: StorageBackend> EncryptedBackend<B> {
             file_id,
             format,
             header: Mutex::new(state),
-            entries: Mutex::new(EntryPages::default()),
+            entries: RwLock::new(EntryPages::default()),
         })
     }
 
@@ -453,7 +461,7 @@ impl<B: StorageBackend> EncryptedBackend<B> {
             // A marker is an entry only: the gap's ciphertext area is neither written nor read.
             if next < first {
                 let key = page::empty_marker_key(&self.keyring);
-                let mut entries = lock(&self.entries);
+                let mut entries = write_lock(&self.entries);
                 for pg in next..first {
                     let marker = page::empty_entry(&key, &self.file_id, pg);
                     self.set_entry(&mut entries, pg, &marker)?;
@@ -523,7 +531,7 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         if self.format != PageFormat::V2 {
             return Ok(());
         }
-        let mut entries = lock(&self.entries);
+        let mut entries = write_lock(&self.entries);
         for (&group, page) in entries.by_group.iter_mut().filter(|(_, p)| p.dirty) {
             self.inner
                 .write(page::v2_entry_page_offset(group), &page.bytes[..])?;
@@ -532,22 +540,43 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         Ok(())
     }
 
+    /// Format 2: the entries of pages `first .. first + n`. Readers share the entry pages;
+    /// only a group not in memory yet takes them exclusively, to load it.
+    fn entries_of(&self, first: u64, n: usize) -> io::Result<Vec<[u8; ENTRY_SIZE]>> {
+        let pages = first..first + n as u64;
+        let entry = |page: &EntryPage, slot: usize| {
+            let mut head = [0u8; ENTRY_SIZE];
+            head.copy_from_slice(&page.bytes[slot * ENTRY_SIZE..(slot + 1) * ENTRY_SIZE]);
+            head
+        };
+        {
+            let entries = read_lock(&self.entries);
+            let shared: Option<Vec<_>> = pages
+                .clone()
+                .map(|pg| {
+                    let (group, slot) = page::v2_group_of(pg);
+                    entries.by_group.get(&group).map(|page| entry(page, slot))
+                })
+                .collect();
+            if let Some(heads) = shared {
+                return Ok(heads);
+            }
+        }
+        let mut entries = write_lock(&self.entries);
+        pages
+            .map(|pg| {
+                let (group, slot) = page::v2_group_of(pg);
+                Ok(entry(self.entry_page(&mut entries, group)?, slot))
+            })
+            .collect()
+    }
+
     /// Format 2: decrypts the whole pages `first, first + 1, ...` into `out` (a multiple of
     /// 4096 bytes). A page with an all-zero entry reads as zeros at or above `high_water` and
     /// fails below it, like any page that does not authenticate. On failure `out` is zeroed.
     fn read_whole_pages_v2(&self, first: u64, out: &mut [u8], high_water: u64) -> io::Result<()> {
         let n = out.len() / PAGE_SIZE;
-        let mut heads = Vec::with_capacity(n);
-        {
-            let mut entries = lock(&self.entries);
-            for pg in first..first + n as u64 {
-                let (group, slot) = page::v2_group_of(pg);
-                let page = self.entry_page(&mut entries, group)?;
-                let mut head = [0u8; ENTRY_SIZE];
-                head.copy_from_slice(&page.bytes[slot * ENTRY_SIZE..(slot + 1) * ENTRY_SIZE]);
-                heads.push(head);
-            }
-        }
+        let heads = self.entries_of(first, n)?;
         // One read per run of pages within a group (entry pages sit between groups), unless
         // no page of the run has ciphertext (never written, or an empty-page marker).
         let has_ciphertext = |head: &[u8; ENTRY_SIZE]| head[..4] != [0u8; 4];
@@ -618,7 +647,13 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         let n = end.div_ceil(PAGE) - first;
         let key_id = self.keyring.consume_nonces(n).map_err(to_io)?;
         let n = usize::try_from(n).map_err(io::Error::other)?;
-        let mut buf = vec![0u8; n * PAGE_SIZE];
+        // What redb writes: whole pages, taken as they are (no zero-filled buffer first).
+        let whole_pages = off.is_multiple_of(PAGE) && data.len().is_multiple_of(PAGE_SIZE);
+        let mut buf = if whole_pages {
+            data.to_vec()
+        } else {
+            vec![0u8; n * PAGE_SIZE]
+        };
         let mut heads = vec![[0u8; ENTRY_SIZE]; n];
         for (k, (body, head)) in buf.chunks_exact_mut(PAGE_SIZE).zip(&mut heads).enumerate() {
             let pg = first + k as u64;
@@ -627,7 +662,9 @@ impl<B: StorageBackend> EncryptedBackend<B> {
             let hi = end.min(page_start + PAGE);
             let src = &data[(lo - off) as usize..(hi - off) as usize];
             if hi - lo == PAGE {
-                body.copy_from_slice(src);
+                if !whole_pages {
+                    body.copy_from_slice(src);
+                }
             } else {
                 // Partial page (redb never does this for pages >= 1): read, modify, re-encrypt.
                 // A zero entry at or above the old mark is a page never written: zeros.
@@ -651,7 +688,7 @@ impl<B: StorageBackend> EncryptedBackend<B> {
             )?;
             done += run;
         }
-        let mut entries = lock(&self.entries);
+        let mut entries = write_lock(&self.entries);
         for (k, head) in heads.iter().enumerate() {
             self.set_entry(&mut entries, first + k as u64, head)?;
         }
@@ -835,7 +872,7 @@ impl<B: StorageBackend> StorageBackend for EncryptedBackend<B> {
         if self.format == PageFormat::V2 {
             // Entry pages cut off are gone with their pages. In a group that keeps some pages,
             // the entries of the cut ones are cleared: space added later must read as zeros.
-            let mut entries = lock(&self.entries);
+            let mut entries = write_lock(&self.entries);
             entries
                 .by_group
                 .retain(|&group, _| page::v2_entry_page_offset(group) < physical);

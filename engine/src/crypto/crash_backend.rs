@@ -247,7 +247,8 @@ impl StorageBackend for CrashBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::page::{HEADER_BLOCK_SIZE, V2_HEADER_A_OFFSET, V2_HEADER_B_OFFSET};
+    use crate::crypto::backend::set_new_file_format_for_tests;
+    use crate::crypto::page::{HEADER_BLOCK_SIZE, PageFormat};
     use crate::crypto::{EncryptedBackend, KdfParams, KeySource, Keyring};
     use redb::{Database, Durability, ReadableDatabase, TableDefinition};
     use std::collections::BTreeMap;
@@ -376,16 +377,32 @@ mod tests {
         disk.crash_image(TornMode::KeepAll)
     }
 
+    /// A write of a header copy, in either format (no page write has a header block's
+    /// length).
     fn is_header_write(op: &PendingOp) -> bool {
+        let headers = [PageFormat::V1, PageFormat::V2]
+            .map(|f| [f.header_offset(false), f.header_offset(true)]);
         matches!(op, PendingOp::Write { offset, data }
-            if (*offset == V2_HEADER_A_OFFSET || *offset == V2_HEADER_B_OFFSET)
-                && data.len() == HEADER_BLOCK_SIZE)
+            if headers.as_flattened().contains(offset) && data.len() == HEADER_BLOCK_SIZE)
     }
 
     #[test]
     fn crash_at_every_operation_keeps_acknowledged_commits() {
+        for format in [PageFormat::V1, PageFormat::V2] {
+            set_new_file_format_for_tests(format);
+            let outcome = std::panic::catch_unwind(|| crash_at_every_operation(format));
+            set_new_file_format_for_tests(PageFormat::NEWEST);
+            if let Err(panic) = outcome {
+                eprintln!("in format {format:?}:");
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+
+    fn crash_at_every_operation(format: PageFormat) {
         let (_dir, k) = keyring();
         let base = base_image(&k);
+        assert_eq!(crate::crypto::page::image::format(&base), format);
         let wl = workload(0x5eed, 7);
         let models = models(&wl);
 
@@ -454,8 +471,8 @@ mod tests {
             }
         }
         eprintln!(
-            "crash test: {total_ops} operations, {checked} crash images checked, \
-             {torn_header_cases} with a torn unsynced header write"
+            "crash test, format {format:?}: {total_ops} operations, {checked} crash images \
+             checked, {torn_header_cases} with a torn unsynced header write"
         );
         assert!(checked > 100);
         assert!(
