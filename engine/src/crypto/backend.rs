@@ -164,9 +164,24 @@ struct EntryPage {
 /// Format 2: the entry pages in memory, by group. Changed entries reach the file before the
 /// next header write or sync ([`EncryptedBackend::write_entry_pages`]), which is where
 /// format 1 would have written them too: before anything that could make them needed.
-#[derive(Default)]
 struct EntryPages {
     by_group: BTreeMap<u64, EntryPage>,
+    /// Pages kept in memory before the clean ones are dropped: [`MAX_CLEAN_ENTRY_PAGES`]
+    /// (tests lower it).
+    cap: usize,
+    /// When the next drop happens: at least `cap`, and twice what a drop had to keep
+    /// (changed pages), so that many changed pages do not make every load scan them.
+    drop_at: usize,
+}
+
+impl Default for EntryPages {
+    fn default() -> Self {
+        EntryPages {
+            by_group: BTreeMap::new(),
+            cap: MAX_CLEAN_ENTRY_PAGES,
+            drop_at: MAX_CLEAN_ENTRY_PAGES,
+        }
+    }
 }
 
 /// A redb storage backend that encrypts and authenticates every page it stores in `inner`.
@@ -408,6 +423,14 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         self.format
     }
 
+    /// Tests only: keep at most `cap` entry pages in memory before dropping the clean ones.
+    #[cfg(test)]
+    fn set_entry_page_cap_for_tests(&self, cap: usize) {
+        let mut entries = write_lock(&self.entries);
+        entries.cap = cap;
+        entries.drop_at = cap;
+    }
+
     /// The header copy holding the newest durable header, and the newest sequence number.
     pub fn header_position(&self) -> (HeaderSlot, u64) {
         let st = lock(&self.header);
@@ -490,8 +513,9 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         group: u64,
     ) -> io::Result<&'a mut EntryPage> {
         if !entries.by_group.contains_key(&group) {
-            if entries.by_group.len() >= MAX_CLEAN_ENTRY_PAGES {
+            if entries.by_group.len() >= entries.drop_at {
                 entries.by_group.retain(|_, p| p.dirty);
+                entries.drop_at = entries.cap.max(2 * entries.by_group.len());
             }
             let mut bytes = Box::new([0u8; PAGE_SIZE]);
             let offset = page::v2_entry_page_offset(group);
@@ -2035,6 +2059,62 @@ mod tests {
         b.read(200 * PAGE, &mut out[..2 * PAGE_SIZE]).unwrap();
         assert!(out[..PAGE_SIZE].iter().all(|&x| x == 9));
         assert!(out[PAGE_SIZE..2 * PAGE_SIZE].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn format_2_entry_pages_dropped_from_memory_are_read_again_and_changed_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keyring(dir.path());
+        let path = dir.path().join("d");
+        let pages = 20 * PAGES_PER_GROUP; // 20 groups
+        let content = |pg: u64, round: u64| vec![(pg * 7 + round) as u8 | 1; PAGE_SIZE];
+        let b = backend(&path, &k).unwrap();
+        b.set_entry_page_cap_for_tests(3);
+        b.set_len(pages * PAGE).unwrap();
+        // Every page written, group after group, with no sync in between: more changed
+        // entry pages than the cap, all of which must survive until they are written.
+        for pg in (1..pages).rev() {
+            b.write(pg * PAGE, &content(pg, 0)).unwrap();
+        }
+        let mut out = vec![0u8; PAGE_SIZE];
+        for pg in (1..pages).step_by(37) {
+            b.read(pg * PAGE, &mut out).unwrap();
+            assert_eq!(out, content(pg, 0), "page {pg} before the sync");
+        }
+        b.sync_data().unwrap();
+        // Clean pages are now dropped and read back from the file as needed, while a second
+        // round of writes changes some of them again.
+        for pg in (1..pages).step_by(5) {
+            b.write(pg * PAGE, &content(pg, 1)).unwrap();
+            let other = 1 + (pg * 31) % (pages - 1);
+            b.read(other * PAGE, &mut out).unwrap();
+            let round = u64::from(other % 5 == 1 && other <= pg);
+            assert_eq!(
+                out,
+                content(other, round),
+                "page {other} while writing {pg}"
+            );
+        }
+        b.write(0, b"head").unwrap();
+        b.sync_data().unwrap();
+        drop(b);
+        let r = verify_file(&path, &k).unwrap();
+        assert!(r.is_ok(), "{r:?}");
+        let (data_pages, header_copies) = (pages - 1, 1);
+        assert_eq!(
+            r.blocks_by_key.values().sum::<u64>(),
+            data_pages + header_copies
+        );
+        let b = backend(&path, &k).unwrap();
+        b.set_entry_page_cap_for_tests(2);
+        for pg in 1..pages {
+            b.read(pg * PAGE, &mut out).unwrap();
+            assert_eq!(
+                out,
+                content(pg, u64::from(pg % 5 == 1)),
+                "page {pg} after reopening"
+            );
+        }
     }
 
     #[test]
