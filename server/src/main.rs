@@ -286,6 +286,9 @@ enum Command {
     },
     /// Copy the database into NEWDIR, re-encrypting every page under a fresh data key.
     ///
+    /// The copy is written in the current data file format (2), so this also converts a
+    /// database written in format 1 (`fhirkeep check` says when one is).
+    ///
     /// Versions, history and the audit log (and its signing key) are copied as they are. The
     /// copy is keyed by --new-key-file, FHIRKEEP_NEW_PASSPHRASE (with --new-passphrase-from-env),
     /// or else the same key as the source. Swap the directories yourself once it is done.
