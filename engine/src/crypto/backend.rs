@@ -1063,6 +1063,34 @@ impl FileReport {
     pub fn is_ok(&self) -> bool {
         self.problems.is_empty() && self.failed_pages.is_empty()
     }
+
+    /// Counts page `pg` as a read would see it: all zeros (`zero`: never written at or above
+    /// the high-water mark, damaged or tampered below it), or a block whose 32-byte `prefix`
+    /// names its key and which `authenticates`.
+    fn record_page(
+        &mut self,
+        pg: u64,
+        zero: bool,
+        prefix: &[u8],
+        authenticates: impl FnOnce() -> bool,
+    ) {
+        self.page_blocks += 1;
+        if zero {
+            if pg < self.high_water {
+                self.failed_pages.push(pg);
+            } else {
+                self.zero_blocks += 1;
+            }
+        } else if authenticates() {
+            match page::block_key_id(prefix) {
+                Some(page::EMPTY_KEY_ID) => self.empty_markers += 1,
+                Some(id) => *self.blocks_by_key.entry(id).or_default() += 1,
+                None => {}
+            }
+        } else {
+            self.failed_pages.push(pg);
+        }
+    }
 }
 
 /// Opens the main data file at `path` read-only and authenticates every block with `keyring`.
@@ -1184,23 +1212,9 @@ fn verify_pages_v1(
         file.read_exact_at(bytes, PAGES_OFFSET + next * PAGE_BLOCK_SIZE as u64)?;
         for (k, blk) in bytes.chunks_exact(PAGE_BLOCK_SIZE).enumerate() {
             let pg = next + k as u64 + 1;
-            report.page_blocks += 1;
-            if page::is_zero_block(blk) {
-                if pg < report.high_water {
-                    // Written once (below the high-water mark): damaged or tampered.
-                    report.failed_pages.push(pg);
-                } else {
-                    report.zero_blocks += 1;
-                }
-            } else if page::open_into(PageFormat::V1, keyring, file_id, pg, blk, &mut out) {
-                match page::block_key_id(blk) {
-                    Some(page::EMPTY_KEY_ID) => report.empty_markers += 1,
-                    Some(id) => *report.blocks_by_key.entry(id).or_default() += 1,
-                    None => {}
-                }
-            } else {
-                report.failed_pages.push(pg);
-            }
+            report.record_page(pg, page::is_zero_block(blk), blk, || {
+                page::open_into(PageFormat::V1, keyring, file_id, pg, blk, &mut out)
+            });
         }
         next += count;
     }
@@ -1234,25 +1248,11 @@ fn verify_pages_v2(
         file.read_exact_at(bytes, at + PAGE)?;
         for (k, body) in bytes.chunks_exact_mut(PAGE_SIZE).enumerate() {
             let pg = group * PAGES_PER_GROUP + k as u64 + 1;
-            report.page_blocks += 1;
             let mut head = [0u8; ENTRY_SIZE];
             head.copy_from_slice(&entries[k * ENTRY_SIZE..(k + 1) * ENTRY_SIZE]);
-            if page::is_zero_block(&head) {
-                if pg < report.high_water {
-                    // Written once (below the high-water mark): damaged or tampered.
-                    report.failed_pages.push(pg);
-                } else {
-                    report.zero_blocks += 1;
-                }
-            } else if page::open_page(keyring, file_id, pg, &head, body) {
-                match page::block_key_id(&head) {
-                    Some(page::EMPTY_KEY_ID) => report.empty_markers += 1,
-                    Some(id) => *report.blocks_by_key.entry(id).or_default() += 1,
-                    None => {}
-                }
-            } else {
-                report.failed_pages.push(pg);
-            }
+            report.record_page(pg, page::is_zero_block(&head), &head, || {
+                page::open_page(keyring, file_id, pg, &head, body)
+            });
         }
         pages += count;
     }
