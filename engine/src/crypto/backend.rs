@@ -609,11 +609,14 @@ impl<B: StorageBackend> EncryptedBackend<B> {
             let pg = first + done as u64;
             let (_, slot) = page::v2_group_of(pg);
             let run = (n - done).min(PAGES_PER_GROUP as usize - slot);
-            if heads[done..done + run].iter().any(has_ciphertext) {
-                self.inner.read(
+            if heads[done..done + run].iter().any(has_ciphertext)
+                && let Err(e) = self.inner.read(
                     page::v2_data_offset(pg),
                     &mut out[done * PAGE_SIZE..(done + run) * PAGE_SIZE],
-                )?;
+                )
+            {
+                out.fill(0);
+                return Err(e);
             }
             done += run;
         }
