@@ -288,6 +288,15 @@ impl StoreBuilder {
             .read(true)
             .write(true)
             .open(&path)?;
+        // Every database that was created holds its header copies after the preamble. A file
+        // shorter than that was cut down (or its creation never finished): opening it would
+        // start an empty database and a new audit log in its place.
+        if file.metadata()?.len() <= crate::crypto::page::PAGE_SIZE as u64 {
+            return Err(Error::Corrupted(format!(
+                "the data file {DATABASE_FILE} holds no database (it is empty or only a preamble): \
+                 it was truncated, or its creation did not finish; restore it from a backup"
+            )));
+        }
         let backend = redb::backends::FileBackend::new(file)?;
         self.finish(backend, keyring)
     }

@@ -1204,3 +1204,37 @@ fn a_store_in_page_format_1_keeps_working_and_copies_into_format_2() {
     assert_eq!(report.pages.format_version, 2);
     assert!(!report.warnings.iter().any(|w| w.contains("page format")));
 }
+
+/// A data file cut down to nothing (or to its preamble) is refused on open, never taken for
+/// a new, empty database with a new audit log; the file is left as it was.
+#[test]
+fn a_data_file_cut_to_nothing_is_refused_not_started_afresh() {
+    let dir = TempDir::new().unwrap();
+    {
+        let store = open_store(dir.path(), ReadAudit::Durable);
+        store
+            .update(&ctx(), "Patient", "kept", patient("K"), None)
+            .unwrap();
+    }
+    let path = dir.path().join("db").join(DATABASE_FILE);
+    let original = std::fs::read(&path).unwrap();
+    for keep in [0, crate::crypto::page::PREAMBLE_SIZE, 4096] {
+        std::fs::write(&path, &original[..keep]).unwrap();
+        let err = Store::builder(dir.path().join("db"))
+            .key(key_for(dir.path()))
+            .open()
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupted(m) if m.contains("holds no database")),
+            "{keep} bytes: {err}"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap().len(),
+            keep,
+            "the file was changed"
+        );
+    }
+    std::fs::write(&path, &original).unwrap();
+    let store = open_store(dir.path(), ReadAudit::Durable);
+    assert_eq!(store.read(&ctx(), "Patient", "kept").unwrap().version, 1);
+}
