@@ -100,7 +100,7 @@ use super::keys::Keyring;
 pub const PAGE_SIZE: usize = 4096;
 /// Bytes in front of each ciphertext: key id, nonce, tag.
 pub const BLOCK_OVERHEAD: usize = 32;
-/// Physical size of a page block.
+/// Physical size of a format-1 page block (format 2: its prefix and ciphertext, apart).
 pub const PAGE_BLOCK_SIZE: usize = PAGE_SIZE + BLOCK_OVERHEAD;
 /// Offset of page 0 in a header copy's plaintext (after sequence and high-water mark).
 pub const HEADER_PAGE0_OFFSET: usize = 16;
@@ -110,13 +110,13 @@ pub const HEADER_PLAIN_SIZE: usize = HEADER_PAGE0_OFFSET + PAGE_SIZE;
 pub const HEADER_BLOCK_SIZE: usize = HEADER_PLAIN_SIZE + BLOCK_OVERHEAD;
 /// Size of the plaintext preamble.
 pub const PREAMBLE_SIZE: usize = 64;
-/// Physical offset of header copy A.
+/// Format 1: physical offset of header copy A.
 pub const HEADER_A_OFFSET: u64 = PREAMBLE_SIZE as u64;
-/// Physical offset of header copy B.
+/// Format 1: physical offset of header copy B.
 pub const HEADER_B_OFFSET: u64 = HEADER_A_OFFSET + HEADER_BLOCK_SIZE as u64;
-/// Physical offset of the block of logical page 1.
+/// Format 1: physical offset of the block of logical page 1.
 pub const PAGES_OFFSET: u64 = HEADER_B_OFFSET + HEADER_BLOCK_SIZE as u64;
-/// Physical format version of new files.
+/// Physical format version of new files ([`PageFormat::NEWEST`]).
 pub const FORMAT_VERSION: u16 = 2;
 /// Size of one entry (key id, nonce, tag) of a format-2 page.
 pub const ENTRY_SIZE: usize = BLOCK_OVERHEAD;
@@ -788,6 +788,7 @@ mod tests {
 
     #[test]
     fn preamble_checks() {
+        assert_eq!(PageFormat::NEWEST.version(), FORMAT_VERSION);
         let id = [7u8; 16];
         for format in [PageFormat::V1, PageFormat::V2] {
             let p = encode_preamble(format, &id);
