@@ -229,6 +229,17 @@ fn auth_failed(page: u64) -> io::Error {
     corrupted(format!("page {page} failed authentication"))
 }
 
+/// The rule for an all-zero block (format 2: an all-zero entry) at page `pg`: a page never
+/// written reads as zeros, which it can only be at or above the high-water mark. Below it the
+/// page was written once and must hold a real block: the zeros are damage or tampering.
+fn zero_page_allowed(pg: u64, high_water: u64) -> io::Result<()> {
+    if pg < high_water {
+        Err(auth_failed(pg))
+    } else {
+        Ok(())
+    }
+}
+
 fn seal_err(e: SealError) -> io::Error {
     match e {
         SealError::Random => io::Error::other("random number generator failed"),
@@ -627,10 +638,9 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         {
             let pg = first + k as u64;
             if page::is_zero_block(head) {
-                if pg < high_water {
-                    // Written once, so it must hold a real entry: damaged or tampered.
+                if let Err(e) = zero_page_allowed(pg, high_water) {
                     out.fill(0);
-                    return Err(auth_failed(pg));
+                    return Err(e);
                 }
                 body.fill(0);
                 continue;
@@ -741,10 +751,9 @@ impl<B: StorageBackend> EncryptedBackend<B> {
             let hi = end.min(page_start + PAGE);
             let dst = &mut out[(lo - off) as usize..(hi - off) as usize];
             if page::is_zero_block(blk) {
-                if pg < high_water {
-                    // Written once, so it must hold a real block: damaged or tampered.
+                if let Err(e) = zero_page_allowed(pg, high_water) {
                     out.fill(0);
-                    return Err(auth_failed(pg));
+                    return Err(e);
                 }
                 dst.fill(0);
                 continue;
@@ -813,10 +822,7 @@ impl<B: StorageBackend> EncryptedBackend<B> {
             if block_off + PAGE_BLOCK_SIZE as u64 <= plen {
                 self.inner.read(block_off, blk)?;
                 if page::is_zero_block(blk) {
-                    if pg < old_high_water {
-                        return Err(auth_failed(pg));
-                    }
-                    // Never written: a zero page.
+                    zero_page_allowed(pg, old_high_water)?;
                 } else if !page::open_in_place(&self.keyring, &self.file_id, pg, blk) {
                     return Err(auth_failed(pg));
                 }
@@ -1079,10 +1085,9 @@ impl FileReport {
     ) {
         self.page_blocks += 1;
         if zero {
-            if pg < self.high_water {
-                self.failed_pages.push(pg);
-            } else {
-                self.zero_blocks += 1;
+            match zero_page_allowed(pg, self.high_water) {
+                Ok(()) => self.zero_blocks += 1,
+                Err(_) => self.failed_pages.push(pg),
             }
         } else if authenticates() {
             match page::block_key_id(prefix) {
