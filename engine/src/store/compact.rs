@@ -10,7 +10,7 @@ use redb::{ReadableTableMetadata, TableDefinition};
 
 use super::auxiliary::{aux_names, aux_path};
 use super::copy::copy_rows;
-use super::record::{CHANGES, TYPE_CHANGES, VERSIONS};
+use super::record::{BODIES, CHANGES, TYPE_CHANGES, VERSIONS};
 use super::{AccessContext, AccessRecord, DATABASE_FILE, Flusher, Store};
 use crate::audit::AuditAction;
 use crate::audit::log::{FIRST_STORED_LEVEL, HEADS, LEAVES, NODES};
@@ -85,6 +85,7 @@ impl Store {
             drop_recomputable_nodes(&inner.db)?;
             for packed in [
                 pack_table(&inner.db, VERSIONS)?,
+                pack_table(&inner.db, BODIES)?,
                 pack_table(&inner.db, CHANGES)?,
                 pack_table(&inner.db, TYPE_CHANGES)?,
                 pack_table(&inner.db, LEAVES)?,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::record::{CHANGES, META, TYPE_CHANGES, VERSIONS};
+use super::record::{BODIES, CHANGES, META, TYPE_CHANGES, VERSIONS};
 use super::{AccessContext, AccessRecord, Store, StoreBuilder};
 use crate::audit::AuditAction;
 use crate::crypto::{KdfParams, KeySource};
@@ -68,6 +68,7 @@ impl Store {
         let txn = target.inner.begin_write_txn()?;
         let mut rows = 0;
         rows += copy_table(&source, &txn, VERSIONS)?;
+        rows += copy_table(&source, &txn, BODIES)?;
         rows += copy_table(&source, &txn, CHANGES)?;
         rows += copy_table(&source, &txn, TYPE_CHANGES)?;
         rows += copy_table(&source, &txn, META)?;

@@ -10,7 +10,7 @@
 
 use redb::ReadableDatabase;
 
-use super::record::{CHANGES, Change, VERSIONS, VersionRecord};
+use super::record::{BODIES, CHANGES, Change, VERSIONS, VersionRecord};
 use super::{AccessContext, Store, StoredResource};
 use crate::audit::{AuditAction, AuditRecord};
 use crate::{Error, Result};
@@ -98,6 +98,7 @@ impl Store {
         let txn = self.inner.db.begin_read()?;
         let changes = txn.open_table(CHANGES)?;
         let versions = txn.open_table(VERSIONS)?;
+        let bodies = txn.open_table(BODIES)?;
         for entry in changes.range(first..=durable)? {
             let (key, value) = entry?;
             if page.changes.len() >= limit {
@@ -121,6 +122,7 @@ impl Store {
                     &change.id,
                     change.version,
                     &record,
+                    &bodies,
                 )?,
             ));
             page.next_after = seq;

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use redb::ReadableDatabase;
 
-use super::record::{CHANGES, Change, TYPE_CHANGES, VERSIONS, VersionRecord};
+use super::record::{BODIES, CHANGES, Change, TYPE_CHANGES, VERSIONS, VersionRecord};
 use super::{AccessContext, Store, StoredResource};
 use crate::audit::{AuditAction, AuditRecord};
 use crate::resource::{check_id, check_resource_type};
@@ -90,6 +90,7 @@ impl Store {
         check_id(id)?;
         let txn = self.inner.db.begin_read()?;
         let versions = txn.open_table(VERSIONS)?;
+        let bodies = txn.open_table(BODIES)?;
         let upper = query.cursor.map_or(u64::MAX, |c| c.saturating_sub(1));
         let mut entries = Vec::new();
         let mut next = None;
@@ -129,6 +130,7 @@ impl Store {
                 id,
                 version,
                 &record,
+                &bodies,
             )?);
         }
         if !any {
@@ -216,6 +218,7 @@ fn collect_changes(
 ) -> Result<HistoryPage> {
     let changes = txn.open_table(CHANGES)?;
     let versions = txn.open_table(VERSIONS)?;
+    let bodies = txn.open_table(BODIES)?;
     let mut entries = Vec::new();
     let mut next = None;
     for seq in seqs {
@@ -263,6 +266,7 @@ fn collect_changes(
             &change.id,
             change.version,
             &record,
+            &bodies,
         )?);
     }
     Ok(HistoryPage { entries, next })

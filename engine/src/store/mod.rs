@@ -165,11 +165,14 @@ impl StoredResource {
         format_instant(self.last_updated)
     }
 
+    /// The version `record` describes; its body is taken from `bodies` if the record does
+    /// not hold it (record format 3).
     fn from_record(
         resource_type: &str,
         id: &str,
         version: u64,
         record: &VersionRecord<'_>,
+        bodies: &impl ReadableTable<u64, &'static [u8]>,
     ) -> Result<Self> {
         Ok(StoredResource {
             resource_type: resource_type.to_owned(),
@@ -178,7 +181,7 @@ impl StoredResource {
             last_updated: micros_to_datetime(record.last_updated_micros)?,
             kind: record.kind,
             content_hash: record.content_hash,
-            body: record.body()?,
+            body: record.body(bodies)?,
         })
     }
 }
@@ -369,8 +372,12 @@ impl Drop for CounterGuard {
     }
 }
 
-/// The `versions` table of one committed state, kept open for the reads that follow it.
-type VersionsTable = redb::ReadOnlyTable<(&'static str, &'static str, u64), &'static [u8]>;
+/// The `versions` and `bodies` tables of one committed state (opened in one read
+/// transaction), kept open for the reads that follow it.
+struct VersionsTable {
+    versions: redb::ReadOnlyTable<(&'static str, &'static str, u64), &'static [u8]>,
+    bodies: redb::ReadOnlyTable<u64, &'static [u8]>,
+}
 
 /// The read snapshot reads share; see [`Inner::versions_snapshot`].
 #[derive(Default)]
@@ -591,7 +598,13 @@ impl Store {
         check_resource_type(resource_type)?;
         check_id(id)?;
         let versions = self.inner.versions_snapshot()?;
-        let found = find_version(&*versions, resource_type, id, which)?;
+        let found = find_version(
+            &versions.versions,
+            &versions.bodies,
+            resource_type,
+            id,
+            which,
+        )?;
         let (version, stored) = found.ok_or(Error::NotFound)?;
         if stored.is_deleted() {
             return Err(Error::Gone { version });
@@ -858,6 +871,7 @@ enum Lookup {
 
 fn find_version(
     versions: &impl ReadableTable<(&'static str, &'static str, u64), &'static [u8]>,
+    bodies: &impl ReadableTable<u64, &'static [u8]>,
     resource_type: &str,
     id: &str,
     which: Lookup,
@@ -866,7 +880,7 @@ fn find_version(
         let record = VersionRecord::decode(bytes)?;
         Ok((
             version,
-            StoredResource::from_record(resource_type, id, version, &record)?,
+            StoredResource::from_record(resource_type, id, version, &record, bodies)?,
         ))
     };
     match which {
@@ -894,7 +908,7 @@ fn find_version(
                     let version = key.value().2;
                     return Ok(Some((
                         version,
-                        StoredResource::from_record(resource_type, id, version, &record)?,
+                        StoredResource::from_record(resource_type, id, version, &record, bodies)?,
                     )));
                 }
             }
@@ -964,6 +978,7 @@ impl Inner {
             };
             self.clock.store(clock, Ordering::SeqCst);
             txn.open_table(VERSIONS)?;
+            txn.open_table(record::BODIES)?;
             txn.open_table(record::CHANGES)?;
             txn.open_table(record::TYPE_CHANGES)?;
         }
@@ -1026,7 +1041,11 @@ impl Inner {
         {
             return Ok(Arc::clone(table));
         }
-        let table = Arc::new(self.db.begin_read()?.open_table(VERSIONS)?);
+        let txn = self.db.begin_read()?;
+        let table = Arc::new(VersionsTable {
+            versions: txn.open_table(VERSIONS)?,
+            bodies: txn.open_table(record::BODIES)?,
+        });
         let mut current = lock(&self.read_snapshot.current);
         if self.read_snapshot.generation.load(Ordering::SeqCst) == generation {
             *current = Some((generation, Arc::clone(&table)));

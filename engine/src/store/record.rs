@@ -1,14 +1,28 @@
-//! How one stored version of a resource is laid out in the `versions` table.
+//! How one stored version of a resource is laid out in the `versions` and `bodies` tables.
 //!
-//! Value layout (all integers little-endian):
+//! Value layout in `versions` (all integers little-endian):
 //!
 //! ```text
 //! 0      1        2               10          18              50
-//! | fmt  | kind   | last_updated  | change    | content hash  | body ...
-//! | u8=2 | u8     | i64 µs epoch  | seq u64   | blake3 [32]   | zstd(JSON) or empty
+//! | fmt  | kind   | last_updated  | change    | content hash  | body ... (format 2 only)
+//! | u8   | u8     | i64 µs epoch  | seq u64   | blake3 [32]   | zstd(JSON) or empty
 //! ```
 //!
-//! Format 2 bodies are zstd frames compressed with the built-in dictionary
+//! Record format 2 carries the body inline after the header. Record format 3 is the 50-byte
+//! header alone; its compressed body is the value of its change seq in `bodies` (none for a
+//! tombstone). Both are read everywhere; databases written before format 3 existed hold
+//! format 2 only and need no rewrite.
+//!
+//! Which one a write takes depends on where its key lands (`txn.rs`, `insert_into`): among
+//! dense keys (an append, or an id sharing a long prefix with the next one) format 2, where
+//! a read finds the body with one look-up; anywhere else format 3. Why: with random client
+//! ids every insert lands in a random leaf of `versions`, and a leaf holding four or five
+//! ~800-byte bodies is rewritten (copied, encrypted, written, synced) for each one, splitting
+//! often. With 50-byte records a leaf holds ~40 of them, and the bodies are appended in
+//! change-seq order to `bodies`, whose pages fill one after another (BENCHMARKS.md, "Bodies
+//! of random-id writes out of the `versions` leaves").
+//!
+//! Bodies are zstd frames compressed with the built-in dictionary
 //! `fhir-r4-v1.zdict` (64 KiB, trained on the official R4 examples by
 //! `benches/src/bin/train_zstd_dictionary.rs`); FHIR resources share so many keys, system
 //! URLs and codes that it halves the size of a typical 1 KiB resource. The dictionary is part
@@ -19,13 +33,16 @@
 //! The content hash is blake3 of the uncompressed JSON as returned to readers,
 //! and is what the audit leaf of the write records.
 
-use redb::TableDefinition;
+use redb::{ReadableTable, TableDefinition};
 
 use crate::{Error, Result};
 
 /// `(resource type, id, version) -> encoded version record`.
 pub(crate) const VERSIONS: TableDefinition<'_, (&str, &str, u64), &[u8]> =
     TableDefinition::new("versions");
+
+/// `change seq -> compressed body` of record format 3 versions (not tombstones).
+pub(crate) const BODIES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("bodies");
 
 /// `change seq -> encoded change` (all writes in commit order; system history).
 pub(crate) const CHANGES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("changes");
@@ -43,12 +60,17 @@ pub(crate) const META_CLOCK: &str = "clock";
 
 /// The on-disk format version of the engine's tables. 2: audit leaves in rows
 /// (`audit_leaf_chunks`). A build that knows only 1 refuses a database of format 2 rather
-/// than starting an empty audit log beside its rows.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+/// than starting an empty audit log beside its rows. 3: bodies of new versions in `bodies`
+/// (record format 3); a build that knows only 2 would fail on every such record, so it
+/// refuses the database at open instead.
+pub(crate) const FORMAT_VERSION: u32 = 3;
 /// The oldest format that opening upgrades (1: one audit leaf per row in `audit_leaves`).
 pub(crate) const OLDEST_UPGRADABLE_FORMAT: u32 = 1;
 
-const RECORD_FORMAT: u8 = 2;
+/// Record format with the body inline, after the header (written before table format 3).
+const RECORD_FORMAT_INLINE: u8 = 2;
+/// Record format with the body in `bodies` under the record's change seq.
+const RECORD_FORMAT_SPLIT: u8 = 3;
 
 /// The zstd dictionary of record format 2. Never change these bytes: stored bodies need them.
 static DICTIONARY_V1: &[u8] = include_bytes!("fhir-r4-v1.zdict");
@@ -101,65 +123,93 @@ impl VersionKind {
     }
 }
 
-/// A decoded version record header plus its still-compressed body.
+/// A decoded version record header, and where its still-compressed body is.
 #[derive(Debug, Clone)]
 pub(crate) struct VersionRecord<'a> {
     pub(crate) kind: VersionKind,
     pub(crate) last_updated_micros: i64,
+    pub(crate) change_seq: u64,
     pub(crate) content_hash: [u8; 32],
-    pub(crate) compressed_body: &'a [u8],
+    body: RecordBody<'a>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum RecordBody<'a> {
+    /// Record format 2: after the header (empty for a tombstone).
+    Inline(&'a [u8]),
+    /// Record format 3: in `bodies` under the change seq (none for a tombstone).
+    InBodies,
 }
 
 impl<'a> VersionRecord<'a> {
     pub(crate) fn decode(bytes: &'a [u8]) -> Result<Self> {
-        if bytes.len() < HEADER_LEN || bytes[0] != RECORD_FORMAT {
-            return Err(Error::Corrupted(
-                "version record header is malformed".into(),
-            ));
+        let malformed = || Error::Corrupted("version record header is malformed".into());
+        if bytes.len() < HEADER_LEN {
+            return Err(malformed());
         }
+        let body = match bytes[0] {
+            RECORD_FORMAT_INLINE => RecordBody::Inline(&bytes[HEADER_LEN..]),
+            RECORD_FORMAT_SPLIT if bytes.len() == HEADER_LEN => RecordBody::InBodies,
+            _ => return Err(malformed()),
+        };
         let kind = VersionKind::from_byte(bytes[1])?;
         let last_updated_micros = i64::from_le_bytes(fixed(&bytes[2..10])?);
+        let change_seq = u64::from_le_bytes(fixed(&bytes[10..18])?);
         let content_hash = fixed(&bytes[18..50])?;
         Ok(VersionRecord {
             kind,
             last_updated_micros,
+            change_seq,
             content_hash,
-            compressed_body: &bytes[HEADER_LEN..],
+            body,
         })
     }
 
-    /// Decompresses the JSON body (empty for tombstones).
-    pub(crate) fn body(&self) -> Result<Vec<u8>> {
-        if self.compressed_body.is_empty() {
-            return Ok(Vec::new());
+    /// Decompresses the JSON body (empty for tombstones), taking it from `bodies` if the
+    /// record does not hold it.
+    pub(crate) fn body(&self, bodies: &impl ReadableTable<u64, &'static [u8]>) -> Result<Vec<u8>> {
+        match self.body {
+            RecordBody::Inline(compressed) => decompress(compressed),
+            RecordBody::InBodies if self.kind == VersionKind::Deleted => Ok(Vec::new()),
+            RecordBody::InBodies => match bodies.get(self.change_seq)? {
+                Some(compressed) => decompress(compressed.value()),
+                None => Err(Error::Corrupted("a version's body is missing".into())),
+            },
         }
-        let corrupted = || Error::Corrupted("version body does not decompress".into());
-        // The frame header states the exact size: allocate that, not the 64 MiB maximum.
-        let size = zstd::zstd_safe::get_frame_content_size(self.compressed_body)
-            .ok()
-            .flatten()
-            .and_then(|size| usize::try_from(size).ok())
-            .filter(|&size| size <= MAX_BODY)
-            .ok_or_else(corrupted)?;
-        DECOMPRESSOR.with(|cell| {
-            let mut slot = cell.borrow_mut();
-            let decompressor = match slot.as_mut() {
-                Some(decompressor) => decompressor,
-                None => slot.insert(
-                    zstd::bulk::Decompressor::with_prepared_dictionary(decoder_dictionary())
-                        .map_err(Error::Io)?,
-                ),
-            };
-            let body = decompressor
-                .decompress(self.compressed_body, size)
-                .map_err(|_| corrupted())?;
-            if body.len() == size {
-                Ok(body)
-            } else {
-                Err(corrupted())
-            }
-        })
     }
+}
+
+/// Decompresses a stored body (empty stays empty).
+fn decompress(compressed: &[u8]) -> Result<Vec<u8>> {
+    if compressed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let corrupted = || Error::Corrupted("version body does not decompress".into());
+    // The frame header states the exact size: allocate that, not the 64 MiB maximum.
+    let size = zstd::zstd_safe::get_frame_content_size(compressed)
+        .ok()
+        .flatten()
+        .and_then(|size| usize::try_from(size).ok())
+        .filter(|&size| size <= MAX_BODY)
+        .ok_or_else(corrupted)?;
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let decompressor = match slot.as_mut() {
+            Some(decompressor) => decompressor,
+            None => slot.insert(
+                zstd::bulk::Decompressor::with_prepared_dictionary(decoder_dictionary())
+                    .map_err(Error::Io)?,
+            ),
+        };
+        let body = decompressor
+            .decompress(compressed, size)
+            .map_err(|_| corrupted())?;
+        if body.len() == size {
+            Ok(body)
+        } else {
+            Err(corrupted())
+        }
+    })
 }
 
 /// Resources larger than this are refused (and so never need decompressing).
@@ -198,26 +248,117 @@ pub(crate) fn set_record_change_seq(record: &mut [u8], change_seq: u64) {
     }
 }
 
+/// A version encoded for storage: its record in format 3 and its compressed body.
+#[derive(Debug)]
+pub(crate) struct EncodedVersion {
+    /// The `versions` value in format 3: the header alone.
+    pub(crate) record: Vec<u8>,
+    /// The `bodies` value (under the change seq); empty for a tombstone, which has none.
+    pub(crate) body: Vec<u8>,
+}
+
+impl EncodedVersion {
+    /// The same version as one record of format 2: the header with the body after it.
+    pub(crate) fn into_inline_record(self) -> Vec<u8> {
+        let mut record = self.record;
+        record[0] = RECORD_FORMAT_INLINE;
+        record.extend_from_slice(&self.body);
+        record
+    }
+}
+
+/// Encodes a version in record format 3.
 pub(crate) fn encode_record(
     kind: VersionKind,
     last_updated_micros: i64,
     change_seq: u64,
     content_hash: &[u8; 32],
     body: &[u8],
-) -> Result<Vec<u8>> {
+) -> Result<EncodedVersion> {
     let compressed = if body.is_empty() {
         Vec::new()
     } else {
         compress(body)?
     };
-    let mut out = Vec::with_capacity(HEADER_LEN + compressed.len());
-    out.push(RECORD_FORMAT);
+    Ok(EncodedVersion {
+        record: encode_header(
+            RECORD_FORMAT_SPLIT,
+            kind,
+            last_updated_micros,
+            change_seq,
+            content_hash,
+        ),
+        body: compressed,
+    })
+}
+
+/// Encodes a version in record format 2 (body inline).
+#[cfg(test)]
+pub(crate) fn encode_inline_record(
+    kind: VersionKind,
+    last_updated_micros: i64,
+    change_seq: u64,
+    content_hash: &[u8; 32],
+    body: &[u8],
+) -> Result<Vec<u8>> {
+    Ok(
+        encode_record(kind, last_updated_micros, change_seq, content_hash, body)?
+            .into_inline_record(),
+    )
+}
+
+/// Rewrites every record of `versions` into record format 2 (body inline, `bodies` empty)
+/// and marks the tables format 2: the layout of a database written by a build before table
+/// format 3.
+#[cfg(test)]
+pub(crate) fn inline_layout_for_tests(txn: &redb::WriteTransaction) {
+    let mut versions = txn.open_table(VERSIONS).unwrap();
+    let mut bodies = txn.open_table(BODIES).unwrap();
+    let rows: Vec<((String, String, u64), Vec<u8>)> = versions
+        .iter()
+        .unwrap()
+        .map(|entry| {
+            let (key, value) = entry.unwrap();
+            let (t, i, v) = key.value();
+            ((t.to_owned(), i.to_owned(), v), value.value().to_vec())
+        })
+        .collect();
+    for ((t, i, v), bytes) in rows {
+        let record = VersionRecord::decode(&bytes).unwrap();
+        let body = record.body(&bodies).unwrap();
+        let inline = encode_inline_record(
+            record.kind,
+            record.last_updated_micros,
+            record.change_seq,
+            &record.content_hash,
+            &body,
+        )
+        .unwrap();
+        versions
+            .insert((t.as_str(), i.as_str(), v), inline.as_slice())
+            .unwrap();
+    }
+    bodies.retain(|_, _| false).unwrap();
+    txn.open_table(META)
+        .unwrap()
+        .insert(META_FORMAT, &2u32.to_le_bytes()[..])
+        .unwrap();
+}
+
+fn encode_header(
+    format: u8,
+    kind: VersionKind,
+    last_updated_micros: i64,
+    change_seq: u64,
+    content_hash: &[u8; 32],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN);
+    out.push(format);
     out.push(kind.to_byte());
     out.extend_from_slice(&last_updated_micros.to_le_bytes());
     out.extend_from_slice(&change_seq.to_le_bytes());
     out.extend_from_slice(content_hash);
-    out.extend_from_slice(&compressed);
-    Ok(out)
+    out
 }
 
 /// One row of the `changes` table: which version a change seq produced.
@@ -274,16 +415,49 @@ fn fixed<const N: usize>(bytes: &[u8]) -> Result<[u8; N]> {
 mod tests {
     use super::*;
 
+    /// A `bodies` table for decoding records in memory.
+    fn with_bodies<T>(
+        rows: &[(u64, &[u8])],
+        f: impl FnOnce(&redb::Table<'_, u64, &[u8]>) -> T,
+    ) -> T {
+        let db = redb::Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .unwrap();
+        let txn = db.begin_write().unwrap();
+        let mut table = txn.open_table(BODIES).unwrap();
+        for (seq, body) in rows {
+            table.insert(seq, body).unwrap();
+        }
+        f(&table)
+    }
+
     #[test]
-    fn record_roundtrips() {
+    fn record_roundtrips_in_both_formats() {
         let hash = [7u8; 32];
         let body = br#"{"resourceType":"Patient","id":"x"}"#;
-        let bytes = encode_record(VersionKind::Updated, -5, 42, &hash, body).unwrap();
-        let record = VersionRecord::decode(&bytes).unwrap();
+        let encoded = encode_record(VersionKind::Updated, -5, 42, &hash, body).unwrap();
+        assert_eq!(
+            encoded.record.len(),
+            HEADER_LEN,
+            "format 3 records hold no body"
+        );
+        let record = VersionRecord::decode(&encoded.record).unwrap();
         assert_eq!(record.kind, VersionKind::Updated);
         assert_eq!(record.last_updated_micros, -5);
+        assert_eq!(record.change_seq, 42);
         assert_eq!(record.content_hash, hash);
-        assert_eq!(record.body().unwrap(), body);
+        with_bodies(&[(42, &encoded.body)], |bodies| {
+            assert_eq!(record.body(bodies).unwrap(), body);
+        });
+        // Its body missing from `bodies` is corruption, not an empty resource.
+        with_bodies(&[(41, &encoded.body)], |bodies| {
+            assert!(matches!(record.body(bodies), Err(Error::Corrupted(_))));
+        });
+        // Format 2 carries its body and needs no table.
+        let inline = encode_inline_record(VersionKind::Updated, -5, 42, &hash, body).unwrap();
+        let record = VersionRecord::decode(&inline).unwrap();
+        assert_eq!(record.change_seq, 42);
+        with_bodies(&[], |bodies| assert_eq!(record.body(bodies).unwrap(), body));
     }
 
     #[test]
@@ -297,33 +471,45 @@ mod tests {
             with_dictionary.len(),
             without.len()
         );
-        let record = encode_record(VersionKind::Created, 1, 1, &[0; 32], body).unwrap();
-        assert_eq!(
-            VersionRecord::decode(&record).unwrap().body().unwrap(),
-            body
-        );
+        assert_eq!(decompress(&with_dictionary).unwrap(), body);
     }
 
     #[test]
-    fn tombstone_has_empty_body() {
-        let bytes = encode_record(VersionKind::Deleted, 1, 2, &[0; 32], b"").unwrap();
-        assert!(
-            VersionRecord::decode(&bytes)
-                .unwrap()
-                .body()
-                .unwrap()
-                .is_empty()
-        );
+    fn tombstone_has_empty_body_and_no_body_row() {
+        let encoded = encode_record(VersionKind::Deleted, 1, 2, &[0; 32], b"").unwrap();
+        assert!(encoded.body.is_empty());
+        let record = VersionRecord::decode(&encoded.record).unwrap();
+        with_bodies(&[], |bodies| {
+            assert!(record.body(bodies).unwrap().is_empty())
+        });
+        let inline = encode_inline_record(VersionKind::Deleted, 1, 2, &[0; 32], b"").unwrap();
+        let record = VersionRecord::decode(&inline).unwrap();
+        with_bodies(&[], |bodies| {
+            assert!(record.body(bodies).unwrap().is_empty())
+        });
     }
 
     #[test]
     fn malformed_records_are_errors() {
-        for len in 0..60 {
-            let junk = vec![1u8; len];
-            let _ = VersionRecord::decode(&junk).and_then(|r| r.body());
-            let _ = Change::decode(&junk);
-        }
+        with_bodies(&[(1, &[1u8; 30])], |bodies| {
+            for len in 0..60 {
+                for format in [1u8, 2, 3, 9] {
+                    let mut junk = vec![1u8; len];
+                    if let Some(first) = junk.first_mut() {
+                        *first = format;
+                    }
+                    let _ = VersionRecord::decode(&junk).and_then(|r| r.body(bodies));
+                    let _ = Change::decode(&junk);
+                }
+            }
+        });
         assert!(VersionRecord::decode(&[9; 60]).is_err());
+        // A format 3 record never has bytes after its header.
+        let mut long = encode_record(VersionKind::Created, 1, 1, &[0; 32], b"{}")
+            .unwrap()
+            .record;
+        long.push(0);
+        assert!(VersionRecord::decode(&long).is_err());
     }
 
     #[test]

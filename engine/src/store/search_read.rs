@@ -23,7 +23,13 @@ impl Store {
             for (resource_type, id) in keys {
                 check_resource_type(resource_type)?;
                 check_id(id)?;
-                let found = find_version(&*versions, resource_type, id, Lookup::Current)?;
+                let found = find_version(
+                    &versions.versions,
+                    &versions.bodies,
+                    resource_type,
+                    id,
+                    Lookup::Current,
+                )?;
                 out.push(found.map(|(_, s)| s).filter(|s| !s.is_deleted()));
             }
             Ok(out)

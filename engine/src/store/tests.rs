@@ -1133,6 +1133,240 @@ fn a_database_whose_audit_log_has_one_leaf_to_a_row_opens_and_verifies() {
     assert!(refused.to_string().contains("format 99"), "{refused}");
 }
 
+/// A version whose key lands after every key of its type keeps its body inline; any other
+/// puts it in `bodies`. Both read back the same, by every path.
+#[test]
+fn appended_versions_keep_their_body_inline_and_others_use_the_bodies_table() {
+    use redb::ReadableTableMetadata;
+    let (_dir, store) = temp_store(ReadAudit::Durable);
+    let c = ctx();
+    let layout = |store: &Store| -> (u64, Vec<(String, u64, u8)>) {
+        let txn = store.inner.db.begin_read().unwrap();
+        let bodies = txn.open_table(record::BODIES).unwrap().len().unwrap();
+        let versions = txn.open_table(VERSIONS).unwrap();
+        let formats = versions
+            .iter()
+            .unwrap()
+            .map(|entry| {
+                let (key, value) = entry.unwrap();
+                let (_, id, version) = key.value();
+                (id.to_owned(), version, value.value()[0])
+            })
+            .collect();
+        (bodies, formats)
+    };
+    for id in ["m", "d", "x"] {
+        store.update(&c, "Patient", id, patient(id), None).unwrap();
+    }
+    // An Observation after every Patient key, then a Patient again: appends per type.
+    store
+        .update(
+            &c,
+            "Observation",
+            "a",
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "t"}}),
+            None,
+        )
+        .unwrap();
+    store
+        .update(&c, "Patient", "z", patient("z"), None)
+        .unwrap();
+    store
+        .update(&c, "Patient", "d", patient("d2"), None)
+        .unwrap();
+    store.delete(&c, "Patient", "m", None).unwrap();
+    let (bodies, formats) = layout(&store);
+    let expected: Vec<(String, u64, u8)> = [
+        ("a", 1, 2),
+        ("d", 1, 3),
+        ("d", 2, 3),
+        ("m", 1, 2),
+        ("m", 2, 2),
+        ("x", 1, 2),
+        ("z", 1, 2),
+    ]
+    .into_iter()
+    .map(|(id, version, format)| (id.to_owned(), version, format))
+    .collect();
+    assert_eq!(
+        formats, expected,
+        "record formats: 2 inline, 3 body in `bodies`"
+    );
+    assert_eq!(bodies, 2, "d version 1 (before m) and d version 2");
+    assert_eq!(
+        store.read(&c, "Patient", "d").unwrap().to_json().unwrap()["name"][0]["family"],
+        "d2"
+    );
+    assert_eq!(
+        store
+            .vread(&c, "Patient", "d", 1)
+            .unwrap()
+            .to_json()
+            .unwrap()["name"][0]["family"],
+        "d"
+    );
+    assert!(matches!(
+        store.read(&c, "Patient", "m"),
+        Err(Error::Gone { version: 2 })
+    ));
+    let feed = store.changes_after(&c, None, 100).unwrap();
+    let families: Vec<Value> = feed
+        .changes
+        .iter()
+        .map(|(_, v)| v.to_json().unwrap()["name"][0]["family"].clone())
+        .collect();
+    assert_eq!(
+        families,
+        [
+            json!("m"),
+            json!("d"),
+            json!("x"),
+            Value::Null,
+            json!("z"),
+            json!("d2"),
+            Value::Null
+        ]
+    ); // Dense ids written about in order: "obs-…05" lands before "obs-…09", next to an id
+    // that shares its first 12 bytes, so its body stays inline too.
+    for id in ["obs-0000000009", "obs-0000000005"] {
+        let observation =
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": id}});
+        store
+            .update(&c, "Observation", id, observation, None)
+            .unwrap();
+    }
+    let (bodies_after, formats) = layout(&store);
+    assert_eq!(bodies_after, 2);
+    assert!(
+        formats
+            .iter()
+            .filter(|(id, _, _)| id.starts_with("obs-"))
+            .all(|(_, _, f)| *f == 2)
+    );
+}
+
+/// A database written before table format 3 (bodies inline in `versions`) opens, reads every
+/// old version, takes writes in the new layout beside the old ones, and compacts, copies and
+/// checks with both.
+#[test]
+fn records_with_inline_bodies_are_read_beside_records_with_bodies_in_their_table() {
+    let dir = TempDir::new().unwrap();
+    let c = ctx();
+    let body_rows = |store: &Store| {
+        use redb::ReadableTableMetadata;
+        let txn = store.inner.db.begin_read().unwrap();
+        txn.open_table(record::BODIES).unwrap().len().unwrap()
+    };
+    let (before, history_before) = {
+        let store = open_store(dir.path(), ReadAudit::Durable);
+        for i in 0..30 {
+            store
+                .update(
+                    &c,
+                    "Patient",
+                    &format!("o{i}"),
+                    patient(&format!("Old{i}")),
+                    None,
+                )
+                .unwrap();
+        }
+        store
+            .update(&c, "Patient", "o1", patient("Old1-second"), None)
+            .unwrap();
+        store.delete(&c, "Patient", "o2", None).unwrap();
+        // "o10".."o29" land before "o3".."o9", and "o1" version 2 before "o10".
+        assert_eq!(
+            body_rows(&store),
+            21,
+            "bodies of versions that did not append"
+        );
+        let before: Vec<StoredResource> = (0..30)
+            .filter(|i| *i != 2)
+            .map(|i| store.read(&c, "Patient", &format!("o{i}")).unwrap())
+            .collect();
+        let history = store.history_system(&c, &HistoryQuery::default()).unwrap();
+        let txn = store.inner.db.begin_write().unwrap();
+        record::inline_layout_for_tests(&txn);
+        txn.commit().unwrap();
+        assert_eq!(body_rows(&store), 0);
+        (before, history.entries)
+    };
+    let mut store = open_store(dir.path(), ReadAudit::Durable);
+    // Every old version reads back exactly, by every path.
+    for old in &before {
+        assert_eq!(&store.read(&c, "Patient", &old.id).unwrap(), old);
+    }
+    assert_eq!(
+        store
+            .vread(&c, "Patient", "o1", 1)
+            .unwrap()
+            .to_json()
+            .unwrap()["name"][0]["family"],
+        "Old1"
+    );
+    assert!(matches!(
+        store.read(&c, "Patient", "o2"),
+        Err(Error::Gone { version: 2 })
+    ));
+    assert_eq!(
+        store
+            .history_system(&c, &HistoryQuery::default())
+            .unwrap()
+            .entries,
+        history_before
+    );
+    let feed = store.changes_after(&c, None, 100).unwrap();
+    assert_eq!(feed.changes.len(), 32);
+    let keys = [("Patient", "o0"), ("Patient", "o1")];
+    let many = store
+        .read_many(&c, AuditAction::Other("search".into()), [0; 32], &keys)
+        .unwrap();
+    assert_eq!(many[1].as_ref().unwrap(), &before[1]);
+    // New versions go where they go in a new database; old and new read side by side.
+    store
+        .update(&c, "Patient", "o0", patient("New0"), None)
+        .unwrap();
+    store
+        .update(&c, "Patient", "n1", patient("New1"), None)
+        .unwrap();
+    assert_eq!(body_rows(&store), 2, "neither is an append");
+    let history = store
+        .history_instance(&c, "Patient", "o0", &HistoryQuery::default())
+        .unwrap();
+    let families: Vec<Value> = history
+        .entries
+        .iter()
+        .map(|v| v.to_json().unwrap()["name"][0]["family"].clone())
+        .collect();
+    assert_eq!(families, [json!("New0"), json!("Old0")]);
+    // Compaction, `check` and a copy keep both kinds.
+    store.compact(&c).unwrap();
+    assert_eq!(store.read(&c, "Patient", "o5").unwrap(), before[4]);
+    assert_eq!(store.read(&c, "Patient", "n1").unwrap().version, 1);
+    let copy_key = dir.path().join("copy.key");
+    create_key_file(&copy_key).unwrap();
+    store
+        .copy_to(
+            &c,
+            &dir.path().join("copy"),
+            KeySource::KeyFile(copy_key.clone()),
+            KdfParams::fast_insecure(),
+        )
+        .unwrap();
+    drop(store);
+    let report = Store::check(&c, dir.path().join("db"), key_for(dir.path())).unwrap();
+    assert!(report.redb_integrity_ok);
+    let copy = Store::builder(dir.path().join("copy"))
+        .key(KeySource::KeyFile(copy_key))
+        .open()
+        .unwrap();
+    assert_eq!(copy.read(&c, "Patient", "o7").unwrap(), before[6]);
+    assert_eq!(
+        copy.read(&c, "Patient", "o0").unwrap().to_json().unwrap()["name"][0]["family"],
+        "New0"
+    );
+}
+
 /// A database written in page format 1 (before format 2 existed) opens, reads, takes writes
 /// and passes `check` in its own format; `copy_to` rewrites it in format 2.
 #[test]

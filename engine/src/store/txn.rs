@@ -4,8 +4,8 @@ use redb::ReadableTable;
 use serde_json::Value;
 
 use super::record::{
-    CHANGES, Change, MAX_BODY, TYPE_CHANGES, VERSIONS, VersionKind, encode_record,
-    set_record_change_seq,
+    BODIES, CHANGES, Change, EncodedVersion, MAX_BODY, TYPE_CHANGES, VERSIONS, VersionKind,
+    VersionRecord, encode_record, set_record_change_seq,
 };
 use super::{
     AccessContext, Lookup, Store, StoredResource, find_version, format_instant, micros_to_datetime,
@@ -156,35 +156,32 @@ impl<'s> WriteTxn<'s> {
     ) -> Result<DeleteOutcome> {
         check_resource_type(resource_type)?;
         check_id(id)?;
-        let current = self.current(resource_type, id)?.ok_or(Error::NotFound)?;
+        let (current, deleted) = self
+            .current_version(resource_type, id)?
+            .ok_or(Error::NotFound)?;
         if let Some(expected) = expected_version
-            && expected != current.version
+            && expected != current
         {
-            return Err(Error::VersionConflict {
-                expected,
-                current: current.version,
-            });
+            return Err(Error::VersionConflict { expected, current });
         }
-        if current.is_deleted() {
+        if deleted {
             // Nothing is written, but the request is on record.
-            let outcome: Result<()> = Err(Error::Gone {
-                version: current.version,
-            });
+            let outcome: Result<()> = Err(Error::Gone { version: current });
             self.buffer_leaf(
                 AuditAction::Delete,
                 &outcome,
                 Some((resource_type, id)),
-                |_| Some((current.version, [0; 32])),
+                |_| Some((current, [0; 32])),
             );
             return Ok(DeleteOutcome {
-                version: current.version,
+                version: current,
                 already_deleted: true,
             });
         }
         let stored = self.put(
             resource_type,
             id,
-            current.version + 1,
+            current + 1,
             VersionKind::Deleted,
             None,
             AuditAction::Delete,
@@ -219,7 +216,23 @@ impl<'s> WriteTxn<'s> {
 
     fn current(&self, resource_type: &str, id: &str) -> Result<Option<StoredResource>> {
         let versions = self.txn.open_table(VERSIONS)?;
-        Ok(find_version(&versions, resource_type, id, Lookup::Current)?.map(|(_, s)| s))
+        let bodies = self.txn.open_table(BODIES)?;
+        Ok(find_version(&versions, &bodies, resource_type, id, Lookup::Current)?.map(|(_, s)| s))
+    }
+
+    /// The current version id and whether it is a deletion, as this transaction sees it:
+    /// from the record alone, without its body (what version decisions need).
+    fn current_version(&self, resource_type: &str, id: &str) -> Result<Option<(u64, bool)>> {
+        let versions = self.txn.open_table(VERSIONS)?;
+        let mut range = versions.range((resource_type, id, 0)..=(resource_type, id, u64::MAX))?;
+        match range.next_back() {
+            Some(entry) => {
+                let (key, value) = entry?;
+                let record = VersionRecord::decode(value.value())?;
+                Ok(Some((key.value().2, record.kind == VersionKind::Deleted)))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Writes one version, its change rows and its audit leaf.
@@ -244,15 +257,17 @@ impl<'s> WriteTxn<'s> {
         action: AuditAction,
     ) -> Result<StoredResource> {
         let mut versions = self.txn.open_table(VERSIONS)?;
+        let mut bodies = self.txn.open_table(BODIES)?;
         let mut changes = self.txn.open_table(CHANGES)?;
         let mut type_changes = self.txn.open_table(TYPE_CHANGES)?;
         let mut tables = Tables {
             versions: &mut versions,
+            bodies: &mut bodies,
             changes: &mut changes,
             type_changes: &mut type_changes,
         };
         let stored = insert_into(&mut tables, self.next_change, prepared)?;
-        drop((versions, changes, type_changes));
+        drop((versions, bodies, changes, type_changes));
         self.record_written(&stored, action);
         Ok(stored)
     }
@@ -318,6 +333,7 @@ impl<'s> WriteTxn<'s> {
         }
         let prepared = prepare_in_parallel(plans);
         let mut versions = self.txn.open_table(VERSIONS)?;
+        let mut bodies = self.txn.open_table(BODIES)?;
         let mut changes = self.txn.open_table(CHANGES)?;
         let mut type_changes = self.txn.open_table(TYPE_CHANGES)?;
         let mut written = Vec::with_capacity(prepared.len());
@@ -326,6 +342,7 @@ impl<'s> WriteTxn<'s> {
                 Ok(prepared) => {
                     let mut tables = Tables {
                         versions: &mut versions,
+                        bodies: &mut bodies,
                         changes: &mut changes,
                         type_changes: &mut type_changes,
                     };
@@ -339,7 +356,7 @@ impl<'s> WriteTxn<'s> {
                 Err(error) => results[index] = Some(Err(error)),
             }
         }
-        drop((versions, changes, type_changes));
+        drop((versions, bodies, changes, type_changes));
         for (index, action, created, stored) in written {
             self.record_written(&stored, action);
             results[index] = Some(Ok(UpdateOutcome {
@@ -389,8 +406,8 @@ impl<'s> WriteTxn<'s> {
         let (current_version, deleted) = match decided.get(&(resource_type.clone(), id.clone())) {
             Some(&version) => (version, false),
             None => self
-                .current(&resource_type, &id)?
-                .map_or((0, false), |c| (c.version, c.is_deleted())),
+                .current_version(&resource_type, &id)?
+                .unwrap_or((0, false)),
         };
         if let Some(expected) = expected_version
             && expected != current_version
@@ -593,12 +610,13 @@ impl Plan {
 /// A version ready to insert: the encoded record and what readers get back.
 #[derive(Debug)]
 struct Prepared {
-    record: Vec<u8>,
+    encoded: EncodedVersion,
     stored: StoredResource,
 }
 
 struct Tables<'a, 't> {
     versions: &'a mut redb::Table<'t, (&'static str, &'static str, u64), &'static [u8]>,
+    bodies: &'a mut redb::Table<'t, u64, &'static [u8]>,
     changes: &'a mut redb::Table<'t, u64, &'static [u8]>,
     type_changes: &'a mut redb::Table<'t, (&'static str, u64), ()>,
 }
@@ -647,9 +665,9 @@ fn prepare(
     }
     let content_hash = *blake3::hash(&body).as_bytes();
     // The change seq field is filled in at insert time, when the order is final.
-    let record = encode_record(kind, micros, 0, &content_hash, &body)?;
+    let encoded = encode_record(kind, micros, 0, &content_hash, &body)?;
     Ok(Prepared {
-        record,
+        encoded,
         stored: StoredResource {
             resource_type: resource_type.to_owned(),
             id: id.to_owned(),
@@ -662,22 +680,51 @@ fn prepare(
     })
 }
 
+/// Ids that share this many leading bytes with the id after them are dense, not random:
+/// neighbouring random UUIDs share about log16(n) hex digits, 8 only at billions of ids.
+const DENSE_PREFIX: usize = 8;
+
+fn shared_prefix(a: &str, b: &str) -> usize {
+    a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count()
+}
+
 /// Writes a prepared version under change seq `change_seq`.
 fn insert_into(
     tables: &mut Tables<'_, '_>,
     change_seq: u64,
     mut prepared: Prepared,
 ) -> Result<StoredResource> {
-    set_record_change_seq(&mut prepared.record, change_seq);
+    set_record_change_seq(&mut prepared.encoded.record, change_seq);
     let stored = prepared.stored;
-    tables.versions.insert(
-        (
-            stored.resource_type.as_str(),
-            stored.id.as_str(),
-            stored.version,
-        ),
-        prepared.record.as_slice(),
-    )?;
+    let key = (
+        stored.resource_type.as_str(),
+        stored.id.as_str(),
+        stored.version,
+    );
+    // Where the key lands decides where the body goes (record.rs says why). After every key
+    // of its type (time-ordered server ids), or among ids that share a long prefix with it
+    // (sequential ids written about in order), inserts keep hitting the same few leaves: the
+    // body stays inline, where a read finds it with one look-up. Anything else (random ids)
+    // lands in a random leaf, which stays small with the body in `bodies`.
+    let dense = match tables.versions.range(key..)?.next() {
+        None => true,
+        Some(next) => {
+            let (next_key, _) = next?;
+            let (next_type, next_id, _) = next_key.value();
+            next_type != stored.resource_type || shared_prefix(next_id, &stored.id) >= DENSE_PREFIX
+        }
+    };
+    if dense || prepared.encoded.body.is_empty() {
+        let record = prepared.encoded.into_inline_record();
+        tables.versions.insert(key, record.as_slice())?;
+    } else {
+        tables
+            .versions
+            .insert(key, prepared.encoded.record.as_slice())?;
+        tables
+            .bodies
+            .insert(change_seq, prepared.encoded.body.as_slice())?;
+    }
     let change = Change {
         resource_type: stored.resource_type.clone(),
         id: stored.id.clone(),
