@@ -935,10 +935,11 @@ fn check(db: &DbArgs) -> Result<ExitCode> {
                 eprintln!("warning: {warning}");
             }
             println!(
-                "ok: {} page blocks authenticated ({} never written; page format {}), redb integrity ok, audit log of {} leaves verified",
+                "ok: {} page blocks authenticated ({} never written; page format {}), redb integrity ok, {} versions match their bodies and changes, audit log of {} leaves verified",
                 report.pages.page_blocks,
                 report.pages.zero_blocks,
                 report.pages.format_version,
+                report.versions,
                 report.audit.leaves
             );
             Ok(ExitCode::SUCCESS)

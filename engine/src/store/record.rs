@@ -165,6 +165,11 @@ impl<'a> VersionRecord<'a> {
         })
     }
 
+    /// Whether the body (if any) is in `bodies` rather than in the record.
+    pub(crate) fn body_in_table(&self) -> bool {
+        matches!(self.body, RecordBody::InBodies)
+    }
+
     /// Decompresses the JSON body (empty for tombstones), taking it from `bodies` if the
     /// record does not hold it.
     pub(crate) fn body(&self, bodies: &impl ReadableTable<u64, &'static [u8]>) -> Result<Vec<u8>> {
