@@ -19,8 +19,8 @@
 //! ids every insert lands in a random leaf of `versions`, and a leaf holding four or five
 //! ~800-byte bodies is rewritten (copied, encrypted, written, synced) for each one, splitting
 //! often. With 50-byte records a leaf holds ~40 of them, and the bodies are appended in
-//! change-seq order to `bodies`, whose pages fill one after another (BENCHMARKS.md, "Bodies
-//! of random-id writes out of the `versions` leaves").
+//! change-seq order to `bodies`, whose pages fill one after another (BENCHMARKS.md, "Latest:
+//! 2026-11-30 (day), bodies of random-id writes out of the `versions` leaves").
 //!
 //! Bodies are zstd frames compressed with the built-in dictionary
 //! `fhir-r4-v1.zdict` (64 KiB, trained on the official R4 examples by
