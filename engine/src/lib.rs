@@ -41,6 +41,7 @@ pub mod audit;
 pub mod bundle;
 pub mod crypto;
 mod error;
+pub mod process;
 mod r4_types;
 pub mod resource;
 pub mod store;

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --release -p fhirkeep-benches --bin engine_figures -- [--resources N] [--batch B]
-//!     [--reads R] [--threads T] [--seed S] [--single-commits C] [--sequential-ids] [--no-reads]
+//!     [--reads R] [--threads T] [--seed S] [--single-commits C] [--sequential-ids] [--no-reads] [--huge-pages]
 //! ```
 //!
 //! Ids are UUID-shaped by default (random B-tree inserts); `--sequential-ids` uses ids that
@@ -30,6 +30,9 @@ use fhirkeep_engine::store::{ReadAudit, Store};
 
 #[derive(Debug, Clone)]
 struct Args {
+    /// Keep transparent huge pages on (the binaries turn them off, see
+    /// `fhirkeep_engine::process`), to measure the difference.
+    huge_pages: bool,
     resources: u64,
     batch: u64,
     reads: u64,
@@ -42,6 +45,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
+        huge_pages: false,
         resources: 100_000,
         batch: 1_000,
         reads: 200_000,
@@ -71,9 +75,10 @@ fn parse_args() -> Result<Args, String> {
             "--single-commits" => args.single_commits = value("--single-commits")?,
             "--sequential-ids" => args.sequential_ids = true,
             "--no-reads" => args.reads_phase = false,
+            "--huge-pages" => args.huge_pages = true,
             "-h" | "--help" => {
                 return Err("usage: engine_figures [--resources N] [--batch B] [--reads R] \
-                            [--threads T] [--seed S] [--single-commits C] [--sequential-ids] [--no-reads]"
+                            [--threads T] [--seed S] [--single-commits C] [--sequential-ids] [--no-reads] [--huge-pages]"
                     .into());
             }
             // cargo bench passes --bench to every bench target; ignore it.
@@ -154,6 +159,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !args.huge_pages
+        && let Err(e) = fhirkeep_engine::process::disable_transparent_huge_pages()
+    {
+        eprintln!("warning: transparent huge pages stay on: {e}");
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -6,7 +6,7 @@
 //! ```text
 //! cargo run --release -p fhirkeep-benches --bin query_figures -- [--patients N] [--batch B]
 //!     [--runs R] [--updates U] [--seed S] [--keep DIR] [--no-baseline] [--space]
-//!     [--time-ordered-ids]
+//!     [--time-ordered-ids] [--huge-pages]
 //! ```
 //!
 //! `--keep DIR` keeps the indexed database in `DIR` and, when it exists already, skips every
@@ -41,6 +41,9 @@ use serde_json::Value;
 
 #[derive(Debug, Clone)]
 struct Args {
+    /// Keep transparent huge pages on (the binaries turn them off, see
+    /// `fhirkeep_engine::process`), to measure the difference.
+    huge_pages: bool,
     patients: u64,
     batch: usize,
     runs: usize,
@@ -60,6 +63,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
+        huge_pages: false,
         patients: 1_000,
         batch: 1_000,
         runs: 50,
@@ -91,11 +95,12 @@ fn parse_args() -> Result<Args, String> {
             "--space" => args.space = true,
             "--time-ordered-ids" => args.time_ordered_ids = true,
             "--only" => args.only = Some(it.next().ok_or("--only needs a search name")?),
+            "--huge-pages" => args.huge_pages = true,
             "-h" | "--help" => {
                 return Err(
                     "usage: query_figures [--patients N] [--batch B] [--runs R] \
                             [--updates U] [--seed S] [--keep DIR] [--no-baseline] [--only NAME] \
-                            [--space] [--time-ordered-ids]"
+                            [--space] [--time-ordered-ids] [--huge-pages]"
                         .into(),
                 );
             }
@@ -183,6 +188,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !args.huge_pages
+        && let Err(e) = fhirkeep_engine::process::disable_transparent_huge_pages()
+    {
+        eprintln!("warning: transparent huge pages stay on: {e}");
+    }
     let result = run(&args).and_then(|()| match (&args.keep, args.space) {
         (Some(dir), true) => space(dir),
         _ => Ok(()),
