@@ -376,7 +376,7 @@ impl Drop for CounterGuard {
 
 /// The `versions` and `bodies` tables of one committed state (opened in one read
 /// transaction), kept open for the reads that follow it.
-struct VersionsTable {
+struct VersionTables {
     versions: redb::ReadOnlyTable<(&'static str, &'static str, u64), &'static [u8]>,
     bodies: redb::ReadOnlyTable<u64, &'static [u8]>,
 }
@@ -387,7 +387,7 @@ struct ReadSnapshot {
     /// Bumped after every commit.
     generation: AtomicU64,
     /// The shared table and the generation it was opened at.
-    current: Mutex<Option<(u64, Arc<VersionsTable>)>>,
+    current: Mutex<Option<(u64, Arc<VersionTables>)>>,
 }
 
 impl std::fmt::Debug for ReadSnapshot {
@@ -1089,7 +1089,7 @@ impl Inner {
 
     /// The `versions` table as of the newest commit, shared by reads until the next one:
     /// opening a read transaction and the table for every read cost a quarter of a read.
-    fn versions_snapshot(&self) -> Result<Arc<VersionsTable>> {
+    fn versions_snapshot(&self) -> Result<Arc<VersionTables>> {
         // Read before the transaction begins: a snapshot is tagged with a generation no
         // newer than the state it sees, so one that a commit overtook is never reused.
         let generation = self.read_snapshot.generation.load(Ordering::SeqCst);
@@ -1099,7 +1099,7 @@ impl Inner {
             return Ok(Arc::clone(table));
         }
         let txn = self.db.begin_read()?;
-        let table = Arc::new(VersionsTable {
+        let table = Arc::new(VersionTables {
             versions: txn.open_table(VERSIONS)?,
             bodies: txn.open_table(record::BODIES)?,
         });

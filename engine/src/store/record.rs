@@ -285,14 +285,14 @@ pub(crate) fn encode_record(
     } else {
         compress(body)?
     };
+    let mut record = Vec::with_capacity(HEADER_LEN);
+    record.push(RECORD_FORMAT_SPLIT);
+    record.push(kind.to_byte());
+    record.extend_from_slice(&last_updated_micros.to_le_bytes());
+    record.extend_from_slice(&change_seq.to_le_bytes());
+    record.extend_from_slice(content_hash);
     Ok(EncodedVersion {
-        record: encode_header(
-            RECORD_FORMAT_SPLIT,
-            kind,
-            last_updated_micros,
-            change_seq,
-            content_hash,
-        ),
+        record,
         body: compressed,
     })
 }
@@ -348,22 +348,6 @@ pub(crate) fn inline_layout_for_tests(txn: &redb::WriteTransaction) {
         .unwrap()
         .insert(META_FORMAT, &2u32.to_le_bytes()[..])
         .unwrap();
-}
-
-fn encode_header(
-    format: u8,
-    kind: VersionKind,
-    last_updated_micros: i64,
-    change_seq: u64,
-    content_hash: &[u8; 32],
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN);
-    out.push(format);
-    out.push(kind.to_byte());
-    out.extend_from_slice(&last_updated_micros.to_le_bytes());
-    out.extend_from_slice(&change_seq.to_le_bytes());
-    out.extend_from_slice(content_hash);
-    out
 }
 
 /// One row of the `changes` table: which version a change seq produced.
