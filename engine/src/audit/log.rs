@@ -83,8 +83,13 @@ pub struct VerifyReport {
     pub latest_head: Option<SignedTreeHead>,
 }
 
-fn storage(e: impl std::fmt::Display) -> Error {
-    Error::Storage(format!("audit log: {e}"))
+/// A storage failure under the audit log. Corruption and failed authentication keep their
+/// kind (a tampered audit page is `Corrupted`, like any other); the rest says where it was.
+fn storage(e: impl Into<Error>) -> Error {
+    match e.into() {
+        Error::Storage(message) => Error::Storage(format!("audit log: {message}")),
+        other => other,
+    }
 }
 
 fn fail(msg: impl Into<String>) -> Error {
@@ -493,8 +498,11 @@ pub(crate) fn initialize(txn: &WriteTransaction) -> Result<()> {
     let mut meta = txn.open_table(META).map_err(storage)?;
     if meta.get(SIGNING_KEY).map_err(storage)?.is_none() {
         let mut seed = Zeroizing::new([0u8; 32]);
-        getrandom::fill(seed.as_mut())
-            .map_err(|e| storage(format!("cannot get random bytes for the signing key: {e}")))?;
+        getrandom::fill(seed.as_mut()).map_err(|e| {
+            Error::Storage(format!(
+                "audit log: cannot get random bytes for the signing key: {e}"
+            ))
+        })?;
         meta.insert(SIGNING_KEY, seed.as_slice()).map_err(storage)?;
     }
     Ok(())
@@ -862,7 +870,13 @@ pub(crate) fn verify_log(txn: &impl AuditTxn) -> Result<VerifyReport> {
             while let Some(entry) = heads.peek() {
                 let key = match entry {
                     Ok((k, _)) => k.value(),
-                    Err(e) => return Err(storage(e)),
+                    Err(_) => {
+                        // Take the error out of the iterator to keep its kind.
+                        return Err(match heads.next() {
+                            Some(Err(e)) => storage(e),
+                            _ => Error::Storage("audit log: the heads table cannot be read".into()),
+                        });
+                    }
                 };
                 if key != n {
                     break;

@@ -1245,6 +1245,90 @@ fn appended_versions_keep_their_body_inline_and_others_use_the_bodies_table() {
     );
 }
 
+/// A resource with more versions than a forward walk takes is looked up from its end: its
+/// next version gets the right number and the same layout rule, in single writes and batches.
+#[test]
+fn long_lived_resources_get_their_next_version_and_layout_right() {
+    let (_dir, store) = temp_store(ReadAudit::Durable);
+    let c = ctx();
+    store
+        .update(&c, "Patient", "m", patient("m"), None)
+        .unwrap();
+    // "k" sorts before "m" (a random neighbour): bodies in `bodies`. "z" appends: inline.
+    for n in 1..=12 {
+        for id in ["k", "z"] {
+            let outcome = store
+                .update(&c, "Patient", id, patient(&format!("{id}{n}")), None)
+                .unwrap();
+            assert_eq!(outcome.resource.version, n);
+        }
+    }
+    let upsert = |id: &str, family: &str, expected: Option<u64>| Upsert {
+        resource_type: "Patient".to_owned(),
+        id: Some(id.to_owned()),
+        resource: patient(family),
+        expected_version: expected,
+    };
+    let mut items = vec![
+        upsert("k", "k13", Some(12)),
+        upsert("z", "z13", Some(12)),
+        upsert("k", "k14", Some(13)),
+        upsert("z", "stale", Some(12)),
+    ];
+    for i in 0..80 {
+        items.push(upsert(&format!("n{i:02}"), "n", None));
+    }
+    let results = store.write(&c, |txn| txn.update_many(items)).unwrap();
+    assert_eq!(results[0].as_ref().unwrap().resource.version, 13);
+    assert_eq!(results[1].as_ref().unwrap().resource.version, 13);
+    assert_eq!(results[2].as_ref().unwrap().resource.version, 14);
+    assert!(matches!(
+        results[3],
+        Err(Error::VersionConflict {
+            expected: 12,
+            current: 13
+        })
+    ));
+    assert!(results[4..].iter().all(|r| r.as_ref().unwrap().created));
+    let txn = store.inner.db.begin_read().unwrap();
+    let versions = txn.open_table(VERSIONS).unwrap();
+    let format_of = |id: &str, version: u64| {
+        versions
+            .get(("Patient", id, version))
+            .unwrap()
+            .unwrap()
+            .value()[0]
+    };
+    for version in 1..=14 {
+        assert_eq!(format_of("k", version), 3, "k version {version}");
+    }
+    for version in 1..=13 {
+        assert_eq!(format_of("z", version), 2, "z version {version}");
+    }
+    drop((versions, txn));
+    for version in 1..=14 {
+        let family = store
+            .vread(&c, "Patient", "k", version)
+            .unwrap()
+            .to_json()
+            .unwrap()["name"][0]["family"]
+            .clone();
+        assert_eq!(family, format!("k{version}"));
+    }
+    assert_eq!(
+        store.read(&c, "Patient", "z").unwrap().to_json().unwrap()["name"][0]["family"],
+        "z13"
+    );
+    assert_eq!(
+        store
+            .history_instance(&c, "Patient", "k", &HistoryQuery::default())
+            .unwrap()
+            .entries
+            .len(),
+        14
+    );
+}
+
 /// `check` finds tables that each look fine but disagree: a body that is not the one its
 /// record hashed, a missing or orphaned `bodies` row, a change row naming another version.
 #[test]

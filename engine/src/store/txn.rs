@@ -235,6 +235,60 @@ impl<'s> WriteTxn<'s> {
         }
     }
 
+    /// The current version of `Type/id` (as [`WriteTxn::current_version`]) and whether its
+    /// next version lands among dense keys, from one descent of `versions` in the common
+    /// cases (a new id, or one with a few versions).
+    ///
+    /// Where the key lands decides where the body goes (record.rs says why). After every key
+    /// of its type, or among ids that share a long prefix with it (sequential ids written
+    /// about in order), inserts keep hitting the same few leaves: the body stays inline, where
+    /// a read finds it with one look-up. Anything else (random ids) lands in a random leaf,
+    /// which stays small with the body in `bodies`.
+    fn locate(&self, resource_type: &str, id: &str) -> Result<Located> {
+        // Versions walked forward before a resource counts as long-lived and is looked up
+        // from its end instead.
+        const WALK: usize = 8;
+        let versions = self.txn.open_table(VERSIONS)?;
+        let mut range = versions.range((resource_type, id, 0)..)?;
+        let mut current = None;
+        for _ in 0..WALK {
+            let Some(entry) = range.next() else {
+                // Nothing sorts after this id: it appends.
+                return Ok(Located {
+                    current,
+                    dense: true,
+                });
+            };
+            let (key, value) = entry?;
+            let (next_type, next_id, version) = key.value();
+            if next_type != resource_type || next_id != id {
+                return Ok(Located {
+                    current,
+                    dense: is_dense_neighbour(resource_type, id, next_type, next_id),
+                });
+            }
+            let record = VersionRecord::decode(value.value())?;
+            current = Some((version, record.kind == VersionKind::Deleted));
+        }
+        drop(range);
+        drop(versions);
+        let current = self.current_version(resource_type, id)?;
+        let versions = self.txn.open_table(VERSIONS)?;
+        let after_last = (
+            std::ops::Bound::Excluded((resource_type, id, u64::MAX)),
+            std::ops::Bound::Unbounded,
+        );
+        let dense = match versions.range(after_last)?.next() {
+            None => true,
+            Some(next) => {
+                let (next_key, _) = next?;
+                let (next_type, next_id, _) = next_key.value();
+                is_dense_neighbour(resource_type, id, next_type, next_id)
+            }
+        };
+        Ok(Located { current, dense })
+    }
+
     /// Writes one version, its change rows and its audit leaf.
     fn put(
         &mut self,
@@ -294,69 +348,121 @@ impl<'s> WriteTxn<'s> {
     }
 
     /// Creates or updates many resources in one go: validation and version decisions in
-    /// order, then the CPU-heavy part (stamping, serializing, hashing, compressing) spread
-    /// over the machine's cores, then the inserts in order. Each item gets its own result,
-    /// exactly as [`WriteTxn::update`] (or [`WriteTxn::create`] for an item without an id)
-    /// would give it; a refused item writes nothing. An `Err` of the whole call is a storage
-    /// failure: abort the transaction.
+    /// order, the CPU-heavy part (stamping, serializing, hashing, compressing) on helper
+    /// threads while the decisions and the inserts go on, then the inserts in order. Each
+    /// item gets its own result, exactly as [`WriteTxn::update`] (or [`WriteTxn::create`] for
+    /// an item without an id) would give it; a refused item writes nothing. An `Err` of the
+    /// whole call is a storage failure: abort the transaction.
     pub fn update_many(&mut self, items: Vec<Upsert>) -> Result<Vec<Result<UpdateOutcome>>> {
+        let helpers = preparing_helpers(items.len());
         let mut results: Vec<Option<Result<UpdateOutcome>>> = Vec::with_capacity(items.len());
-        // Versions decided earlier in this batch, which the table does not show yet.
-        let mut decided: std::collections::HashMap<(String, String), u64> =
-            std::collections::HashMap::new();
-        let mut plans = Vec::with_capacity(items.len());
-        for item in items {
-            let index = results.len();
-            results.push(None);
-            let target = (item.resource_type.clone(), item.id.clone());
-            match self.plan(item, &decided) {
-                Ok(plan) => {
-                    decided.insert((plan.resource_type.clone(), plan.id.clone()), plan.version);
-                    plans.push((index, plan));
-                }
-                Err(error) => {
-                    let error: Result<UpdateOutcome> = Err(error);
-                    let (resource_type, id) = &target;
-                    let action = if id.is_some() {
-                        AuditAction::Update
-                    } else {
-                        AuditAction::Create
-                    };
-                    let named = id.as_deref().map(|id| (resource_type.as_str(), id));
-                    self.buffer_leaf(action, &error, named, |r| match r {
-                        Err(Error::VersionConflict { current, .. }) => Some((*current, [0; 32])),
-                        _ => None,
-                    });
-                    results[index] = Some(error);
+        let mut written = Vec::with_capacity(items.len());
+        // Plans travel to whoever prepares them first: a helper, or this thread when it would
+        // otherwise wait for an insert's turn. Why a pipeline: the decisions and the inserts
+        // are B-tree work that must stay on this thread, in order; preparing is as much work
+        // again and needs neither, so on two cores both halves run side by side.
+        let (plan_sender, plan_receiver) = std::sync::mpsc::channel::<(usize, Plan)>();
+        let (done_sender, done_receiver) = std::sync::mpsc::channel::<PreparedItem>();
+        let queue = std::sync::Mutex::new(plan_receiver);
+        std::thread::scope(|scope| -> Result<()> {
+            let workers: Vec<_> = (0..helpers)
+                .map(|_| {
+                    let done_sender = done_sender.clone();
+                    let queue = &queue;
+                    scope.spawn(move || {
+                        while let Some(job) = next_plan(queue, true) {
+                            if done_sender.send(prepare_item(job)).is_err() {
+                                break;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            drop(done_sender);
+
+            // Versions decided earlier in this batch, which the table does not show yet.
+            let mut decided: std::collections::HashMap<(String, String), (u64, bool)> =
+                std::collections::HashMap::new();
+            // Item index of each plan, in plan order (the order of the inserts).
+            let mut planned_items = Vec::with_capacity(items.len());
+            for item in items {
+                let index = results.len();
+                results.push(None);
+                let target = (item.resource_type.clone(), item.id.clone());
+                match self.plan(item, &decided) {
+                    Ok(plan) => {
+                        decided.insert(
+                            (plan.resource_type.clone(), plan.id.clone()),
+                            (plan.version, plan.body_inline),
+                        );
+                        // A send fails only when every receiver is gone, which cannot
+                        // happen while `queue` lives; the plan is then prepared below.
+                        let _ = plan_sender.send((planned_items.len(), plan));
+                        planned_items.push(index);
+                    }
+                    Err(error) => {
+                        let error: Result<UpdateOutcome> = Err(error);
+                        let (resource_type, id) = &target;
+                        let action = if id.is_some() {
+                            AuditAction::Update
+                        } else {
+                            AuditAction::Create
+                        };
+                        let named = id.as_deref().map(|id| (resource_type.as_str(), id));
+                        self.buffer_leaf(action, &error, named, |r| match r {
+                            Err(Error::VersionConflict { current, .. }) => {
+                                Some((*current, [0; 32]))
+                            }
+                            _ => None,
+                        });
+                        results[index] = Some(error);
+                    }
                 }
             }
-        }
-        let prepared = prepare_in_parallel(plans);
-        let mut versions = self.txn.open_table(VERSIONS)?;
-        let mut bodies = self.txn.open_table(BODIES)?;
-        let mut changes = self.txn.open_table(CHANGES)?;
-        let mut type_changes = self.txn.open_table(TYPE_CHANGES)?;
-        let mut written = Vec::with_capacity(prepared.len());
-        for (index, action, created, outcome) in prepared {
-            match outcome {
-                Ok(prepared) => {
-                    let mut tables = Tables {
-                        versions: &mut versions,
-                        bodies: &mut bodies,
-                        changes: &mut changes,
-                        type_changes: &mut type_changes,
+            drop(plan_sender);
+
+            let mut insert_in_order = || -> Result<()> {
+                let mut versions = self.txn.open_table(VERSIONS)?;
+                let mut bodies = self.txn.open_table(BODIES)?;
+                let mut changes = self.txn.open_table(CHANGES)?;
+                let mut type_changes = self.txn.open_table(TYPE_CHANGES)?;
+                let mut ready: Vec<Option<PreparedItem>> =
+                    (0..planned_items.len()).map(|_| None).collect();
+                for (turn, &index) in planned_items.iter().enumerate() {
+                    let Some(item) = wait_for_turn(turn, &mut ready, &queue, &done_receiver) else {
+                        // Only a helper that panicked loses an item; it is reported, not written.
+                        results[index] =
+                            Some(Err(Error::Storage("batch item was not processed".into())));
+                        continue;
                     };
-                    let stored = insert_into(
-                        &mut tables,
-                        self.next_change + written.len() as u64,
-                        prepared,
-                    )?;
-                    written.push((index, action, created, stored));
+                    match item.prepared {
+                        Ok(prepared) => {
+                            let mut tables = Tables {
+                                versions: &mut versions,
+                                bodies: &mut bodies,
+                                changes: &mut changes,
+                                type_changes: &mut type_changes,
+                            };
+                            let stored = insert_into(
+                                &mut tables,
+                                self.next_change + written.len() as u64,
+                                prepared,
+                            )?;
+                            written.push((index, item.action, item.created, stored));
+                        }
+                        Err(error) => results[index] = Some(Err(error)),
+                    }
                 }
-                Err(error) => results[index] = Some(Err(error)),
+                Ok(())
+            };
+            let inserted = insert_in_order();
+            for worker in workers {
+                // Preparing never panics on any input; if a helper did, its item was
+                // reported above rather than taking the process down.
+                let _ = worker.join();
             }
-        }
-        drop((versions, bodies, changes, type_changes));
+            inserted
+        })?;
         for (index, action, created, stored) in written {
             self.record_written(&stored, action);
             results[index] = Some(Ok(UpdateOutcome {
@@ -376,7 +482,7 @@ impl<'s> WriteTxn<'s> {
     fn plan(
         &mut self,
         item: Upsert,
-        decided: &std::collections::HashMap<(String, String), u64>,
+        decided: &std::collections::HashMap<(String, String), (u64, bool)>,
     ) -> Result<Plan> {
         let Upsert {
             resource_type,
@@ -399,16 +505,21 @@ impl<'s> WriteTxn<'s> {
                 action: AuditAction::Create,
                 created: true,
                 micros: self.store.inner.tick(),
+                // New server ids are time-ordered: they append to their type.
+                body_inline: true,
                 resource,
             });
         };
         validate_update(&resource_type, &id, &resource)?;
-        let (current_version, deleted) = match decided.get(&(resource_type.clone(), id.clone())) {
-            Some(&version) => (version, false),
-            None => self
-                .current_version(&resource_type, &id)?
-                .unwrap_or((0, false)),
-        };
+        let (current_version, deleted, body_inline) =
+            match decided.get(&(resource_type.clone(), id.clone())) {
+                Some(&(version, body_inline)) => (version, false, body_inline),
+                None => {
+                    let located = self.locate(&resource_type, &id)?;
+                    let (version, deleted) = located.current.unwrap_or((0, false));
+                    (version, deleted, located.dense)
+                }
+            };
         if let Some(expected) = expected_version
             && expected != current_version
         {
@@ -434,6 +545,7 @@ impl<'s> WriteTxn<'s> {
             },
             created,
             micros: self.store.inner.tick(),
+            body_inline,
             resource,
         })
     }
@@ -590,20 +702,24 @@ struct Plan {
     action: AuditAction,
     created: bool,
     micros: i64,
+    /// Whether the body stays in the version record (see [`WriteTxn::locate`]).
+    body_inline: bool,
     resource: Value,
 }
 
 impl Plan {
     /// Stamps, serializes, hashes and compresses the planned version (no table access).
     fn prepare(&mut self) -> Result<Prepared> {
-        prepare(
+        let mut prepared = prepare(
             &self.resource_type,
             &self.id,
             self.version,
             self.kind,
             self.micros,
             Some(&mut self.resource),
-        )
+        )?;
+        prepared.body_inline = self.body_inline;
+        Ok(prepared)
     }
 }
 
@@ -612,6 +728,16 @@ impl Plan {
 struct Prepared {
     encoded: EncodedVersion,
     stored: StoredResource,
+    /// Whether the body stays in the version record (see [`WriteTxn::locate`]).
+    body_inline: bool,
+}
+
+/// Where the next version of a resource goes, as [`WriteTxn::locate`] finds it.
+struct Located {
+    /// The current version and whether it is a deletion; `None` if there is none.
+    current: Option<(u64, bool)>,
+    /// Whether the next version lands among dense keys.
+    dense: bool,
 }
 
 struct Tables<'a, 't> {
@@ -677,12 +803,19 @@ fn prepare(
             content_hash,
             body,
         },
+        body_inline: true,
     })
 }
 
 /// Ids that share this many leading bytes with the id after them are dense, not random:
 /// neighbouring random UUIDs share about log16(n) hex digits, 8 only at billions of ids.
 const DENSE_PREFIX: usize = 8;
+
+/// Whether a version of `Type/id` written just before the key `next_type/next_id` lands among
+/// dense keys: the last of its type, or beside an id that shares a long prefix with it.
+fn is_dense_neighbour(resource_type: &str, id: &str, next_type: &str, next_id: &str) -> bool {
+    next_type != resource_type || shared_prefix(next_id, id) >= DENSE_PREFIX
+}
 
 fn shared_prefix(a: &str, b: &str) -> usize {
     a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count()
@@ -701,20 +834,7 @@ fn insert_into(
         stored.id.as_str(),
         stored.version,
     );
-    // Where the key lands decides where the body goes (record.rs says why). After every key
-    // of its type (time-ordered server ids), or among ids that share a long prefix with it
-    // (sequential ids written about in order), inserts keep hitting the same few leaves: the
-    // body stays inline, where a read finds it with one look-up. Anything else (random ids)
-    // lands in a random leaf, which stays small with the body in `bodies`.
-    let dense = match tables.versions.range(key..)?.next() {
-        None => true,
-        Some(next) => {
-            let (next_key, _) = next?;
-            let (next_type, next_id, _) = next_key.value();
-            next_type != stored.resource_type || shared_prefix(next_id, &stored.id) >= DENSE_PREFIX
-        }
-    };
-    if dense || prepared.encoded.body.is_empty() {
+    if prepared.body_inline || prepared.encoded.body.is_empty() {
         let record = prepared.encoded.into_inline_record();
         tables.versions.insert(key, record.as_slice())?;
     } else {
@@ -740,48 +860,81 @@ fn insert_into(
     Ok(stored)
 }
 
-/// Prepares every plan, on as many threads as the machine has (up to 4), keeping order.
-fn prepare_in_parallel(
-    plans: Vec<(usize, Plan)>,
-) -> Vec<(usize, AuditAction, bool, Result<Prepared>)> {
-    fn run(plans: Vec<(usize, Plan)>) -> Vec<(usize, AuditAction, bool, Result<Prepared>)> {
-        plans
-            .into_iter()
-            .map(|(index, mut plan)| {
-                let prepared = plan.prepare();
-                (index, plan.action, plan.created, prepared)
-            })
-            .collect()
+/// A prepared plan on its way back to the inserting thread.
+struct PreparedItem {
+    /// Position of the plan in insert order.
+    turn: usize,
+    action: AuditAction,
+    created: bool,
+    prepared: Result<Prepared>,
+}
+
+fn prepare_item((turn, mut plan): (usize, Plan)) -> PreparedItem {
+    let prepared = plan.prepare();
+    PreparedItem {
+        turn,
+        action: plan.action,
+        created: plan.created,
+        prepared,
     }
-    let threads = std::thread::available_parallelism()
+}
+
+/// Helper threads that prepare a batch of `items` beside the inserting thread: one fewer than
+/// the machine's cores (at most 3), none for a batch too small to pay for a thread.
+fn preparing_helpers(items: usize) -> usize {
+    const SMALLEST_SHARED_BATCH: usize = 64;
+    if items < SMALLEST_SHARED_BATCH {
+        return 0;
+    }
+    std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .min(4);
-    if threads < 2 || plans.len() < 64 {
-        return run(plans);
+        .min(4)
+        - 1
+}
+
+/// The next plan to prepare; `wait` blocks until one comes or the planning is over.
+fn next_plan(
+    queue: &std::sync::Mutex<std::sync::mpsc::Receiver<(usize, Plan)>>,
+    wait: bool,
+) -> Option<(usize, Plan)> {
+    // A helper that panicked while holding the lock left the queue itself intact.
+    let queue = queue
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if wait {
+        queue.recv().ok()
+    } else {
+        queue.try_recv().ok()
     }
-    let per_thread = plans.len().div_ceil(threads);
-    let mut chunks = Vec::with_capacity(threads);
-    let mut rest = plans;
-    while rest.len() > per_thread {
-        let tail = rest.split_off(per_thread);
-        chunks.push(rest);
-        rest = tail;
-    }
-    chunks.push(rest);
-    std::thread::scope(|scope| {
-        let mut chunks = chunks.into_iter();
-        let first = chunks.next().unwrap_or_default();
-        let workers: Vec<_> = chunks
-            .map(|chunk| scope.spawn(move || run(chunk)))
-            .collect();
-        let mut all = run(first);
-        for worker in workers {
-            // Preparing never panics on any input; if a worker did, its items are reported
-            // as not processed rather than taking the process down.
-            if let Ok(done) = worker.join() {
-                all.extend(done);
-            }
+}
+
+/// The prepared item of insert turn `turn`: already back from a helper, or prepared here
+/// (this thread takes plans from the queue rather than wait), or awaited from the helper
+/// that holds it. `None` only if it was lost with a helper that panicked.
+fn wait_for_turn(
+    turn: usize,
+    ready: &mut [Option<PreparedItem>],
+    queue: &std::sync::Mutex<std::sync::mpsc::Receiver<(usize, Plan)>>,
+    done: &std::sync::mpsc::Receiver<PreparedItem>,
+) -> Option<PreparedItem> {
+    loop {
+        if let Some(item) = ready.get_mut(turn).and_then(Option::take) {
+            return Some(item);
         }
-        all
-    })
+        if let Ok(item) = done.try_recv() {
+            let slot = item.turn;
+            ready[slot] = Some(item);
+            continue;
+        }
+        if let Some(job) = next_plan(queue, false) {
+            let item = prepare_item(job);
+            let slot = item.turn;
+            ready[slot] = Some(item);
+            continue;
+        }
+        // Every plan is taken; the one for this turn is with a helper.
+        let item = done.recv().ok()?;
+        let slot = item.turn;
+        ready[slot] = Some(item);
+    }
 }
