@@ -25,6 +25,13 @@ pub fn disable_transparent_huge_pages() -> std::io::Result<bool> {
     }
 }
 
+/// The number of cores this process may use, read once: the standard library reads the
+/// cgroup files again on every call, which showed in commit profiles.
+pub(crate) fn available_cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

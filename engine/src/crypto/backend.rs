@@ -54,6 +54,7 @@ use std::io;
 use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use redb::{BackendError, StorageBackend};
@@ -74,6 +75,10 @@ const MAX_LOGICAL_LEN: u64 = 1 << 52;
 /// Format 2: clean entry pages kept in memory before they are dropped (16 MiB: the entries
 /// of 2 GiB of pages). Dirty ones are kept until written.
 const MAX_CLEAN_ENTRY_PAGES: usize = 4096;
+/// Format 2: plaintext of whole-page writes held for sealing together, at most (16 MiB).
+const MAX_QUEUED_BYTES: usize = 16 << 20;
+/// Format 2: queued pages sealed on one thread; more are shared with a second one.
+const PAGES_PER_SEALING_THREAD: usize = 64;
 
 thread_local! {
     /// Tests only: the format new files get on this thread (to test reading format 1).
@@ -194,9 +199,34 @@ pub struct EncryptedBackend<B> {
     /// The file's format (from its preamble; new files get [`PageFormat::NEWEST`]).
     format: PageFormat,
     header: Mutex<HeaderState>,
-    /// Format 2 only. Lock order: `header` before `entries`.
+    /// Format 2 only. Lock order: `header`, then `queued`, then `entries`.
     entries: RwLock<EntryPages>,
+    /// Format 2 only: whole pages written but not yet sealed (see [`QueuedPages`]).
+    queued: Mutex<QueuedPages>,
+    /// Number of pages in `queued`, so that reads skip its lock when it is empty.
+    queued_pages: AtomicUsize,
 }
+
+/// Format 2: the plaintext of whole pages written since the last seal, by page. They are
+/// sealed and written together, on as many threads as pay off, at the points where entry
+/// pages are written (before every header write, every sync, and at close), when partial
+/// writes or `set_len` need the file current, and when they reach [`MAX_QUEUED_BYTES`].
+/// Why: redb hands over a commit's dirty pages one by one and syncs right after; sealing
+/// them there, one at a time, kept a core idle for a tenth of every commit. Reads of a queued
+/// page are served from here, so nothing can see the file behind the writes. The buffers are
+/// wiped when dropped (after sealing they hold ciphertext anyway).
+#[derive(Default)]
+struct QueuedPages {
+    pages: BTreeMap<u64, Zeroizing<Vec<u8>>>,
+    /// Page buffers of sealed pages, reused: allocating them afresh for every commit had the
+    /// allocator fault memory in again each time.
+    spare: Vec<Zeroizing<Vec<u8>>>,
+    /// Ciphertext of a run of pages, for one write.
+    run: Vec<u8>,
+}
+
+/// Page buffers kept for reuse (4 MiB).
+const MAX_SPARE_PAGE_BUFFERS: usize = 1024;
 
 impl<B: fmt::Debug> fmt::Debug for EncryptedBackend<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -326,6 +356,8 @@ impl<B: StorageBackend> EncryptedBackend<B> {
             format,
             header: Mutex::new(state),
             entries: RwLock::new(EntryPages::default()),
+            queued: Mutex::new(QueuedPages::default()),
+            queued_pages: AtomicUsize::new(0),
         })
     }
 
@@ -449,8 +481,9 @@ impl<B: StorageBackend> EncryptedBackend<B> {
     }
 
     fn write_page0(&self, st: &mut HeaderState, new_page0: &[u8]) -> io::Result<()> {
-        // Every entry of a page written so far reaches the file before any header copy that
-        // could refer to the page (format 1 wrote them with the pages).
+        // Every page written so far, and its entry, reaches the file before any header copy
+        // that could refer to the page (format 1 wrote them with the pages).
+        self.seal_queued()?;
         self.write_entry_pages()?;
         let target = st.durable.other();
         let seq = st
@@ -658,6 +691,35 @@ impl<B: StorageBackend> EncryptedBackend<B> {
     fn read_pages_v2(&self, off: u64, out: &mut [u8]) -> io::Result<()> {
         let high_water = lock(&self.header).high_water;
         let first = off / PAGE;
+        if self.queued_pages.load(Ordering::Acquire) > 0 {
+            let queued = lock(&self.queued);
+            let last = (off + out.len() as u64 - 1) / PAGE;
+            if queued.pages.range(first..=last).next().is_some() {
+                // Page by page, each from the queue or the file; the lock keeps the queue
+                // from being sealed (and a page from being in neither place) meanwhile.
+                let mut page = Zeroizing::new(vec![0u8; PAGE_SIZE]);
+                let mut at = 0usize;
+                for pg in first..=last {
+                    match queued.pages.get(&pg) {
+                        Some(plain) => page.copy_from_slice(plain),
+                        None => {
+                            if let Err(e) = self.read_whole_pages_v2(pg, &mut page, high_water) {
+                                out.fill(0);
+                                return Err(e);
+                            }
+                        }
+                    }
+                    let page_start = pg * PAGE;
+                    let lo = off.max(page_start);
+                    let hi = (off + out.len() as u64).min(page_start + PAGE);
+                    let n = (hi - lo) as usize;
+                    let from = (lo - page_start) as usize;
+                    out[at..at + n].copy_from_slice(&page[from..from + n]);
+                    at += n;
+                }
+                return Ok(());
+            }
+        }
         if off.is_multiple_of(PAGE) && out.len().is_multiple_of(PAGE_SIZE) {
             // What redb does: whole pages, decrypted in place in the caller's buffer.
             return self.read_whole_pages_v2(first, out, high_water);
@@ -671,6 +733,113 @@ impl<B: StorageBackend> EncryptedBackend<B> {
         }
         let from = (off - first * PAGE) as usize;
         out.copy_from_slice(&pages[from..from + out.len()]);
+        Ok(())
+    }
+
+    /// Format 2: queues the whole pages `first, first + 1, ...` of `data` for sealing (see
+    /// [`QueuedPages`]); the caller has already raised the high-water mark over them.
+    fn queue_pages(&self, first: u64, data: &[u8]) -> io::Result<()> {
+        let mut queued = lock(&self.queued);
+        for (k, plain) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let pg = first + k as u64;
+            match queued.pages.get_mut(&pg) {
+                Some(buffer) => buffer.copy_from_slice(plain),
+                None => {
+                    let buffer = match queued.spare.pop() {
+                        Some(mut buffer) => {
+                            buffer.copy_from_slice(plain);
+                            buffer
+                        }
+                        None => Zeroizing::new(plain.to_vec()),
+                    };
+                    queued.pages.insert(pg, buffer);
+                }
+            }
+        }
+        self.queued_pages
+            .store(queued.pages.len(), Ordering::Release);
+        if queued.pages.len() * PAGE_SIZE >= MAX_QUEUED_BYTES {
+            self.seal_queued_locked(&mut queued)?;
+        }
+        Ok(())
+    }
+
+    /// Format 2: seals and writes every queued page, and sets their entries.
+    fn seal_queued(&self) -> io::Result<()> {
+        if self.queued_pages.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        let mut queued = lock(&self.queued);
+        self.seal_queued_locked(&mut queued)
+    }
+
+    fn seal_queued_locked(&self, queued: &mut QueuedPages) -> io::Result<()> {
+        if queued.pages.is_empty() {
+            return Ok(());
+        }
+        // Taken out now: whatever happens below, none of them is read from the queue again.
+        // After an error redb trusts nothing more of this handle (it reports `PreviousIo`).
+        let mut pages: Vec<(u64, Zeroizing<Vec<u8>>)> =
+            std::mem::take(&mut queued.pages).into_iter().collect();
+        self.queued_pages.store(0, Ordering::Release);
+        let key_id = self
+            .keyring
+            .consume_nonces(pages.len() as u64)
+            .map_err(to_io)?;
+        let mut heads = vec![[0u8; ENTRY_SIZE]; pages.len()];
+        let seal = |pages: &mut [(u64, Zeroizing<Vec<u8>>)], heads: &mut [[u8; ENTRY_SIZE]]| {
+            for ((pg, body), head) in pages.iter_mut().zip(heads.iter_mut()) {
+                page::seal_page(&self.keyring, &self.file_id, key_id, *pg, body, head)?;
+            }
+            Ok::<(), SealError>(())
+        };
+        let threads = crate::process::available_cores().min(2);
+        let sealed = if threads > 1 && pages.len() >= 2 * PAGES_PER_SEALING_THREAD {
+            let half = pages.len() / 2;
+            let (pages_a, pages_b) = pages.split_at_mut(half);
+            let (heads_a, heads_b) = heads.split_at_mut(half);
+            std::thread::scope(|scope| {
+                let other = scope.spawn(|| seal(pages_b, heads_b));
+                let here = seal(pages_a, heads_a);
+                // Sealing never panics; if the thread did, its pages count as not sealed.
+                let there = other.join().unwrap_or(Err(SealError::Internal));
+                here.and(there)
+            })
+        } else {
+            seal(&mut pages, &mut heads)
+        };
+        sealed.map_err(seal_err)?;
+        // One write per run of consecutive pages within a group (entry pages sit between).
+        let mut run = std::mem::take(&mut queued.run);
+        let mut k = 0usize;
+        while k < pages.len() {
+            let first = pages[k].0;
+            let (_, slot) = page::v2_group_of(first);
+            let room = PAGES_PER_GROUP as usize - slot;
+            let mut n = 1usize;
+            while n < room && k + n < pages.len() && pages[k + n].0 == first + n as u64 {
+                n += 1;
+            }
+            if n == 1 {
+                self.inner.write(page::v2_data_offset(first), &pages[k].1)?;
+            } else {
+                run.clear();
+                for (_, body) in &pages[k..k + n] {
+                    run.extend_from_slice(body);
+                }
+                self.inner.write(page::v2_data_offset(first), &run)?;
+            }
+            k += n;
+        }
+        queued.run = run;
+        let mut entries = write_lock(&self.entries);
+        for ((pg, _), head) in pages.iter().zip(&heads) {
+            self.set_entry(&mut entries, *pg, head)?;
+        }
+        let room = MAX_SPARE_PAGE_BUFFERS.saturating_sub(queued.spare.len());
+        queued
+            .spare
+            .extend(pages.into_iter().take(room).map(|(_, buffer)| buffer));
         Ok(())
     }
 
@@ -900,6 +1069,8 @@ impl<B: StorageBackend> StorageBackend for EncryptedBackend<B> {
             ));
         }
         let mut st = lock(&self.header);
+        // Queued pages reach the file first: the cut then applies to them like to any other.
+        self.seal_queued()?;
         let physical = self.format.physical_len(len);
         self.inner.set_len(physical)?;
         if self.format == PageFormat::V2 {
@@ -931,6 +1102,7 @@ impl<B: StorageBackend> StorageBackend for EncryptedBackend<B> {
 
     fn sync_data(&self) -> io::Result<()> {
         let mut st = lock(&self.header);
+        self.seal_queued()?;
         self.write_entry_pages()?;
         self.inner.sync_data()?;
         if let Some(slot) = st.pending.take() {
@@ -967,9 +1139,19 @@ impl<B: StorageBackend> StorageBackend for EncryptedBackend<B> {
             off += n as u64;
         }
         if off < end {
+            let rest = &data[pos..];
             match self.format {
-                PageFormat::V1 => self.write_pages(off, &data[pos..], old_high_water)?,
-                PageFormat::V2 => self.write_pages_v2(off, &data[pos..], old_high_water)?,
+                PageFormat::V1 => self.write_pages(off, rest, old_high_water)?,
+                PageFormat::V2
+                    if off.is_multiple_of(PAGE) && rest.len().is_multiple_of(PAGE_SIZE) =>
+                {
+                    self.queue_pages(off / PAGE, rest)?;
+                }
+                PageFormat::V2 => {
+                    // A partial page is read, changed and sealed now, from a current file.
+                    self.seal_queued()?;
+                    self.write_pages_v2(off, rest, old_high_water)?;
+                }
             }
         }
         Ok(())
@@ -978,6 +1160,7 @@ impl<B: StorageBackend> StorageBackend for EncryptedBackend<B> {
     fn close(&self) -> io::Result<()> {
         {
             let _st = lock(&self.header);
+            self.seal_queued()?;
             self.write_entry_pages()?;
         }
         self.inner.close()
@@ -2029,12 +2212,13 @@ mod tests {
         lock(&writes).clear();
         // Pages 200 and 201, above a gap of pages 1..200 that redb never wrote.
         b.write(200 * PAGE, &vec![9u8; 2 * PAGE_SIZE]).unwrap();
-        assert_eq!(
-            *lock(&writes),
-            vec![(page::v2_data_offset(200), 2 * PAGE_SIZE)],
-            "one aligned write of the two pages' ciphertext; no entry and no gap written yet"
-        );
+        assert!(lock(&writes).is_empty(), "pages are sealed at the sync");
         b.sync_data().unwrap();
+        assert_eq!(
+            lock(&writes)[0],
+            (page::v2_data_offset(200), 2 * PAGE_SIZE),
+            "one aligned write of the two pages' ciphertext; no gap written"
+        );
         // The entry pages of groups 0 and 1 (markers for the gap, entries for 200 and 201).
         assert_eq!(
             lock(&writes)[1..],
@@ -2067,6 +2251,119 @@ mod tests {
         b.read(200 * PAGE, &mut out[..2 * PAGE_SIZE]).unwrap();
         assert!(out[..PAGE_SIZE].iter().all(|&x| x == 9));
         assert!(out[PAGE_SIZE..2 * PAGE_SIZE].iter().all(|&x| x == 0));
+    }
+
+    /// Whole pages wait in the queue until a sync, a header write, a partial write, a cut or
+    /// the size limit seals them; until then every read sees them, and what reaches the file
+    /// is ciphertext in runs that never cross an entry page.
+    #[test]
+    fn format_2_queued_pages_are_read_back_and_sealed_in_runs_at_the_right_points() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keyring(dir.path());
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let disk = RecordingBackend {
+            inner: redb::backends::InMemoryBackend::new(),
+            writes: Arc::clone(&writes),
+        };
+        let b = EncryptedBackend::new(disk, k.clone()).unwrap();
+        b.set_len(400 * PAGE).unwrap();
+        b.sync_data().unwrap();
+        lock(&writes).clear();
+        let fill = |byte: u8, pages: usize| vec![byte; pages * PAGE_SIZE];
+        // Pages 126..130 span groups 0 (pages 1..=128) and 1; page 10 stands alone.
+        b.write(126 * PAGE, &fill(3, 4)).unwrap();
+        b.write(10 * PAGE, &fill(4, 1)).unwrap();
+        // Rewritten while queued: the newest bytes win.
+        b.write(127 * PAGE, &fill(6, 1)).unwrap();
+        assert!(lock(&writes).is_empty());
+        // A read across queued and never-written pages, and a partial read inside one.
+        let mut out = fill(1, 6);
+        b.read(125 * PAGE, &mut out).unwrap();
+        let expected: Vec<u8> =
+            [fill(0, 1), fill(3, 1), fill(6, 1), fill(3, 2), fill(0, 1)].concat();
+        assert!(out == expected, "queued pages read back");
+        let mut part = [0u8; 8];
+        b.read(10 * PAGE + 100, &mut part).unwrap();
+        assert_eq!(part, [4u8; 8]);
+        b.sync_data().unwrap();
+        let data_writes: Vec<(u64, usize)> = lock(&writes)
+            .iter()
+            .copied()
+            .filter(|(offset, _)| {
+                *offset != page::v2_entry_page_offset(0) && *offset != page::v2_entry_page_offset(1)
+            })
+            .collect();
+        assert_eq!(
+            data_writes,
+            vec![
+                (page::v2_data_offset(10), PAGE_SIZE),
+                (page::v2_data_offset(126), 3 * PAGE_SIZE),
+                (page::v2_data_offset(129), PAGE_SIZE),
+            ],
+            "page order, one write per run within a group"
+        );
+        for (offset, len) in lock(&writes).iter() {
+            let mut raw = vec![0u8; *len];
+            b.inner().read(*offset, &mut raw).unwrap();
+            assert!(
+                !raw.chunks_exact(PAGE_SIZE)
+                    .any(|c| c.iter().all(|&x| x == 3 || x == 6)),
+                "only ciphertext reaches the file"
+            );
+        }
+        b.read(125 * PAGE, &mut out).unwrap();
+        assert!(out == expected, "the same bytes after sealing");
+
+        // A partial write into a queued page seals the queue first, then changes the page.
+        lock(&writes).clear();
+        b.write(300 * PAGE, &fill(7, 1)).unwrap();
+        b.write(300 * PAGE + 8, &[8u8; 4]).unwrap();
+        assert_eq!(lock(&writes)[0], (page::v2_data_offset(300), PAGE_SIZE));
+        let mut page300 = fill(0, 1);
+        b.read(300 * PAGE, &mut page300).unwrap();
+        assert_eq!(
+            &page300[..16],
+            &[7, 7, 7, 7, 7, 7, 7, 7, 8, 8, 8, 8, 7, 7, 7, 7]
+        );
+
+        // A header write seals the queue before the header copy.
+        lock(&writes).clear();
+        b.write(20 * PAGE, &fill(9, 1)).unwrap();
+        b.write(0, &[1u8; 64]).unwrap();
+        let order = lock(&writes).clone();
+        let data_at = order
+            .iter()
+            .position(|w| *w == (page::v2_data_offset(20), PAGE_SIZE))
+            .unwrap();
+        let header_at = order
+            .iter()
+            .position(|(offset, _)| *offset < page::v2_data_offset(1))
+            .unwrap();
+        assert!(data_at < header_at, "{order:?}");
+
+        // Cutting the file seals the queue, then the cut pages read as zeros when regrown.
+        b.write(390 * PAGE, &fill(5, 1)).unwrap();
+        b.set_len(390 * PAGE).unwrap();
+        b.set_len(400 * PAGE).unwrap();
+        let mut cut = fill(1, 1);
+        b.read(390 * PAGE, &mut cut).unwrap();
+        assert!(cut.iter().all(|&x| x == 0));
+
+        // More than the limit in one go is sealed as it comes, not kept in memory.
+        let pages = MAX_QUEUED_BYTES / PAGE_SIZE + 8;
+        b.set_len((pages as u64 + 1000) * PAGE).unwrap();
+        lock(&writes).clear();
+        for pg in 0..pages as u64 {
+            b.write((1000 + pg) * PAGE, &fill((pg % 200) as u8 + 1, 1))
+                .unwrap();
+        }
+        assert!(!lock(&writes).is_empty());
+        assert!(b.queued_pages.load(Ordering::Acquire) < MAX_QUEUED_BYTES / PAGE_SIZE);
+        for pg in [0u64, 1, pages as u64 - 1] {
+            let mut one = fill(0, 1);
+            b.read((1000 + pg) * PAGE, &mut one).unwrap();
+            assert!(one.iter().all(|&x| x == (pg % 200) as u8 + 1), "page {pg}");
+        }
     }
 
     #[test]

@@ -211,7 +211,7 @@ fn crash_points_for_seed(seed: u64, commits: usize) -> usize {
 fn crash_at_every_disk_operation_loses_no_acknowledged_commit() {
     let mut points = 0;
     for seed in [1, 2, 3] {
-        points += crash_points_for_seed(seed, 6);
+        points += crash_points_for_seed(seed, 9);
     }
     assert!(points >= 1000, "only {points} crash points exercised");
 }

@@ -886,10 +886,7 @@ fn preparing_helpers(items: usize) -> usize {
     if items < SMALLEST_SHARED_BATCH {
         return 0;
     }
-    std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(4)
-        - 1
+    crate::process::available_cores().min(4) - 1
 }
 
 /// The next plan to prepare; `wait` blocks until one comes or the planning is over.
