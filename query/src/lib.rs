@@ -37,6 +37,7 @@ pub mod directory;
 mod error;
 pub mod everything;
 pub mod extract;
+pub mod fhirpath_patch;
 pub mod index;
 pub mod params;
 pub mod patch;

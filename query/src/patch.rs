@@ -1,7 +1,8 @@
 //! FHIR `patch` with JSON Patch (RFC 6902): the six operations over a resource's JSON, the
 //! patch interaction (plain and conditional) as one write transaction, and PATCH entries of
-//! batch/transaction Bundles (a `Binary` holding the JSON Patch) turned into version-checked
-//! updates before the Bundle is processed.
+//! batch/transaction Bundles (a `Binary` holding the JSON Patch, or a `Parameters` FHIRPath
+//! Patch) turned into version-checked updates before the Bundle is processed. FHIRPath Patch
+//! itself is [`crate::fhirpath_patch`]; every function here takes either kind of patch.
 //!
 //! Error messages name the operation's index and kind, never paths' values or the resource's
 //! content (they reach OperationOutcomes and logs).
@@ -199,11 +200,16 @@ pub fn apply_json_patch(resource: &Value, patch: &Value) -> Result<Value> {
     Ok(doc)
 }
 
-/// Applies `patch` to `resource` and checks that the result is still a valid resource of the
+/// Applies `patch` (a JSON Patch array, or a FHIRPath Patch `Parameters` resource) to
+/// `resource` and checks that the result is still a valid resource of the
 /// same type and id (422 otherwise: the patch, not the request, is at fault). Validity is
 /// [`crate::validate`]'s: errors the patch adds refuse it, errors already there do not.
 pub fn patched_resource(resource: &Value, patch: &Value) -> Result<Value> {
-    let patched = apply_json_patch(resource, patch)?;
+    let patched = if crate::fhirpath_patch::is_fhirpath_patch(patch) {
+        crate::fhirpath_patch::apply_fhirpath_patch(resource, patch)?
+    } else {
+        apply_json_patch(resource, patch)?
+    };
     if !patched.is_object() {
         return Err(unprocessable("the patched result is not a JSON object"));
     }
@@ -349,10 +355,10 @@ impl Database {
     }
 
     /// Turns the PATCH entries of a batch or transaction Bundle into PUT entries: the
-    /// `Binary` resource's base64 JSON Patch applied to the current version, the update
-    /// guarded by `ifMatch` with the version the patch was applied to (so a concurrent write
-    /// makes it fail with 412 rather than be overwritten). A FHIRPath Patch (`Parameters`) is
-    /// refused (422). Any entry that cannot be turned into an update fails the whole request,
+    /// `Binary` resource's base64 JSON Patch (or the `Parameters` resource's FHIRPath Patch)
+    /// applied to the current version, the update guarded by `ifMatch` with the version the
+    /// patch was applied to (so a concurrent write makes it fail with 412 rather than be
+    /// overwritten). Any entry that cannot be turned into an update fails the whole request,
     /// with the entry's index in the message; other entries are left as they are.
     pub fn expand_patch_entries(&self, ctx: &AccessContext, bundle: &Value) -> Result<Value> {
         let mut bundle = bundle.clone();
@@ -430,23 +436,19 @@ fn is_patch_entry(entry: &Value) -> bool {
         .is_some_and(|m| m.eq_ignore_ascii_case("PATCH"))
 }
 
-/// The JSON Patch of a Bundle PATCH entry: a `Binary` with a JSON Patch content type and the
-/// patch in base64 `data`.
+/// The patch of a Bundle PATCH entry: a `Binary` with a JSON Patch content type and the
+/// patch in base64 `data`, or a `Parameters` resource (a FHIRPath Patch) as it is.
 fn patch_of_entry(entry: &Value) -> Result<Value> {
     let resource = entry
         .get("resource")
         .ok_or_else(|| unprocessable("a PATCH entry needs a resource (a Binary JSON Patch)"))?;
     match resource.get("resourceType").and_then(Value::as_str) {
         Some("Binary") => {}
-        Some("Parameters") => {
-            return Err(unprocessable(
-                "FHIRPath Patch (a Parameters resource) is not supported; send a JSON Patch \
-                 as a Binary with contentType application/json-patch+json",
-            ));
-        }
+        Some("Parameters") => return Ok(resource.clone()),
         _ => {
             return Err(unprocessable(
-                "a PATCH entry's resource must be a Binary holding a JSON Patch",
+                "a PATCH entry's resource must be a Binary holding a JSON Patch or a \
+                 Parameters resource holding a FHIRPath Patch",
             ));
         }
     }

@@ -608,6 +608,12 @@ fn ptr_id(element: &ElementDef) -> usize {
     std::ptr::from_ref(element) as usize
 }
 
+/// Whether the element `name` of an element of type `section` (a type name, or a backbone
+/// path such as `Patient.contact`) repeats (max > 1), or `None` if the model does not know it.
+pub(crate) fn element_repeats(section: &str, name: &str) -> Option<bool> {
+    Validator::lookup(section, name).map(|matched| matched.element.max != Some(1))
+}
+
 /// Validates `resource` against the base R4 definitions; an empty list means no issues.
 pub fn validate_resource(resource: &Value) -> Vec<Issue> {
     let mut validator = Validator {

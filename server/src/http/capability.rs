@@ -173,7 +173,7 @@ pub(crate) fn statement(db: &Database, base: &str, smart: Option<&OAuthUris>) ->
         "implementation": {"description": "fhirkeep FHIR R4 server", "url": base},
         "fhirVersion": "4.0.1",
         "format": ["json", "application/fhir+json"],
-        "patchFormat": ["application/json-patch+json"],
+        "patchFormat": ["application/json-patch+json", "application/fhir+json"],
         "rest": [{
             "mode": "server",
             "security": security(smart),

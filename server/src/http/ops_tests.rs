@@ -249,6 +249,63 @@ async fn patch_applies_json_patch_and_answers_like_an_update() {
     assert_eq!(reply.header(ETAG), "W/\"3\"");
 }
 
+/// A FHIRPath Patch (a `Parameters` resource as `application/fhir+json`) patches like a JSON
+/// Patch: a new version, the update's headers, and a result that must still be valid.
+#[tokio::test]
+async fn patch_applies_fhirpath_patch_as_fhir_json() {
+    let h = harness(false);
+    h.put(patient("p1", "Chalmers"));
+    let send = |patch: Value| {
+        h.send(
+            Method::PATCH,
+            "/Patient/p1",
+            Some("application/fhir+json"),
+            &[],
+            None,
+            Some(patch.to_string()),
+        )
+    };
+    let reply = send(json!({"resourceType": "Parameters", "parameter": [
+        {"name": "operation", "part": [
+            {"name": "type", "valueCode": "replace"},
+            {"name": "path", "valueString": "Patient.name.family"},
+            {"name": "value", "valueString": "Windsor"}]},
+        {"name": "operation", "part": [
+            {"name": "type", "valueCode": "add"},
+            {"name": "path", "valueString": "Patient"},
+            {"name": "name", "valueString": "telecom"},
+            {"name": "value", "valueContactPoint": {"system": "phone", "value": "555"}}]},
+        {"name": "operation", "part": [
+            {"name": "type", "valueCode": "delete"},
+            {"name": "path", "valueString": "Patient.birthDate"}]}
+    ]}))
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.header(ETAG), "W/\"2\"");
+    let stored = h.read("/Patient/p1").await;
+    assert_eq!(stored["name"][0]["family"], "Windsor");
+    assert_eq!(stored["telecom"][0]["value"], "555");
+    assert!(stored.get("birthDate").is_none());
+
+    // A result that is not a valid Patient is refused, and nothing is written.
+    let reply = send(json!({"resourceType": "Parameters", "parameter": [
+        {"name": "operation", "part": [
+            {"name": "type", "valueCode": "replace"},
+            {"name": "path", "valueString": "Patient.gender"},
+            {"name": "value", "valueCode": "woman"}]}
+    ]}))
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        reply.body
+    );
+    assert!(reply.diagnostics().contains("not valid"), "{}", reply.body);
+    assert!(!reply.diagnostics().contains("woman"));
+    assert_eq!(h.read("/Patient/p1").await["meta"]["versionId"], "2");
+}
+
 #[tokio::test]
 async fn patch_honours_if_match() {
     let h = harness(false);
@@ -324,7 +381,19 @@ async fn patch_failures_are_422_and_change_nothing() {
     let stored = h.read("/Patient/p1").await;
     assert_eq!(stored["meta"]["versionId"], "1");
 
-    // The wrong content type is 415, a missing resource 404.
+    // The wrong content type is 415; a JSON Patch sent as FHIR JSON (where a FHIRPath
+    // Patch is expected) is 400; a missing resource 404.
+    let reply = h
+        .send(
+            Method::PATCH,
+            "/Patient/p1",
+            Some("text/plain"),
+            &[],
+            None,
+            Some("[]".into()),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     let reply = h
         .send(
             Method::PATCH,
@@ -335,7 +404,8 @@ async fn patch_failures_are_422_and_change_nothing() {
             Some("[]".into()),
         )
         .await;
-    assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert!(reply.diagnostics().contains("Parameters"), "{}", reply.body);
     let reply = h.patch("/Patient/nope", &json!([])).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
 }
@@ -355,6 +425,10 @@ async fn conditional_patch_patches_the_one_match() {
     assert_eq!(reply.status, StatusCode::PRECONDITION_FAILED);
     let reply = h.patch("/Patient?family=nobody", &patch).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
+}
+
+fn fhirpath_patch(parts: Value) -> Value {
+    json!({"resourceType": "Parameters", "parameter": [{"name": "operation", "part": parts}]})
 }
 
 fn binary_patch(patch: &Value) -> Value {
@@ -425,13 +499,17 @@ async fn patch_entries_in_transactions_and_batches() {
     assert!(reply.diagnostics().contains("entry 1"));
     assert_eq!(h.read("/Patient/p1").await["gender"], "male");
 
-    // In a batch each entry answers for itself: FHIRPath Patch is refused with a clear
-    // message, a missing resource is 404, and the other entries are applied.
+    // In a batch each entry answers for itself: a FHIRPath Patch that names no element is
+    // refused with a clear message, a missing resource is 404, and the other entries (a
+    // FHIRPath Patch among them) are applied.
     let bundle = json!({
         "resourceType": "Bundle",
         "type": "batch",
         "entry": [
-            {"resource": {"resourceType": "Parameters", "parameter": []},
+            {"resource": fhirpath_patch(json!([
+                {"name": "type", "valueCode": "replace"},
+                {"name": "path", "valueString": "Patient.deceased"},
+                {"name": "value", "valueBoolean": true}])),
              "request": {"method": "PATCH", "url": "Patient/p1"}},
             {"resource": binary_patch(&json!([{"op": "add", "path": "/active", "value": false}])),
              "request": {"method": "PATCH", "url": "Patient/p1"}},
@@ -439,6 +517,12 @@ async fn patch_entries_in_transactions_and_batches() {
              "request": {"method": "PATCH", "url": "Patient/nobody"}},
             {"resource": patient("p3", "Third"),
              "request": {"method": "PUT", "url": "Patient/p3"}},
+            {"resource": fhirpath_patch(json!([
+                {"name": "type", "valueCode": "add"},
+                {"name": "path", "valueString": "Patient"},
+                {"name": "name", "valueString": "telecom"},
+                {"name": "value", "valueContactPoint": {"system": "phone", "value": "555"}}])),
+             "request": {"method": "PATCH", "url": "Patient/p2"}},
         ],
     });
     let reply = h
@@ -464,13 +548,15 @@ async fn patch_entries_in_transactions_and_batches() {
             "422 Unprocessable Entity",
             "200 OK",
             "404 Not Found",
-            "201 Created"
+            "201 Created",
+            "200 OK"
         ]
     );
     let diagnostics = entries[0]["response"]["outcome"]["issue"][0]["diagnostics"]
         .as_str()
         .unwrap();
-    assert!(diagnostics.contains("FHIRPath Patch"), "{diagnostics}");
+    assert!(diagnostics.contains("matches no element"), "{diagnostics}");
+    assert_eq!(h.read("/Patient/p2").await["telecom"][0]["value"], "555");
     assert_eq!(h.read("/Patient/p1").await["active"], false);
     assert_eq!(h.read("/Patient/p3").await["name"][0]["family"], "Third");
 }
@@ -540,7 +626,10 @@ async fn the_capability_statement_names_patch_and_the_operations() {
             .unwrap()
             .contains(&json!({"code": "patch"}))
     );
-    assert_eq!(statement["patchFormat"], json!([JSON_PATCH]));
+    assert_eq!(
+        statement["patchFormat"],
+        json!([JSON_PATCH, "application/fhir+json"])
+    );
     let operations: Vec<&str> = patient["operation"]
         .as_array()
         .unwrap()

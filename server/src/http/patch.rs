@@ -1,20 +1,24 @@
 //! The `patch` interaction over HTTP: `PATCH [type]/[id]` and `PATCH [type]?condition` with a
-//! JSON Patch body (`application/json-patch+json`), and the Bundle entry form (a `Binary`
-//! JSON Patch) expanded before a batch or transaction is processed. The patching itself is
-//! the query crate's (`fhirkeep_query::patch`); this module checks the request and the
-//! token, and answers like an update.
+//! JSON Patch body (`application/json-patch+json`) or a FHIRPath Patch (a `Parameters`
+//! resource, `application/fhir+json`), and the Bundle entry forms (a `Binary` JSON Patch, or
+//! a `Parameters` FHIRPath Patch) expanded before a batch or transaction is processed. The
+//! patching itself is the query crate's (`fhirkeep_query::patch`); this module checks the
+//! request and the token, and answers like an update.
 
 use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
+use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
 use fhirkeep_query::Database;
+use fhirkeep_query::fhirpath_patch::is_fhirpath_patch;
 use fhirkeep_query::patch::{is_json_patch_type, patched_resource};
 use serde_json::Value;
 
 use super::AppState;
 use super::access::{self, WriteTarget};
 use super::auth::{Decision, Grant, authorize};
+use super::envelope::is_json_type;
 use super::handlers::{
     HandlerResult, Info, audited_by_engine, blocking, check_type, if_match, invalid,
     require_content_type, written,
@@ -22,12 +26,30 @@ use super::handlers::{
 use super::response::ApiError;
 use super::scopes::Letter;
 
-/// The body as a JSON Patch document (415 for another content type, 400 for bad JSON).
-fn json_patch_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
-    require_content_type(headers, is_json_patch_type, "application/json-patch+json")?;
+/// The body as a JSON Patch document (`application/json-patch+json`) or a FHIRPath Patch
+/// (`application/fhir+json`, a `Parameters` resource): 415 for another content type, 400 for
+/// bad JSON or a body of the wrong shape for its content type.
+fn patch_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
+    let fhirpath = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(is_json_type);
+    if !fhirpath {
+        require_content_type(
+            headers,
+            is_json_patch_type,
+            "application/json-patch+json (JSON Patch) or application/fhir+json (FHIRPath Patch)",
+        )?;
+    }
     let patch: Value =
         serde_json::from_slice(body).map_err(|_| invalid("the body is not valid JSON"))?;
-    if !patch.is_array() {
+    if fhirpath && !is_fhirpath_patch(&patch) {
+        return Err(invalid(
+            "a FHIRPath Patch must be a Parameters resource (send a JSON Patch as \
+             application/json-patch+json)",
+        ));
+    }
+    if !fhirpath && !patch.is_array() {
         return Err(invalid("a JSON Patch must be an array of operations"));
     }
     Ok(patch)
@@ -91,7 +113,7 @@ fn expected(
     }
 }
 
-/// `PATCH [type]/[id]` with a JSON Patch; `If-Match` for version-aware patches.
+/// `PATCH [type]/[id]` with a JSON Patch or a FHIRPath Patch; `If-Match` for version-aware patches.
 pub(crate) async fn patch(
     State(state): State<AppState>,
     Extension(info): Info,
@@ -100,7 +122,7 @@ pub(crate) async fn patch(
     body: Bytes,
 ) -> HandlerResult {
     check_type(&resource_type)?;
-    let patch = json_patch_body(&headers, &body)?;
+    let patch = patch_body(&headers, &body)?;
     let wanted = if_match(&headers)?;
     let db = state.db();
     let deny = state.deny_status();
@@ -138,7 +160,7 @@ pub(crate) async fn conditional_patch(
     body: Bytes,
 ) -> HandlerResult {
     check_type(&resource_type)?;
-    let patch = json_patch_body(&headers, &body)?;
+    let patch = patch_body(&headers, &body)?;
     let wanted = if_match(&headers)?;
     let condition = query.unwrap_or_default();
     let db = state.db();
