@@ -7,8 +7,9 @@
 //! its entry (key id, nonce, tag) is in the entry page of its group of 128. Entry pages are
 //! kept in memory and the changed ones are written before every header write, every sync
 //! and at close: the same points at which format 1 would already have written its blocks, so
-//! the crash reasoning below holds for both. Files of format 1 are read and written in
-//! format 1.
+//! the crash reasoning below holds for both. Whole-page writes of format 2 wait in a queue
+//! (see `QueuedPages`) and are sealed together at those same points. Files of format 1 are
+//! read and written in format 1.
 //!
 //! # Page 0 (redb's header) and crash safety
 //!

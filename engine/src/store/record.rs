@@ -13,7 +13,7 @@
 //! tombstone). Both are read everywhere; databases written before format 3 existed hold
 //! format 2 only and need no rewrite.
 //!
-//! Which one a write takes depends on where its key lands (`txn.rs`, `insert_into`): among
+//! Which one a write takes depends on where its key lands (`txn.rs`, `WriteTxn::locate`): among
 //! dense keys (an append, or an id sharing a long prefix with the next one) format 2, where
 //! a read finds the body with one look-up; anywhere else format 3. Why: with random client
 //! ids every insert lands in a random leaf of `versions`, and a leaf holding four or five
