@@ -2198,16 +2198,26 @@ mod tests {
         }
     }
 
-    #[test]
-    fn format_2_writes_whole_aligned_pages_and_fills_gaps_with_entries_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let k = keyring(dir.path());
+    /// An encrypted backend over memory, and the `(offset, length)` of every write it makes.
+    #[allow(clippy::type_complexity)]
+    fn recorded_backend(
+        k: &Arc<Keyring>,
+    ) -> (
+        EncryptedBackend<RecordingBackend>,
+        Arc<Mutex<Vec<(u64, usize)>>>,
+    ) {
         let writes = Arc::new(Mutex::new(Vec::new()));
         let disk = RecordingBackend {
             inner: redb::backends::InMemoryBackend::new(),
             writes: Arc::clone(&writes),
         };
-        let b = EncryptedBackend::new(disk, k.clone()).unwrap();
+        (EncryptedBackend::new(disk, k.clone()).unwrap(), writes)
+    }
+
+    #[test]
+    fn format_2_writes_whole_aligned_pages_and_fills_gaps_with_entries_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, writes) = recorded_backend(&keyring(dir.path()));
         assert_eq!(b.format(), PageFormat::V2);
         b.set_len(300 * PAGE).unwrap();
         lock(&writes).clear();
@@ -2260,13 +2270,7 @@ mod tests {
     #[test]
     fn format_2_queued_pages_are_read_back_and_sealed_in_runs_at_the_right_points() {
         let dir = tempfile::tempdir().unwrap();
-        let k = keyring(dir.path());
-        let writes = Arc::new(Mutex::new(Vec::new()));
-        let disk = RecordingBackend {
-            inner: redb::backends::InMemoryBackend::new(),
-            writes: Arc::clone(&writes),
-        };
-        let b = EncryptedBackend::new(disk, k.clone()).unwrap();
+        let (b, writes) = recorded_backend(&keyring(dir.path()));
         b.set_len(400 * PAGE).unwrap();
         b.sync_data().unwrap();
         lock(&writes).clear();
