@@ -1245,6 +1245,60 @@ fn appended_versions_keep_their_body_inline_and_others_use_the_bodies_table() {
     );
 }
 
+/// An item that fails while it is prepared on a helper thread (here: too large) gets its own
+/// error; the items around it are inserted in order under consecutive change seqs.
+#[test]
+fn an_item_refused_while_prepared_leaves_the_rest_of_the_batch_in_order() {
+    let (_dir, store) = temp_store(ReadAudit::Durable);
+    let c = ctx();
+    let items: Vec<Upsert> = (0..100)
+        .map(|i| {
+            let family = if i == 50 {
+                "Z".repeat(record::MAX_BODY + 1)
+            } else {
+                format!("F{i}")
+            };
+            Upsert {
+                resource_type: "Patient".to_owned(),
+                id: Some(format!("q{i:03}")),
+                resource: patient(&family),
+                expected_version: None,
+            }
+        })
+        .collect();
+    let results = store.write(&c, |txn| txn.update_many(items)).unwrap();
+    assert_eq!(results.len(), 100);
+    match &results[50] {
+        Err(Error::InvalidResource(why)) => assert!(why.contains("larger than"), "{why}"),
+        other => panic!("expected the oversize item refused, got {other:?}"),
+    }
+    assert!(matches!(
+        store.read(&c, "Patient", "q050"),
+        Err(Error::NotFound)
+    ));
+    let feed = store.changes_after(&c, None, 1000).unwrap();
+    let ids: Vec<String> = feed.changes.iter().map(|(_, s)| s.id.clone()).collect();
+    let expected: Vec<String> = (0..100)
+        .filter(|&i| i != 50)
+        .map(|i| format!("q{i:03}"))
+        .collect();
+    assert_eq!(ids, expected, "written in item order");
+    let seqs: Vec<u64> = feed.changes.iter().map(|(seq, _)| *seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    for (i, result) in results.iter().enumerate().filter(|(i, _)| *i != 50) {
+        let stored = &result.as_ref().unwrap().resource;
+        assert_eq!(stored.id, format!("q{i:03}"));
+        assert_eq!(
+            store
+                .read(&c, "Patient", &stored.id)
+                .unwrap()
+                .to_json()
+                .unwrap()["name"][0]["family"],
+            format!("F{i}")
+        );
+    }
+}
+
 /// A resource with more versions than a forward walk takes is looked up from its end: its
 /// next version gets the right number and the same layout rule, in single writes and batches.
 #[test]
