@@ -20,7 +20,8 @@ pub(crate) struct HardeningArgs {
     /// `cors_origins = [..]`); flags given on the command line override it.
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
-    /// PEM certificate chain: serve HTTPS (with --tls-key).
+    /// PEM certificate chain: serve HTTPS (with --tls-key). Read again, with the key, on
+    /// SIGHUP (e.g. from a renewal hook); a pair that does not fit keeps the old one.
     #[arg(long, value_name = "FILE")]
     pub(crate) tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
@@ -189,9 +190,13 @@ fn apply_toml(
 }
 
 /// The checked hardening settings, and the TLS configuration if `--tls-cert` is given.
-pub(crate) fn hardening(args: &HardeningArgs) -> Result<(Hardening, Option<rustls::ServerConfig>)> {
+pub(crate) fn hardening(
+    args: &HardeningArgs,
+) -> Result<(Hardening, Option<crate::http::tls::TlsSettings>)> {
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(crate::http::tls::server_config(cert, key, args.tls12)?),
+        (Some(cert), Some(key)) => {
+            Some(crate::http::tls::TlsSettings::load(cert, key, args.tls12)?)
+        }
         (None, None) if args.tls12 => bail!("--tls12 needs --tls-cert and --tls-key"),
         (None, None) => None,
         _ => bail!("--tls-cert and --tls-key go together"),

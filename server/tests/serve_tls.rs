@@ -181,6 +181,83 @@ fn serve_over_tls_13_with_hsts_and_refuses_tls_12_unless_allowed() {
     }
 }
 
+/// A renewed certificate is taken on `SIGHUP` without a restart; files that do not make a
+/// valid pair are refused and the certificate in use stays.
+#[cfg(unix)]
+#[test]
+fn serve_reloads_its_certificate_on_sighup_and_keeps_it_when_the_new_files_are_bad() {
+    let dir = TempDir::new().unwrap();
+    let first = self_signed(dir.path());
+    let server = Server::start_with(
+        dir.path(),
+        "https",
+        &[
+            "--db",
+            "db",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            "cert.pem",
+            "--tls-key",
+            "key.pem",
+        ],
+    );
+    let trusts_first = client(&first, &rustls::version::TLS13);
+    let response = https_get(&server.address, Arc::clone(&trusts_first), "/metadata").unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let hang_up = || {
+        let sent = Command::new("kill")
+            .args(["-HUP", &server.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+
+    // The renewal: new files, then SIGHUP. New connections get the new certificate.
+    let second = self_signed(dir.path());
+    hang_up();
+    let trusts_second = client(&second, &rustls::version::TLS13);
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(response) = https_get(&server.address, Arc::clone(&trusts_second), "/metadata") {
+            assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the new certificate was not taken: {}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        https_get(&server.address, Arc::clone(&trusts_first), "/metadata").is_err(),
+        "the old certificate is still served"
+    );
+
+    // A key that does not fit: refused, logged without key material, the second stays.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(
+        dir.path().join("key.pem"),
+        other.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    hang_up();
+    let started = std::time::Instant::now();
+    while !server.stderr().contains("TLS reload refused") {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no refusal logged: {}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(server.stderr().contains("does not fit the certificate"));
+    assert!(!server.stderr().contains("PRIVATE KEY"));
+    let response = https_get(&server.address, trusts_second, "/metadata").unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
+
 #[test]
 fn serve_refuses_missing_unreadable_and_mismatched_tls_files() {
     let dir = TempDir::new().unwrap();

@@ -1,8 +1,9 @@
 //! TLS for `fhirkeep serve --tls-cert --tls-key`: the rustls configuration (ring provider,
-//! TLS 1.3 only unless `--tls12`) and the HTTPS server loop (axum-server over the same router).
+//! TLS 1.3 only unless `--tls12`), the HTTPS server loop (axum-server over the same router),
+//! and certificate reload on `SIGHUP` (renewed certificates without a restart).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,11 +71,40 @@ pub(crate) fn server_config(cert: &Path, key: &Path, allow_tls12: bool) -> Resul
     Ok(config)
 }
 
+/// The TLS settings of a server: where its certificate and key come from (read again on
+/// reload) and the configuration made from them at start.
+pub(crate) struct TlsSettings {
+    cert: PathBuf,
+    key: PathBuf,
+    allow_tls12: bool,
+    config: ServerConfig,
+}
+
+impl TlsSettings {
+    /// Reads and checks the certificate chain in `cert` and its key in `key` (see
+    /// [`server_config`]).
+    pub(crate) fn load(cert: &Path, key: &Path, allow_tls12: bool) -> Result<TlsSettings> {
+        Ok(TlsSettings {
+            config: server_config(cert, key, allow_tls12)?,
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            allow_tls12,
+        })
+    }
+
+    /// The configuration from the files as they are now.
+    fn reload(&self) -> Result<ServerConfig> {
+        server_config(&self.cert, &self.key, self.allow_tls12)
+    }
+}
+
 /// Serves `state` over TLS on `listener` until `shutdown` completes, then lets requests in
-/// flight finish (for at most 30 s).
+/// flight finish (for at most 30 s). On `SIGHUP` the certificate and key are read again:
+/// connections from then on get the new ones; if the files do not make a valid pair, the
+/// server keeps the ones it has and logs why.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
-    config: ServerConfig,
+    settings: TlsSettings,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -84,9 +114,51 @@ pub(crate) async fn serve(
         shutdown.await;
         on_signal.graceful_shutdown(Some(GRACEFUL_SHUTDOWN));
     });
+    let rustls_config = RustlsConfig::from_config(Arc::new(settings.config.clone()));
+    reload_on_hangup(settings, rustls_config.clone());
     let listener = listener.into_std()?;
-    axum_server::from_tcp_rustls(listener, RustlsConfig::from_config(Arc::new(config)))?
+    axum_server::from_tcp_rustls(listener, rustls_config)?
         .handle(handle)
         .serve(app(state).into_make_service_with_connect_info::<SocketAddr>())
         .await
+}
+
+/// Reloads the certificate and key into `live` whenever the process gets `SIGHUP` (what
+/// certificate renewal hooks send: `pkill -HUP fhirkeep`).
+fn reload_on_hangup(settings: TlsSettings, live: RustlsConfig) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::warn!(%error, "no SIGHUP handler: the TLS certificate reloads only on restart");
+                return;
+            }
+        };
+        let settings = Arc::new(settings);
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                let from_files = Arc::clone(&settings);
+                // File reads and key parsing are blocking work.
+                match tokio::task::spawn_blocking(move || from_files.reload()).await {
+                    Ok(Ok(config)) => {
+                        live.reload_from_config(Arc::new(config));
+                        tracing::info!("TLS certificate and key reloaded");
+                    }
+                    Ok(Err(error)) => tracing::warn!(
+                        error = %format!("{error:#}"),
+                        "TLS reload refused: keeping the certificate in use"
+                    ),
+                    Err(error) => {
+                        tracing::warn!(%error, "TLS reload failed: keeping the certificate in use")
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (settings, live);
+    }
 }
