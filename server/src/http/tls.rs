@@ -73,6 +73,7 @@ pub(crate) fn server_config(cert: &Path, key: &Path, allow_tls12: bool) -> Resul
 
 /// The TLS settings of a server: where its certificate and key come from (read again on
 /// reload) and the configuration made from them at start.
+#[derive(Debug)]
 pub(crate) struct TlsSettings {
     cert: PathBuf,
     key: PathBuf,
