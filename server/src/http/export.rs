@@ -358,6 +358,8 @@ struct Params {
     /// `_typeFilter`: per type, searches whose matches (any of them) are exported; a type
     /// without filters is exported whole.
     type_filters: BTreeMap<String, Vec<Vec<(String, String)>>>,
+    /// `_elements`: root elements to keep (`name` for every type, `Type.name` for one).
+    elements: Option<Vec<String>>,
 }
 
 /// The types one export search covers, and its parameters (none: every resource).
@@ -449,10 +451,34 @@ fn parse_params(query: Option<&str>) -> Result<Params, ApiError> {
                         .push(pairs);
                 }
             }
+            "_elements" => {
+                let elements = params.elements.get_or_insert_with(Vec::new);
+                for element in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                    let (resource_type, name) = match element.split_once('.') {
+                        Some((t, name)) => (Some(t), name),
+                        None => (None, element),
+                    };
+                    if resource_type.is_some_and(|t| !is_resource_type(t)) {
+                        return Err(ApiError::bad_request(
+                            "_elements names a type that is not an R4 resource type",
+                        ));
+                    }
+                    let root_name = !name.is_empty()
+                        && name.chars().all(|c| c.is_ascii_alphanumeric())
+                        && name.starts_with(|c: char| c.is_ascii_lowercase());
+                    if !root_name {
+                        return Err(ApiError::bad_request(
+                            "_elements must list root elements, as name or Type.name",
+                        ));
+                    }
+                    elements.push(element.to_owned());
+                }
+            }
             "_format" | "_pretty" => {}
             _ => {
                 return Err(ApiError::bad_request(
-                    "only _type, _since, _typeFilter and _outputFormat are supported by $export",
+                    "only _type, _since, _typeFilter, _elements and _outputFormat are supported \
+                     by $export",
                 ));
             }
         }
@@ -703,6 +729,7 @@ async fn kick_off(
         types,
         since: params.since,
         type_filters: params.type_filters,
+        elements: params.elements,
         cancel: Arc::clone(&cancel),
     };
     let setup_state = state.clone();
@@ -752,10 +779,25 @@ struct ExportWork {
     types: Vec<String>,
     since: Option<DateTime<Utc>>,
     type_filters: BTreeMap<String, Vec<Vec<(String, String)>>>,
+    elements: Option<Vec<String>>,
     cancel: Arc<AtomicBool>,
 }
 
 impl ExportWork {
+    /// The `_elements` that apply to `resource_type` (unqualified names and its own), or
+    /// `None` when none do: a type the list does not speak of is exported whole.
+    fn elements_for(&self, resource_type: &str) -> Option<Vec<String>> {
+        let prefix = format!("{resource_type}.");
+        let applying: Vec<String> = self
+            .elements
+            .as_ref()?
+            .iter()
+            .filter(|e| !e.contains('.') || e.starts_with(&prefix))
+            .cloned()
+            .collect();
+        (!applying.is_empty()).then_some(applying)
+    }
+
     fn run(self) {
         let exports = self.state.exports();
         let db = self.state.db();
@@ -921,6 +963,7 @@ impl ExportWork {
         // One audit leaf per batch, action `export`; the hash names the job, not the data.
         let digest = leaf_hash(format!("$export {} {resource_type}", self.id).as_bytes());
         let mut file = FileWriter::new(resource_type);
+        let elements = self.elements_for(resource_type);
         for batch in keys.chunks(READ_BATCH) {
             if self.cancelled() {
                 return Ok(Vec::new());
@@ -933,9 +976,14 @@ impl ExportWork {
                 if self.since.is_some_and(|since| stored.last_updated <= since) {
                     continue;
                 }
-                let json = stored
+                let mut json = stored
                     .to_json()
                     .map_err(|e| ApiError::query(&Error::Engine(e), true))?;
+                if let Some(elements) = &elements {
+                    // Kept: the listed elements, the mandatory ones, `id` and `meta` (tagged
+                    // SUBSETTED when anything was left out).
+                    fhirkeep_query::apply_elements(&mut json, elements);
+                }
                 file.push(aux, &self.id, &json)?;
             }
         }

@@ -340,6 +340,62 @@ async fn type_and_since_filter_the_export() {
     assert_eq!(files[0].1[0]["gender"], "female");
 }
 
+/// `_elements` keeps the listed root elements (unqualified ones in every type, `Type.name` in
+/// its type), the mandatory ones, `id` and `meta`, and tags what it cut as SUBSETTED; a type
+/// the list does not speak of is exported whole.
+#[tokio::test]
+async fn elements_subset_the_exported_resources() {
+    let h = harness(false);
+    let status = h
+        .kick_off(
+            "/$export?_type=Patient,Observation,Practitioner&_elements=Patient.id,Observation.subject",
+            None,
+        )
+        .await;
+    let files = h.files(&h.manifest(&status, None).await, None).await;
+    for (name, resources) in &files {
+        for resource in resources {
+            let keys: Vec<&str> = resource
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            let subsetted = resource["meta"]["tag"]
+                .as_array()
+                .is_some_and(|tags| tags.iter().any(|t| t["code"] == "SUBSETTED"));
+            match resource["resourceType"].as_str().unwrap() {
+                "Patient" => {
+                    assert!(!keys.contains(&"name"), "{name}: {resource}");
+                    assert!(subsetted, "{resource}");
+                }
+                "Observation" => {
+                    // subject as asked; status and code are mandatory.
+                    for kept in ["subject", "status", "code", "id", "meta"] {
+                        assert!(keys.contains(&kept), "{kept} missing: {resource}");
+                    }
+                }
+                "Practitioner" => {
+                    assert!(keys.contains(&"name"), "{resource}");
+                    assert!(!subsetted, "{resource}");
+                }
+                other => panic!("unexpected {other}"),
+            }
+        }
+    }
+    assert_eq!(
+        keys(&files),
+        [
+            "Observation/o1",
+            "Observation/o2",
+            "Observation/o3",
+            "Patient/p1",
+            "Patient/p2",
+            "Practitioner/dr1"
+        ]
+    );
+}
+
 #[tokio::test]
 async fn type_filters_export_only_matches_of_their_types() {
     let h = harness(false);
@@ -429,7 +485,11 @@ async fn kick_off_needs_respond_async_and_valid_parameters() {
         "/$export?_outputFormat=text/csv",
         "/$export?_type=Nonsense",
         "/$export?_since=yesterday",
-        "/$export?_elements=id",
+        // `_elements` names root elements of known types only.
+        "/$export?_elements=Patient.name.family",
+        "/$export?_elements=Nonsense.name",
+        "/$export?_elements=Name",
+        "/$export?_count=5",
         // A _typeFilter must be a search of a known type with known parameters only.
         "/$export?_typeFilter=Nonsense%3Fx%3D1",
         "/$export?_typeFilter=Patient%3Fnope%3D1",
