@@ -7,7 +7,7 @@
 //! index), keyed by (job id, file name, chunk number). Job records live in the same file, so
 //! finished jobs survive a restart until they expire.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -79,6 +79,9 @@ struct Output {
     resource_type: String,
     name: String,
     count: u64,
+    /// A file of deletions (the manifest's `deleted`: Bundles of DELETE entries).
+    #[serde(default)]
+    deleted: bool,
 }
 
 /// Where a job is.
@@ -897,6 +900,12 @@ impl ExportWork {
                 Some(_) => compartment_keys.remove(resource_type).unwrap_or_default(),
             };
             outputs.extend(self.write_files(db, aux, resource_type, &keys)?);
+            if patients.is_none()
+                && self.since.is_some()
+                && !self.type_filters.contains_key(resource_type)
+            {
+                outputs.extend(self.write_deletions(db, aux, resource_type)?);
+            }
             self.state.exports().update(
                 &self.id,
                 Progress::Running {
@@ -906,6 +915,55 @@ impl ExportWork {
             );
         }
         Ok((!self.cancelled()).then_some(outputs))
+    }
+
+    /// A system export with `_since`: the resources of `resource_type` deleted since then and
+    /// not written again, as Bundles of one DELETE entry each (`deleted-Type.ndjson`), from
+    /// the type's history (audited like any history read). Types with `_typeFilter` get none:
+    /// a deleted resource can no longer be matched against the filter. Patient and Group
+    /// exports list no deletions: the compartment of a deleted resource is not in the index.
+    fn write_deletions(
+        &self,
+        db: &Database,
+        aux: &redb::Database,
+        resource_type: &str,
+    ) -> Result<Vec<Output>, ApiError> {
+        let mut query = fhirkeep_engine::store::HistoryQuery {
+            since: self.since,
+            count: Some(READ_BATCH),
+            ..Default::default()
+        };
+        // History is newest first: the first version met of an id is its latest since then.
+        let mut seen = HashSet::new();
+        let mut deleted = BTreeSet::new();
+        loop {
+            if self.cancelled() {
+                return Ok(Vec::new());
+            }
+            let page = db
+                .store()
+                .history_type(&self.ctx, resource_type, &query)
+                .map_err(|e| ApiError::query(&Error::Engine(e), true))?;
+            for version in &page.entries {
+                if seen.insert(version.id.clone()) && version.is_deleted() {
+                    deleted.insert(version.id.clone());
+                }
+            }
+            match page.next {
+                Some(cursor) if !page.entries.is_empty() => query.cursor = Some(cursor),
+                _ => break,
+            }
+        }
+        let mut file = FileWriter::deletions(resource_type);
+        for id in deleted {
+            let bundle = json!({
+                "resourceType": "Bundle",
+                "type": "transaction",
+                "entry": [{"request": {"method": "DELETE", "url": format!("{resource_type}/{id}")}}],
+            });
+            file.push(aux, &self.id, &bundle)?;
+        }
+        file.finish(aux, &self.id)
     }
 
     /// The keys of every resource of `types` (in `patient`'s compartment).
@@ -994,6 +1052,8 @@ impl ExportWork {
 /// Writes one type's NDJSON into chunks and files.
 struct FileWriter {
     resource_type: String,
+    /// Writes the deletions of `resource_type` (`deleted-Type.ndjson`).
+    deleted: bool,
     outputs: Vec<Output>,
     /// The current file: its number (from 1), chunks written, bytes written, resources.
     part: u64,
@@ -1007,6 +1067,7 @@ impl FileWriter {
     fn new(resource_type: &str) -> Self {
         FileWriter {
             resource_type: resource_type.to_owned(),
+            deleted: false,
             outputs: Vec::new(),
             part: 1,
             chunk: 0,
@@ -1016,10 +1077,19 @@ impl FileWriter {
         }
     }
 
+    /// A writer of the deletions of `resource_type`.
+    fn deletions(resource_type: &str) -> Self {
+        FileWriter {
+            deleted: true,
+            ..FileWriter::new(resource_type)
+        }
+    }
+
     fn name(&self) -> String {
+        let prefix = if self.deleted { "deleted-" } else { "" };
         match self.part {
-            1 => format!("{}.ndjson", self.resource_type),
-            n => format!("{}.{n}.ndjson", self.resource_type),
+            1 => format!("{prefix}{}.ndjson", self.resource_type),
+            n => format!("{prefix}{}.{n}.ndjson", self.resource_type),
         }
     }
 
@@ -1053,6 +1123,7 @@ impl FileWriter {
                 resource_type: self.resource_type.clone(),
                 name: self.name(),
                 count: self.count,
+                deleted: self.deleted,
             });
             self.part += 1;
         }
@@ -1114,15 +1185,22 @@ pub(crate) async fn status(
             "the export failed",
         )),
         Progress::Done(outputs) => {
+            let file = |o: &Output, file_type: &str| {
+                json!({
+                    "type": file_type,
+                    "url": format!("{}/$export-file/{id}/{}", state.base(), o.name),
+                    "count": o.count,
+                })
+            };
             let output: Vec<Value> = outputs
                 .iter()
-                .map(|o| {
-                    json!({
-                        "type": o.resource_type,
-                        "url": format!("{}/$export-file/{id}/{}", state.base(), o.name),
-                        "count": o.count,
-                    })
-                })
+                .filter(|o| !o.deleted)
+                .map(|o| file(o, &o.resource_type))
+                .collect();
+            let deleted: Vec<Value> = outputs
+                .iter()
+                .filter(|o| o.deleted)
+                .map(|o| file(o, "Bundle"))
                 .collect();
             Ok(FhirResponse {
                 status: StatusCode::OK,
@@ -1132,6 +1210,7 @@ pub(crate) async fn status(
                     "request": job.request,
                     "requiresAccessToken": true,
                     "output": output,
+                    "deleted": deleted,
                     "error": [],
                 }))),
                 audited: false,

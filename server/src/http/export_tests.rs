@@ -396,6 +396,50 @@ async fn elements_subset_the_exported_resources() {
     );
 }
 
+/// A system export with `_since` lists the resources deleted since then (and not written
+/// again) under `deleted`, as Bundles of DELETE entries; without `_since` there are none.
+#[tokio::test]
+async fn since_exports_list_the_deletions_since_then() {
+    let h = harness(false);
+    let status = h.kick_off("/$export", None).await;
+    assert_eq!(h.manifest(&status, None).await["deleted"], json!([]));
+
+    let since = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let db = h.state.db();
+    let ctx = AccessContext::local("test");
+    db.delete(&ctx, "Observation", "o2", None).unwrap();
+    // Deleted and written again: it is in `output`, not in `deleted`.
+    db.delete(&ctx, "Patient", "p1", None).unwrap();
+    db.update(
+        &ctx,
+        "Patient",
+        "p1",
+        json!({"resourceType": "Patient", "id": "p1", "gender": "other"}),
+        None,
+    )
+    .unwrap();
+    let since = since.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let status = h.kick_off(&format!("/$export?_since={since}"), None).await;
+    let manifest = h.manifest(&status, None).await;
+    let files = h.files(&manifest, None).await;
+    assert_eq!(keys(&files), ["Patient/p1"]);
+    let deleted = manifest["deleted"].as_array().unwrap();
+    assert_eq!(deleted.len(), 1, "{manifest}");
+    assert_eq!(deleted[0]["type"], "Bundle");
+    assert_eq!(deleted[0]["count"], 1);
+    let url = deleted[0]["url"].as_str().unwrap();
+    assert!(url.ends_with("/deleted-Observation.ndjson"), "{url}");
+    let reply = h.get(url.strip_prefix(BASE).unwrap(), None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let bundle: Value = serde_json::from_slice(&reply.raw).unwrap();
+    assert_eq!(bundle["type"], "transaction");
+    assert_eq!(
+        bundle["entry"],
+        json!([{"request": {"method": "DELETE", "url": "Observation/o2"}}])
+    );
+}
+
 #[tokio::test]
 async fn type_filters_export_only_matches_of_their_types() {
     let h = harness(false);
