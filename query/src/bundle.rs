@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 
 use fhirkeep_engine::resource::{is_resource_type, new_server_id};
-use fhirkeep_engine::store::{AccessContext, StoredResource, WriteTxn};
+use fhirkeep_engine::store::{AccessContext, StoredResource, UpdateOutcome, Upsert, WriteTxn};
 use serde_json::{Value, json};
 
 use crate::database::Database;
@@ -182,8 +182,23 @@ impl Database {
         let mut written = None;
         if !write_order.is_empty() {
             let ((), ticket) = self.commit_locked_deferred(ctx, |txn| {
-                for &i in &write_order {
-                    done[i] = Some(apply(txn, &mut entries[i], &plans[i])?);
+                let mut next = 0;
+                while next < write_order.len() {
+                    // Consecutive writes go through `update_many` together: the engine
+                    // prepares them on its helper threads while it inserts.
+                    let run = write_order[next..]
+                        .iter()
+                        .take_while(|&&i| matches!(plans[i], Plan::Write { .. }))
+                        .count();
+                    if run >= 2 {
+                        let run = &write_order[next..next + run];
+                        apply_writes(txn, &mut entries, &plans, run, &mut done)?;
+                        next += run.len();
+                    } else {
+                        let i = write_order[next];
+                        done[i] = Some(apply(txn, &mut entries[i], &plans[i])?);
+                        next += 1;
+                    }
                 }
                 Ok(())
             })?;
@@ -410,26 +425,61 @@ impl Database {
     }
 }
 
+/// The resource of a write entry with its id set, and the version the write insists on.
+fn write_input(entry: &mut Entry, id: &str, create_only: bool) -> (Value, Option<u64>) {
+    let mut resource = entry.resource.take().unwrap_or(Value::Null);
+    if let Some(object) = resource.as_object_mut() {
+        object.insert("id".into(), Value::String(id.to_owned()));
+    }
+    let expected = if create_only { Some(0) } else { entry.if_match };
+    (resource, expected)
+}
+
+fn done_of_write(outcome: UpdateOutcome) -> Done {
+    if outcome.resource.version == 1
+        || outcome.resource.kind != fhirkeep_engine::store::VersionKind::Updated
+    {
+        Done::Created(outcome.resource)
+    } else {
+        Done::Updated(outcome.resource)
+    }
+}
+
+/// Applies the write entries `run` (each planned as [`Plan::Write`]) in one `update_many`.
+/// The first refused entry, in order, fails the transaction as [`apply`] would.
+fn apply_writes(
+    txn: &mut WriteTxn<'_>,
+    entries: &mut [Entry],
+    plans: &[Plan],
+    run: &[usize],
+    done: &mut [Option<Done>],
+) -> Result<()> {
+    let mut items = Vec::with_capacity(run.len());
+    for &i in run {
+        let Plan::Write { id, create_only } = &plans[i] else {
+            return Err(Error::Internal(
+                "a batch of writes holds another entry".into(),
+            ));
+        };
+        let (resource, expected_version) = write_input(&mut entries[i], id, *create_only);
+        items.push(Upsert {
+            resource_type: entries[i].resource_type.clone(),
+            id: Some(id.clone()),
+            resource,
+            expected_version,
+        });
+    }
+    for (&i, outcome) in run.iter().zip(txn.update_many(items)?) {
+        done[i] = Some(done_of_write(outcome?));
+    }
+    Ok(())
+}
+
 fn apply(txn: &mut WriteTxn<'_>, entry: &mut Entry, plan: &Plan) -> Result<Done> {
     Ok(match plan {
         Plan::Write { id, create_only } => {
-            let mut resource = entry.resource.take().unwrap_or(Value::Null);
-            if let Some(object) = resource.as_object_mut() {
-                object.insert("id".into(), Value::String(id.clone()));
-            }
-            let expected = if *create_only {
-                Some(0)
-            } else {
-                entry.if_match
-            };
-            let outcome = txn.update(&entry.resource_type, id, resource, expected)?;
-            if outcome.resource.version == 1
-                || outcome.resource.kind != fhirkeep_engine::store::VersionKind::Updated
-            {
-                Done::Created(outcome.resource)
-            } else {
-                Done::Updated(outcome.resource)
-            }
+            let (resource, expected) = write_input(entry, id, *create_only);
+            done_of_write(txn.update(&entry.resource_type, id, resource, expected)?)
         }
         Plan::Delete { id } => {
             txn.delete(&entry.resource_type, id, entry.if_match)?;
