@@ -1276,6 +1276,19 @@ fn an_item_refused_while_prepared_leaves_the_rest_of_the_batch_in_order() {
         store.read(&c, "Patient", "q050"),
         Err(Error::NotFound)
     ));
+    // The refusal is on record, like a refused single write (and so is the read).
+    store.flush_audit().unwrap();
+    let on_record = (0..store.audit_size().unwrap())
+        .map(|seq| store.audit_leaf(seq).unwrap().record)
+        .filter(|r| r.id.as_deref() == Some("q050"))
+        .collect::<Vec<_>>();
+    assert_eq!(on_record.len(), 2, "{on_record:?}");
+    assert!(
+        on_record
+            .iter()
+            .any(|r| r.action == AuditAction::Create && r.outcome != AuditOutcome::Success),
+        "{on_record:?}"
+    );
     let feed = store.changes_after(&c, None, 1000).unwrap();
     let ids: Vec<String> = feed.changes.iter().map(|(_, s)| s.id.clone()).collect();
     let expected: Vec<String> = (0..100)

@@ -450,7 +450,18 @@ impl<'s> WriteTxn<'s> {
                             )?;
                             written.push((index, item.action, item.created, stored));
                         }
-                        Err(error) => results[index] = Some(Err(error)),
+                        Err(error) => {
+                            // Refused while prepared (too large): on record like any refusal.
+                            let error: Result<UpdateOutcome> = Err(error);
+                            let (resource_type, id) = &item.target;
+                            self.buffer_leaf(
+                                item.action,
+                                &error,
+                                Some((resource_type, id)),
+                                |_| None,
+                            );
+                            results[index] = Some(error);
+                        }
                     }
                 }
                 Ok(())
@@ -867,6 +878,8 @@ struct PreparedItem {
     action: AuditAction,
     created: bool,
     prepared: Result<Prepared>,
+    /// `Type` and `id` of the plan, for the audit leaf of a refusal.
+    target: (String, String),
 }
 
 fn prepare_item((turn, mut plan): (usize, Plan)) -> PreparedItem {
@@ -876,6 +889,7 @@ fn prepare_item((turn, mut plan): (usize, Plan)) -> PreparedItem {
         action: plan.action,
         created: plan.created,
         prepared,
+        target: (plan.resource_type, plan.id),
     }
 }
 
