@@ -395,8 +395,7 @@ impl<'s> WriteTxn<'s> {
                             (plan.resource_type.clone(), plan.id.clone()),
                             (plan.version, plan.body_inline),
                         );
-                        // A send fails only when every receiver is gone, which cannot
-                        // happen while `queue` lives; the plan is then prepared below.
+                        // Cannot fail: the receiver lives in `queue` until this call ends.
                         let _ = plan_sender.send((planned_items.len(), plan));
                         planned_items.push(index);
                     }
