@@ -40,6 +40,22 @@ fn self_signed(dir: &Path) -> CertificateDer<'static> {
     certified.cert.der().clone()
 }
 
+/// `fhirkeep serve` over TLS with `cert.pem` and `key.pem` of `dir`, on a free loopback port.
+fn https_server(dir: &Path, extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--db",
+        "db",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        "cert.pem",
+        "--tls-key",
+        "key.pem",
+    ];
+    args.extend_from_slice(extra);
+    Server::start_with(dir, "https", &args)
+}
+
 /// A TLS client trusting only `cert`, speaking only `version`.
 fn client(
     cert: &CertificateDer<'static>,
@@ -89,20 +105,7 @@ fn https_get(
 fn serve_over_tls_13_with_hsts_and_refuses_tls_12_unless_allowed() {
     let dir = TempDir::new().unwrap();
     let cert = self_signed(dir.path());
-    let server = Server::start_with(
-        dir.path(),
-        "https",
-        &[
-            "--db",
-            "db",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            "cert.pem",
-            "--tls-key",
-            "key.pem",
-        ],
-    );
+    let server = https_server(dir.path(), &[]);
     let tls13 = client(&cert, &rustls::version::TLS13);
     let response = https_get(&server.address, Arc::clone(&tls13), "/metadata").unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
@@ -138,21 +141,7 @@ fn serve_over_tls_13_with_hsts_and_refuses_tls_12_unless_allowed() {
     drop(server);
 
     // With --tls12 the same client gets in.
-    let server = Server::start_with(
-        dir.path(),
-        "https",
-        &[
-            "--db",
-            "db",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            "cert.pem",
-            "--tls-key",
-            "key.pem",
-            "--tls12",
-        ],
-    );
+    let server = https_server(dir.path(), &["--tls12"]);
     let response = https_get(&server.address, tls12, "/metadata").unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 
@@ -188,20 +177,7 @@ fn serve_over_tls_13_with_hsts_and_refuses_tls_12_unless_allowed() {
 fn serve_reloads_its_certificate_on_sighup_and_keeps_it_when_the_new_files_are_bad() {
     let dir = TempDir::new().unwrap();
     let first = self_signed(dir.path());
-    let server = Server::start_with(
-        dir.path(),
-        "https",
-        &[
-            "--db",
-            "db",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            "cert.pem",
-            "--tls-key",
-            "key.pem",
-        ],
-    );
+    let server = https_server(dir.path(), &[]);
     let trusts_first = client(&first, &rustls::version::TLS13);
     let response = https_get(&server.address, Arc::clone(&trusts_first), "/metadata").unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
