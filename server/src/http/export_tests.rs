@@ -191,6 +191,12 @@ impl Harness {
         panic!("the export did not finish");
     }
 
+    /// Runs an export without a token to its end: every file, as [`Harness::files`] gives it.
+    async fn export(&self, uri: &str) -> Vec<(String, Vec<Value>)> {
+        let status = self.kick_off(uri, None).await;
+        self.files(&self.manifest(&status, None).await, None).await
+    }
+
     /// Every file of a manifest: (type, parsed lines).
     async fn files(&self, manifest: &Value, token: Option<&str>) -> Vec<(String, Vec<Value>)> {
         let mut files = Vec::new();
@@ -308,13 +314,9 @@ async fn a_system_export_returns_every_stored_resource_as_ndjson() {
 #[tokio::test]
 async fn type_and_since_filter_the_export() {
     let h = harness(false);
-    let status = h
-        .kick_off(
-            "/$export?_type=Patient,Practitioner&_outputFormat=application/fhir%2Bndjson",
-            None,
-        )
+    let files = h
+        .export("/$export?_type=Patient,Practitioner&_outputFormat=application/fhir%2Bndjson")
         .await;
-    let files = h.files(&h.manifest(&status, None).await, None).await;
     assert_eq!(
         keys(&files),
         ["Patient/p1", "Patient/p2", "Practitioner/dr1"]
@@ -334,8 +336,7 @@ async fn type_and_since_filter_the_export() {
     // With a `+00:00` offset, sent unencoded as clients do.
     let since = since.to_rfc3339_opts(chrono::SecondsFormat::Micros, false);
     assert!(since.ends_with("+00:00"));
-    let status = h.kick_off(&format!("/$export?_since={since}"), None).await;
-    let files = h.files(&h.manifest(&status, None).await, None).await;
+    let files = h.export(&format!("/$export?_since={since}")).await;
     assert_eq!(keys(&files), ["Patient/p2"]);
     assert_eq!(files[0].1[0]["gender"], "female");
 }
@@ -346,13 +347,7 @@ async fn type_and_since_filter_the_export() {
 #[tokio::test]
 async fn elements_subset_the_exported_resources() {
     let h = harness(false);
-    let status = h
-        .kick_off(
-            "/$export?_type=Patient,Observation,Practitioner&_elements=Patient.id,Observation.subject",
-            None,
-        )
-        .await;
-    let files = h.files(&h.manifest(&status, None).await, None).await;
+    let files = h.export("/$export?_type=Patient,Observation,Practitioner&_elements=Patient.id,Observation.subject").await;
     for (name, resources) in &files {
         for resource in resources {
             let keys: Vec<&str> = resource
@@ -455,29 +450,23 @@ async fn type_filters_export_only_matches_of_their_types() {
     .unwrap();
     // Observations: only those matching either filter (one with an OR of values); every
     // other type whole.
-    let status = h
-        .kick_off(
-            concat!(
-                "/$export?_type=Observation,Practitioner",
-                "&_typeFilter=Observation%3Fstatus%3Damended%2Ccancelled,",
-                "Observation%3Fsubject%3DPatient%2Fp2",
-            ),
-            None,
-        )
+    let files = h
+        .export(concat!(
+            "/$export?_type=Observation,Practitioner",
+            "&_typeFilter=Observation%3Fstatus%3Damended%2Ccancelled,",
+            "Observation%3Fsubject%3DPatient%2Fp2",
+        ))
         .await;
-    let files = h.files(&h.manifest(&status, None).await, None).await;
     assert_eq!(
         keys(&files),
         ["Observation/o2", "Observation/o3", "Practitioner/dr1"]
     );
     // In a Patient export the filter applies within each compartment.
-    let status = h
-        .kick_off(
+    let files = h
+        .export(
             "/Patient/$export?_type=Patient,Observation&_typeFilter=Observation%3Fstatus%3Dfinal",
-            None,
         )
         .await;
-    let files = h.files(&h.manifest(&status, None).await, None).await;
     assert_eq!(
         keys(&files),
         [
@@ -492,13 +481,9 @@ async fn type_filters_export_only_matches_of_their_types() {
 #[tokio::test]
 async fn patient_and_group_exports_cover_compartments() {
     let h = harness(false);
-    let status = h
-        .kick_off(
-            "/Patient/$export?_type=Patient,Observation,Practitioner",
-            None,
-        )
+    let files = h
+        .export("/Patient/$export?_type=Patient,Observation,Practitioner")
         .await;
-    let files = h.files(&h.manifest(&status, None).await, None).await;
     // Practitioner is not in the patient compartment.
     assert_eq!(
         keys(&files),
@@ -510,8 +495,7 @@ async fn patient_and_group_exports_cover_compartments() {
             "Patient/p2"
         ]
     );
-    let status = h.kick_off("/Group/g1/$export", None).await;
-    let files = h.files(&h.manifest(&status, None).await, None).await;
+    let files = h.export("/Group/g1/$export").await;
     // The group itself is in its member's compartment (Group.member).
     assert_eq!(keys(&files), ["Group/g1", "Observation/o2", "Patient/p2"]);
     let missing = h.call(Method::GET, "/Group/nope/$export", None, true).await;

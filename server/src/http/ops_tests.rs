@@ -383,29 +383,31 @@ async fn patch_failures_are_422_and_change_nothing() {
 
     // The wrong content type is 415; a JSON Patch sent as FHIR JSON (where a FHIRPath
     // Patch is expected) is 400; a missing resource 404.
-    let reply = h
-        .send(
-            Method::PATCH,
-            "/Patient/p1",
-            Some("text/plain"),
-            &[],
-            None,
-            Some("[]".into()),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    let reply = h
-        .send(
-            Method::PATCH,
-            "/Patient/p1",
-            Some("application/fhir+json"),
-            &[],
-            None,
-            Some("[]".into()),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
-    assert!(reply.diagnostics().contains("Parameters"), "{}", reply.body);
+    for (content_type, status, why) in [
+        (
+            "text/plain",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "json-patch+json",
+        ),
+        (
+            "application/fhir+json",
+            StatusCode::BAD_REQUEST,
+            "Parameters",
+        ),
+    ] {
+        let reply = h
+            .send(
+                Method::PATCH,
+                "/Patient/p1",
+                Some(content_type),
+                &[],
+                None,
+                Some("[]".into()),
+            )
+            .await;
+        assert_eq!(reply.status, status, "{content_type}");
+        assert!(reply.diagnostics().contains(why), "{}", reply.body);
+    }
     let reply = h.patch("/Patient/nope", &json!([])).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
 }
