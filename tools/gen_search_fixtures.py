@@ -193,6 +193,48 @@ def main():
     add("Observation?value-quantity=185|http://unitsofmeasure.org|[lb_av]", [key(o) for o in observations
         if any(184.5 <= float(x["value"]) < 185.5 and x.get("system") == "http://unitsofmeasure.org" and x.get("code") == "[lb_av]" for x in quantities(o))])
 
+    # Observation's combo-* parameters: the observation's own code and value, or any one
+    # component's code and value (each pair taken from the same element).
+    def elements(o):
+        return [o] + o.get("component", [])
+
+    def combo_codes(o):
+        return [c for e in elements(o) for c in codings(e)]
+    for system, code in [("http://loinc.org", "8480-6"), ("http://loinc.org", "29463-7")]:
+        add(f"Observation?combo-code={system}|{code}", [key(o) for o in observations
+            if any(c.get("system") == system and c.get("code") == code for c in combo_codes(o))])
+    add("Observation?combo-code=8462-4", [key(o) for o in observations if any(c.get("code") == "8462-4" for c in combo_codes(o))])
+    add("Observation?combo-code:missing=true", [key(o) for o in observations if not any(c.get("code") for c in combo_codes(o))])
+    add("Observation?component-code:missing=false", [key(o) for o in observations
+        if any(c.get("code") for e in o.get("component", []) for c in codings(e))])
+    add("Observation?category=vital-signs&combo-code:not=http://loinc.org|8480-6", [key(o) for o in observations
+        if any(c.get("code") == "vital-signs" for cat in o.get("category", []) for c in cat.get("coding", []))
+        and not any(c.get("system") == "http://loinc.org" and c.get("code") == "8480-6" for c in combo_codes(o))])
+
+    def combo_quantities(o):
+        return [e["valueQuantity"] for e in elements(o) if "value" in e.get("valueQuantity", {})]
+    for q, test in [("gt100", lambda v: v > 100), ("lt1", lambda v: v < 1)]:
+        add(f"Observation?combo-value-quantity={q}", [key(o) for o in observations
+            if any(test(float(x["value"])) for x in combo_quantities(o))])
+    for code, q, test in [("8480-6", "gt100", lambda v: v > 100), ("8462-4", "lt90", lambda v: v < 90),
+                          ("29463-7", "ge185", lambda v: v >= 185)]:
+        add(f"Observation?combo-code-value-quantity=http://loinc.org|{code}${q}", [key(o) for o in observations
+            if any(any(c.get("system") == "http://loinc.org" and c.get("code") == code for c in codings(e))
+                   and "value" in e.get("valueQuantity", {}) and test(float(e["valueQuantity"]["value"]))
+                   for e in elements(o))])
+
+    def concept_codes(e):
+        return e.get("valueCodeableConcept", {}).get("coding", [])
+    pairs = sorted({(c.get("code"), v.get("system"), v.get("code")) for o in observations for e in elements(o)
+                    for c in codings(e) for v in concept_codes(e) if c.get("code") and v.get("code") and v.get("system")})
+    for code, system, value in pairs[:3]:
+        add(f"Observation?combo-code-value-concept={code}${system}|{value}", [key(o) for o in observations
+            if any(any(c.get("code") == code for c in codings(e))
+                   and any(v.get("system") == system and v.get("code") == value for v in concept_codes(e))
+                   for e in elements(o))])
+        add(f"Observation?combo-value-concept={system}|{value}", [key(o) for o in observations
+            if any(v.get("system") == system and v.get("code") == value for e in elements(o) for v in concept_codes(e))])
+
     def effective_ranges(o):
         out = []
         if "effectiveDateTime" in o:

@@ -102,7 +102,13 @@ pub fn extract(
     let mut entries = IndexEntries::default();
     let mut failures = 0;
     let root = fhirkeep_fhirpath::Node::resource(resource);
+    let mut derived = Vec::new();
+    let mut present: Vec<&str> = Vec::new();
     for param in registry.for_type(resource_type) {
+        if !param.derived_from.is_empty() {
+            derived.push(param);
+            continue;
+        }
         let Some(expression) = &param.expression else {
             continue;
         };
@@ -127,7 +133,11 @@ pub fn extract(
         }
         if entries.terms.len() > before {
             entries.terms.push(term(&param.code, "p", ""));
+            present.push(&param.code);
         }
+    }
+    for param in derived {
+        derived_entries(param, &present, &mut entries);
     }
     entries.narrative = narrative_text(resource);
     entries.content = content_text(resource);
@@ -138,6 +148,31 @@ pub fn extract(
     entries.references.sort_unstable();
     entries.references.dedup();
     (entries, failures)
+}
+
+/// What a derived parameter (see [`SearchParam::derived_from`]) keeps of its own: its
+/// presence term, and its members' sort keys under its code. Its value terms are its
+/// members', which a search looks up instead.
+fn derived_entries(param: &SearchParam, present: &[&str], entries: &mut IndexEntries) {
+    if param
+        .derived_from
+        .iter()
+        .any(|member| present.contains(&member.as_str()))
+    {
+        entries.terms.push(term(&param.code, "p", ""));
+    }
+    let mut renamed = Vec::new();
+    for member in &param.derived_from {
+        for key in &entries.sort_keys {
+            if let Some(value) = key
+                .strip_prefix(member.as_str())
+                .and_then(|rest| rest.strip_prefix(SEP))
+            {
+                renamed.push(keyed(&param.code, value));
+            }
+        }
+    }
+    entries.sort_keys.extend(renamed);
 }
 
 /// One typed value found for a parameter.
@@ -667,7 +702,11 @@ fn composite_terms(param: &SearchParam, items: &[Item<'_>], terms: &mut Vec<Stri
                     if prefix.is_empty() {
                         next.push(form.clone());
                     } else {
-                        next.push(format!("{prefix}${form}"));
+                        let mut joined = String::with_capacity(prefix.len() + 1 + form.len());
+                        joined.push_str(prefix);
+                        joined.push('$');
+                        joined.push_str(form);
+                        next.push(joined);
                     }
                 }
             }
@@ -693,7 +732,7 @@ fn composite_terms(param: &SearchParam, items: &[Item<'_>], terms: &mut Vec<Stri
         for prefix in &prefixes {
             for last_term in &scratch.terms {
                 // `last_term` is `␟kind␟value` (empty code): append it to the prefix.
-                terms.push(format!("{}{SEP}c{SEP}{prefix}{last_term}", param.code));
+                terms.push(term_of(&param.code, "c", &[prefix, last_term]));
             }
         }
     }

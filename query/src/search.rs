@@ -1063,6 +1063,10 @@ fn param_query(
             _ => present,
         });
     }
+    if let Some(query) = derived_param_query(index, registry, types, code, kind, modifier, values)?
+    {
+        return Ok(query);
+    }
     let mut alternatives = Vec::with_capacity(values.len());
     let negate = *modifier == Modifier::Not;
     for value in values {
@@ -1072,6 +1076,89 @@ fn param_query(
     }
     let query = any_of(alternatives);
     Ok(if negate { none_of(query) } else { query })
+}
+
+/// The query for a parameter that is derived (see `SearchParam::derived_from`) on some of
+/// `types`: any of its members' queries there, and its own terms on the other types;
+/// `None` when it is derived on none of them.
+fn derived_param_query(
+    index: &SearchIndex,
+    registry: &Registry,
+    types: &[String],
+    code: &str,
+    kind: ParamType,
+    modifier: &Modifier,
+    values: &[String],
+) -> Result<Option<Box<dyn Query>>> {
+    let mut groups: Vec<(&[String], Vec<String>)> = Vec::new();
+    let mut plain_types = Vec::new();
+    for resource_type in types {
+        match registry.get(resource_type, code) {
+            Some(param) if !param.derived_from.is_empty() => {
+                let members = param.derived_from.as_slice();
+                match groups.iter_mut().find(|(m, _)| *m == members) {
+                    Some((_, group)) => group.push(resource_type.clone()),
+                    None => groups.push((members, vec![resource_type.clone()])),
+                }
+            }
+            _ => plain_types.push(resource_type.clone()),
+        }
+    }
+    if groups.is_empty() {
+        return Ok(None);
+    }
+    // `:not` negates the union, not each member.
+    let negate = *modifier == Modifier::Not;
+    let positive = if negate { &Modifier::None } else { modifier };
+    let restrict = groups.len() > 1 || !plain_types.is_empty();
+    let of_types = |types: &[String]| {
+        any_of(
+            types
+                .iter()
+                .map(|t| index.field_term(index.fields().resource_type, t))
+                .collect(),
+        )
+    };
+    let mut alternatives = Vec::new();
+    for (members, group_types) in &groups {
+        let mut member_queries = Vec::with_capacity(members.len());
+        for member in *members {
+            member_queries.push(param_query(
+                index,
+                registry,
+                group_types,
+                member,
+                kind,
+                positive,
+                values,
+                &format!("{member}{SEP}"),
+            )?);
+        }
+        let query = any_of(member_queries);
+        alternatives.push(if restrict {
+            all_of(vec![of_types(group_types), query])
+        } else {
+            query
+        });
+    }
+    if !plain_types.is_empty() {
+        let mut own = Vec::with_capacity(values.len());
+        for value in values {
+            own.push(value_query(
+                index,
+                registry,
+                &plain_types,
+                code,
+                kind,
+                positive,
+                value,
+                &format!("{code}{SEP}"),
+            )?);
+        }
+        alternatives.push(all_of(vec![of_types(&plain_types), any_of(own)]));
+    }
+    let query = any_of(alternatives);
+    Ok(Some(if negate { none_of(query) } else { query }))
 }
 
 #[allow(clippy::too_many_arguments)]

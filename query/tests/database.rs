@@ -301,6 +301,43 @@ fn sorting_on_several_keys_and_descending() {
         keys(&t.db, "Patient?_sort=-_id"),
         ["Patient/p3", "Patient/p2", "Patient/p1"]
     );
+    // `combo-value-quantity` has no terms of its own (it is `value-quantity` and
+    // `component-value-quantity`) but sorts on its own keys: the lowest value ascending,
+    // the highest descending, a component's value counting like the observation's.
+    let mut pressure = observation("o4", "p2", "85354-9", 0.0, "mm[Hg]", "2022-01-01");
+    pressure.as_object_mut().unwrap().remove("valueQuantity");
+    pressure["component"] = json!([
+        {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+         "valueQuantity": {"value": 130, "unit": "mm[Hg]"}},
+        {"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]},
+         "valueQuantity": {"value": 85, "unit": "mm[Hg]"}}
+    ]);
+    put(&t.db, pressure);
+    assert_eq!(
+        keys(&t.db, "Observation?_sort=combo-value-quantity"),
+        [
+            "Observation/o1",
+            "Observation/o2",
+            "Observation/o4",
+            "Observation/o3"
+        ]
+    );
+    assert_eq!(
+        keys(&t.db, "Observation?_sort=-combo-value-quantity,_id"),
+        [
+            "Observation/o3",
+            "Observation/o4",
+            "Observation/o2",
+            "Observation/o1"
+        ]
+    );
+    assert_eq!(
+        keys(
+            &t.db,
+            "Observation?combo-value-quantity=gt84&_sort=combo-code"
+        ),
+        ["Observation/o3", "Observation/o4"]
+    );
 }
 
 #[test]
@@ -630,6 +667,41 @@ fn custom_search_parameters_index_new_writes_and_reindex_covers_old_ones() {
     assert_eq!(
         keys(&t.db, "Patient?eye-colour=blue"),
         ["Patient/new", "Patient/old"]
+    );
+}
+
+#[test]
+fn a_parameter_derived_on_one_type_and_not_on_another_matches_each_by_its_own_values() {
+    let t = clinical_db();
+    // `combo-code` is derived on Observation (from `code` and `component-code`); here a
+    // custom `combo-code` on Condition is its severity, so a Condition whose `code` is the
+    // searched code must not match.
+    put(
+        &t.db,
+        json!({"resourceType": "SearchParameter", "id": "sev", "url": "http://example.org/sp/sev",
+        "name": "sev", "status": "active", "description": "severity", "code": "combo-code",
+        "base": ["Condition"], "type": "token", "expression": "Condition.severity"}),
+    );
+    put(
+        &t.db,
+        json!({"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
+        "severity": {"coding": [{"system": "http://snomed.info/sct", "code": "24484000"}]}}),
+    );
+    assert_eq!(
+        keys(
+            &t.db,
+            "?_type=Observation,Condition&combo-code=http://loinc.org|29463-7"
+        ),
+        ["Observation/o1", "Observation/o2"]
+    );
+    assert_eq!(
+        keys(&t.db, "?_type=Observation,Condition&combo-code=24484000"),
+        ["Condition/c1"]
+    );
+    assert_eq!(
+        keys(&t.db, "?_type=Observation,Condition&combo-code:not=29463-7"),
+        ["Condition/c1", "Observation/o3"]
     );
 }
 
