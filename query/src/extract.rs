@@ -20,6 +20,9 @@
 //! | `q` | quantity | `unitkey ␟ ordered value`, unit keys `''`, `|code`, `|unit`, `system|code` |
 //! | `c` | composite | component equality forms joined by `$`, `␟`, the last component's term |
 //! | `p` | any | presence: the resource has a value (`:missing`) |
+//!
+//! A derived parameter ([`SearchParam::derived_from`]) has only its `p` term and its sort
+//! keys: its values are its members', already indexed under their codes.
 
 use fhirkeep_fhirpath::Item;
 use serde_json::Value;

@@ -1199,4 +1199,43 @@ fn bulk_loads_index_every_batch_by_the_flush_and_by_the_next_open() {
     let t = reopen(t);
     assert_eq!(count(&t.db, "Patient?family=Late"), Some(200));
     assert_eq!(count(&t.db, "Patient?family=Bulk"), Some(500));
+
+    // Batches that each index the one before while they write: every document must be its
+    // own resource's, and the newest version's.
+    let named = |id: &str, family: &str| upsert(patient(id, family, "1990"));
+    let batches = [
+        (0..300)
+            .map(|i| named(&format!("d{i}"), &format!("fam{i}")))
+            .collect::<Vec<_>>(),
+        (0..300)
+            .map(|i| named(&format!("d{i}"), &format!("new{i}")))
+            .collect(),
+        (0..10)
+            .map(|i| named(&format!("e{i}"), &format!("fam{i}")))
+            .collect(),
+    ];
+    for batch in batches {
+        assert!(
+            t.db.load_many(&ctx(), batch)
+                .unwrap()
+                .iter()
+                .all(Result::is_ok)
+        );
+    }
+    t.db.flush_index().unwrap();
+    for i in [0, 7, 150, 299] {
+        assert_eq!(
+            keys(&t.db, &format!("Patient?family:exact=new{i}")),
+            [format!("Patient/d{i}")]
+        );
+        let expected: Vec<String> = if i < 10 {
+            vec![format!("Patient/e{i}")]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(
+            keys(&t.db, &format!("Patient?family:exact=fam{i}")),
+            expected
+        );
+    }
 }
