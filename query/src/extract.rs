@@ -373,8 +373,21 @@ pub fn quantity_unit_keys(
 }
 
 /// The forms under which a reference value is findable: as written, `Type/id` without
-/// version or base URL, the bare id, and a canonical without its `|version`.
+/// version or base URL, and a canonical without its `|version`.
+///
+/// Not the bare id: a search by id alone (`subject=123`) asks for `Type/123` for each type
+/// the parameter may point to (see `search`). A bare-id term per reference was a sixth of
+/// the distinct terms of a typical resource, paid on every write for a rare search.
 pub fn reference_forms(reference: &str) -> Vec<String> {
+    let mut forms = reference_forms_and_id(reference);
+    if forms.len() > 1 && !reference.contains('|') {
+        forms.pop();
+    }
+    forms
+}
+
+/// [`reference_forms`] and, for a `Type/id` reference, the bare id last.
+fn reference_forms_and_id(reference: &str) -> Vec<String> {
     let mut forms = vec![reference.to_string()];
     if reference.starts_with('#') || reference.starts_with("urn:") {
         return forms;
@@ -676,7 +689,8 @@ pub fn component_equality_forms(value: &IndexValue) -> Vec<String> {
             None => vec![code.clone(), format!("|{code}")],
         },
         IndexValue::Text(text) => vec![normalize_string(text)],
-        IndexValue::Reference(reference) => reference_forms(reference),
+        // A composite's search value is matched as written, so a bare id is a form here.
+        IndexValue::Reference(reference) => reference_forms_and_id(reference),
         IndexValue::Uri(uri) => vec![uri.clone()],
         _ => Vec::new(),
     }

@@ -1216,6 +1216,13 @@ fn value_query(
                 {
                     forms.push(index.term(&t("r", local)));
                 }
+                if fhirkeep_engine::resource::is_valid_id(&target) {
+                    // An id alone: `Type/id` for every type the parameter may point to (the
+                    // index has no bare-id terms; see `extract::reference_forms`).
+                    for target_type in reference_targets(registry, types, code) {
+                        forms.push(index.term(&t("r", &format!("{target_type}/{target}"))));
+                    }
+                }
                 any_of(forms)
             }
         }
@@ -1290,6 +1297,30 @@ fn value_query(
 /// `_id=value` as lookups of the document key `Type/id` for each of `types` (every R4 type
 /// when none is given): ids are not indexed as terms of their own. An id has no system, so
 /// `|id` is `id` and `system|id` matches nothing.
+/// The types a reference parameter may point to on any of `types`: its targets, or every
+/// resource type for a parameter that names none.
+fn reference_targets<'r>(registry: &'r Registry, types: &[String], code: &str) -> Vec<&'r str> {
+    let mut targets: Vec<&str> = Vec::new();
+    let on_all_types = [String::from("Patient")];
+    let types = if types.is_empty() {
+        &on_all_types[..]
+    } else {
+        types
+    };
+    for resource_type in types {
+        let Some(param) = registry.get(resource_type, code) else {
+            continue;
+        };
+        if param.targets.is_empty() {
+            return fhirkeep_engine::resource::resource_types().to_vec();
+        }
+        targets.extend(param.targets.iter().map(String::as_str));
+    }
+    targets.sort_unstable();
+    targets.dedup();
+    targets
+}
+
 fn id_query(index: &SearchIndex, types: &[String], form: &str) -> Box<dyn Query> {
     let id = form.strip_prefix('|').unwrap_or(form);
     if id.contains('|') {

@@ -706,6 +706,71 @@ fn a_parameter_derived_on_one_type_and_not_on_another_matches_each_by_its_own_va
 }
 
 #[test]
+fn a_reference_is_found_by_its_id_alone_whatever_form_it_was_written_in() {
+    let t = new_db();
+    let with_subject = |id: &str, reference: &str| {
+        json!({"resourceType": "Observation", "id": id, "status": "final",
+               "code": {"text": "x"}, "subject": {"reference": reference}})
+    };
+    put(
+        &t.db,
+        with_subject("abs", "http://other.example/fhir/Patient/p9"),
+    );
+    put(&t.db, with_subject("hist", "Patient/p8/_history/3"));
+    put(&t.db, with_subject("local", "Patient/p7"));
+    put(&t.db, with_subject("group", "Group/p7"));
+    put(&t.db, with_subject("bare", "p6"));
+    for (query, expected) in [
+        ("Observation?subject=p9", vec!["Observation/abs"]),
+        ("Observation?subject=Patient/p9", vec!["Observation/abs"]),
+        (
+            "Observation?subject=http://other.example/fhir/Patient/p9",
+            vec!["Observation/abs"],
+        ),
+        ("Observation?subject=p8", vec!["Observation/hist"]),
+        ("Observation?patient=p8", vec!["Observation/hist"]),
+        // `subject` may point to a Group, `patient` only to a Patient.
+        (
+            "Observation?subject=p7",
+            vec!["Observation/group", "Observation/local"],
+        ),
+        ("Observation?patient=p7", vec!["Observation/local"]),
+        ("Observation?subject:Group=p7", vec!["Observation/group"]),
+        // Written as a bare id (not a valid FHIR reference, but stored as given).
+        ("Observation?subject=p6", vec!["Observation/bare"]),
+        ("Observation?subject=nobody", vec![]),
+    ] {
+        assert_eq!(keys(&t.db, query), expected, "{query}");
+    }
+    // A composite's reference part is matched as written, bare id included. (R4's own
+    // `relationship` pairs each component's type with the other's expression, so this is a
+    // custom one with them the right way round.)
+    put(
+        &t.db,
+        json!({"resourceType": "SearchParameter", "id": "tr", "url": "http://example.org/sp/tr",
+        "name": "tr", "status": "active", "description": "target and relation",
+        "code": "target-relation", "base": ["DocumentReference"], "type": "composite",
+        "expression": "DocumentReference.relatesTo", "component": [
+            {"definition": "http://hl7.org/fhir/SearchParameter/DocumentReference-relatesto",
+             "expression": "target"},
+            {"definition": "http://hl7.org/fhir/SearchParameter/DocumentReference-relation",
+             "expression": "code"}]}),
+    );
+    put(
+        &t.db,
+        json!({"resourceType": "DocumentReference", "id": "d1", "status": "current",
+        "content": [{"attachment": {"url": "http://example.org/d1"}}],
+        "relatesTo": [{"code": "replaces", "target": {"reference": "DocumentReference/d0"}}]}),
+    );
+    for query in [
+        "DocumentReference?target-relation=d0$replaces",
+        "DocumentReference?target-relation=DocumentReference/d0$replaces",
+    ] {
+        assert_eq!(keys(&t.db, query), ["DocumentReference/d1"], "{query}");
+    }
+}
+
+#[test]
 fn searches_are_audited_as_one_leaf_with_a_hash() {
     let t = clinical_db();
     t.db.store().flush_audit().unwrap();
