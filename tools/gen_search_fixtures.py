@@ -11,6 +11,7 @@ import json
 import os
 import tarfile
 import unicodedata
+import urllib.parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TGZ = os.path.join(ROOT, "testdata", "r4", "hl7.fhir.r4.examples-4.0.1.tgz")
@@ -247,8 +248,14 @@ def main():
             hi = date_range(p["end"])[1] if "end" in p else 2 ** 63 - 1
             out.append((lo, hi))
         return out
-    for q in ["ge2013-04-02", "2012-09-17", "lt2010", "ge2013&date=lt2014"]:
-        conds = q.split("&date=")
+    # Minute and second precision, on values that are a second, a minute or a period long.
+    seconds = sorted({o["effectiveDateTime"] for o in observations
+                      if len(o.get("effectiveDateTime", "")) > 16 and "." not in o["effectiveDateTime"]})
+    timed = [seconds[0], seconds[len(seconds) // 2], seconds[-1]] if seconds else []
+    extra = timed + [s[:16] + s[19:] for s in timed if s[16:19].startswith(":")]
+    extra = [q.replace("+", "%2B") for q in extra]
+    for q in ["ge2013-04-02", "2012-09-17", "lt2010", "ge2013&date=lt2014"] + extra:
+        conds = [urllib.parse.unquote(c) for c in q.split("&date=")]
         def ok(o):
             rng = effective_ranges(o)
             for c in conds:

@@ -15,7 +15,8 @@
 //! | `i` | reference | `system|value`, `value` of `Reference.identifier` (`:identifier`) |
 //! | `u` | uri | the uri |
 //! | `dlC`, `dhC` | date | ordered low / high instant of the value's range, `C` the finest calendar unit holding it (`D`, `M`, `Y`, `S`) |
-//! | `db` | date | calendar buckets wholly containing the range (`eq` lookups) |
+//! | `db` | date | calendar buckets wholly containing the range (`eq` lookups): year, month, day; minute and second only on a crowded day |
+//! | `dm` | date | a crowded day: two or more of the parameter's values lie within it |
 //! | `n` | number | ordered value |
 //! | `q` | quantity | `unitkey ␟ ordered value`, unit keys `''`, `|code`, `|unit`, `system|code` |
 //! | `c` | composite | component equality forms joined by `$`, `␟`, the last component's term |
@@ -29,8 +30,8 @@ use serde_json::Value;
 
 use crate::registry::{ParamType, Registry, SearchParam};
 use crate::values::{
-    InstantRange, MAX_MICROS, MIN_MICROS, date_buckets, normalize_string, ordered_f64, ordered_i64,
-    parse_fhir_date,
+    DAY_MICROS, InstantRange, MAX_MICROS, MIN_MICROS, date_buckets, normalize_string, ordered_f64,
+    ordered_i64, parse_fhir_date, sub_day_buckets,
 };
 
 /// The separator between the parts of an index term.
@@ -126,12 +127,13 @@ pub fn extract(
         if param.kind == ParamType::Composite {
             composite_terms(param, &items, &mut entries.terms);
         } else {
+            let mut values = Vec::new();
             for item in &items {
-                let mut values = Vec::new();
                 item_values(param.kind, item, &mut values);
-                for value in values {
-                    emit(&param.code, &value, &mut entries);
-                }
+            }
+            let crowded = crowded_days(&values);
+            for value in &values {
+                emit(&param.code, value, &crowded, &mut entries);
             }
         }
         if entries.terms.len() > before {
@@ -229,7 +231,39 @@ pub enum IndexValue {
     },
 }
 
-fn emit(code: &str, value: &IndexValue, entries: &mut IndexEntries) {
+/// The days (in days since 1970, UTC) that hold two or more date values each lying within
+/// one day: on those the values get minute and second buckets, since their bounds alone
+/// cannot tell which low goes with which high (see [`emit`]).
+fn crowded_days(values: &[IndexValue]) -> Vec<i64> {
+    let mut days: Vec<i64> = values
+        .iter()
+        .filter_map(|value| match value {
+            IndexValue::Date(range) => within_one_day(*range),
+            _ => None,
+        })
+        .collect();
+    if days.len() < 2 {
+        return Vec::new();
+    }
+    days.sort_unstable();
+    let mut crowded: Vec<i64> = days
+        .windows(2)
+        .filter(|pair| pair[0] == pair[1])
+        .map(|pair| pair[0])
+        .collect();
+    crowded.dedup();
+    crowded
+}
+
+/// The day (days since 1970, UTC) that wholly holds `range`, if one does.
+pub fn within_one_day(range: InstantRange) -> Option<i64> {
+    let day = range.low.div_euclid(DAY_MICROS);
+    (day == range.high.div_euclid(DAY_MICROS)).then_some(day)
+}
+
+/// Appends the terms and sort keys of one value of parameter `code`; `crowded` are the days
+/// holding more than one of the parameter's date values (see [`crowded_days`]).
+fn emit(code: &str, value: &IndexValue, crowded: &[i64], entries: &mut IndexEntries) {
     let terms = &mut entries.terms;
     let sort = &mut entries.sort_keys;
     match value {
@@ -314,6 +348,21 @@ fn emit(code: &str, value: &IndexValue, entries: &mut IndexEntries) {
             let low = ordered_i64(range.low);
             terms.push(term(code, low_kind, &low));
             terms.push(term(code, high_kind, &ordered_i64(range.high)));
+            // A value alone on its day is found at minute or second precision by its bounds
+            // (both within the asked minute or second); on a crowded day a low and a high in
+            // range may come from two values, so those values carry minute and second
+            // buckets, and the day a marker that keeps the bounds-only lookup off it.
+            if class == 'D'
+                && let Some(day) = within_one_day(*range)
+                && crowded.contains(&day)
+            {
+                if let Some(day_bucket) = buckets.last() {
+                    terms.push(term(code, "dm", day_bucket));
+                }
+                for bucket in sub_day_buckets(*range) {
+                    terms.push(term(code, "db", &bucket));
+                }
+            }
             for bucket in buckets {
                 terms.push(term(code, "db", &bucket));
             }
@@ -744,7 +793,7 @@ fn composite_terms(param: &SearchParam, items: &[Item<'_>], terms: &mut Vec<Stri
         }
         let mut scratch = IndexEntries::default();
         for value in &last_values {
-            emit("", value, &mut scratch);
+            emit("", value, &[], &mut scratch);
         }
         for prefix in &prefixes {
             for last_term in &scratch.terms {

@@ -32,9 +32,10 @@ use tantivy::{DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, Tantivy
 use crate::extract::IndexEntries;
 use crate::{Error, Result};
 
-/// The schema version, stored in the commit payload; a different one means "rebuild" (6:
-/// `_content` holds `string` and `markdown` values only).
-const SCHEMA_VERSION: u32 = 6;
+/// The schema version, stored in the commit payload; a different one means "rebuild" (7: no
+/// terms of derived parameters, no bare-id reference terms, minute and second buckets only on
+/// crowded days; 6: `_content` holds `string` and `markdown` values only).
+const SCHEMA_VERSION: u32 = 7;
 
 const TEXT_TOKENIZER: &str = "fhir_text";
 

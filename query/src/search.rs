@@ -25,8 +25,8 @@ use crate::params::{
 use crate::registry::{ParamType, Registry};
 use crate::summary::{apply_elements, apply_summary};
 use crate::values::{
-    DatePrecision, implied_half_width, normalize_string, ordered_f64, ordered_i64, parse_fhir_date,
-    search_bucket,
+    DatePrecision, date_buckets, implied_half_width, normalize_string, ordered_f64, ordered_i64,
+    parse_fhir_date, search_bucket,
 };
 use crate::{Error, Result};
 
@@ -1407,9 +1407,23 @@ fn date_query(index: &SearchIndex, code: &str, value: &str, ns: &str) -> Result<
     let at_least = |bound: char, t: i64| date_bound(index, ns, bound, Side::AtLeast, t);
     let at_most = |bound: char, t: i64| date_bound(index, ns, bound, Side::AtMost, t);
     let eq = || -> Box<dyn Query> {
-        match search_bucket(&date) {
-            Some(bucket) if date.precision != DatePrecision::Fraction => {
-                index.term(&format!("{ns}db{SEP}{bucket}"))
+        let bucket = search_bucket(&date).map(|b| index.term(&format!("{ns}db{SEP}{b}")));
+        match (date.precision, bucket) {
+            (DatePrecision::Year | DatePrecision::Month | DatePrecision::Day, Some(bucket)) => {
+                bucket
+            }
+            (DatePrecision::Minute | DatePrecision::Second, Some(bucket)) => {
+                // Values alone on their day: both bounds within the asked minute or second;
+                // values on a crowded day: the bucket (see `extract::emit`).
+                let day = date_buckets(date.range).pop().unwrap_or_default();
+                any_of(vec![
+                    all_of(vec![
+                        day_bounds_between(index, ns, 'l', x_low, x_high),
+                        day_bounds_between(index, ns, 'h', x_low, x_high),
+                        none_of(index.term(&format!("{ns}dm{SEP}{day}"))),
+                    ]),
+                    bucket,
+                ])
             }
             _ => all_of(vec![at_least('l', x_low), at_most('h', x_high)]),
         }
@@ -1449,6 +1463,21 @@ enum Side {
 /// taken as bucket terms — a handful of terms, however many values they hold — and only the
 /// bound terms inside `t`'s own day, month and year (per class) and of year-spanning values
 /// are scanned as ranges.
+/// Documents with a `bound` (`l` or `h`) of a day-long-or-shorter value within `[low, high]`.
+fn day_bounds_between(
+    index: &SearchIndex,
+    ns: &str,
+    bound: char,
+    low: i64,
+    high: i64,
+) -> Box<dyn Query> {
+    let term_of = |v: i64| format!("{ns}d{bound}D{SEP}{}", ordered_i64(v));
+    index.range(
+        Bound::Included(term_of(low)),
+        Bound::Included(term_of(high)),
+    )
+}
+
 fn date_bound(index: &SearchIndex, ns: &str, bound: char, side: Side, t: i64) -> Box<dyn Query> {
     let term_of = |class: char, v: i64| format!("{ns}d{bound}{class}{SEP}{}", ordered_i64(v));
     let class_start = |class: char| format!("{ns}d{bound}{class}{SEP}");

@@ -218,10 +218,14 @@ fn parse_digits<T: std::str::FromStr>(text: &str, width: usize) -> Option<T> {
     text.parse().ok()
 }
 
-/// The calendar buckets (UTC) that wholly contain `range`, one per precision, as index terms:
-/// `eq` search at a precision is then a single term lookup.
+/// Microseconds in a day.
+pub const DAY_MICROS: i64 = 86_400_000_000;
+
+/// The calendar buckets (UTC) that wholly contain `range`: year, month and day, as index
+/// terms, so that `eq` search at one of those precisions is a single term lookup. Minutes
+/// and seconds are in [`sub_day_buckets`].
 pub fn date_buckets(range: InstantRange) -> Vec<String> {
-    let mut out = Vec::with_capacity(5);
+    let mut out = Vec::with_capacity(3);
     let (Some(low), Some(high)) = (
         DateTime::<Utc>::from_timestamp_micros(range.low),
         DateTime::<Utc>::from_timestamp_micros(range.high),
@@ -245,6 +249,16 @@ pub fn date_buckets(range: InstantRange) -> Vec<String> {
         low.month(),
         low.day()
     ));
+    out
+}
+
+/// The minute and second buckets (`m…`, `S…`) that wholly contain `range`, if any.
+///
+/// The index files them only for a value that shares its day with another value of the same
+/// parameter (see `extract`): alone on its day, a value is found by its bounds, and a
+/// bucket per minute and per second were the most distinct terms of a typical resource.
+pub fn sub_day_buckets(range: InstantRange) -> Vec<String> {
+    let mut out = Vec::with_capacity(2);
     let (low_minute, high_minute) = (
         range.low.div_euclid(60_000_000),
         range.high.div_euclid(60_000_000),
@@ -265,7 +279,8 @@ pub fn date_buckets(range: InstantRange) -> Vec<String> {
 
 /// The bucket term that an `eq` search for `date` looks up, if its precision has buckets.
 pub fn search_bucket(date: &FhirDate) -> Option<String> {
-    let buckets = date_buckets(date.range);
+    let mut buckets = date_buckets(date.range);
+    buckets.extend(sub_day_buckets(date.range));
     let wanted = match date.precision {
         DatePrecision::Year => 'Y',
         DatePrecision::Month => 'M',
@@ -385,7 +400,8 @@ mod tests {
         let day = parse_fhir_date("2013-04-02").unwrap();
         assert_eq!(day_terms(&day), ["Y2013", "M2013-04", "D2013-04-02"]);
         let second = parse_fhir_date("2013-04-02T10:30:05Z").unwrap();
-        assert_eq!(date_buckets(second.range).len(), 5);
+        assert_eq!(date_buckets(second.range).len(), 3);
+        assert_eq!(sub_day_buckets(second.range), ["m22748310", "S1364898605"]);
         let spanning = InstantRange {
             low: parse_fhir_date("2013-12-31").unwrap().range.low,
             high: parse_fhir_date("2014-01-01").unwrap().range.high,

@@ -771,6 +771,93 @@ fn a_reference_is_found_by_its_id_alone_whatever_form_it_was_written_in() {
 }
 
 #[test]
+fn minute_and_second_searches_are_exact_when_a_day_holds_several_values() {
+    let t = new_db();
+    put(
+        &t.db,
+        json!({"resourceType": "SearchParameter", "id": "stay", "url": "http://example.org/sp/stay",
+        "name": "stay", "status": "active", "description": "stays", "code": "stay",
+        "base": ["Patient"], "type": "date",
+        "expression": "Patient.extension('http://example.org/stay').value"}),
+    );
+    let stays = |id: &str, values: Vec<Value>| {
+        let extension: Vec<Value> = values
+            .into_iter()
+            .map(|value| {
+                let key = if value.is_string() {
+                    "valueDateTime"
+                } else {
+                    "valuePeriod"
+                };
+                json!({"url": "http://example.org/stay", key: value})
+            })
+            .collect();
+        put(
+            &t.db,
+            json!({"resourceType": "Patient", "id": id, "extension": extension}),
+        );
+    };
+    let period = |start: &str, end: &str| json!({"start": start, "end": end});
+    // Two stays of one day whose bounds bracket 10:00, neither within that minute.
+    stays(
+        "bracketing",
+        vec![
+            period("2020-01-01T10:00:30Z", "2020-01-01T11:00:00Z"),
+            period("2020-01-01T09:00:00Z", "2020-01-01T10:00:40Z"),
+        ],
+    );
+    stays(
+        "alone",
+        vec![period("2020-01-01T10:00:10Z", "2020-01-01T10:00:50Z")],
+    );
+    stays(
+        "crowded",
+        vec![
+            period("2020-01-01T10:00:10Z", "2020-01-01T10:00:50Z"),
+            period("2020-01-01T15:00:00Z", "2020-01-01T16:00:00Z"),
+        ],
+    );
+    stays("second", vec![json!("2020-01-01T10:00:20Z")]);
+    stays(
+        "second-crowded",
+        vec![json!("2020-01-01T10:00:20Z"), json!("2020-01-01T23:00:00Z")],
+    );
+    stays("other-day", vec![json!("2020-01-02T10:00:20Z")]);
+    for (query, expected) in [
+        (
+            "Patient?stay=2020-01-01T10:00",
+            vec![
+                "Patient/alone",
+                "Patient/crowded",
+                "Patient/second",
+                "Patient/second-crowded",
+            ],
+        ),
+        (
+            "Patient?stay=2020-01-01T10:00:20Z",
+            vec!["Patient/second", "Patient/second-crowded"],
+        ),
+        (
+            "Patient?stay=2020-01-01T11:00:20%2B01:00",
+            vec!["Patient/second", "Patient/second-crowded"],
+        ),
+        ("Patient?stay=2020-01-01T10:01", vec![]),
+        (
+            "Patient?stay=2020-01-01",
+            vec![
+                "Patient/alone",
+                "Patient/bracketing",
+                "Patient/crowded",
+                "Patient/second",
+                "Patient/second-crowded",
+            ],
+        ),
+    ] {
+        assert_eq!(keys(&t.db, query), expected, "{query}");
+    }
+}
+
+#[test]
 fn searches_are_audited_as_one_leaf_with_a_hash() {
     let t = clinical_db();
     t.db.store().flush_audit().unwrap();
