@@ -520,7 +520,10 @@ impl Database {
             // The catch-up reads committed changes only (its own read transaction), so it
             // cannot see this batch half written; whatever of it is committed before the
             // catch-up looks is indexed now, the rest next time.
-            let catch_up = scope.spawn(|| self.sync_index_locked(&index_ctx, Visibility::Deferred));
+            let catch_up = scope.spawn(|| {
+                crate::priority::lower_this_thread();
+                self.sync_index_locked(&index_ctx, Visibility::Deferred)
+            });
             let written = self.store.write(ctx, |txn| txn.update_many(items));
             let caught_up = catch_up.join().unwrap_or_else(|_| {
                 Err(Error::Internal("the index catch-up thread panicked".into()))
@@ -1057,10 +1060,15 @@ impl Database {
                     self.add_parameter(&first.1.to_json()?);
                 }
                 let registry = self.registry()?;
-                let prepared = run
-                    .par_iter()
-                    .map(|(_, stored)| self.document_change(&registry, stored))
-                    .collect::<Result<Vec<_>>>()?;
+                let extract_run = || {
+                    run.par_iter()
+                        .map(|(_, stored)| self.document_change(&registry, stored))
+                        .collect::<Result<Vec<_>>>()
+                };
+                let prepared = match crate::priority::index_pool() {
+                    Some(pool) => pool.install(extract_run),
+                    None => extract_run(),
+                }?;
                 drop(registry);
                 report.expression_failures += prepared.iter().map(|(_, f)| *f).sum::<u64>();
                 self.index

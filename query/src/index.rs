@@ -30,6 +30,7 @@ use tantivy::tokenizer::{
 use tantivy::{DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
 
 use crate::extract::IndexEntries;
+use crate::priority;
 use crate::{Error, Result};
 
 /// The schema version, stored in the commit payload; a different one means "rebuild" (7: no
@@ -237,8 +238,9 @@ impl SearchIndex {
                 .filter(AsciiFoldingFilter)
                 .build(),
         );
-        // One indexing thread: the machine has few cores and the store needs them too.
-        let writer = index.writer_with_num_threads(1, WRITER_MEMORY)?;
+        // One indexing thread: the machine has few cores and the store needs them too. It (and
+        // tantivy's merge threads) start here and inherit the index priority.
+        let writer = priority::on_index_thread(|| index.writer_with_num_threads(1, WRITER_MEMORY))?;
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
@@ -337,13 +339,16 @@ impl SearchIndex {
     /// visible to searches.
     pub fn commit(&self, store_seq: Option<u64>) -> Result<()> {
         self.with_writer(|writer| {
-            let mut prepared = writer.prepare_commit()?;
-            prepared.set_payload(&encode_payload(&IndexState {
-                schema_version: SCHEMA_VERSION,
-                store_seq,
-            }));
-            prepared.commit()?;
-            Ok(())
+            // The indexing workers tantivy starts anew here inherit this thread's priority.
+            priority::on_index_thread(|| {
+                let mut prepared = writer.prepare_commit()?;
+                prepared.set_payload(&encode_payload(&IndexState {
+                    schema_version: SCHEMA_VERSION,
+                    store_seq,
+                }));
+                prepared.commit()?;
+                Ok(())
+            })
         })?;
         self.reader.reload()?;
         let live: HashSet<tantivy::index::SegmentId> = self
@@ -384,8 +389,10 @@ impl SearchIndex {
     /// Drops uncommitted changes (after a failed batch).
     pub fn rollback(&self) -> Result<()> {
         self.with_writer(|writer| {
-            writer.rollback()?;
-            Ok(())
+            priority::on_index_thread(|| {
+                writer.rollback()?;
+                Ok(())
+            })
         })
     }
 

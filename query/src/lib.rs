@@ -41,6 +41,7 @@ pub mod fhirpath_patch;
 pub mod index;
 pub mod params;
 pub mod patch;
+mod priority;
 pub mod registry;
 mod search;
 mod searchset;

@@ -857,6 +857,57 @@ fn minute_and_second_searches_are_exact_when_a_day_holds_several_values() {
     }
 }
 
+/// Nice values of this process's threads whose name starts with `prefix` (Linux `/proc`).
+#[cfg(target_os = "linux")]
+fn nice_of_threads(prefix: &str) -> Vec<i64> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let path = task.unwrap().path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        if name.starts_with(prefix) {
+            // Fields after the name in parentheses: state is field 3, nice field 19.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            out.push(rest.split(' ').nth(16).unwrap().parse().unwrap());
+        }
+    }
+    out
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn index_work_runs_below_the_priority_of_the_caller() {
+    let own_nice = || -> i64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        stat[stat.rfind(')').unwrap() + 2..]
+            .split(' ')
+            .nth(16)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = own_nice();
+    let t = clinical_db();
+    // A search commits the index: tantivy starts its indexing worker again then.
+    assert_eq!(keys(&t.db, "Patient?family=baker"), ["Patient/p2"]);
+    let floor = before.max(10);
+    let workers = nice_of_threads("thrd-tantivy-in");
+    assert!(!workers.is_empty());
+    assert!(workers.iter().all(|&nice| nice >= floor), "{workers:?}");
+    let extractors = nice_of_threads("fhirkeep-index-");
+    assert!(!extractors.is_empty());
+    assert!(
+        extractors.iter().all(|&nice| nice >= floor),
+        "{extractors:?}"
+    );
+    // The caller's own thread keeps its priority.
+    assert_eq!(own_nice(), before);
+}
+
 #[test]
 fn searches_are_audited_as_one_leaf_with_a_hash() {
     let t = clinical_db();
