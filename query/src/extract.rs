@@ -15,6 +15,7 @@
 //! | `i` | reference | `system|value`, `value` of `Reference.identifier` (`:identifier`) |
 //! | `u` | uri | the uri |
 //! | `dlC`, `dhC` | date | ordered low / high instant of the value's range, `C` the finest calendar unit holding it (`D`, `M`, `Y`, `S`) |
+//! | `dpD` | date | both bounds of a point value (low = high: an instant to the microsecond) |
 //! | `db` | date | calendar buckets wholly containing the range (`eq` lookups): year, month, day; minute and second only on a crowded day |
 //! | `dm` | date | a crowded day: two or more of the parameter's values lie within it |
 //! | `n` | number | ordered value |
@@ -346,8 +347,14 @@ fn emit(code: &str, value: &IndexValue, crowded: &[i64], entries: &mut IndexEntr
                 _ => ("dlS", "dhS"),
             };
             let low = ordered_i64(range.low);
-            terms.push(term(code, low_kind, &low));
-            terms.push(term(code, high_kind, &ordered_i64(range.high)));
+            if class == 'D' && range.low == range.high {
+                // A point (an instant to the microsecond, as every `meta.lastUpdated`): one
+                // term stands for both bounds, which would be two distinct terms each.
+                terms.push(term(code, "dpD", &low));
+            } else {
+                terms.push(term(code, low_kind, &low));
+                terms.push(term(code, high_kind, &ordered_i64(range.high)));
+            }
             // A value alone on its day is found at minute or second precision by its bounds
             // (both within the asked minute or second); on a crowded day a low and a high in
             // range may come from two values, so those values carry minute and second

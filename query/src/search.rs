@@ -1422,6 +1422,8 @@ fn date_query(index: &SearchIndex, code: &str, value: &str, ns: &str) -> Result<
                         day_bounds_between(index, ns, 'h', x_low, x_high),
                         none_of(index.term(&format!("{ns}dm{SEP}{day}"))),
                     ]),
+                    // A point's one term holds both bounds: exact on any day.
+                    day_points_between(index, ns, x_low, x_high),
                     bucket,
                 ])
             }
@@ -1478,14 +1480,24 @@ fn day_bounds_between(
     )
 }
 
+/// Documents with a point value (`dpD`, both bounds in one term) within `[low, high]`.
+fn day_points_between(index: &SearchIndex, ns: &str, low: i64, high: i64) -> Box<dyn Query> {
+    day_bounds_between(index, ns, 'p', low, high)
+}
+
+/// Documents with a `bound` (`l` or `h`) on `side` of `t`, over every calendar class.
+///
+/// Point values (`dpD`, see `extract`) stand for both bounds, so every side also looks at them;
+/// they are day-class values, found beyond `t`'s day through the day buckets like the others.
 fn date_bound(index: &SearchIndex, ns: &str, bound: char, side: Side, t: i64) -> Box<dyn Query> {
     let term_of = |class: char, v: i64| format!("{ns}d{bound}{class}{SEP}{}", ordered_i64(v));
     let class_start = |class: char| format!("{ns}d{bound}{class}{SEP}");
     let class_end = |class: char| format!("{ns}d{bound}{class}{SEP}g");
     let bucket = |b: String| format!("{ns}db{SEP}{b}");
+    let point_of = |v: i64| format!("{ns}dpD{SEP}{}", ordered_i64(v));
     let Some(at) = chrono::DateTime::<chrono::Utc>::from_timestamp_micros(t) else {
         // Beyond the calendar: scan every class (rare; only for extreme `ap` slack).
-        let parts = ['D', 'M', 'Y', 'S']
+        let mut parts: Vec<Box<dyn Query>> = ['D', 'M', 'Y', 'S']
             .into_iter()
             .map(|class| match side {
                 Side::AtLeast => index.range(
@@ -1498,6 +1510,16 @@ fn date_bound(index: &SearchIndex, ns: &str, bound: char, side: Side, t: i64) ->
                 ),
             })
             .collect();
+        parts.push(match side {
+            Side::AtLeast => index.range(
+                Bound::Included(point_of(t)),
+                Bound::Excluded(format!("{ns}dpD{SEP}g")),
+            ),
+            Side::AtMost => index.range(
+                Bound::Included(format!("{ns}dpD{SEP}")),
+                Bound::Included(point_of(t)),
+            ),
+        });
         return any_of(parts);
     };
     use chrono::Datelike as _;
@@ -1519,7 +1541,7 @@ fn date_bound(index: &SearchIndex, ns: &str, bound: char, side: Side, t: i64) ->
     .map_or(day_end, |next| next - 1);
     let year_start = micros(year, 1).unwrap_or(month_start);
     let year_end = micros(year + 1, 1).map_or(month_end, |next| next - 1);
-    let mut parts: Vec<Box<dyn Query>> = Vec::with_capacity(7);
+    let mut parts: Vec<Box<dyn Query>> = Vec::with_capacity(8);
     match side {
         Side::AtLeast => {
             parts.push(index.range(
@@ -1544,6 +1566,10 @@ fn date_bound(index: &SearchIndex, ns: &str, bound: char, side: Side, t: i64) ->
                 Bound::Included(term_of('S', t)),
                 Bound::Excluded(class_end('S')),
             ));
+            parts.push(index.range(
+                Bound::Included(point_of(t)),
+                Bound::Included(point_of(day_end)),
+            ));
         }
         Side::AtMost => {
             parts.push(index.range(
@@ -1567,6 +1593,10 @@ fn date_bound(index: &SearchIndex, ns: &str, bound: char, side: Side, t: i64) ->
             parts.push(index.range(
                 Bound::Included(class_start('S')),
                 Bound::Included(term_of('S', t)),
+            ));
+            parts.push(index.range(
+                Bound::Included(point_of(day_start)),
+                Bound::Included(point_of(t)),
             ));
         }
     }

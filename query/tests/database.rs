@@ -823,23 +823,93 @@ fn minute_and_second_searches_are_exact_when_a_day_holds_several_values() {
         vec![json!("2020-01-01T10:00:20Z"), json!("2020-01-01T23:00:00Z")],
     );
     stays("other-day", vec![json!("2020-01-02T10:00:20Z")]);
+    // To the microsecond: a point value, one term for both bounds.
+    stays("point", vec![json!("2020-01-01T10:00:20.123456Z")]);
     for (query, expected) in [
         (
             "Patient?stay=2020-01-01T10:00",
             vec![
                 "Patient/alone",
                 "Patient/crowded",
+                "Patient/point",
                 "Patient/second",
                 "Patient/second-crowded",
             ],
         ),
         (
             "Patient?stay=2020-01-01T10:00:20Z",
-            vec!["Patient/second", "Patient/second-crowded"],
+            vec!["Patient/point", "Patient/second", "Patient/second-crowded"],
         ),
         (
             "Patient?stay=2020-01-01T11:00:20%2B01:00",
-            vec!["Patient/second", "Patient/second-crowded"],
+            vec!["Patient/point", "Patient/second", "Patient/second-crowded"],
+        ),
+        (
+            "Patient?stay=2020-01-01T10:00:20.123456Z",
+            vec!["Patient/point"],
+        ),
+        ("Patient?stay=2020-01-01T10:00:20.123457Z", vec![]),
+        // Each prefix on its own bound (gt: ends after, lt: starts before, ...), expected
+        // lists as tools/gen_search_fixtures.py's reading of the rules gives them.
+        (
+            "Patient?stay=gt2020-01-01T10:00:20.123455Z&stay=lt2020-01-01T10:00:20.2Z",
+            vec![
+                "Patient/alone",
+                "Patient/bracketing",
+                "Patient/crowded",
+                "Patient/point",
+                "Patient/second",
+                "Patient/second-crowded",
+            ],
+        ),
+        (
+            "Patient?stay=ge2020-01-01T10:00:20.123456Z&stay=le2020-01-01T10:00:20.123456Z",
+            vec![
+                "Patient/alone",
+                "Patient/bracketing",
+                "Patient/crowded",
+                "Patient/point",
+                "Patient/second",
+                "Patient/second-crowded",
+            ],
+        ),
+        (
+            "Patient?stay=sa2020-01-01T10:00:20.123455Z",
+            vec![
+                "Patient/bracketing",
+                "Patient/crowded",
+                "Patient/other-day",
+                "Patient/point",
+                "Patient/second-crowded",
+            ],
+        ),
+        (
+            "Patient?stay=eb2020-01-01T10:00:20.123457Z",
+            vec!["Patient/point"],
+        ),
+        (
+            "Patient?stay=sa2020-01-01T10:00:20.123455Z&stay=eb2020-01-01T10:00:20.123457Z",
+            vec!["Patient/point"],
+        ),
+        (
+            "Patient?stay=sa2020-01-01T10:00:20.123456Z&stay=lt2020-01-02",
+            vec![
+                "Patient/bracketing",
+                "Patient/crowded",
+                "Patient/second-crowded",
+            ],
+        ),
+        ("Patient?stay=gt2020-01-03", vec![]),
+        (
+            "Patient?stay=lt2020-01-01T10:00:21Z&stay=ge2020-01-01T10:00:20.1Z",
+            vec![
+                "Patient/alone",
+                "Patient/bracketing",
+                "Patient/crowded",
+                "Patient/point",
+                "Patient/second",
+                "Patient/second-crowded",
+            ],
         ),
         ("Patient?stay=2020-01-01T10:01", vec![]),
         (
@@ -848,6 +918,7 @@ fn minute_and_second_searches_are_exact_when_a_day_holds_several_values() {
                 "Patient/alone",
                 "Patient/bracketing",
                 "Patient/crowded",
+                "Patient/point",
                 "Patient/second",
                 "Patient/second-crowded",
             ],
