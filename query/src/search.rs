@@ -1067,15 +1067,32 @@ fn param_query(
     {
         return Ok(query);
     }
-    let mut alternatives = Vec::with_capacity(values.len());
     let negate = *modifier == Modifier::Not;
+    let query = values_query(
+        index, registry, types, code, kind, modifier, values, namespace,
+    )?;
+    Ok(if negate { none_of(query) } else { query })
+}
+
+/// Any of `values` (comma is OR) among `code`'s own terms in `namespace`.
+#[allow(clippy::too_many_arguments)]
+fn values_query(
+    index: &SearchIndex,
+    registry: &Registry,
+    types: &[String],
+    code: &str,
+    kind: ParamType,
+    modifier: &Modifier,
+    values: &[String],
+    namespace: &str,
+) -> Result<Box<dyn Query>> {
+    let mut alternatives = Vec::with_capacity(values.len());
     for value in values {
         alternatives.push(value_query(
             index, registry, types, code, kind, modifier, value, namespace,
         )?);
     }
-    let query = any_of(alternatives);
-    Ok(if negate { none_of(query) } else { query })
+    Ok(any_of(alternatives))
 }
 
 /// The query for a parameter that is derived (see `SearchParam::derived_from`) on some of
@@ -1142,20 +1159,17 @@ fn derived_param_query(
         });
     }
     if !plain_types.is_empty() {
-        let mut own = Vec::with_capacity(values.len());
-        for value in values {
-            own.push(value_query(
-                index,
-                registry,
-                &plain_types,
-                code,
-                kind,
-                positive,
-                value,
-                &format!("{code}{SEP}"),
-            )?);
-        }
-        alternatives.push(all_of(vec![of_types(&plain_types), any_of(own)]));
+        let own = values_query(
+            index,
+            registry,
+            &plain_types,
+            code,
+            kind,
+            positive,
+            values,
+            &format!("{code}{SEP}"),
+        )?;
+        alternatives.push(all_of(vec![of_types(&plain_types), own]));
     }
     let query = any_of(alternatives);
     Ok(Some(if negate { none_of(query) } else { query }))

@@ -87,6 +87,13 @@ fn observation(id: &str, patient: &str, code: &str, value: f64, unit: &str, when
            "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}})
 }
 
+/// A custom SearchParameter resource (`id` also names its URL) of `kind` on `base`.
+fn search_parameter(id: &str, code: &str, base: &str, kind: &str, expression: &str) -> Value {
+    json!({"resourceType": "SearchParameter", "id": id, "url": format!("http://example.org/sp/{id}"),
+           "name": id, "status": "active", "description": id, "code": code, "base": [base],
+           "type": kind, "expression": expression})
+}
+
 #[test]
 fn writes_are_searchable_at_once_and_updates_and_deletes_follow() {
     let t = new_db();
@@ -641,18 +648,23 @@ fn lists_and_uris() {
     assert!(keys(&t.db, "ValueSet?url=http://example.org/fhir/ValueSet/vital").is_empty());
 }
 
+fn eye_colour_parameter() -> Value {
+    search_parameter(
+        "eye",
+        "eye-colour",
+        "Patient",
+        "token",
+        "Patient.extension('http://example.org/eye').value",
+    )
+}
+
 #[test]
 fn custom_search_parameters_index_new_writes_and_reindex_covers_old_ones() {
     let t = new_db();
     let mut old = patient("old", "Old", "1950");
     old["extension"] = json!([{"url": "http://example.org/eye", "valueCode": "blue"}]);
     put(&t.db, old);
-    put(
-        &t.db,
-        json!({"resourceType": "SearchParameter", "id": "eye", "url": "http://example.org/sp/eye",
-        "name": "eye", "status": "active", "description": "eye colour", "code": "eye-colour", "base": ["Patient"],
-        "type": "token", "expression": "Patient.extension('http://example.org/eye').value"}),
-    );
+    put(&t.db, eye_colour_parameter());
     let mut new = patient("new", "New", "1990");
     new["extension"] = json!([{"url": "http://example.org/eye", "valueCode": "blue"}]);
     put(&t.db, new);
@@ -678,9 +690,13 @@ fn a_parameter_derived_on_one_type_and_not_on_another_matches_each_by_its_own_va
     // searched code must not match.
     put(
         &t.db,
-        json!({"resourceType": "SearchParameter", "id": "sev", "url": "http://example.org/sp/sev",
-        "name": "sev", "status": "active", "description": "severity", "code": "combo-code",
-        "base": ["Condition"], "type": "token", "expression": "Condition.severity"}),
+        search_parameter(
+            "sev",
+            "combo-code",
+            "Condition",
+            "token",
+            "Condition.severity",
+        ),
     );
     put(
         &t.db,
@@ -745,17 +761,19 @@ fn a_reference_is_found_by_its_id_alone_whatever_form_it_was_written_in() {
     // A composite's reference part is matched as written, bare id included. (R4's own
     // `relationship` pairs each component's type with the other's expression, so this is a
     // custom one with them the right way round.)
-    put(
-        &t.db,
-        json!({"resourceType": "SearchParameter", "id": "tr", "url": "http://example.org/sp/tr",
-        "name": "tr", "status": "active", "description": "target and relation",
-        "code": "target-relation", "base": ["DocumentReference"], "type": "composite",
-        "expression": "DocumentReference.relatesTo", "component": [
-            {"definition": "http://hl7.org/fhir/SearchParameter/DocumentReference-relatesto",
-             "expression": "target"},
-            {"definition": "http://hl7.org/fhir/SearchParameter/DocumentReference-relation",
-             "expression": "code"}]}),
+    let mut target_relation = search_parameter(
+        "tr",
+        "target-relation",
+        "DocumentReference",
+        "composite",
+        "DocumentReference.relatesTo",
     );
+    target_relation["component"] = json!([
+        {"definition": "http://hl7.org/fhir/SearchParameter/DocumentReference-relatesto",
+         "expression": "target"},
+        {"definition": "http://hl7.org/fhir/SearchParameter/DocumentReference-relation",
+         "expression": "code"}]);
+    put(&t.db, target_relation);
     put(
         &t.db,
         json!({"resourceType": "DocumentReference", "id": "d1", "status": "current",
@@ -775,10 +793,13 @@ fn minute_and_second_searches_are_exact_when_a_day_holds_several_values() {
     let t = new_db();
     put(
         &t.db,
-        json!({"resourceType": "SearchParameter", "id": "stay", "url": "http://example.org/sp/stay",
-        "name": "stay", "status": "active", "description": "stays", "code": "stay",
-        "base": ["Patient"], "type": "date",
-        "expression": "Patient.extension('http://example.org/stay').value"}),
+        search_parameter(
+            "stay",
+            "stay",
+            "Patient",
+            "date",
+            "Patient.extension('http://example.org/stay').value",
+        ),
     );
     let stays = |id: &str, values: Vec<Value>| {
         let extension: Vec<Value> = values
@@ -1442,13 +1463,7 @@ fn bulk_loads_index_every_batch_by_the_flush_and_by_the_next_open() {
         p
     };
     let mut first: Vec<_> = (0..300).map(|i| upsert(eye(&format!("a{i}")))).collect();
-    first.insert(
-        150,
-        upsert(json!({"resourceType": "SearchParameter", "id": "eye", "url": "http://example.org/sp/eye",
-            "name": "eye", "status": "active", "description": "eye colour", "code": "eye-colour",
-            "base": ["Patient"], "type": "token",
-            "expression": "Patient.extension('http://example.org/eye').value"})),
-    );
+    first.insert(150, upsert(eye_colour_parameter()));
     let second: Vec<_> = (0..300).map(|i| upsert(eye(&format!("b{i}")))).collect();
     // Version 2 of resources loaded in the first batch: the old documents must go.
     let third: Vec<_> = (0..100)
