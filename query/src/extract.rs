@@ -435,22 +435,18 @@ pub fn quantity_unit_keys(
 /// the parameter may point to (see `search`). A bare-id term per reference was a sixth of
 /// the distinct terms of a typical resource, paid on every write for a rare search.
 pub fn reference_forms(reference: &str) -> Vec<String> {
-    let mut forms = reference_forms_and_id(reference);
-    if forms.len() > 1 && !reference.contains('|') {
-        forms.pop();
-    }
-    forms
+    reference_forms_and_id(reference).0
 }
 
-/// [`reference_forms`] and, for a `Type/id` reference, the bare id last.
-fn reference_forms_and_id(reference: &str) -> Vec<String> {
+/// [`reference_forms`], and the bare id of a `Type/id` reference.
+fn reference_forms_and_id(reference: &str) -> (Vec<String>, Option<String>) {
     let mut forms = vec![reference.to_string()];
     if reference.starts_with('#') || reference.starts_with("urn:") {
-        return forms;
+        return (forms, None);
     }
     if let Some((canonical, _version)) = reference.split_once('|') {
         forms.push(canonical.to_string());
-        return forms;
+        return (forms, None);
     }
     let path = reference.split(['?', '#']).next().unwrap_or(reference);
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
@@ -468,9 +464,9 @@ fn reference_forms_and_id(reference: &str) -> Vec<String> {
         if local != reference {
             forms.push(local);
         }
-        forms.push(id.to_string());
+        return (forms, Some(id.to_string()));
     }
-    forms
+    (forms, None)
 }
 
 /// The typed values of one evaluated item, for a parameter of type `kind`.
@@ -746,7 +742,11 @@ pub fn component_equality_forms(value: &IndexValue) -> Vec<String> {
         },
         IndexValue::Text(text) => vec![normalize_string(text)],
         // A composite's search value is matched as written, so a bare id is a form here.
-        IndexValue::Reference(reference) => reference_forms_and_id(reference),
+        IndexValue::Reference(reference) => {
+            let (mut forms, id) = reference_forms_and_id(reference);
+            forms.extend(id);
+            forms
+        }
         IndexValue::Uri(uri) => vec![uri.clone()],
         _ => Vec::new(),
     }
