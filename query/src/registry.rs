@@ -291,36 +291,35 @@ impl Registry {
                 !matches!(param.kind, ParamType::Reference | ParamType::Special)
                     && param.expression.is_some()
             };
+            // Each candidate's branches, computed once for the pairwise comparison.
+            let candidates: Vec<(&String, &SearchParam, Vec<String>)> = params
+                .iter()
+                .filter(|(_, param)| derivable(param))
+                .filter_map(|(code, param)| Some((code, &**param, branches(param)?)))
+                .collect();
             let mut derived: Vec<(String, Vec<String>)> = Vec::new();
-            for (code, param) in params {
-                let Some(own) = branches(param).filter(|b| b.len() > 1) else {
-                    continue;
-                };
-                if !derivable(param) {
+            for (code, param, own) in &candidates {
+                if own.len() < 2 {
                     continue;
                 }
                 let mut members = Vec::new();
                 let mut covered: Vec<&String> = Vec::new();
-                for (other_code, other) in params {
+                for (other_code, other, theirs) in &candidates {
                     if other_code == code
                         || other.kind != param.kind
-                        || !derivable(other)
                         || !same_components(param, other)
                     {
                         continue;
                     }
-                    let Some(theirs) = branches(other) else {
-                        continue;
-                    };
                     if theirs.len() < own.len() && theirs.iter().all(|b| own.contains(b)) {
-                        members.push(other_code.clone());
+                        members.push((*other_code).clone());
                         covered.extend(own.iter().filter(|b| theirs.contains(b)));
                     }
                 }
                 covered.sort();
                 covered.dedup();
                 if covered.len() == own.len() {
-                    derived.push((code.clone(), members));
+                    derived.push(((*code).clone(), members));
                 }
             }
             let Some(params) = self.by_type.get_mut(resource_type) else {
