@@ -5,8 +5,8 @@
 //! a bulk load joins its index catch-up only at the end of each batch, so when both want the
 //! two cores the store's single inserting thread, on the critical path, should win: index
 //! work then fills the time the writer leaves (its disk syncs) instead of taking cores from
-//! it. Measured on bulk loads of random-id resources (BENCHMARKS.md, "Index work at a lower
-//! priority").
+//! it. Measured on bulk loads of random-id resources: +6–8 % (BENCHMARKS.md, query layer,
+//! "fewer index terms, index work at a lower priority").
 //!
 //! Linux only: there `setpriority` on the calling "process" sets the calling thread's nice
 //! value; elsewhere it would change the whole process, so other platforms leave it alone.
