@@ -236,6 +236,46 @@ def main():
         add(f"Observation?combo-value-concept={system}|{value}", [key(o) for o in observations
             if any(v.get("system") == system and v.get("code") == value for e in elements(o) for v in concept_codes(e))])
 
+    # code-value-*: the observation's own code and own value (one focus: the resource).
+    def own_codes(o):
+        return [c for c in codings(o) if c.get("code")]
+    for code, system, q, test in [("29463-7", "http://loinc.org", "ge185", lambda v: v >= 185),
+                                  ("29463-7", None, "lt100", lambda v: v < 100),
+                                  ("8480-6", "http://loinc.org", "gt100", lambda v: v > 100),
+                                  ("2339-0", "http://loinc.org", "gt1", lambda v: v > 1)]:
+        arg = f"{system}|{code}" if system else code
+        add(f"Observation?code-value-quantity={arg}${q}", [key(o) for o in observations
+            if any(c.get("code") == code and (system is None or c.get("system") == system) for c in own_codes(o))
+            and any(test(float(x["value"])) for x in quantities(o))])
+    add("Observation?code-value-quantity=29463-7$185|http://unitsofmeasure.org|[lb_av]", [key(o) for o in observations
+        if any(c.get("code") == "29463-7" for c in own_codes(o))
+        and any(184.5 <= float(x["value"]) < 185.5 and x.get("system") == "http://unitsofmeasure.org"
+                and x.get("code") == "[lb_av]" for x in quantities(o))])
+    own_pairs = sorted({(c.get("system"), c.get("code"), v.get("system"), v.get("code")) for o in observations
+                        for c in own_codes(o) for v in concept_codes(o) if c.get("system") and v.get("code") and v.get("system")})
+    for csys, code, vsys, value in own_pairs[:4]:
+        add(f"Observation?code-value-concept={csys}|{code}${vsys}|{value}", [key(o) for o in observations
+            if any(c.get("system") == csys and c.get("code") == code for c in own_codes(o))
+            and any(v.get("system") == vsys and v.get("code") == value for v in concept_codes(o))])
+        add(f"Observation?code-value-concept={code}${value}", [key(o) for o in observations
+            if any(c.get("code") == code for c in own_codes(o))
+            and any(v.get("code") == value for v in concept_codes(o))])
+    strings = sorted({(c.get("code"), o["valueString"]) for o in observations for c in own_codes(o)
+                      if isinstance(o.get("valueString"), str) and o["valueString"].strip()})
+    for code, text in strings[:3]:
+        start = text.split()[0][:4]
+        add(f"Observation?code-value-string={code}${urllib.parse.quote(start)}", [key(o) for o in observations
+            if any(c.get("code") == code for c in own_codes(o))
+            and isinstance(o.get("valueString"), str) and norm(o["valueString"]).startswith(norm(start))])
+    date_values = sorted({(c.get("code"), o["valueDateTime"]) for o in observations for c in own_codes(o)
+                          if isinstance(o.get("valueDateTime"), str)})
+    for code, when in date_values[:3]:
+        for pre in ["ge", "lt"]:
+            arg = when[:4]
+            add(f"Observation?code-value-date={code}${pre}{arg}", [key(o) for o in observations
+                if any(c.get("code") == code for c in own_codes(o))
+                and isinstance(o.get("valueDateTime"), str) and matches_date([date_range(o["valueDateTime"])], pre, arg)])
+
     def effective_ranges(o):
         out = []
         if "effectiveDateTime" in o:
@@ -254,6 +294,9 @@ def main():
     timed = [seconds[0], seconds[len(seconds) // 2], seconds[-1]] if seconds else []
     extra = timed + [s[:16] + s[19:] for s in timed if s[16:19].startswith(":")]
     extra = [q.replace("+", "%2B") for q in extra]
+    # Every prefix at second precision, on and around values to the second.
+    for s in timed:
+        extra += [pre + s.replace("+", "%2B") for pre in ["gt", "ge", "lt", "le", "sa", "eb"]]
     for q in ["ge2013-04-02", "2012-09-17", "lt2010", "ge2013&date=lt2014"] + extra:
         conds = [urllib.parse.unquote(c) for c in q.split("&date=")]
         def ok(o):

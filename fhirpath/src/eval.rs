@@ -267,13 +267,13 @@ fn ext_key<'o>(obj: &'o serde_json::Map<String, Value>, name: &str) -> Option<&'
     let mut buf = [0u8; 64];
     let len = name.len() + 1;
     if len > buf.len() {
-        return obj.get(&format!("_{name}"));
+        return crate::item::member(obj, &format!("_{name}"));
     }
     buf[0] = b'_';
     buf[1..len].copy_from_slice(name.as_bytes());
     std::str::from_utf8(&buf[..len])
         .ok()
-        .and_then(|k| obj.get(k))
+        .and_then(|k| crate::item::member(obj, k))
 }
 
 /// The `_name` sibling of element `name` when its value is a primitive (or a list of them):
@@ -318,13 +318,13 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Coll<'a>) {
             }
         }
         Some(def) => {
-            if let Some(value) = obj.get(name) {
+            if let Some(value) = crate::item::member(obj, name) {
                 let ty = def.types.first().copied();
                 push_values(value, primitive_ext(obj, name, value), ty, out);
             }
         }
         None => {
-            if let Some(value) = obj.get(name) {
+            if let Some(value) = crate::item::member(obj, name) {
                 let ty = match name {
                     "extension" | "modifierExtension" => m.type_id("Extension"),
                     _ => None,

@@ -57,7 +57,11 @@ impl<'a> Node<'a> {
         // types and backbone elements never do, and the lookup is the costly part.
         let m = model();
         let ty = if ty.is_none_or(|t| m.is_resource_like(t)) {
-            match value.get("resourceType").and_then(Value::as_str) {
+            match value
+                .as_object()
+                .and_then(|object| member(object, "resourceType"))
+                .and_then(Value::as_str)
+            {
                 Some(rt) => m.type_id(rt).or(ty),
                 None => ty,
             }
@@ -131,5 +135,26 @@ impl fmt::Display for Item<'_> {
             Item::Date(t) | Item::DateTime(t) | Item::Time(t) => write!(f, "{t}"),
             Item::Quantity(q) => write!(f, "{} '{}'", q.value, q.unit),
         }
+    }
+}
+
+/// The most keys an object has for [`member`] to scan it rather than hash the name.
+const SCAN_LIMIT: usize = 16;
+
+/// `object[name]`. FHIR's JSON objects are small (a Coding has three keys, a resource a
+/// dozen), and serde_json's ordered map hashes the name with SipHash on every look-up, which
+/// costs more than comparing it with each key of a small object; so small objects are scanned.
+#[inline]
+pub fn member<'v>(object: &'v serde_json::Map<String, Value>, name: &str) -> Option<&'v Value> {
+    if object.len() <= SCAN_LIMIT {
+        // Length and first byte first: most keys differ there, and a call to `memcmp` for
+        // every key of the same length cost more than the scan itself.
+        let first = name.as_bytes().first();
+        object.iter().find_map(|(key, value)| {
+            (key.len() == name.len() && key.as_bytes().first() == first && key == name)
+                .then_some(value)
+        })
+    } else {
+        object.get(name)
     }
 }

@@ -61,7 +61,7 @@ mod units;
 mod values;
 
 pub use decimal::Decimal;
-pub use item::{Item, Node, Quantity};
+pub use item::{Item, Node, Quantity, member};
 pub use temporal::{Precision, Temporal};
 pub use text::{Text, visit_text};
 

@@ -48,7 +48,7 @@ fn walk<'a>(value: &'a Value, ty: Option<TypeId>, depth: usize, visit: &mut impl
             // A resource (the root, `contained`, `Bundle.entry.resource`) names its own type;
             // data types and backbone elements never do, so they are not asked.
             let ty = if ty.is_none_or(|t| m.is_resource_like(t)) {
-                match map.get("resourceType").and_then(Value::as_str) {
+                match crate::item::member(map, "resourceType").and_then(Value::as_str) {
                     Some(name) if m.is_resource_type(name) => m.type_id(name),
                     _ => ty,
                 }

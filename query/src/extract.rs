@@ -16,17 +16,19 @@
 //! | `u` | uri | the uri |
 //! | `dlC`, `dhC` | date | ordered low / high instant of the value's range, `C` the finest calendar unit holding it (`D`, `M`, `Y`, `S`) |
 //! | `dpD` | date | both bounds of a point value (low = high: an instant to the microsecond) |
+//! | `dsD` | date | both bounds of a value to the second (low on a whole second, high = low + [`SECOND_SPAN`]) |
 //! | `db` | date | calendar buckets wholly containing the range (`eq` lookups): year, month, day; minute and second only on a crowded day |
 //! | `dm` | date | a crowded day: two or more of the parameter's values lie within it |
 //! | `n` | number | ordered value |
 //! | `q` | quantity | `unitkey ␟ ordered value`, unit keys `''`, `|code`, `|unit`, `system|code` |
 //! | `c` | composite | component equality forms joined by `$`, `␟`, the last component's term |
+//! | `c0`, `c1`, … | composite of one focus | component `i`'s own terms (see [`single_focus`]) |
 //! | `p` | any | presence: the resource has a value (`:missing`) |
 //!
 //! A derived parameter ([`SearchParam::derived_from`]) has only its `p` term and its sort
 //! keys: its values are its members', already indexed under their codes.
 
-use fhirkeep_fhirpath::Item;
+use fhirkeep_fhirpath::{Item, member};
 use serde_json::Value;
 
 use crate::registry::{ParamType, Registry, SearchParam};
@@ -44,6 +46,20 @@ const SEP_STR: &str = "\u{1f}";
 /// The resource id parameter: it has only its presence term, since the document key
 /// (`Type/id`) answers `_id` searches and sorts.
 pub const ID_PARAM: &str = "_id";
+
+/// The high bound of a value to the second is its low bound plus this (µs).
+pub const SECOND_SPAN: i64 = 999_999;
+
+/// Whether composite `param` of `resource_type` has one focus, the resource itself (as
+/// Observation's `code-value-quantity`, whose expression is `Observation`). Such a composite
+/// matches `a$b` exactly when its first component matches `a` and its second `b`, so each
+/// component is indexed on its own (`c0`, `c1`, … terms) and a search joins them with AND,
+/// rather than indexing every combination of the components' forms: fewer terms, and far
+/// fewer distinct ones (a code's terms are shared by every resource with that code).
+pub fn single_focus(param: &SearchParam, resource_type: &str) -> bool {
+    param.kind == ParamType::Composite
+        && param.expression_text.as_deref().map(str::trim) == Some(resource_type)
+}
 
 /// Everything one resource contributes to the index.
 #[derive(Debug, Default, Clone)]
@@ -125,7 +141,9 @@ pub fn extract(
             }
         };
         let before = entries.terms.len();
-        if param.kind == ParamType::Composite {
+        if single_focus(param, resource_type) {
+            component_terms(param, &items, &mut entries.terms);
+        } else if param.kind == ParamType::Composite {
             composite_terms(param, &items, &mut entries.terms);
         } else {
             let mut values = Vec::new();
@@ -351,6 +369,13 @@ fn emit(code: &str, value: &IndexValue, crowded: &[i64], entries: &mut IndexEntr
                 // A point (an instant to the microsecond, as every `meta.lastUpdated`): one
                 // term stands for both bounds, which would be two distinct terms each.
                 terms.push(term(code, "dpD", &low));
+            } else if class == 'D'
+                && range.high - range.low == SECOND_SPAN
+                && range.low.rem_euclid(SECOND_SPAN + 1) == 0
+            {
+                // A value to the second (most clinical times): likewise one term, its high
+                // bound implied.
+                terms.push(term(code, "dsD", &low));
             } else {
                 terms.push(term(code, low_kind, &low));
                 terms.push(term(code, high_kind, &ordered_i64(range.high)));
@@ -553,7 +578,12 @@ fn string_values(json: &Value, out: &mut Vec<IndexValue>) {
 }
 
 fn text_of<'a>(json: &'a Value, key: &str) -> Option<&'a str> {
-    json.get(key).and_then(Value::as_str)
+    field(json, key).and_then(Value::as_str)
+}
+
+/// `json[key]` for an object (see [`member`]), `None` for anything else.
+fn field<'a>(json: &'a Value, key: &str) -> Option<&'a Value> {
+    json.as_object().and_then(|object| member(object, key))
 }
 
 fn token_values(fhir_type: Option<&str>, json: &Value, out: &mut Vec<IndexValue>) {
@@ -571,7 +601,7 @@ fn token_values(fhir_type: Option<&str>, json: &Value, out: &mut Vec<IndexValue>
             code: n.to_string(),
         }),
         Value::Object(map) => {
-            if let Some(codings) = map.get("coding").and_then(Value::as_array) {
+            if let Some(codings) = member(map, "coding").and_then(Value::as_array) {
                 // CodeableConcept
                 for coding in codings {
                     coding_values(coding, out);
@@ -591,7 +621,7 @@ fn token_values(fhir_type: Option<&str>, json: &Value, out: &mut Vec<IndexValue>
                     });
                     if let Some(codings) = json
                         .get("type")
-                        .and_then(|t| t.get("coding"))
+                        .and_then(|t| field(t, "coding"))
                         .and_then(Value::as_array)
                     {
                         for coding in codings {
@@ -607,7 +637,7 @@ fn token_values(fhir_type: Option<&str>, json: &Value, out: &mut Vec<IndexValue>
                         }
                     }
                 }
-                if let Some(text) = json.get("type").and_then(|t| text_of(t, "text")) {
+                if let Some(text) = field(json, "type").and_then(|t| text_of(t, "text")) {
                     out.push(IndexValue::TokenText(text.to_string()));
                 }
             } else if fhir_type == Some("ContactPoint") {
@@ -648,7 +678,7 @@ fn reference_values(json: &Value, out: &mut Vec<IndexValue>) {
             {
                 out.push(IndexValue::Reference(reference.to_string()));
             }
-            if let Some(identifier) = json.get("identifier")
+            if let Some(identifier) = field(json, "identifier")
                 && let Some(value) = text_of(identifier, "value")
             {
                 out.push(IndexValue::ReferenceIdentifier {
@@ -699,7 +729,7 @@ fn date_values(json: &Value, out: &mut Vec<IndexValue>) {
 fn quantity_values(json: &Value, out: &mut Vec<IndexValue>) {
     match json {
         Value::Object(map) => {
-            if let Some(value) = map.get("value").and_then(json_number) {
+            if let Some(value) = member(map, "value").and_then(json_number) {
                 let currency = text_of(json, "currency");
                 out.push(IndexValue::Quantity {
                     value,
@@ -750,6 +780,57 @@ pub fn component_equality_forms(value: &IndexValue) -> Vec<String> {
         }
         IndexValue::Uri(uri) => vec![uri.clone()],
         _ => Vec::new(),
+    }
+}
+
+/// The terms of a composite of one focus (see [`single_focus`]): each component's values under
+/// `c0`, `c1`, …; leading components by their equality forms, the last one by its type's terms.
+fn component_terms(param: &SearchParam, items: &[Item<'_>], terms: &mut Vec<String>) {
+    let Some((last, leading)) = param.components.split_last() else {
+        return;
+    };
+    'items: for item in items {
+        let Some(node) = item.json() else { continue };
+        // A component without values makes the composite match nothing (as with the
+        // combinations of other composites, of which there would be none): no terms at all.
+        let mut own = Vec::new();
+        for (position, component) in leading.iter().enumerate() {
+            let kind = format!("c{position}");
+            let before = own.len();
+            if let Ok(values) = component.expression.evaluate(node) {
+                let mut typed = Vec::new();
+                for value_item in &values {
+                    item_values(component.kind, value_item, &mut typed);
+                }
+                for form in typed.iter().flat_map(component_equality_forms) {
+                    own.push(term(&param.code, &kind, &form));
+                }
+            }
+            if own.len() == before {
+                continue 'items;
+            }
+        }
+        let Ok(last_items) = last.expression.evaluate(node) else {
+            continue;
+        };
+        let mut last_values = Vec::new();
+        for value_item in &last_items {
+            item_values(last.kind, value_item, &mut last_values);
+        }
+        let mut scratch = IndexEntries::default();
+        for value in &last_values {
+            emit("", value, &[], &mut scratch);
+        }
+        if scratch.terms.is_empty() {
+            continue;
+        }
+        let last_kind = format!("c{}", leading.len());
+        for last_term in &scratch.terms {
+            // `last_term` is `␟kind␟value` (empty code): the term is `code␟cN␟kind␟value`.
+            let value_term = last_term.strip_prefix(SEP).unwrap_or(last_term);
+            own.push(term_of(&param.code, &last_kind, &[value_term]));
+        }
+        terms.append(&mut own);
     }
 }
 

@@ -16,7 +16,7 @@ use tantivy::DocAddress;
 use tantivy::query::{Query, QueryParser};
 
 use crate::database::Database;
-use crate::extract::{ID_PARAM, SEP};
+use crate::extract::{ID_PARAM, SECOND_SPAN, SEP};
 use crate::index::{SearchIndex, all_of, any_of, none_of, regex_escape};
 use crate::params::{
     Criterion, Modifier, Prefix, SearchRequest, SortKey, SummaryMode, TotalMode, split_escaped,
@@ -1378,39 +1378,74 @@ fn composite_query(
             "parameter {code:?}: empty composite value"
         )));
     };
-    let Some((last, leading)) = param.components.split_last() else {
-        return Err(Error::InvalidSearch(format!(
-            "parameter {code:?} has no components"
-        )));
+    // How each searched type indexes the parameter: by its components (one focus, see
+    // `extract::single_focus`) or by their combinations; a search over types of both kinds
+    // asks both ways.
+    let by_type: Vec<(&std::sync::Arc<crate::registry::SearchParam>, bool)> = types
+        .iter()
+        .filter_map(|t| {
+            registry
+                .get(t, code)
+                .map(|p| (p, crate::extract::single_focus(p, t)))
+        })
+        .collect();
+    let single = by_type.iter().find(|(_, single)| *single).map(|(p, _)| *p);
+    let combined = if by_type.is_empty() {
+        Some(param)
+    } else {
+        by_type.iter().find(|(_, single)| !*single).map(|(p, _)| *p)
     };
-    if leading.len() != leading_parts.len() {
-        return Err(Error::InvalidSearch(format!(
-            "parameter {code:?}: a composite value needs one $-separated part per component"
-        )));
-    }
-    let mut prefix = String::new();
-    for (component, part) in leading.iter().zip(leading_parts) {
-        let form = match component.kind {
-            ParamType::Token => token_form(part),
-            ParamType::String => normalize_string(part),
-            _ => part.clone(),
+    let mut shapes = Vec::new();
+    for (param, single) in [(combined, false), (single, true)] {
+        let Some(param) = param else { continue };
+        let Some((last, leading)) = param.components.split_last() else {
+            return Err(Error::InvalidSearch(format!(
+                "parameter {code:?} has no components"
+            )));
         };
-        if !prefix.is_empty() {
-            prefix.push('$');
+        if leading.len() != leading_parts.len() {
+            return Err(Error::InvalidSearch(format!(
+                "parameter {code:?}: a composite value needs one $-separated part per component"
+            )));
         }
-        prefix.push_str(&form);
+        let forms =
+            leading
+                .iter()
+                .zip(leading_parts)
+                .map(|(component, part)| match component.kind {
+                    ParamType::Token => token_form(part),
+                    ParamType::String => normalize_string(part),
+                    _ => part.to_string(),
+                });
+        let value_query = |ns: &str| {
+            value_query(
+                index,
+                registry,
+                types,
+                code,
+                last.kind,
+                &Modifier::None,
+                last_part,
+                ns,
+            )
+        };
+        shapes.push(if single {
+            let mut all: Vec<Box<dyn Query>> = forms
+                .enumerate()
+                .map(|(position, form)| index.term(&format!("{code}{SEP}c{position}{SEP}{form}")))
+                .collect();
+            all.push(value_query(&format!("{code}{SEP}c{}{SEP}", leading.len()))?);
+            all_of(all)
+        } else {
+            let prefix = forms.collect::<Vec<_>>().join("$");
+            value_query(&format!("{code}{SEP}c{SEP}{prefix}{SEP}"))?
+        });
     }
-    let ns = format!("{code}{SEP}c{SEP}{prefix}{SEP}");
-    value_query(
-        index,
-        registry,
-        types,
-        code,
-        last.kind,
-        &Modifier::None,
-        last_part,
-        &ns,
-    )
+    Ok(if shapes.len() == 1 {
+        shapes.remove(0)
+    } else {
+        any_of(shapes)
+    })
 }
 
 fn date_query(index: &SearchIndex, code: &str, value: &str, ns: &str) -> Result<Box<dyn Query>> {
@@ -1436,8 +1471,9 @@ fn date_query(index: &SearchIndex, code: &str, value: &str, ns: &str) -> Result<
                         day_bounds_between(index, ns, 'h', x_low, x_high),
                         none_of(index.term(&format!("{ns}dm{SEP}{day}"))),
                     ]),
-                    // A point's one term holds both bounds: exact on any day.
+                    // A point's or a second's one term holds both bounds: exact on any day.
                     day_points_between(index, ns, x_low, x_high),
+                    day_seconds_between(index, ns, x_low, x_high - SECOND_SPAN),
                     bucket,
                 ])
             }
@@ -1499,6 +1535,17 @@ fn day_points_between(index: &SearchIndex, ns: &str, low: i64, high: i64) -> Box
     day_bounds_between(index, ns, 'p', low, high)
 }
 
+/// Documents with a value to the second (`dsD`: one term, the low bound) whose low bound is
+/// within `[low, high]`.
+fn day_seconds_between(index: &SearchIndex, ns: &str, low: i64, high: i64) -> Box<dyn Query> {
+    day_bounds_between(index, ns, 's', low, high)
+}
+
+/// The offset from a `dsD` term's instant (the low bound) to the `bound` asked for.
+fn second_offset(bound: char) -> i64 {
+    if bound == 'h' { SECOND_SPAN } else { 0 }
+}
+
 /// Documents with a `bound` (`l` or `h`) on `side` of `t`, over every calendar class.
 ///
 /// Point values (`dpD`, see `extract`) stand for both bounds, so every side also looks at them;
@@ -1532,6 +1579,18 @@ fn date_bound(index: &SearchIndex, ns: &str, bound: char, side: Side, t: i64) ->
             Side::AtMost => index.range(
                 Bound::Included(format!("{ns}dpD{SEP}")),
                 Bound::Included(point_of(t)),
+            ),
+        });
+        let second_of = |v: i64| format!("{ns}dsD{SEP}{}", ordered_i64(v));
+        let second_t = t.saturating_sub(second_offset(bound));
+        parts.push(match side {
+            Side::AtLeast => index.range(
+                Bound::Included(second_of(second_t)),
+                Bound::Excluded(format!("{ns}dsD{SEP}g")),
+            ),
+            Side::AtMost => index.range(
+                Bound::Included(format!("{ns}dsD{SEP}")),
+                Bound::Included(second_of(second_t)),
             ),
         });
         return any_of(parts);
@@ -1584,6 +1643,14 @@ fn date_bound(index: &SearchIndex, ns: &str, bound: char, side: Side, t: i64) ->
                 Bound::Included(point_of(t)),
                 Bound::Included(point_of(day_end)),
             ));
+            // A value to the second lies within one day (days are whole seconds), so the
+            // ones of other days are the day buckets' already.
+            parts.push(day_seconds_between(
+                index,
+                ns,
+                (t - second_offset(bound)).max(day_start),
+                day_end,
+            ));
         }
         Side::AtMost => {
             parts.push(index.range(
@@ -1611,6 +1678,12 @@ fn date_bound(index: &SearchIndex, ns: &str, bound: char, side: Side, t: i64) ->
             parts.push(index.range(
                 Bound::Included(point_of(day_start)),
                 Bound::Included(point_of(t)),
+            ));
+            parts.push(day_seconds_between(
+                index,
+                ns,
+                day_start,
+                t - second_offset(bound),
             ));
         }
     }

@@ -789,6 +789,71 @@ fn a_reference_is_found_by_its_id_alone_whatever_form_it_was_written_in() {
 }
 
 #[test]
+fn a_composite_of_one_focus_matches_like_one_of_combinations() {
+    let t = new_db();
+    // The same code on two types: on Patient one focus (the resource: indexed by component),
+    // on Group one focus per characteristic (indexed by combination).
+    let mut on_patient = search_parameter("gb", "gender-born", "Patient", "composite", "Patient");
+    on_patient["component"] = json!([
+        {"definition": "http://hl7.org/fhir/SearchParameter/individual-gender", "expression": "gender"},
+        {"definition": "http://hl7.org/fhir/SearchParameter/individual-birthdate", "expression": "birthDate"}]);
+    let mut on_group = search_parameter(
+        "gbg",
+        "gender-born",
+        "Group",
+        "composite",
+        "Group.characteristic",
+    );
+    on_group["component"] = json!([
+        {"definition": "http://hl7.org/fhir/SearchParameter/Group-characteristic", "expression": "code"},
+        {"definition": "http://hl7.org/fhir/SearchParameter/individual-birthdate", "expression": "value.as(Period)"}]);
+    put(&t.db, on_patient);
+    put(&t.db, on_group);
+    let mut female = patient("f", "Fay", "1974-12-25");
+    female["gender"] = json!("female");
+    let mut male = patient("m", "Mo", "1980-01-02");
+    male["gender"] = json!("male");
+    let mut unknown = patient("u", "Ux", "1974-12-25");
+    unknown.as_object_mut().unwrap().remove("gender");
+    put(&t.db, female);
+    put(&t.db, male);
+    put(&t.db, unknown);
+    // Two characteristics: each pair of code and period must come from the same one.
+    put(
+        &t.db,
+        json!({"resourceType": "Group", "id": "g", "type": "person", "actual": false,
+               "characteristic": [
+                   {"code": {"text": "a", "coding": [{"code": "female"}]}, "exclude": false,
+                    "valuePeriod": {"start": "1970-01-01", "end": "1975-12-31"}},
+                   {"code": {"text": "b", "coding": [{"code": "male"}]}, "exclude": false,
+                    "valuePeriod": {"start": "1980-01-01", "end": "1980-12-31"}}]}),
+    );
+    for (query, expected) in [
+        ("Patient?gender-born=female$1974", vec!["Patient/f"]),
+        ("Patient?gender-born=female$ge1974-12-25", vec!["Patient/f"]),
+        ("Patient?gender-born=female$1980", vec![]),
+        ("Patient?gender-born=male$1980-01-02", vec!["Patient/m"]),
+        ("Patient?gender-born=male$lt1980", vec![]),
+        // No gender: no value of the composite, though the date matches.
+        ("Patient?gender-born:missing=true", vec!["Patient/u"]),
+        ("Group?gender-born=female$ge1975", vec!["Group/g"]),
+        ("Group?gender-born=male$ge1981", vec![]),
+        // `female` with `male`'s period: the pairs come from different characteristics.
+        ("Group?gender-born=female$ge1980", vec![]),
+        (
+            "?_type=Patient,Group&gender-born=female$ge1974",
+            vec!["Group/g", "Patient/f"],
+        ),
+        (
+            "?_type=Patient,Group&gender-born=male$ge1980",
+            vec!["Group/g", "Patient/m"],
+        ),
+    ] {
+        assert_eq!(keys(&t.db, query), expected, "{query}");
+    }
+}
+
+#[test]
 fn minute_and_second_searches_are_exact_when_a_day_holds_several_values() {
     let t = new_db();
     put(
