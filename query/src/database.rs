@@ -9,14 +9,15 @@
 //! every [`DEFERRED_COMMIT_EVERY`] changes. After a crash, opening the database catches up
 //! from the last index commit, so the index never stays behind the store.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use fhirkeep_engine::crypto::{KdfParams, KeySource};
 use fhirkeep_engine::store::{
-    AccessContext, DeleteOutcome, DurableTicket, ReadAudit, Store, StoreBuilder, StoredResource,
-    UpdateOutcome, Upsert, WriteTxn,
+    AccessContext, DeleteOutcome, DurableTicket, FeedItem, ReadAudit, Store, StoreBuilder,
+    StoredResource, UpdateOutcome, Upsert, WriteTxn,
 };
 use serde_json::Value;
 
@@ -130,6 +131,9 @@ pub struct Database {
     queue: Mutex<Vec<Pending>>,
     /// Changes put into the index writer but not yet committed (bulk loads defer commits).
     progress: Mutex<IndexProgress>,
+    /// Versions a bulk load just wrote, for the next catch-up to index without reading them
+    /// back from the store (see [`Database::load_many`]).
+    handoff: Mutex<Handoff>,
     /// Transaction Bundles between asking for the write lock and their deferred commit, and
     /// the signal that one left or a sync finished (see [`Database::sync_shared`]).
     syncing: (Mutex<InFlightSet>, Condvar),
@@ -272,6 +276,13 @@ enum Visibility {
 /// The most changes the index writer holds uncommitted.
 const DEFERRED_COMMIT_EVERY: usize = 200_000;
 
+/// Versions handed from a bulk load's write to the index, by type, id and version.
+type Handoff = HashMap<(String, String, u64), StoredResource>;
+
+/// The most versions waiting in the hand-off: beyond it, a load's versions are read back
+/// from the store instead (only if catch-ups stopped taking them, e.g. after an index error).
+const HANDOFF_LIMIT: usize = 50_000;
+
 /// The longest the index writer holds a change uncommitted while writes keep coming, so
 /// that a crash leaves little for the catch-up at the next open. Why not commit per write:
 /// every tantivy commit makes a segment, and merging many small segments took most of the CPU
@@ -390,6 +401,7 @@ impl Database {
                 last_commit: Some(Instant::now()),
                 ..IndexProgress::default()
             }),
+            handoff: Mutex::new(Handoff::new()),
             syncing: (Mutex::new(InFlightSet::default()), Condvar::new()),
             last_sync_micros: std::sync::atomic::AtomicU64::new(0),
             limits,
@@ -505,10 +517,12 @@ impl Database {
     }
 
     /// Like [`Database::update_many`], for bulk loads: while this batch commits in the store,
-    /// the index catches up with the batches before it on the other cores. Searches still see
-    /// every loaded batch (they catch the index up first); [`Database::flush_index`] does that
-    /// work ahead of the first search. Crash safety is unchanged: the store is durable, and
-    /// reopening catches the index up.
+    /// the index catches up with the batches before it on the other cores, taking the
+    /// versions they wrote from the write itself (handed over in memory) rather than reading
+    /// and decompressing them back from the store. Searches still see every loaded batch
+    /// (they catch the index up first); [`Database::flush_index`] does that work ahead of the
+    /// first search. Crash safety is unchanged: the store is durable, and reopening catches
+    /// the index up.
     pub fn load_many(
         &self,
         ctx: &AccessContext,
@@ -532,7 +546,29 @@ impl Database {
         });
         let written = written?;
         caught_up?;
+        // The next catch-up indexes these from here: reading them back means a B-tree
+        // descent per version and decompressing its body again.
+        let mut handoff = self.lock_handoff()?;
+        if handoff.len() + written.len() <= HANDOFF_LIMIT {
+            for outcome in written.iter().flatten() {
+                let stored = &outcome.resource;
+                handoff.insert(
+                    (
+                        stored.resource_type.clone(),
+                        stored.id.clone(),
+                        stored.version,
+                    ),
+                    stored.clone(),
+                );
+            }
+        }
         Ok(written)
+    }
+
+    fn lock_handoff(&self) -> Result<MutexGuard<'_, Handoff>> {
+        self.handoff
+            .lock()
+            .map_err(|_| Error::Internal("index hand-off lock poisoned".into()))
     }
 
     /// Brings the index up to everything written so far and commits it (after
@@ -1040,15 +1076,32 @@ impl Database {
         // Asking for the last seq first is not audited and saves a feed read (and its audit
         // leaf) when the index is already in line.
         let mut more = self.store.last_change_seq()? > after.unwrap_or(0);
+        // Taken whole: what this catch-up does not use was indexed already (or is read back).
+        let mut handed = std::mem::take(&mut *self.lock_handoff()?);
         while more {
-            let page = self.store.changes_after(ctx, after, SYNC_BATCH)?;
+            let page = self
+                .store
+                .changes_after_except(ctx, after, SYNC_BATCH, |t, id, v| {
+                    handed.contains_key(&(t.to_owned(), id.to_owned(), v))
+                })?;
             more = page.more;
             if page.changes.is_empty() {
                 break;
             }
+            let changes = page
+                .changes
+                .into_iter()
+                .map(|(seq, item)| match item {
+                    FeedItem::Read(stored) => Ok((seq, stored)),
+                    FeedItem::Known(key) => handed
+                        .remove(&(key.resource_type, key.id, key.version))
+                        .map(|stored| (seq, stored))
+                        .ok_or_else(|| Error::Internal("a handed-off version is missing".into())),
+                })
+                .collect::<Result<Vec<_>>>()?;
             // A stored SearchParameter is in effect for itself and every later change, so
             // the page is cut into runs that each start with one and share a registry.
-            let mut rest = page.changes.as_slice();
+            let mut rest = changes.as_slice();
             while let Some(first) = rest.first() {
                 let run_len = 1 + rest[1..]
                     .iter()
@@ -1076,7 +1129,7 @@ impl Database {
                 report.changes += run.len() as u64;
                 progress.uncommitted += run.len();
             }
-            after = page.changes.last().map(|(seq, _)| *seq).or(after);
+            after = changes.last().map(|(seq, _)| *seq).or(after);
             progress.applied = after;
             *self.lock_progress()? = progress;
             if progress.commit_due() {

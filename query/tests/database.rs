@@ -1592,4 +1592,23 @@ fn bulk_loads_index_every_batch_by_the_flush_and_by_the_next_open() {
             expected
         );
     }
+
+    // A load's versions are indexed from what it wrote, other writes' from the store, in
+    // the feed's order: a delete and an update between two loads, and a search before the
+    // second load's versions are indexed.
+    let handed: Vec<_> = (0..100)
+        .map(|i| named(&format!("h{i}"), "Handed"))
+        .collect();
+    t.db.load_many(&ctx(), handed).unwrap();
+    t.db.delete(&ctx(), "Patient", "h5", None).unwrap();
+    put(&t.db, patient("h6", "Between", "1990"));
+    assert_eq!(count(&t.db, "Patient?family=Handed"), Some(98));
+    let again: Vec<_> = (7..9).map(|i| named(&format!("h{i}"), "Again")).collect();
+    t.db.load_many(&ctx(), again).unwrap();
+    t.db.delete(&ctx(), "Patient", "h7", None).unwrap();
+    t.db.flush_index().unwrap();
+    assert_eq!(count(&t.db, "Patient?family=Handed"), Some(96));
+    assert_eq!(keys(&t.db, "Patient?family=Between"), ["Patient/h6"]);
+    assert_eq!(keys(&t.db, "Patient?family=Again"), ["Patient/h8"]);
+    assert!(keys(&t.db, "Patient?_id=h5,h7").is_empty());
 }

@@ -32,6 +32,38 @@ pub struct ChangePage {
     pub more: bool,
 }
 
+/// Which version a change wrote, for a change whose content the reader already has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionKey {
+    /// The resource type.
+    pub resource_type: String,
+    /// The logical id.
+    pub id: String,
+    /// The version id.
+    pub version: u64,
+}
+
+/// One change of [`Store::changes_after_except`].
+#[derive(Debug, Clone)]
+pub enum FeedItem {
+    /// The version, read from the store.
+    Read(StoredResource),
+    /// Only which version: the caller said it has its content.
+    Known(VersionKey),
+}
+
+/// A page of [`Store::changes_after_except`]: like [`ChangePage`], with the changes the caller
+/// already has named only.
+#[derive(Debug, Clone)]
+pub struct FeedPage {
+    /// `(change seq, item)` in increasing seq order.
+    pub changes: Vec<(u64, FeedItem)>,
+    /// As [`ChangePage::next_after`].
+    pub next_after: u64,
+    /// As [`ChangePage::more`].
+    pub more: bool,
+}
+
 /// blake3 of a canonical text form of a change-feed request, for its audit leaf.
 fn digest(after: u64, limit: usize) -> [u8; 32] {
     let text = format!("change-feed-v1\0after={after}\0limit={limit}");
@@ -64,8 +96,36 @@ impl Store {
         after: Option<u64>,
         limit: usize,
     ) -> Result<ChangePage> {
+        let page = self.changes_after_except(ctx, after, limit, |_, _, _| false)?;
+        // Nothing is known here, so every item was read.
+        let changes = page
+            .changes
+            .into_iter()
+            .filter_map(|(seq, item)| match item {
+                FeedItem::Read(stored) => Some((seq, stored)),
+                FeedItem::Known(_) => None,
+            })
+            .collect();
+        Ok(ChangePage {
+            changes,
+            next_after: page.next_after,
+            more: page.more,
+        })
+    }
+
+    /// Like [`Store::changes_after`], without reading the versions for which `known(type,
+    /// id, version)` is true (the caller has their content, e.g. from the write that made
+    /// them): those are [`FeedItem::Known`]. Versions are immutable, so a caller's copy of a
+    /// version is the stored one. Audited like [`Store::changes_after`].
+    pub fn changes_after_except(
+        &self,
+        ctx: &AccessContext,
+        after: Option<u64>,
+        limit: usize,
+        known: impl Fn(&str, &str, u64) -> bool,
+    ) -> Result<FeedPage> {
         let after = after.unwrap_or(0);
-        let result = self.changes_after_inner(after, limit);
+        let result = self.changes_after_inner(after, limit, known);
         self.inner.enqueue_read_leaf(AuditRecord {
             time_micros: super::now_micros(),
             actor: ctx.actor(),
@@ -81,8 +141,13 @@ impl Store {
         result
     }
 
-    fn changes_after_inner(&self, after: u64, limit: usize) -> Result<ChangePage> {
-        let mut page = ChangePage {
+    fn changes_after_inner(
+        &self,
+        after: u64,
+        limit: usize,
+        known: impl Fn(&str, &str, u64) -> bool,
+    ) -> Result<FeedPage> {
+        let mut page = FeedPage {
             changes: Vec::new(),
             next_after: after,
             more: false,
@@ -107,6 +172,18 @@ impl Store {
             }
             let seq = key.value();
             let change = Change::decode(value.value())?;
+            if known(&change.resource_type, &change.id, change.version) {
+                page.changes.push((
+                    seq,
+                    FeedItem::Known(VersionKey {
+                        resource_type: change.resource_type,
+                        id: change.id,
+                        version: change.version,
+                    }),
+                ));
+                page.next_after = seq;
+                continue;
+            }
             let bytes = versions
                 .get((
                     change.resource_type.as_str(),
@@ -117,13 +194,13 @@ impl Store {
             let record = VersionRecord::decode(bytes.value())?;
             page.changes.push((
                 seq,
-                StoredResource::from_record(
+                FeedItem::Read(StoredResource::from_record(
                     &change.resource_type,
                     &change.id,
                     change.version,
                     &record,
                     &bodies,
-                )?,
+                )?),
             ));
             page.next_after = seq;
         }

@@ -40,7 +40,7 @@ use crate::{Error, Result};
 
 pub use auxiliary::AuxFileReport;
 pub use compact::{COMPACT_ACTION, CompactReport};
-pub use feed::ChangePage;
+pub use feed::{ChangePage, FeedItem, FeedPage, VersionKey};
 pub use history::{HistoryPage, HistoryQuery};
 pub use record::VersionKind;
 use record::{VERSIONS, VersionRecord};

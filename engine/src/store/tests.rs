@@ -946,6 +946,66 @@ fn a_deferred_commit_is_visible_at_once_and_joins_the_feed_when_durable() {
 }
 
 #[test]
+fn the_feed_names_only_the_versions_the_reader_says_it_has() {
+    let (_dir, store) = temp_store(ReadAudit::default());
+    let first = store.create(&ctx(), patient("One")).unwrap();
+    let second = store.create(&ctx(), patient("Two")).unwrap();
+    let updated = store
+        .update(&ctx(), "Patient", &first.id, patient("One again"), None)
+        .unwrap()
+        .resource;
+    store.delete(&ctx(), "Patient", &second.id, None).unwrap();
+    let full = store.changes_after(&ctx(), None, 10).unwrap();
+    let leaves = store.audit_size().unwrap();
+    // The reader has the first version of `first` and its update: only their keys come back,
+    // every other change as `changes_after` reads it, with the same seqs and paging.
+    let known = |t: &str, id: &str, v: u64| t == "Patient" && id == first.id && v <= 2;
+    let page = store.changes_after_except(&ctx(), None, 10, known).unwrap();
+    assert_eq!(
+        store.audit_size().unwrap(),
+        leaves + 1,
+        "one audit leaf per read"
+    );
+    assert_eq!((page.next_after, page.more), (full.next_after, full.more));
+    assert_eq!(page.changes.len(), full.changes.len());
+    for ((seq, item), (full_seq, stored)) in page.changes.iter().zip(&full.changes) {
+        assert_eq!(seq, full_seq);
+        match item {
+            FeedItem::Known(key) => {
+                assert!(known(&key.resource_type, &key.id, key.version));
+                assert_eq!(
+                    (key.resource_type.as_str(), key.id.as_str(), key.version),
+                    (
+                        stored.resource_type.as_str(),
+                        stored.id.as_str(),
+                        stored.version
+                    )
+                );
+            }
+            FeedItem::Read(read) => {
+                assert!(!known(&read.resource_type, &read.id, read.version));
+                assert_eq!(read.json_bytes(), stored.json_bytes());
+                assert_eq!(read.kind, stored.kind);
+            }
+        }
+    }
+    let known_count = page
+        .changes
+        .iter()
+        .filter(|(_, item)| matches!(item, FeedItem::Known(_)))
+        .count();
+    assert_eq!(known_count, 2);
+    assert_eq!(updated.version, 2);
+    // Paging is the same as the full feed's.
+    let paged = store
+        .changes_after_except(&ctx(), Some(1), 2, known)
+        .unwrap();
+    assert_eq!(paged.changes.len(), 2);
+    assert!(paged.more);
+    assert_eq!(paged.next_after, 3);
+}
+
+#[test]
 fn concurrent_deferred_commits_all_become_durable_with_one_leaf_each() {
     let (dir, store) = temp_store(ReadAudit::default());
     let ids = std::sync::Mutex::new(Vec::new());
