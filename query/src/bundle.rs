@@ -210,6 +210,10 @@ impl Database {
         in_flight.leave();
         if let Some(ticket) = written {
             self.sync_shared(ticket)?;
+            self.hand_off(done.iter().filter_map(|done| match done {
+                Some(Done::Created(stored) | Done::Updated(stored)) => Some(stored),
+                _ => None,
+            }))?;
             self.index_after_write(ticket.seq())?;
         }
         for &i in order.iter().filter(|&&i| entries[i].method == Method::Get) {

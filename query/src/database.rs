@@ -546,23 +546,30 @@ impl Database {
         });
         let written = written?;
         caught_up?;
-        // The next catch-up indexes these from here: reading them back means a B-tree
-        // descent per version and decompressing its body again.
-        let mut handoff = self.lock_handoff()?;
-        if handoff.len() + written.len() <= HANDOFF_LIMIT {
-            for outcome in written.iter().flatten() {
-                let stored = &outcome.resource;
-                handoff.insert(
-                    (
-                        stored.resource_type.clone(),
-                        stored.id.clone(),
-                        stored.version,
-                    ),
-                    stored.clone(),
-                );
-            }
-        }
+        self.hand_off(written.iter().flatten().map(|outcome| &outcome.resource))?;
         Ok(written)
+    }
+
+    /// Keeps versions just written (and durable) for the next index catch-up, which then
+    /// indexes them from here instead of reading them back: a B-tree descent per version and
+    /// decompressing its body again. What no catch-up takes is dropped by the next one.
+    pub(crate) fn hand_off<'a>(
+        &self,
+        written: impl Iterator<Item = &'a StoredResource>,
+    ) -> Result<()> {
+        let mut handoff = self.lock_handoff()?;
+        for stored in written {
+            if handoff.len() >= HANDOFF_LIMIT {
+                break;
+            }
+            let key = (
+                stored.resource_type.clone(),
+                stored.id.clone(),
+                stored.version,
+            );
+            handoff.insert(key, stored.clone());
+        }
+        Ok(())
     }
 
     fn lock_handoff(&self) -> Result<MutexGuard<'_, Handoff>> {

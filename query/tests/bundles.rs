@@ -188,3 +188,47 @@ fn a_batch_answers_every_entry_on_its_own() {
         Err(Error::Unprocessable(_))
     ));
 }
+
+#[test]
+fn transactions_in_a_row_and_at_once_are_indexed_as_their_newest_versions() {
+    let (_dir, db) = new_db();
+    let put = |id: &str, family: &str| {
+        json!({"resource": {"resourceType": "Patient", "id": id, "name": [{"family": family}]},
+               "request": {"method": "PUT", "url": format!("Patient/{id}")}})
+    };
+    let transaction = |entries: Vec<Value>| json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+    // Each transaction's versions are indexed from what it wrote; the next one replaces some.
+    for round in 0..3 {
+        let entries = (0..20)
+            .filter(|i| round == 0 || i % 2 == 0)
+            .map(|i| put(&format!("p{i}"), &format!("round{round}")))
+            .collect();
+        db.process_bundle(&ctx(), &transaction(entries), BASE)
+            .unwrap();
+    }
+    assert_eq!(count(&db, "Patient?family=round0"), 10);
+    assert_eq!(count(&db, "Patient?family=round1"), 0);
+    assert_eq!(count(&db, "Patient?family=round2"), 10);
+    // Concurrent transactions, each on its own ids, with a delete between them.
+    std::thread::scope(|scope| {
+        for thread in 0..4 {
+            let (db, transaction, put) = (&db, &transaction, &put);
+            scope.spawn(move || {
+                for round in 0..5 {
+                    let entries = (0..10)
+                        .map(|i| put(&format!("t{thread}-{i}"), &format!("t{thread}r{round}")))
+                        .collect();
+                    db.process_bundle(&ctx(), &transaction(entries), BASE)
+                        .unwrap();
+                }
+            });
+        }
+    });
+    db.delete(&ctx(), "Patient", "t0-0", None).unwrap();
+    for thread in 0..4 {
+        let expected = if thread == 0 { 9 } else { 10 };
+        assert_eq!(count(&db, &format!("Patient?family=t{thread}r4")), expected);
+        assert_eq!(count(&db, &format!("Patient?family=t{thread}r3")), 0);
+    }
+    assert_eq!(count(&db, "Patient"), 20 + 40 - 1);
+}
