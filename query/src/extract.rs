@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `s` | string | normalized text (starts-with is a term range) |
 //! | `e` | string | exact text |
-//! | `t` | token | `code`, `system|code`, `system|`, `|code` (no system); none for `_id`, see [`ID_PARAM`] |
+//! | `t` | token | `code`, `system|code`, `|code` (no system); none for `_id`, see [`ID_PARAM`] (`system|` is a prefix search) |
 //! | `x` | token | normalized display / text (`:text`) |
 //! | `o` | token (Identifier) | `typesystem|typecode|value` (`:of-type`) |
 //! | `r` | reference | `Type/id`, `id`, absolute URL, canonical with and without version |
@@ -312,11 +312,11 @@ fn emit(code: &str, value: &IndexValue, crowded: &[i64], entries: &mut IndexEntr
                 return;
             }
             terms.push(term(code, "t", value));
+            // No `system|` term: a search for any code of a system takes the `system|code`
+            // terms by prefix (a system has few distinct codes in one index, and the term
+            // would be one more per coding).
             match system {
-                Some(system) => {
-                    terms.push(term_of(code, "t", &[system, "|", value]));
-                    terms.push(term_of(code, "t", &[system, "|"]));
-                }
+                Some(system) => terms.push(term_of(code, "t", &[system, "|", value])),
                 None => terms.push(term_of(code, "t", &["|", value])),
             }
             sort.push(keyed(code, value));

@@ -1212,7 +1212,17 @@ fn value_query(
                 return Err(Error::Internal("`:in` reached the term builder".into()));
             }
             _ if code == ID_PARAM => id_query(index, types, &token_form(value)),
-            _ => index.term(&t("t", &token_form(value))),
+            _ => {
+                let form = token_form(value);
+                match form.strip_suffix('|') {
+                    // `system|`, any code of the system: the `system|code` terms with that
+                    // prefix (the index has no term of its own for it, see `extract::emit`).
+                    Some(system) if !system.is_empty() && !system.contains('|') => {
+                        index.prefix(&t("t", &form))
+                    }
+                    _ => index.term(&t("t", &form)),
+                }
+            }
         },
         ParamType::Reference => {
             if *modifier == Modifier::Identifier {
