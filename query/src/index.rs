@@ -33,12 +33,12 @@ use crate::extract::IndexEntries;
 use crate::priority;
 use crate::{Error, Result};
 
-/// The schema version, stored in the commit payload; a different one means "rebuild" (8:
-/// composites of one focus indexed by component, values to the second as one term, no
-/// `system|` token terms; 7: no
+/// The schema version, stored in the commit payload; a different one means "rebuild" (9: no
+/// `system|` token terms; 8: composites of one focus indexed by component, values to the
+/// second as one term; 7: no
 /// terms of derived parameters, no bare-id reference terms, minute and second buckets only on
 /// crowded days; 6: `_content` holds `string` and `markdown` values only).
-const SCHEMA_VERSION: u32 = 8;
+const SCHEMA_VERSION: u32 = 9;
 
 const TEXT_TOKENIZER: &str = "fhir_text";
 
