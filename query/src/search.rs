@@ -1427,7 +1427,7 @@ fn composite_query(
                     ParamType::String => normalize_string(part),
                     _ => part.to_string(),
                 });
-        let value_query = |ns: &str| {
+        let last_query = |ns: &str| {
             value_query(
                 index,
                 registry,
@@ -1444,11 +1444,11 @@ fn composite_query(
                 .enumerate()
                 .map(|(position, form)| index.term(&format!("{code}{SEP}c{position}{SEP}{form}")))
                 .collect();
-            all.push(value_query(&format!("{code}{SEP}c{}{SEP}", leading.len()))?);
+            all.push(last_query(&format!("{code}{SEP}c{}{SEP}", leading.len()))?);
             all_of(all)
         } else {
             let prefix = forms.collect::<Vec<_>>().join("$");
-            value_query(&format!("{code}{SEP}c{SEP}{prefix}{SEP}"))?
+            last_query(&format!("{code}{SEP}c{SEP}{prefix}{SEP}"))?
         });
     }
     Ok(if shapes.len() == 1 {
