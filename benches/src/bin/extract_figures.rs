@@ -1,0 +1,92 @@
+//! Prints what index-term extraction costs and produces for the benchmark cohort: time per
+//! resource on one thread (FHIRPath evaluation and term building, no JSON parsing, no
+//! tantivy), and terms, distinct terms and distinct term bytes per resource (the distinct ones
+//! are what tantivy's term dictionary compiles at every segment).
+//!
+//! ```text
+//! cargo run --release -p fhirkeep-benches --bin extract_figures -- [--patients N] [--rounds R]
+//! ```
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use fhirkeep_benches::DEFAULT_SEED;
+use fhirkeep_query::extract::extract;
+use fhirkeep_query::registry::Registry;
+use fhirkeep_synth::Cohort;
+use serde_json::Value;
+
+/// The same allocator as the `fhirkeep` binary, so the figures are the product's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut patients = 100u64;
+    let mut rounds = 5usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--patients" => patients = value()?.parse()?,
+            "--rounds" => rounds = value()?.parse::<usize>()?.max(1),
+            _ => {
+                return Err(format!(
+                    "usage: extract_figures [--patients N] [--rounds R]; got {arg}"
+                )
+                .into());
+            }
+        }
+    }
+    let registry = Registry::r4()?;
+    let cohort = Cohort::new(DEFAULT_SEED);
+    let resources: Vec<(String, Value)> = cohort
+        .patients(0..patients)
+        .flat_map(fhirkeep_synth::PatientRecord::into_resources)
+        .map(|r| Ok((r.resource_type.to_string(), r.to_value()?)))
+        .collect::<serde_json::Result<_>>()?;
+    let count = resources.len();
+    if count == 0 {
+        return Err("no resources".into());
+    }
+
+    let mut terms = 0usize;
+    let mut distinct = HashSet::new();
+    for (resource_type, resource) in &resources {
+        let (entries, _) = extract(&registry, resource_type, resource);
+        terms += entries.terms.len();
+        distinct.extend(entries.terms);
+    }
+    let distinct_bytes: usize = distinct.iter().map(String::len).sum();
+
+    let mut per_resource = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let mut kept = 0usize;
+        for (resource_type, resource) in &resources {
+            kept += extract(&registry, resource_type, resource).0.terms.len();
+        }
+        per_resource.push(started.elapsed().as_secs_f64() * 1e6 / count as f64);
+        // Keeps the work from being optimized away.
+        if kept != terms {
+            return Err("extraction is not deterministic".into());
+        }
+    }
+    per_resource.sort_by(f64::total_cmp);
+
+    println!("| extraction, {count} resources ({patients} patients), one thread | value |");
+    println!("|---|---:|");
+    println!(
+        "| time per resource, median of {rounds} rounds | {:.2} µs |",
+        per_resource[rounds / 2]
+    );
+    println!(
+        "| terms per resource | {:.2} |",
+        terms as f64 / count as f64
+    );
+    println!(
+        "| distinct terms per resource | {:.3} |",
+        distinct.len() as f64 / count as f64
+    );
+    println!("| distinct term bytes | {distinct_bytes} |");
+    Ok(())
+}
