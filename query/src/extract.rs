@@ -31,7 +31,7 @@
 use fhirkeep_fhirpath::{Item, member};
 use serde_json::Value;
 
-use crate::registry::{ParamType, Registry, SearchParam};
+use crate::registry::{Component, ParamType, Registry, SearchParam};
 use crate::values::{
     DAY_MICROS, InstantRange, MAX_MICROS, MIN_MICROS, date_buckets, normalize_string, ordered_f64,
     ordered_i64, parse_fhir_date, sub_day_buckets,
@@ -795,37 +795,19 @@ fn component_terms(param: &SearchParam, items: &[Item<'_>], terms: &mut Vec<Stri
         // combinations of other composites, of which there would be none): no terms at all.
         let mut own = Vec::new();
         for (position, component) in leading.iter().enumerate() {
-            let kind = format!("c{position}");
-            let before = own.len();
-            if let Ok(values) = component.expression.evaluate(node) {
-                let mut typed = Vec::new();
-                for value_item in &values {
-                    item_values(component.kind, value_item, &mut typed);
-                }
-                for form in typed.iter().flat_map(component_equality_forms) {
-                    own.push(term(&param.code, &kind, &form));
-                }
-            }
-            if own.len() == before {
+            let forms = component_forms(component, node);
+            if forms.is_empty() {
                 continue 'items;
             }
+            let kind = format!("c{position}");
+            own.extend(forms.iter().map(|form| term(&param.code, &kind, form)));
         }
-        let Ok(last_items) = last.expression.evaluate(node) else {
-            continue;
-        };
-        let mut last_values = Vec::new();
-        for value_item in &last_items {
-            item_values(last.kind, value_item, &mut last_values);
-        }
-        let mut scratch = IndexEntries::default();
-        for value in &last_values {
-            emit("", value, &[], &mut scratch);
-        }
-        if scratch.terms.is_empty() {
+        let last_terms = last_component_terms(last, node);
+        if last_terms.is_empty() {
             continue;
         }
         let last_kind = format!("c{}", leading.len());
-        for last_term in &scratch.terms {
+        for last_term in &last_terms {
             // `last_term` is `␟kind␟value` (empty code): the term is `code␟cN␟kind␟value`.
             let value_term = last_term.strip_prefix(SEP).unwrap_or(last_term);
             own.push(term_of(&param.code, &last_kind, &[value_term]));
@@ -843,14 +825,7 @@ fn composite_terms(param: &SearchParam, items: &[Item<'_>], terms: &mut Vec<Stri
         // Each leading component contributes its equality forms; the prefix is their product.
         let mut prefixes = vec![String::new()];
         for component in leading {
-            let mut forms = Vec::new();
-            if let Ok(values) = component.expression.evaluate(node) {
-                for value_item in &values {
-                    let mut typed = Vec::new();
-                    item_values(component.kind, value_item, &mut typed);
-                    forms.extend(typed.iter().flat_map(component_equality_forms));
-                }
-            }
+            let forms = component_forms(component, node);
             let mut next = Vec::new();
             for prefix in &prefixes {
                 for form in &forms {
@@ -873,24 +848,43 @@ fn composite_terms(param: &SearchParam, items: &[Item<'_>], terms: &mut Vec<Stri
         if prefixes.is_empty() {
             continue;
         }
-        let Ok(last_items) = last.expression.evaluate(node) else {
-            continue;
-        };
-        let mut last_values = Vec::new();
-        for value_item in &last_items {
-            item_values(last.kind, value_item, &mut last_values);
-        }
-        let mut scratch = IndexEntries::default();
-        for value in &last_values {
-            emit("", value, &[], &mut scratch);
-        }
+        let last_terms = last_component_terms(last, node);
         for prefix in &prefixes {
-            for last_term in &scratch.terms {
+            for last_term in &last_terms {
                 // `last_term` is `␟kind␟value` (empty code): append it to the prefix.
                 terms.push(term_of(&param.code, "c", &[prefix, last_term]));
             }
         }
     }
+}
+
+/// The equality forms of a composite's leading `component` on its focus `node`.
+fn component_forms(component: &Component, node: &Value) -> Vec<String> {
+    let Ok(values) = component.expression.evaluate(node) else {
+        return Vec::new();
+    };
+    let mut typed = Vec::new();
+    for value_item in &values {
+        item_values(component.kind, value_item, &mut typed);
+    }
+    typed.iter().flat_map(component_equality_forms).collect()
+}
+
+/// The terms of a composite's last `component` on its focus `node`, as its type indexes them,
+/// each `␟kind␟value` (no code).
+fn last_component_terms(component: &Component, node: &Value) -> Vec<String> {
+    let Ok(items) = component.expression.evaluate(node) else {
+        return Vec::new();
+    };
+    let mut values = Vec::new();
+    for value_item in &items {
+        item_values(component.kind, value_item, &mut values);
+    }
+    let mut scratch = IndexEntries::default();
+    for value in &values {
+        emit("", value, &[], &mut scratch);
+    }
+    scratch.terms
 }
 
 /// The narrative `text.div` with markup removed, for `_text`.
