@@ -51,9 +51,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut terms = 0usize;
     let mut distinct = HashSet::new();
+    let (mut narrative_words, mut content_words, mut references, mut sort_keys) = (0, 0, 0, 0);
     for (resource_type, resource) in &resources {
         let (entries, _) = extract(&registry, resource_type, resource);
         terms += entries.terms.len();
+        narrative_words += words(&entries.narrative);
+        content_words += words(&entries.content);
+        references += entries.references.len();
+        sort_keys += entries.sort_keys.len();
         distinct.extend(entries.terms);
     }
     let distinct_bytes: usize = distinct.iter().map(String::len).sum();
@@ -88,5 +93,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         distinct.len() as f64 / count as f64
     );
     println!("| distinct term bytes | {distinct_bytes} |");
+    let per = |n: usize| n as f64 / count as f64;
+    println!(
+        "| `_text` words per resource | {:.2} |",
+        per(narrative_words)
+    );
+    println!(
+        "| `_content` words per resource | {:.2} |",
+        per(content_words)
+    );
+    println!(
+        "| reference column values per resource | {:.2} |",
+        per(references)
+    );
+    println!(
+        "| sort column values per resource | {:.2} |",
+        per(sort_keys)
+    );
     Ok(())
+}
+
+/// Words as the index's text tokenizer splits them (runs of letters and digits).
+fn words(text: &str) -> usize {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|word| !word.is_empty())
+        .count()
 }

@@ -45,6 +45,7 @@ struct State {
     countdown: Option<u64>,
     crashed: bool,
     ops: u64,
+    syncs: u64,
 }
 
 /// A [`StorageBackend`] over an in-memory image that can simulate a crash. Clones share the
@@ -117,6 +118,11 @@ impl CrashBackend {
     /// Number of write/set_len/sync operations performed so far.
     pub(crate) fn ops(&self) -> u64 {
         self.lock().ops
+    }
+
+    /// Number of syncs performed so far.
+    pub(crate) fn syncs(&self) -> u64 {
+        self.lock().syncs
     }
 
     /// Whether the simulated crash has happened.
@@ -226,6 +232,7 @@ impl StorageBackend for CrashBackend {
     fn sync_data(&self) -> io::Result<()> {
         let mut st = self.lock();
         Self::tick(&mut st)?;
+        st.syncs += 1;
         st.durable = st.live.clone();
         st.unsynced.clear();
         Ok(())

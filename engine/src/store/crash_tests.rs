@@ -47,11 +47,18 @@ impl Rig {
     }
 
     fn open(&self, disk: &CrashBackend) -> Result<Store> {
+        self.open_with(
+            disk,
+            ReadAudit::GroupCommit {
+                max_delay: Duration::from_secs(3600),
+            },
+        )
+    }
+
+    fn open_with(&self, disk: &CrashBackend, read_audit: ReadAudit) -> Result<Store> {
         let keyring = Keyring::open(&self.keys_dir, &self.key)?;
         Store::builder(&self.keys_dir)
-            .read_audit(ReadAudit::GroupCommit {
-                max_delay: Duration::from_secs(3600),
-            })
+            .read_audit(read_audit)
             .cache_size(1 << 20)
             .open_on_backend(disk.clone(), keyring)
     }
@@ -369,6 +376,88 @@ proptest! {
         }
         store.verify_audit().unwrap();
     }
+}
+
+/// A read during a long write leaves its audit leaf to that write's synced commit: the
+/// flusher, woken meanwhile and waiting for the writer, finds the leaf taken and syncs
+/// nothing more, and a crash right after the commit keeps the leaf.
+#[test]
+fn a_read_leaf_taken_by_a_synced_commit_costs_the_flusher_no_sync() {
+    let rig = Rig::new();
+    let disk = CrashBackend::new();
+    let max_delay = Duration::from_millis(10);
+    let store = rig
+        .open_with(&disk, ReadAudit::GroupCommit { max_delay })
+        .unwrap();
+    let first = store
+        .create(&ctx(), json!({"resourceType": "Patient"}))
+        .unwrap();
+    store.flush_audit().unwrap();
+
+    let mut txn = store.begin_write(&ctx()).unwrap();
+    txn.create(json!({"resourceType": "Patient"})).unwrap();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| store.read(&ctx(), "Patient", &first.id).unwrap())
+            .join()
+            .unwrap()
+    });
+    // The flusher wakes several times meanwhile and waits for the writer.
+    std::thread::sleep(max_delay * 5);
+    let syncs_before = disk.syncs();
+    txn.commit().unwrap();
+    let commit_syncs = disk.syncs() - syncs_before;
+    assert!(commit_syncs > 0);
+    std::thread::sleep(max_delay * 10);
+    assert_eq!(
+        disk.syncs() - syncs_before,
+        commit_syncs,
+        "the flusher synced a commit with nothing left to flush"
+    );
+
+    let image = disk.crash_image(TornMode::LoseUnsynced);
+    drop(store);
+    let reopened = rig.open(&CrashBackend::from_image(image)).unwrap();
+    let reads = (0..reopened.audit_size().unwrap())
+        .filter(|&seq| reopened.audit_leaf(seq).unwrap().record.action == AuditAction::Read)
+        .count();
+    assert_eq!(reads, 1, "the read's leaf is on disk");
+}
+
+/// A deferred commit that takes buffered read leaves leaves them owed a sync: the flusher
+/// makes them durable within a few rounds, with nobody waiting on a ticket.
+#[test]
+fn read_leaves_taken_by_a_deferred_commit_are_synced_by_the_flusher() {
+    let rig = Rig::new();
+    let disk = CrashBackend::new();
+    let max_delay = Duration::from_millis(10);
+    let store = rig
+        .open_with(&disk, ReadAudit::GroupCommit { max_delay })
+        .unwrap();
+    let first = store
+        .create(&ctx(), json!({"resourceType": "Patient"}))
+        .unwrap();
+    store.flush_audit().unwrap();
+
+    let mut txn = store.begin_write(&ctx()).unwrap();
+    txn.create(json!({"resourceType": "Patient"})).unwrap();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| store.read(&ctx(), "Patient", &first.id).unwrap())
+            .join()
+            .unwrap()
+    });
+    std::thread::sleep(max_delay * 3);
+    let _ticket = txn.commit_deferred().unwrap();
+    std::thread::sleep(max_delay * 10);
+
+    let image = disk.crash_image(TornMode::LoseUnsynced);
+    drop(store);
+    let reopened = rig.open(&CrashBackend::from_image(image)).unwrap();
+    let reads = (0..reopened.audit_size().unwrap())
+        .filter(|&seq| reopened.audit_leaf(seq).unwrap().record.action == AuditAction::Read)
+        .count();
+    assert_eq!(reads, 1, "the read's leaf is on disk");
 }
 
 #[test]

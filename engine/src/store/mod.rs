@@ -436,6 +436,9 @@ struct Inner {
 struct Watermarks {
     committed: u64,
     durable: u64,
+    /// A deferred commit took buffered read leaves, and no synced commit has come since:
+    /// the flusher owes those leaves a sync.
+    unsynced_leaves: bool,
 }
 
 /// Whether a commit syncs the disk before it returns.
@@ -1205,7 +1208,10 @@ impl Inner {
             }
             if sync == CommitSync::Now {
                 marks.durable = marks.committed;
+                marks.unsynced_leaves = false;
                 self.durable_seq.store(marks.durable, Ordering::SeqCst);
+            } else if !buffered.is_empty() {
+                marks.unsynced_leaves = true;
             }
             Ok(head)
         })();
@@ -1221,6 +1227,34 @@ impl Inner {
             self.reads_in_flight.fetch_sub(1, Ordering::SeqCst);
         }
         result
+    }
+
+    /// One round of the background flusher: commits buffered read leaves, unless a commit
+    /// that ran while this one waited for the writer took them already.
+    ///
+    /// Why the second look: the flusher wakes every `max_delay`, finds the leaf of a read
+    /// that came during a long write (a bulk load's index catch-up reads the change feed
+    /// beside every batch), and waits for the writer. That write's commit takes the leaf; a
+    /// synced commit after it would add nothing but two disk syncs, on the writer's path.
+    fn flush_round(&self) -> Result<()> {
+        if !self.flush_owed() {
+            return Ok(());
+        }
+        let txn = self.begin_write_txn()?;
+        // Holding the writer, every commit before this one has finished and set its marks
+        // (they are set under the marks lock before it lets go). One that failed puts its
+        // leaves back after that; the next round takes them.
+        if !self.flush_owed() {
+            txn.abort()?;
+            return Ok(());
+        }
+        self.commit_audited(txn, Vec::new(), None, CommitSync::Now)
+            .map(drop)
+    }
+
+    /// Whether read leaves wait for a synced commit: buffered, or committed deferred.
+    fn flush_owed(&self) -> bool {
+        !lock(&self.pending_reads).is_empty() || lock(&self.watermarks).unsynced_leaves
     }
 
     fn flush_pending(&self) -> Result<()> {
@@ -1283,7 +1317,7 @@ impl Flusher {
                     let Some(inner) = weak.upgrade() else { return };
                     // A failed flush keeps nothing buffered twice; the next write or flush
                     // reports the storage error to a caller.
-                    let _ = inner.flush_pending();
+                    let _ = inner.flush_round();
                 }
             })
             .ok();
