@@ -30,6 +30,11 @@ pub(crate) struct HardeningArgs {
     /// Also accept TLS 1.2 (default: TLS 1.3 only).
     #[arg(long)]
     pub(crate) tls12: bool,
+    /// PEM file of CA certificates: require every client to present a certificate issued
+    /// under one of them (mutual TLS). Read again on SIGHUP with the server's certificate.
+    /// Requests are still authorized by --auth; the certificate only admits the connection.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tls_client_ca: Option<PathBuf>,
     /// An origin browsers may call the API from (repeatable, exact `scheme://host[:port]`);
     /// without one, cross-origin browser requests are refused.
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
@@ -74,6 +79,7 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls12: Option<bool>,
+    tls_client_ca: Option<PathBuf>,
     cors_origins: Option<Vec<String>>,
     max_count: Option<usize>,
     max_json_depth: Option<usize>,
@@ -168,6 +174,11 @@ fn apply_toml(
     take!(file.tls_cert.map(Some), "tls_cert", hardening.tls_cert);
     take!(file.tls_key.map(Some), "tls_key", hardening.tls_key);
     take!(file.tls12, "tls12", hardening.tls12);
+    take!(
+        file.tls_client_ca.map(Some),
+        "tls_client_ca",
+        hardening.tls_client_ca
+    );
     take!(file.cors_origins, "cors_origins", hardening.cors_origins);
     take!(file.max_count, "max_count", hardening.max_count);
     take!(
@@ -194,10 +205,16 @@ pub(crate) fn hardening(
     args: &HardeningArgs,
 ) -> Result<(Hardening, Option<crate::http::tls::TlsSettings>)> {
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => {
-            Some(crate::http::tls::TlsSettings::load(cert, key, args.tls12)?)
-        }
+        (Some(cert), Some(key)) => Some(crate::http::tls::TlsSettings::load(
+            cert,
+            key,
+            args.tls_client_ca.as_deref(),
+            args.tls12,
+        )?),
         (None, None) if args.tls12 => bail!("--tls12 needs --tls-cert and --tls-key"),
+        (None, None) if args.tls_client_ca.is_some() => {
+            bail!("--tls-client-ca needs --tls-cert and --tls-key")
+        }
         (None, None) => None,
         _ => bail!("--tls-cert and --tls-key go together"),
     };

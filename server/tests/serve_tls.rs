@@ -1,6 +1,7 @@
 //! `fhirkeep serve` hardening end to end: the real binary over TLS with a self-signed
-//! certificate made here (TLS 1.3 only unless `--tls12`, HSTS on every response), startup
-//! errors for bad certificate files, `--config FILE`, and the clear-text warning.
+//! certificate made here (TLS 1.3 only unless `--tls12`, HSTS on every response), client
+//! certificates under `--tls-client-ca`, startup errors for bad certificate files, `--config
+//! FILE`, and the clear-text warning.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -13,7 +14,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tempfile::TempDir;
 
 use common::Server;
@@ -234,6 +235,129 @@ fn serve_reloads_its_certificate_on_sighup_and_keeps_it_when_the_new_files_are_b
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 }
 
+/// A CA that issues client certificates: its certificate as `name.pem` in `dir`.
+struct ClientCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl ClientCa {
+    fn new(dir: &Path, name: &str) -> ClientCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} client CA"));
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), issuer.pem()).unwrap();
+        ClientCa { issuer }
+    }
+
+    /// A client certificate issued by this CA, and its key.
+    fn client_certificate(&self) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "etl-job");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let certificate = params.signed_by(&key, &self.issuer).unwrap();
+        let key = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        (certificate.der().clone(), key)
+    }
+}
+
+/// A TLS 1.3 client trusting only `server_cert` that presents `identity`, if any.
+fn client_with_identity(
+    server_cert: &CertificateDer<'static>,
+    identity: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(server_cert.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    Arc::new(match identity {
+        Some((certificate, key)) => builder
+            .with_client_auth_cert(vec![certificate], key)
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    })
+}
+
+/// Under `--tls-client-ca` a client gets in only with a certificate issued under one of the
+/// CAs in the file: none, or one of another CA, is refused; a renewed CA file is read on
+/// `SIGHUP`.
+#[test]
+fn serve_requires_client_certificates_of_the_given_cas() {
+    let dir = TempDir::new().unwrap();
+    let server_cert = self_signed(dir.path());
+    let ours = ClientCa::new(dir.path(), "clients");
+    let theirs = ClientCa::new(dir.path(), "elsewhere");
+    let server = https_server(dir.path(), &["--tls-client-ca", "clients.pem"]);
+
+    let admitted = client_with_identity(&server_cert, Some(ours.client_certificate()));
+    let response = https_get(&server.address, Arc::clone(&admitted), "/metadata").unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    for (who, config) in [
+        ("no certificate", client_with_identity(&server_cert, None)),
+        (
+            "another CA's certificate",
+            client_with_identity(&server_cert, Some(theirs.client_certificate())),
+        ),
+    ] {
+        match https_get(&server.address, config, "/metadata") {
+            Err(_) => {}
+            Ok(response) => assert!(
+                !response.starts_with("HTTP/1.1"),
+                "a client with {who} got an answer: {response}"
+            ),
+        }
+    }
+
+    // The other CA joins the file: after SIGHUP its clients get in too.
+    #[cfg(unix)]
+    {
+        let both = format!(
+            "{}{}",
+            std::fs::read_to_string(dir.path().join("clients.pem")).unwrap(),
+            std::fs::read_to_string(dir.path().join("elsewhere.pem")).unwrap()
+        );
+        std::fs::write(dir.path().join("clients.pem"), both).unwrap();
+        let sent = Command::new("kill")
+            .args(["-HUP", &server.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let newly_admitted = client_with_identity(&server_cert, Some(theirs.client_certificate()));
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(response) =
+                https_get(&server.address, Arc::clone(&newly_admitted), "/metadata")
+                && response.starts_with("HTTP/1.1 200")
+            {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the renewed CA file was not taken: {}",
+                server.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let response = https_get(&server.address, admitted, "/metadata").unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+}
+
 #[test]
 fn serve_refuses_missing_unreadable_and_mismatched_tls_files() {
     let dir = TempDir::new().unwrap();
@@ -273,6 +397,24 @@ fn serve_refuses_missing_unreadable_and_mismatched_tls_files() {
     );
     let error = run(&["--tls-cert", "cert.pem"]);
     assert!(error.contains("go together"), "{error}");
+    // Client CA files: absent, without certificates, or without the server's own TLS.
+    let tls = ["--tls-cert", "cert.pem", "--tls-key", "key.pem"];
+    let with_tls = |extra: &[&str]| {
+        let args: Vec<&str> = tls.iter().chain(extra).copied().collect();
+        run(&args)
+    };
+    let error = with_tls(&["--tls-client-ca", "absent.pem"]);
+    assert!(
+        error.contains("cannot read the client CA file absent.pem"),
+        "{error}"
+    );
+    let error = with_tls(&["--tls-client-ca", "garbage.pem"]);
+    assert!(error.contains("holds no PEM certificate"), "{error}");
+    let error = run(&["--tls-client-ca", "cert.pem"]);
+    assert!(
+        error.contains("--tls-client-ca needs --tls-cert and --tls-key"),
+        "{error}"
+    );
     // Refused before anything was created.
     assert!(!dir.path().join("db").exists());
 }

@@ -1,6 +1,7 @@
 //! TLS for `fhirkeep serve --tls-cert --tls-key`: the rustls configuration (ring provider,
-//! TLS 1.3 only unless `--tls12`), the HTTPS server loop (axum-server over the same router),
-//! and certificate reload on `SIGHUP` (renewed certificates without a restart).
+//! TLS 1.3 only unless `--tls12`, client certificates required under `--tls-client-ca`), the
+//! HTTPS server loop (axum-server over the same router), and certificate reload on `SIGHUP`
+//! (renewed certificates without a restart).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,9 +34,15 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// The server configuration from PEM files: the certificate chain in `cert`, its private
-/// key in `key`. TLS 1.3 only unless `allow_tls12`. Errors name the file and the problem,
-/// never key material.
-pub(crate) fn server_config(cert: &Path, key: &Path, allow_tls12: bool) -> Result<ServerConfig> {
+/// key in `key`, and with `client_ca` the CA certificates a client's certificate must chain
+/// to (a client without one is refused in the handshake). TLS 1.3 only unless
+/// `allow_tls12`. Errors name the file and the problem, never key material.
+pub(crate) fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+    allow_tls12: bool,
+) -> Result<ServerConfig> {
     let cert_pem = std::fs::read(cert)
         .with_context(|| format!("cannot read the TLS certificate {}", cert.display()))?;
     let chain = CertificateDer::pem_slice_iter(&cert_pem)
@@ -53,10 +60,14 @@ pub(crate) fn server_config(cert: &Path, key: &Path, allow_tls12: bool) -> Resul
     } else {
         &[&rustls::version::TLS13]
     };
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
-        .context("the TLS protocol versions")?
-        .with_no_client_auth()
+        .context("the TLS protocol versions")?;
+    let builder = match client_ca {
+        Some(path) => builder.with_client_cert_verifier(client_verifier(path)?),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
         // Checks that the key is the certificate's (rustls compares the public keys).
         .with_single_cert(chain, private_key)
         .map_err(|error| {
@@ -71,38 +82,75 @@ pub(crate) fn server_config(cert: &Path, key: &Path, allow_tls12: bool) -> Resul
     Ok(config)
 }
 
-/// The TLS settings of a server: where its certificate and key come from (read again on
-/// reload) and the configuration made from them at start.
+/// The verifier of client certificates: each must chain to a CA certificate in the PEM file
+/// `path` (with the client-authentication purpose, when the certificate names purposes).
+fn client_verifier(path: &Path) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    let pem = std::fs::read(path)
+        .with_context(|| format!("cannot read the client CA file {}", path.display()))?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| anyhow!("{} is not a PEM certificate file", path.display()))?;
+    if certificates.is_empty() {
+        bail!("{} holds no PEM certificate", path.display());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in certificates {
+        roots.add(certificate).map_err(|error| {
+            anyhow!(
+                "{} holds a certificate that cannot be a trust anchor: {error}",
+                path.display()
+            )
+        })?;
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|error| anyhow!("the client CA file {}: {error}", path.display()))
+}
+
+/// The TLS settings of a server: where its certificate, key and client CAs come from (read
+/// again on reload) and the configuration made from them at start.
 #[derive(Debug)]
 pub(crate) struct TlsSettings {
     cert: PathBuf,
     key: PathBuf,
+    client_ca: Option<PathBuf>,
     allow_tls12: bool,
     config: ServerConfig,
 }
 
 impl TlsSettings {
-    /// Reads and checks the certificate chain in `cert` and its key in `key` (see
-    /// [`server_config`]).
-    pub(crate) fn load(cert: &Path, key: &Path, allow_tls12: bool) -> Result<TlsSettings> {
+    /// Reads and checks the certificate chain in `cert`, its key in `key` and the client CA
+    /// certificates in `client_ca` (see [`server_config`]).
+    pub(crate) fn load(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+        allow_tls12: bool,
+    ) -> Result<TlsSettings> {
         Ok(TlsSettings {
-            config: server_config(cert, key, allow_tls12)?,
+            config: server_config(cert, key, client_ca, allow_tls12)?,
             cert: cert.to_owned(),
             key: key.to_owned(),
+            client_ca: client_ca.map(Path::to_owned),
             allow_tls12,
         })
     }
 
     /// The configuration from the files as they are now.
     fn reload(&self) -> Result<ServerConfig> {
-        server_config(&self.cert, &self.key, self.allow_tls12)
+        server_config(
+            &self.cert,
+            &self.key,
+            self.client_ca.as_deref(),
+            self.allow_tls12,
+        )
     }
 }
 
 /// Serves `state` over TLS on `listener` until `shutdown` completes, then lets requests in
-/// flight finish (for at most 30 s). On `SIGHUP` the certificate and key are read again:
-/// connections from then on get the new ones; if the files do not make a valid pair, the
-/// server keeps the ones it has and logs why.
+/// flight finish (for at most 30 s). On `SIGHUP` the certificate, key and client CAs are read
+/// again: connections from then on get the new ones; if the files do not make a valid
+/// configuration, the server keeps the one it has and logs why.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     settings: TlsSettings,
