@@ -4,6 +4,11 @@
 //! Under SMART it needs read on Patient (and reach of this patient: a patient token only
 //! for its own) and leaves out every type the token may not search, and every resource the
 //! token's filters do not reach.
+//!
+//! `GET Patient/$everything` (no patient named) is the same operation on the patient of the
+//! token's launch context. Without one, R4 lets a server refuse rather than return every
+//! patient's record in one searchset; this server refuses and points to Bulk Data
+//! (`Patient/$export`), which is built for that.
 
 use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
@@ -79,6 +84,33 @@ pub(crate) async fn everything(
     headers: HeaderMap,
 ) -> HandlerResult {
     let request = parse(id, query.as_deref(), &headers)?;
+    run(state, info, request).await
+}
+
+/// `GET Patient/$everything`: `$everything` of the token's patient (its launch context).
+pub(crate) async fn everything_of_context(
+    State(state): State<AppState>,
+    Extension(info): Info,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> HandlerResult {
+    let Some(patient) = info.grant.patient.clone() else {
+        return Err(ApiError::http(
+            axum::http::StatusCode::BAD_REQUEST,
+            "not-supported",
+            "GET Patient/$everything needs a token with a patient context; for one patient \
+             use Patient/[id]/$everything, for every patient Bulk Data (Patient/$export)",
+        ));
+    };
+    let request = parse(patient, query.as_deref(), &headers)?;
+    run(state, info, request).await
+}
+
+async fn run(
+    state: AppState,
+    info: std::sync::Arc<super::envelope::RequestInfo>,
+    request: EverythingRequest,
+) -> HandlerResult {
     let db = state.db();
     let base = state.base().to_owned();
     let deny = state.deny_status();

@@ -239,6 +239,10 @@ fn routes() -> Router<AppState> {
         .route("/{type}/{id}/_history/{vid}", get(h::vread))
         .route("/Patient/{id}/$everything", get(everything::everything))
         .route(
+            "/Patient/$everything",
+            get(everything::everything_of_context),
+        )
+        .route(
             "/{type}/{id}/{compartment_type}",
             get(h::search_compartment),
         )

@@ -817,6 +817,61 @@ async fn everything_under_smart_keeps_to_the_token() {
     assert_eq!(reply.keys(), P1_EVERYTHING);
 }
 
+/// `GET Patient/$everything` is `$everything` of the token's patient; without a patient
+/// context it is refused with a pointer to Bulk Data, not answered with every patient.
+#[tokio::test]
+async fn everything_without_a_patient_is_that_of_the_tokens_patient() {
+    let h = harness(true);
+    seed_everything(&h);
+    let p1 = h.token("patient/*.rs", Some("p1"));
+    let of_context = h.get("/Patient/$everything", Some(&p1)).await;
+    assert_eq!(of_context.status, StatusCode::OK, "{}", of_context.body);
+    let named = h.get("/Patient/p1/$everything", Some(&p1)).await;
+    assert_eq!(of_context.keys(), named.keys());
+    assert_eq!(of_context.body["total"], 4);
+    let p2 = h.token("patient/*.rs", Some("p2"));
+    let reply = h
+        .get("/Patient/$everything?_type=Observation", Some(&p2))
+        .await;
+    assert_eq!(reply.keys(), ["Observation/obs2"]);
+    // Its pages follow like those of the named patient.
+    let mut uri = "/Patient/$everything?_count=2".to_owned();
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let reply = h.get(&uri, Some(&p1)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        seen.extend(reply.keys());
+        let next = reply.body["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_owned());
+        match next {
+            Some(url) => uri = url.strip_prefix(BASE).unwrap().to_owned(),
+            None => break,
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, named.keys());
+
+    // No patient context: refused, for a user token and without auth alike.
+    let user = h.token("user/*.rs", None);
+    let reply = h.get("/Patient/$everything", Some(&user)).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(reply.body["issue"][0]["code"], "not-supported");
+    assert!(
+        reply.body["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("$export")
+    );
+    let open = harness(false);
+    seed_everything(&open);
+    let reply = open.get("/Patient/$everything", None).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+}
+
 // ---------------------------------------------------------------------------------------
 // $validate
 
