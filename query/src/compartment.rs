@@ -42,9 +42,60 @@ pub fn patient_compartment() -> &'static BTreeMap<String, Vec<String>> {
     })
 }
 
+/// The ids of the patients whose compartment holds `resource` of `resource_type`, found as
+/// compartment search finds them: a Patient is in its own compartment, and any resource of a
+/// type in the definition is in the compartment of each patient one of its compartment
+/// parameters references. Used where the index cannot answer (a deleted resource's last
+/// content is no longer indexed).
+pub fn compartment_patients(
+    registry: &crate::registry::Registry,
+    resource_type: &str,
+    resource: &Value,
+) -> std::collections::BTreeSet<String> {
+    let mut patients = std::collections::BTreeSet::new();
+    if resource_type == "Patient"
+        && let Some(id) = resource.get("id").and_then(Value::as_str)
+    {
+        patients.insert(id.to_owned());
+    }
+    let Some(params) = patient_compartment().get(resource_type) else {
+        return patients;
+    };
+    let (entries, _) = crate::extract::extract(registry, resource_type, resource);
+    for term in &entries.terms {
+        for code in params {
+            let target = crate::extract::term(code, "r", "Patient/");
+            if let Some(id) = term.strip_prefix(target.as_str()) {
+                patients.insert(id.to_owned());
+            }
+        }
+    }
+    patients
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compartment_patients_follow_the_compartment_parameters() {
+        let registry = crate::registry::Registry::r4().unwrap();
+        let observation = serde_json::json!({
+            "resourceType": "Observation", "id": "o", "status": "final", "code": {"text": "x"},
+            "subject": {"reference": "Patient/a"},
+            "performer": [{"reference": "Patient/b"}, {"reference": "Practitioner/d"}],
+            "focus": [{"reference": "Patient/not-a-compartment-link"}]
+        });
+        let found = compartment_patients(&registry, "Observation", &observation);
+        assert_eq!(found.into_iter().collect::<Vec<_>>(), ["a", "b"]);
+        let patient = serde_json::json!({"resourceType": "Patient", "id": "p",
+            "link": [{"other": {"reference": "Patient/q"}, "type": "seealso"}]});
+        let found = compartment_patients(&registry, "Patient", &patient);
+        assert_eq!(found.into_iter().collect::<Vec<_>>(), ["p", "q"]);
+        let organization = serde_json::json!({"resourceType": "Organization", "id": "x",
+            "partOf": {"reference": "Patient/a"}});
+        assert!(compartment_patients(&registry, "Organization", &organization).is_empty());
+    }
 
     #[test]
     fn the_official_definition_loads() {

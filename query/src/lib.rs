@@ -50,7 +50,7 @@ mod terminology;
 pub mod validate;
 pub mod values;
 
-pub use compartment::patient_compartment;
+pub use compartment::{compartment_patients, patient_compartment};
 pub use database::{
     ConditionalOutcome, Database, DatabaseBuilder, IndexStats, SearchLimits, SyncReport,
 };

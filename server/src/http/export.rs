@@ -900,10 +900,7 @@ impl ExportWork {
                 Some(_) => compartment_keys.remove(resource_type).unwrap_or_default(),
             };
             outputs.extend(self.write_files(db, aux, resource_type, &keys)?);
-            if patients.is_none()
-                && self.since.is_some()
-                && !self.type_filters.contains_key(resource_type)
-            {
+            if self.since.is_some() && !self.type_filters.contains_key(resource_type) {
                 outputs.extend(self.write_deletions(db, aux, resource_type)?);
             }
             self.state.exports().update(
@@ -917,11 +914,14 @@ impl ExportWork {
         Ok((!self.cancelled()).then_some(outputs))
     }
 
-    /// A system export with `_since`: the resources of `resource_type` deleted since then and
-    /// not written again, as Bundles of one DELETE entry each (`deleted-Type.ndjson`), from
-    /// the type's history (audited like any history read). Types with `_typeFilter` get none:
-    /// a deleted resource can no longer be matched against the filter. Patient and Group
-    /// exports list no deletions: the compartment of a deleted resource is not in the index.
+    /// An export with `_since`: the resources of `resource_type` deleted since then and not
+    /// written again, as Bundles of one DELETE entry each (`deleted-Type.ndjson`), from the
+    /// type's history (audited like any history read). Types with `_typeFilter` get none: a
+    /// deleted resource can no longer be matched against the filter. A Patient export lists
+    /// deleted patients and the deleted resources whose last content was in some patient's
+    /// compartment; a Group export, deleted members and the deleted resources whose last
+    /// content was in a member's compartment (the index no longer holds a deleted resource,
+    /// so its last content is read and its compartment links taken from it).
     fn write_deletions(
         &self,
         db: &Database,
@@ -954,6 +954,9 @@ impl ExportWork {
                 _ => break,
             }
         }
+        if !matches!(self.scope, Scope::System) {
+            deleted = self.deleted_in_scope(db, resource_type, deleted)?;
+        }
         let mut file = FileWriter::deletions(resource_type);
         for id in deleted {
             let bundle = json!({
@@ -964,6 +967,69 @@ impl ExportWork {
             file.push(aux, &self.id, &bundle)?;
         }
         file.finish(aux, &self.id)
+    }
+
+    /// Of the deleted `ids` of `resource_type`, those a Patient or Group export covers: judged
+    /// by the compartment of each one's last version with content.
+    fn deleted_in_scope(
+        &self,
+        db: &Database,
+        resource_type: &str,
+        ids: BTreeSet<String>,
+    ) -> Result<BTreeSet<String>, ApiError> {
+        let members: Option<HashSet<&str>> = match &self.scope {
+            Scope::System => return Ok(ids),
+            Scope::Patients => None,
+            Scope::Group(members) => Some(members.iter().map(String::as_str).collect()),
+        };
+        let covers = |patient: &str| members.as_ref().is_none_or(|m| m.contains(patient));
+        let mut kept = BTreeSet::new();
+        for id in ids {
+            if self.cancelled() {
+                break;
+            }
+            if resource_type == "Patient" && covers(&id) {
+                kept.insert(id);
+                continue;
+            }
+            let Some(last) = self.last_content(db, resource_type, &id)? else {
+                continue;
+            };
+            let json = last.to_json().map_err(|_| ApiError::internal())?;
+            let registry = db.registry().map_err(|e| ApiError::query(&e, false))?;
+            let patients = fhirkeep_query::compartment_patients(&registry, resource_type, &json);
+            drop(registry);
+            if patients.iter().any(|patient| covers(patient)) {
+                kept.insert(id);
+            }
+        }
+        Ok(kept)
+    }
+
+    /// The newest version of `Type/id` that is not a deletion, if there is one.
+    fn last_content(
+        &self,
+        db: &Database,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Option<fhirkeep_engine::store::StoredResource>, ApiError> {
+        let mut query = fhirkeep_engine::store::HistoryQuery {
+            count: Some(8),
+            ..Default::default()
+        };
+        loop {
+            let page = db
+                .store()
+                .history_instance(&self.ctx, resource_type, id, &query)
+                .map_err(|e| ApiError::query(&Error::Engine(e), true))?;
+            if let Some(found) = page.entries.iter().find(|v| !v.is_deleted()) {
+                return Ok(Some(found.clone()));
+            }
+            match page.next {
+                Some(cursor) if !page.entries.is_empty() => query.cursor = Some(cursor),
+                _ => return Ok(None),
+            }
+        }
     }
 
     /// The keys of every resource of `types` (in `patient`'s compartment).

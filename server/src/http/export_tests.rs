@@ -435,6 +435,73 @@ async fn since_exports_list_the_deletions_since_then() {
     );
 }
 
+impl Harness {
+    /// The `Type/id` of every DELETE entry of a manifest's `deleted` files, sorted.
+    async fn deletions(&self, manifest: &Value) -> Vec<String> {
+        let mut urls = Vec::new();
+        for file in manifest["deleted"].as_array().unwrap() {
+            let url = file["url"].as_str().unwrap();
+            let reply = self.get(url.strip_prefix(BASE).unwrap(), None).await;
+            assert_eq!(reply.status, StatusCode::OK);
+            for line in reply.raw.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let bundle: Value = serde_json::from_slice(line).unwrap();
+                for entry in bundle["entry"].as_array().unwrap() {
+                    assert_eq!(entry["request"]["method"], "DELETE");
+                    urls.push(entry["request"]["url"].as_str().unwrap().to_owned());
+                }
+            }
+        }
+        urls.sort();
+        urls
+    }
+}
+
+/// Patient and Group exports with `_since` list the deletions they cover: deleted patients
+/// (of the group, for a Group export) and deleted resources whose last content was in the
+/// compartment of a patient (a member) — judged from that content, since the index no
+/// longer holds them.
+#[tokio::test]
+async fn patient_and_group_exports_list_the_deletions_of_their_compartments() {
+    let h = harness(false);
+    let since = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let db = h.state.db();
+    let ctx = AccessContext::local("test");
+    for (resource_type, id) in [
+        ("Observation", "o1"),
+        ("Observation", "o2"),
+        ("Practitioner", "dr1"),
+        ("Patient", "p2"),
+    ] {
+        db.delete(&ctx, resource_type, id, None).unwrap();
+    }
+    let since = since.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+
+    let status = h
+        .kick_off(
+            &format!("/Patient/$export?_type=Patient,Observation,Practitioner&_since={since}"),
+            None,
+        )
+        .await;
+    let manifest = h.manifest(&status, None).await;
+    assert_eq!(
+        h.deletions(&manifest).await,
+        ["Observation/o1", "Observation/o2", "Patient/p2"],
+        "{manifest}"
+    );
+
+    // The group's one member is p2: its deletion and its observation's, not p1's.
+    let status = h
+        .kick_off(&format!("/Group/g1/$export?_since={since}"), None)
+        .await;
+    let manifest = h.manifest(&status, None).await;
+    assert_eq!(
+        h.deletions(&manifest).await,
+        ["Observation/o2", "Patient/p2"],
+        "{manifest}"
+    );
+}
+
 #[tokio::test]
 async fn type_filters_export_only_matches_of_their_types() {
     let h = harness(false);
