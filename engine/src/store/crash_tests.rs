@@ -378,22 +378,22 @@ proptest! {
     }
 }
 
-/// A read during a long write leaves its audit leaf to that write's synced commit: the
-/// flusher, woken meanwhile and waiting for the writer, finds the leaf taken and syncs
-/// nothing more, and a crash right after the commit keeps the leaf.
-#[test]
-fn a_read_leaf_taken_by_a_synced_commit_costs_the_flusher_no_sync() {
-    let rig = Rig::new();
-    let disk = CrashBackend::new();
-    let max_delay = Duration::from_millis(10);
+/// Opens a store on `disk` whose read leaves are group-committed every `max_delay`, writes
+/// one patient, then opens a write transaction, writes another, reads the first from another
+/// thread (its leaf is buffered) and hands the open transaction to `then`.
+fn read_during_a_write(
+    rig: &Rig,
+    disk: &CrashBackend,
+    max_delay: Duration,
+    then: impl FnOnce(&Store, WriteTxn<'_>),
+) {
     let store = rig
-        .open_with(&disk, ReadAudit::GroupCommit { max_delay })
+        .open_with(disk, ReadAudit::GroupCommit { max_delay })
         .unwrap();
     let first = store
         .create(&ctx(), json!({"resourceType": "Patient"}))
         .unwrap();
     store.flush_audit().unwrap();
-
     let mut txn = store.begin_write(&ctx()).unwrap();
     txn.create(json!({"resourceType": "Patient"})).unwrap();
     std::thread::scope(|scope| {
@@ -402,26 +402,45 @@ fn a_read_leaf_taken_by_a_synced_commit_costs_the_flusher_no_sync() {
             .join()
             .unwrap()
     });
-    // The flusher wakes several times meanwhile and waits for the writer.
-    std::thread::sleep(max_delay * 5);
-    let syncs_before = disk.syncs();
-    txn.commit().unwrap();
-    let commit_syncs = disk.syncs() - syncs_before;
-    assert!(commit_syncs > 0);
-    std::thread::sleep(max_delay * 10);
-    assert_eq!(
-        disk.syncs() - syncs_before,
-        commit_syncs,
-        "the flusher synced a commit with nothing left to flush"
-    );
+    then(&store, txn);
+}
 
+/// The number of read leaves a crash now would leave on `disk`.
+fn read_leaves_after_a_crash(rig: &Rig, disk: &CrashBackend) -> usize {
     let image = disk.crash_image(TornMode::LoseUnsynced);
-    drop(store);
     let reopened = rig.open(&CrashBackend::from_image(image)).unwrap();
-    let reads = (0..reopened.audit_size().unwrap())
+    (0..reopened.audit_size().unwrap())
         .filter(|&seq| reopened.audit_leaf(seq).unwrap().record.action == AuditAction::Read)
-        .count();
-    assert_eq!(reads, 1, "the read's leaf is on disk");
+        .count()
+}
+
+/// A read during a long write leaves its audit leaf to that write's synced commit: the
+/// flusher, woken meanwhile and waiting for the writer, finds the leaf taken and syncs
+/// nothing more, and a crash right after the commit keeps the leaf.
+#[test]
+fn a_read_leaf_taken_by_a_synced_commit_costs_the_flusher_no_sync() {
+    let rig = Rig::new();
+    let disk = CrashBackend::new();
+    let max_delay = Duration::from_millis(10);
+    read_during_a_write(&rig, &disk, max_delay, |_, txn| {
+        // The flusher wakes several times meanwhile and waits for the writer.
+        std::thread::sleep(max_delay * 5);
+        let syncs_before = disk.syncs();
+        txn.commit().unwrap();
+        let commit_syncs = disk.syncs() - syncs_before;
+        assert!(commit_syncs > 0);
+        std::thread::sleep(max_delay * 10);
+        assert_eq!(
+            disk.syncs() - syncs_before,
+            commit_syncs,
+            "the flusher synced a commit with nothing left to flush"
+        );
+        assert_eq!(
+            read_leaves_after_a_crash(&rig, &disk),
+            1,
+            "the read's leaf is on disk"
+        );
+    });
 }
 
 /// A deferred commit that takes buffered read leaves leaves them owed a sync: the flusher
@@ -431,33 +450,16 @@ fn read_leaves_taken_by_a_deferred_commit_are_synced_by_the_flusher() {
     let rig = Rig::new();
     let disk = CrashBackend::new();
     let max_delay = Duration::from_millis(10);
-    let store = rig
-        .open_with(&disk, ReadAudit::GroupCommit { max_delay })
-        .unwrap();
-    let first = store
-        .create(&ctx(), json!({"resourceType": "Patient"}))
-        .unwrap();
-    store.flush_audit().unwrap();
-
-    let mut txn = store.begin_write(&ctx()).unwrap();
-    txn.create(json!({"resourceType": "Patient"})).unwrap();
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| store.read(&ctx(), "Patient", &first.id).unwrap())
-            .join()
-            .unwrap()
+    read_during_a_write(&rig, &disk, max_delay, |_, txn| {
+        std::thread::sleep(max_delay * 3);
+        let _ticket = txn.commit_deferred().unwrap();
+        std::thread::sleep(max_delay * 10);
+        assert_eq!(
+            read_leaves_after_a_crash(&rig, &disk),
+            1,
+            "the read's leaf is on disk"
+        );
     });
-    std::thread::sleep(max_delay * 3);
-    let _ticket = txn.commit_deferred().unwrap();
-    std::thread::sleep(max_delay * 10);
-
-    let image = disk.crash_image(TornMode::LoseUnsynced);
-    drop(store);
-    let reopened = rig.open(&CrashBackend::from_image(image)).unwrap();
-    let reads = (0..reopened.audit_size().unwrap())
-        .filter(|&seq| reopened.audit_leaf(seq).unwrap().record.action == AuditAction::Read)
-        .count();
-    assert_eq!(reads, 1, "the read's leaf is on disk");
 }
 
 #[test]

@@ -965,12 +965,7 @@ async fn a_patient_tokens_search_pages_stay_in_the_compartment() {
         assert_eq!(reply.body["total"], 3, "{}", reply.body);
         assert_eq!(reply.keys().len(), 1, "{}", reply.body);
         seen.extend(reply.keys());
-        let next = reply.body["link"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["relation"] == "next")
-            .map(|l| l["url"].as_str().unwrap().to_owned());
+        let next = super::test_support::next_link(&reply.body);
         match next {
             Some(url) => uri = url.strip_prefix(BASE).unwrap().to_owned(),
             None => break,

@@ -780,15 +780,7 @@ async fn audit_events_show_the_log_read_only() {
     );
     assert_eq!(first["entity"][0]["what"]["reference"], reference);
     assert_eq!(first["recorded"].as_str().unwrap().len(), 27);
-    let next = bundle["link"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["relation"] == "next")
-        .unwrap()["url"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let next = super::test_support::next_link(&bundle).unwrap();
     let second = h.get(next.strip_prefix(BASE).unwrap(), None).await.json();
     assert_eq!(second["entry"][0]["resource"]["id"], "3");
     let one = h.get("/AuditEvent/1", None).await;

@@ -734,12 +734,7 @@ async fn everything_pages_with_next_links_and_honours_since() {
         assert!(reply.keys().len() <= 3);
         seen.extend(reply.keys());
         pages += 1;
-        let next = reply.body["link"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["relation"] == "next")
-            .map(|l| l["url"].as_str().unwrap().to_owned());
+        let next = super::test_support::next_link(&reply.body);
         match next {
             Some(url) => {
                 assert!(!url.contains("obs1"), "no id of patient data in a link");
@@ -841,12 +836,7 @@ async fn everything_without_a_patient_is_that_of_the_tokens_patient() {
         let reply = h.get(&uri, Some(&p1)).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
         seen.extend(reply.keys());
-        let next = reply.body["link"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["relation"] == "next")
-            .map(|l| l["url"].as_str().unwrap().to_owned());
+        let next = super::test_support::next_link(&reply.body);
         match next {
             Some(url) => uri = url.strip_prefix(BASE).unwrap().to_owned(),
             None => break,

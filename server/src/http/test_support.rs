@@ -8,6 +8,7 @@ use std::path::Path;
 use axum::http::StatusCode;
 use fhirkeep_engine::crypto::{KeySource, create_key_file};
 use fhirkeep_query::Database;
+use serde_json::Value;
 
 use super::{AuthMode, DEFAULT_BODY_LIMIT, ServerConfig};
 
@@ -33,4 +34,14 @@ impl ServerConfig {
             hardening: Default::default(),
         }
     }
+}
+
+/// The URL of a Bundle's `next` link, if it has one.
+pub(super) fn next_link(bundle: &Value) -> Option<String> {
+    bundle["link"]
+        .as_array()?
+        .iter()
+        .find(|link| link["relation"] == "next")
+        .and_then(|link| link["url"].as_str())
+        .map(str::to_owned)
 }

@@ -571,14 +571,7 @@ async fn search_and_history_paging_follow_next_links() {
         assert_eq!(r.status, StatusCode::CREATED);
     }
     let relative = |url: &str| url.strip_prefix(BASE).unwrap().to_owned();
-    let next_of = |body: &Value| {
-        body["link"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["relation"] == "next")
-            .map(|l| l["url"].as_str().unwrap().to_owned())
-    };
+    let next_of = super::test_support::next_link;
 
     let first = h.get("/Patient?family=page&_count=2").await;
     assert_eq!(first.body["entry"].as_array().unwrap().len(), 2);

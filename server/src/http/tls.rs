@@ -43,14 +43,7 @@ pub(crate) fn server_config(
     client_ca: Option<&Path>,
     allow_tls12: bool,
 ) -> Result<ServerConfig> {
-    let cert_pem = std::fs::read(cert)
-        .with_context(|| format!("cannot read the TLS certificate {}", cert.display()))?;
-    let chain = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| anyhow!("{} is not a PEM certificate file", cert.display()))?;
-    if chain.is_empty() {
-        bail!("{} holds no PEM certificate", cert.display());
-    }
+    let chain = read_certificates(cert, "TLS certificate")?;
     let key_pem =
         std::fs::read(key).with_context(|| format!("cannot read the TLS key {}", key.display()))?;
     let private_key = PrivateKeyDer::from_pem_slice(&key_pem)
@@ -82,17 +75,23 @@ pub(crate) fn server_config(
     Ok(config)
 }
 
-/// The verifier of client certificates: each must chain to a CA certificate in the PEM file
-/// `path` (with the client-authentication purpose, when the certificate names purposes).
-fn client_verifier(path: &Path) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+/// The certificates of the PEM file `path` (at least one); `what` names the file in errors.
+fn read_certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
     let pem = std::fs::read(path)
-        .with_context(|| format!("cannot read the client CA file {}", path.display()))?;
+        .with_context(|| format!("cannot read the {what} {}", path.display()))?;
     let certificates = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| anyhow!("{} is not a PEM certificate file", path.display()))?;
     if certificates.is_empty() {
         bail!("{} holds no PEM certificate", path.display());
     }
+    Ok(certificates)
+}
+
+/// The verifier of client certificates: each must chain to a CA certificate in the PEM file
+/// `path` (with the client-authentication purpose, when the certificate names purposes).
+fn client_verifier(path: &Path) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    let certificates = read_certificates(path, "client CA file")?;
     let mut roots = rustls::RootCertStore::empty();
     for certificate in certificates {
         roots.add(certificate).map_err(|error| {
