@@ -1,7 +1,9 @@
 //! Prints what index-term extraction costs and produces for the benchmark cohort: time per
 //! resource on one thread (FHIRPath evaluation and term building, no JSON parsing, no
 //! tantivy), and terms, distinct terms and distinct term bytes per resource (the distinct ones
-//! are what tantivy's term dictionary compiles at every segment).
+//! are what tantivy's term dictionary compiles at every segment), with the words of the text
+//! fields and the values of the reference and sort columns (tantivy's other per-document
+//! work).
 //!
 //! ```text
 //! cargo run --release -p fhirkeep-benches --bin extract_figures -- [--patients N] [--rounds R]
