@@ -375,6 +375,12 @@ enum AuditCommand {
         #[arg(long, value_name = "FILE")]
         trusted_head: Option<PathBuf>,
     },
+    /// Replace the key that signs tree heads: prints the last head of the old key (it covers
+    /// the rotation leaf naming the new key) and both public keys, as JSON.
+    RotateKey {
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// Print an inclusion proof for a leaf, or a consistency proof between two tree sizes.
     Prove {
         #[command(flatten)]
@@ -984,7 +990,27 @@ fn audit(command: AuditCommand) -> Result<ExitCode> {
                 }
                 println!("consistent with the trusted head of size {}", trusted.size);
             }
-            println!("ok: audit log of {} leaves verified", report.leaves);
+            println!(
+                "ok: audit log of {} leaves verified ({} signing key{})",
+                report.leaves,
+                report.keys.len(),
+                if report.keys.len() == 1 {
+                    ""
+                } else {
+                    "s: rotated"
+                }
+            );
+        }
+        AuditCommand::RotateKey { db } => {
+            let store = db.open()?;
+            let head = store.rotate_audit_key(&ctx("audit-rotate-key"))?;
+            let keys = store.audit_keys()?;
+            let new_key = keys.last().map(|k| hex::encode(k.public_key));
+            print_json(&serde_json::json!({
+                "oldPublicKey": hex::encode(head.public_key),
+                "newPublicKey": new_key,
+                "rotationHead": serde_json::from_str::<serde_json::Value>(&head.to_json())?,
+            }))?;
         }
         AuditCommand::Prove {
             db,

@@ -183,6 +183,30 @@ fn init_import_get_history_check_audit() {
         .unwrap()
         .verify(&head, &newer)
         .unwrap();
+
+    // Rotating the signing key: the old key signs over the rotation, later heads carry the
+    // new one, and heads kept from before still check.
+    let rotated: Value = serde_json::from_str(&ok(&db.run(&["audit", "rotate-key"]))).unwrap();
+    let old_key = rotated["oldPublicKey"].as_str().unwrap();
+    let new_key = rotated["newPublicKey"].as_str().unwrap();
+    assert_eq!(old_key, hex::encode(head.public_key));
+    assert_ne!(old_key, new_key);
+    let rotation = SignedTreeHead::from_json(&rotated["rotationHead"].to_string()).unwrap();
+    rotation.verify().unwrap();
+    ok(&db.run(&["get", "Patient/p1"]));
+    let latest = SignedTreeHead::from_json(&ok(&db.run(&["audit", "head"]))).unwrap();
+    assert_eq!(hex::encode(latest.public_key), new_key);
+    let verified = ok(&db.run(&[
+        "audit",
+        "verify",
+        "--trusted-head",
+        head_file.to_str().unwrap(),
+    ]));
+    assert!(verified.contains("2 signing keys"), "{verified}");
+    assert!(
+        verified.contains("consistent with the trusted head"),
+        "{verified}"
+    );
 }
 
 #[test]

@@ -82,13 +82,16 @@ pub enum AuditAction {
     Rekey,
     /// A user or client authenticated.
     Login,
+    /// The key that signs the audit log's tree heads was replaced; the leaf's content hash
+    /// holds the new Ed25519 public key.
+    AuditKeyRotation,
     /// Any other action, by name.
     Other(String),
 }
 
 impl AuditAction {
     /// Every named (non-`Other`) action.
-    const KNOWN: [AuditAction; 16] = [
+    const KNOWN: [AuditAction; 17] = [
         AuditAction::Create,
         AuditAction::Read,
         AuditAction::VRead,
@@ -105,6 +108,7 @@ impl AuditAction {
         AuditAction::Check,
         AuditAction::Rekey,
         AuditAction::Login,
+        AuditAction::AuditKeyRotation,
     ];
 
     /// The stable lowercase name of the action (for `Other`, its own name).
@@ -126,6 +130,7 @@ impl AuditAction {
             AuditAction::Check => "check",
             AuditAction::Rekey => "rekey",
             AuditAction::Login => "login",
+            AuditAction::AuditKeyRotation => "audit-key-rotation",
             AuditAction::Other(name) => name,
         }
     }

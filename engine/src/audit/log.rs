@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::head::{ConsistencyProof, InclusionProof, SignedTreeHead};
-use super::leaf::{AuditLeaf, AuditRecord, encode_leaf, hex32};
+use super::leaf::{AuditAction, AuditLeaf, AuditRecord, encode_leaf, hex32};
 use super::merkle::{
     Hash, NodeSource, consistency_proof, empty_root, inclusion_proof, leaf_hash, node_hash,
     nodes_to_store_on_append, root,
@@ -64,6 +64,22 @@ pub(crate) const META: TableDefinition<'static, &'static str, &'static [u8]> =
 /// Key of the Ed25519 signing key seed in [`META`].
 const SIGNING_KEY: &str = "signing_key";
 
+/// Key of the signing-key schedule in [`META`]: entries of 40 bytes, the first tree size a
+/// key signs (u64 LE) and its Ed25519 public key, in order. Absent until the first rotation:
+/// then the current key has signed every head.
+pub(crate) const KEY_SCHEDULE: &str = "signing_key_schedule";
+
+/// One entry of the signing-key schedule: `public_key` signs the heads of `first_size` leaves
+/// and more, until the next entry's `first_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditKey {
+    /// The smallest tree size whose head this key signs.
+    pub first_size: u64,
+    /// The Ed25519 public key.
+    #[serde(with = "hex32")]
+    pub public_key: [u8; 32],
+}
+
 /// What a full verification of the log checked (`Store::verify_audit`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
@@ -76,9 +92,11 @@ pub struct VerifyReport {
     /// The recomputed root of the whole log.
     #[serde(with = "hex32")]
     pub root: Hash,
-    /// The audit public key every head was signed with.
+    /// The audit public key that signs new heads (the last of `keys`).
     #[serde(with = "hex32")]
     pub public_key: [u8; 32],
+    /// Every key that has signed heads, oldest first; more than one after a rotation.
+    pub keys: Vec<AuditKey>,
     /// The stored head of the largest size, if any.
     pub latest_head: Option<SignedTreeHead>,
 }
@@ -758,6 +776,124 @@ pub(crate) fn public_key(txn: &impl AuditTxn) -> Result<[u8; 32]> {
     Ok(signing_key(&txn.meta()?)?.verifying_key().to_bytes())
 }
 
+/// The signing-key schedule: every key that has signed heads, oldest first.
+pub(crate) fn key_schedule(txn: &impl AuditTxn) -> Result<Vec<AuditKey>> {
+    schedule_of(&txn.meta()?)
+}
+
+fn schedule_of<M: ReadableTable<&'static str, &'static [u8]>>(meta: &M) -> Result<Vec<AuditKey>> {
+    let current = signing_key(meta)?.verifying_key().to_bytes();
+    let Some(stored) = meta.get(KEY_SCHEDULE).map_err(storage)? else {
+        return Ok(vec![AuditKey {
+            first_size: 0,
+            public_key: current,
+        }]);
+    };
+    let bytes = stored.value();
+    let damaged = || Error::Corrupted("the audit signing-key schedule is damaged".to_owned());
+    if bytes.is_empty() || bytes.len() % 40 != 0 {
+        return Err(damaged());
+    }
+    let mut schedule: Vec<AuditKey> = Vec::with_capacity(bytes.len() / 40);
+    for entry in bytes.chunks_exact(40) {
+        let (size, key) = entry.split_at(8);
+        let first_size = u64::from_le_bytes(size.try_into().map_err(|_| damaged())?);
+        let public_key: [u8; 32] = key.try_into().map_err(|_| damaged())?;
+        let in_order = match schedule.last() {
+            None => first_size == 0,
+            Some(previous) => first_size > previous.first_size,
+        };
+        if !in_order {
+            return Err(damaged());
+        }
+        schedule.push(AuditKey {
+            first_size,
+            public_key,
+        });
+    }
+    if schedule.last().map(|k| k.public_key) != Some(current) {
+        return Err(fail(
+            "the audit signing key is not the last key of its schedule",
+        ));
+    }
+    Ok(schedule)
+}
+
+/// The key that signs the head of `size` leaves, per `schedule`.
+fn key_for_size(schedule: &[AuditKey], size: u64) -> Option<&AuditKey> {
+    schedule.iter().rev().find(|k| k.first_size <= size)
+}
+
+/// Replaces the signing key, in `txn`: appends a leaf naming the new public key (`record`,
+/// its action and content hash set here), signs a head over it with the old key, then makes
+/// the new key the one that signs every later head. Returns that last head of the old key:
+/// whoever trusts the old key can follow the log to the new one from it.
+pub(crate) fn rotate_signing_key(
+    txn: &WriteTransaction,
+    mut record: AuditRecord,
+    time_micros: i64,
+) -> Result<SignedTreeHead> {
+    let mut schedule = schedule_of(&txn.open_table(META).map_err(storage)?)?;
+    let mut seed = Zeroizing::new([0u8; 32]);
+    getrandom::fill(seed.as_mut()).map_err(|e| {
+        Error::Storage(format!(
+            "audit log: cannot get random bytes for the signing key: {e}"
+        ))
+    })?;
+    let new_public = SigningKey::from_bytes(&seed).verifying_key().to_bytes();
+    record.action = AuditAction::AuditKeyRotation;
+    record.content_hash = Some(new_public);
+    record.query_hash = None;
+    append_many(txn, std::iter::once(&record), |_| {})?;
+    let head = sign_head(txn, time_micros)?;
+    schedule.push(AuditKey {
+        first_size: head.size + 1,
+        public_key: new_public,
+    });
+    let encoded: Vec<u8> = schedule
+        .iter()
+        .flat_map(|k| k.first_size.to_le_bytes().into_iter().chain(k.public_key))
+        .collect();
+    let mut meta = txn.open_table(META).map_err(storage)?;
+    meta.insert(KEY_SCHEDULE, encoded.as_slice())
+        .map_err(storage)?;
+    meta.insert(SIGNING_KEY, seed.as_slice()).map_err(storage)?;
+    Ok(head)
+}
+
+/// Checks that each rotation of `schedule` is on record: the leaf just below the size where
+/// the new key starts names that key, and the old key signed a head over it.
+fn check_rotations(txn: &impl AuditTxn, schedule: &[AuditKey]) -> Result<()> {
+    for pair in schedule.windows(2) {
+        let (old, new) = (&pair[0], &pair[1]);
+        let rotated_at = new.first_size - 1;
+        let named = rotated_at
+            .checked_sub(1)
+            .map(|seq| leaf(txn, seq))
+            .transpose()?
+            .flatten()
+            .is_some_and(|leaf| {
+                leaf.record.action == AuditAction::AuditKeyRotation
+                    && leaf.record.content_hash == Some(new.public_key)
+            });
+        if !named {
+            return Err(fail(format!(
+                "no audit leaf records the rotation to the signing key that starts at size {}",
+                new.first_size
+            )));
+        }
+        match head_at(txn, rotated_at)? {
+            Some(head) if head.public_key == old.public_key => {}
+            _ => {
+                return Err(fail(format!(
+                    "the rotation at size {rotated_at} has no head signed by the key before it"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The right edge of a tree being rebuilt from its leaves: the complete subtrees that make up
 /// the first `n` leaves, largest first.
 #[derive(Default)]
@@ -856,6 +992,8 @@ fn check_head(
 /// Verifies the whole log from scratch: every leaf, every stored node, every signed head.
 pub(crate) fn verify_log(txn: &impl AuditTxn) -> Result<VerifyReport> {
     let public_key = public_key(txn)?;
+    let schedule = key_schedule(txn)?;
+    check_rotations(txn, &schedule)?;
     let leaves = txn.leaves()?;
     let nodes = txn.nodes()?;
     let heads_table = txn.heads()?;
@@ -882,7 +1020,8 @@ pub(crate) fn verify_log(txn: &impl AuditTxn) -> Result<VerifyReport> {
                     break;
                 }
                 if let Some(Ok((_, v))) = heads.next() {
-                    *latest = Some(check_head(key, v.value(), &public_key, root)?);
+                    let signer = key_for_size(&schedule, key).map_or(public_key, |k| k.public_key);
+                    *latest = Some(check_head(key, v.value(), &signer, root)?);
                     *count += 1;
                 }
             }
@@ -945,6 +1084,7 @@ pub(crate) fn verify_log(txn: &impl AuditTxn) -> Result<VerifyReport> {
         heads: heads_checked,
         root: frontier.root(),
         public_key,
+        keys: schedule,
         latest_head,
     })
 }
@@ -957,12 +1097,13 @@ pub(crate) fn verify_against_trusted_head(
     trusted: &SignedTreeHead,
 ) -> Result<()> {
     trusted.verify()?;
-    let key = public_key(txn)?;
-    if trusted.public_key != key {
+    let schedule = key_schedule(txn)?;
+    if key_for_size(&schedule, trusted.size).map(|k| k.public_key) != Some(trusted.public_key) {
         return Err(fail(
             "the trusted tree head was signed by a different key than this log's audit key",
         ));
     }
+    check_rotations(txn, &schedule)?;
     let leaves = txn.leaves()?;
     let frontier = replay(&leaves, Some(trusted.size), |_, _| Ok(()))?;
     if frontier.n < trusted.size {
@@ -983,7 +1124,7 @@ pub(crate) fn verify_against_trusted_head(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::leaf::{AuditAction, AuditActor, AuditOutcome};
+    use crate::audit::leaf::{AuditActor, AuditOutcome};
     use crate::audit::merkle::{verify_consistency, verify_inclusion};
     use redb::{Database, ReadableDatabase};
 

@@ -16,7 +16,7 @@ pub use leaf::{
     AuditAction, AuditActor, AuditLeaf, AuditOutcome, AuditRecord, LEAF_FORMAT_VERSION,
     MAX_FIELD_LEN,
 };
-pub use log::VerifyReport;
+pub use log::{AuditKey, VerifyReport};
 pub use merkle::{
     Hash, NodeSource, empty_root, leaf_hash, node_hash, verify_consistency, verify_inclusion,
 };

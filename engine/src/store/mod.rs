@@ -683,6 +683,40 @@ impl Store {
             .commit_audited(txn, Vec::new(), None, CommitSync::Now)
     }
 
+    /// Replaces the key that signs the audit log's tree heads (on a schedule, or when the old
+    /// one may have been exposed). The rotation is a leaf of its own that names the new public
+    /// key, covered by a head the old key signs: that head is returned. An auditor who trusts
+    /// the old key checks it, finds the rotation leaf in it with an inclusion proof, and from
+    /// then on trusts the new key for larger heads; [`Store::verify_audit`] checks the whole
+    /// chain. The old key is forgotten (its public half stays in [`Store::audit_keys`]).
+    pub fn rotate_audit_key(&self, ctx: &AccessContext) -> Result<SignedTreeHead> {
+        let txn = self.inner.begin_write_txn()?;
+        let record = AuditRecord {
+            time_micros: now_micros(),
+            actor: ctx.actor(),
+            request_id: ctx.request_id.clone(),
+            action: AuditAction::AuditKeyRotation,
+            resource_type: None,
+            id: None,
+            version: None,
+            outcome: crate::audit::AuditOutcome::Success,
+            content_hash: None,
+            query_hash: None,
+        };
+        let head = audit::log::rotate_signing_key(&txn, record, self.inner.tick())?;
+        // The one commit path: buffered leaves follow the rotation, under the new key.
+        self.inner
+            .commit_audited(txn, Vec::new(), None, CommitSync::Now)?;
+        Ok(head)
+    }
+
+    /// Every key that has signed the audit log's heads, oldest first, each with the smallest
+    /// tree size it signs.
+    pub fn audit_keys(&self) -> Result<Vec<audit::AuditKey>> {
+        let txn = self.inner.db.begin_read()?;
+        audit::log::key_schedule(&txn)
+    }
+
     /// Number of leaves in the audit log (after flushing buffered read leaves).
     pub fn audit_size(&self) -> Result<u64> {
         self.flush_audit()?;

@@ -1764,3 +1764,153 @@ fn a_data_file_cut_to_nothing_is_refused_not_started_afresh() {
     let store = open_store(dir.path(), ReadAudit::Durable);
     assert_eq!(store.read(&ctx(), "Patient", "kept").unwrap().version, 1);
 }
+
+/// A rotated audit key: the rotation is a leaf naming the new key under a head of the old
+/// one, later heads carry the new key, and the whole chain verifies, also after reopening
+/// and against heads kept from before the rotation.
+#[test]
+fn rotating_the_audit_key_chains_the_old_key_to_the_new() {
+    let dir = TempDir::new().unwrap();
+    let store = open_store(dir.path(), ReadAudit::Durable);
+    for i in 0..3 {
+        store
+            .update(
+                &ctx(),
+                "Patient",
+                &format!("p{i}"),
+                json!({"resourceType": "Patient"}),
+                None,
+            )
+            .unwrap();
+    }
+    let before = store.audit_head().unwrap();
+    let old_key = before.public_key;
+
+    let rotation = store.rotate_audit_key(&ctx()).unwrap();
+    rotation.verify().unwrap();
+    assert_eq!(
+        rotation.public_key, old_key,
+        "the old key signs over the rotation"
+    );
+    let leaf = store.audit_leaf(rotation.size - 1).unwrap();
+    assert_eq!(leaf.record.action, AuditAction::AuditKeyRotation);
+    let new_key = leaf.record.content_hash.unwrap();
+    assert_ne!(new_key, old_key);
+    store
+        .prove_inclusion(rotation.size - 1, rotation.size)
+        .unwrap()
+        .verify(&rotation)
+        .unwrap();
+    let keys = store.audit_keys().unwrap();
+    assert_eq!(keys.len(), 2);
+    assert_eq!((keys[0].first_size, keys[0].public_key), (0, old_key));
+    assert_eq!(
+        (keys[1].first_size, keys[1].public_key),
+        (rotation.size + 1, new_key)
+    );
+
+    store
+        .update(
+            &ctx(),
+            "Patient",
+            "p9",
+            json!({"resourceType": "Patient"}),
+            None,
+        )
+        .unwrap();
+    let after = store.audit_head().unwrap();
+    assert!(after.size > rotation.size);
+    assert_eq!(after.public_key, new_key);
+    let report = store.verify_audit().unwrap();
+    assert_eq!(report.public_key, new_key);
+    assert_eq!(report.keys, keys);
+    store.verify_audit_against(&before).unwrap();
+    store.verify_audit_against(&rotation).unwrap();
+    store.verify_audit_against(&after).unwrap();
+    drop(store);
+
+    // Reopened: the schedule stays, new heads keep the new key, a second rotation chains on.
+    let store = open_store(dir.path(), ReadAudit::Durable);
+    assert_eq!(store.audit_keys().unwrap(), keys);
+    store.read(&ctx(), "Patient", "p1").unwrap();
+    assert_eq!(store.audit_head().unwrap().public_key, new_key);
+    let second = store.rotate_audit_key(&ctx()).unwrap();
+    assert_eq!(second.public_key, new_key);
+    assert_eq!(store.audit_keys().unwrap().len(), 3);
+    let report = store.verify_audit().unwrap();
+    assert_eq!(report.keys.len(), 3);
+    store.verify_audit_against(&before).unwrap();
+    store.verify_audit_against(&after).unwrap();
+}
+
+/// The key schedule is checked, not believed: without its entries, or with a key starting
+/// later than its first head, the heads no longer verify.
+#[test]
+fn a_tampered_audit_key_schedule_fails_verification() {
+    let dir = TempDir::new().unwrap();
+    let store = open_store(dir.path(), ReadAudit::Durable);
+    store
+        .update(
+            &ctx(),
+            "Patient",
+            "p",
+            json!({"resourceType": "Patient"}),
+            None,
+        )
+        .unwrap();
+    let before = store.audit_head().unwrap();
+    let rotation = store.rotate_audit_key(&ctx()).unwrap();
+    store
+        .update(
+            &ctx(),
+            "Patient",
+            "q",
+            json!({"resourceType": "Patient"}),
+            None,
+        )
+        .unwrap();
+    let after = store.audit_head().unwrap();
+    store.verify_audit().unwrap();
+    let schedule_now = |store: &Store| {
+        let txn = store.inner.db.begin_read().unwrap();
+        let meta = txn.open_table(crate::audit::log::META).unwrap();
+        meta.get(crate::audit::log::KEY_SCHEDULE)
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec()
+    };
+    let rewrite = |store: &Store, schedule: Option<&[u8]>| {
+        let txn = store.inner.db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(crate::audit::log::META).unwrap();
+            match schedule {
+                Some(bytes) => meta.insert(crate::audit::log::KEY_SCHEDULE, bytes).unwrap(),
+                None => meta.remove(crate::audit::log::KEY_SCHEDULE).unwrap(),
+            };
+        }
+        txn.commit().unwrap();
+    };
+    let genuine = schedule_now(&store);
+
+    // Forgetting the rotation: the old heads do not verify under the new key alone.
+    rewrite(&store, None);
+    assert!(store.verify_audit().is_err());
+    assert!(store.verify_audit_against(&before).is_err());
+    // The new key claimed to start later than it did.
+    let mut later = genuine.clone();
+    let first = u64::from_le_bytes(later[40..48].try_into().unwrap());
+    later[40..48].copy_from_slice(&(first + 1).to_le_bytes());
+    rewrite(&store, Some(&later));
+    assert!(store.verify_audit().is_err());
+    assert!(store.verify_audit_against(&after).is_err());
+    // The rotation claimed one leaf earlier, where no rotation leaf is.
+    let mut earlier = genuine.clone();
+    earlier[40..48].copy_from_slice(&(first - 1).to_le_bytes());
+    rewrite(&store, Some(&earlier));
+    assert!(store.verify_audit().is_err());
+    // Put back, it verifies again.
+    rewrite(&store, Some(&genuine));
+    store.verify_audit().unwrap();
+    store.verify_audit_against(&rotation).unwrap();
+}
