@@ -219,13 +219,25 @@ pub struct ConsistencyProof {
 impl ConsistencyProof {
     /// Checks the proof against two signed heads of the matching sizes, signed by the same key.
     pub fn verify(&self, old: &SignedTreeHead, new: &SignedTreeHead) -> Result<()> {
-        old.verify()?;
-        new.verify()?;
         if old.public_key != new.public_key {
             return Err(Error::AuditVerification(
                 "the two tree heads were signed by different keys".to_owned(),
             ));
         }
+        self.verify_rotated(old, new, &old.public_key)
+    }
+
+    /// Checks the proof across a rotation of the signing key: `old` signed by its own key,
+    /// `new` by `new_key`, the key that a rotation leaf between them names (see
+    /// `Store::rotate_audit_key`; check that leaf's inclusion first).
+    pub fn verify_rotated(
+        &self,
+        old: &SignedTreeHead,
+        new: &SignedTreeHead,
+        new_key: &[u8; 32],
+    ) -> Result<()> {
+        old.verify()?;
+        new.verify_with_key(new_key)?;
         if old.size != self.old_size || new.size != self.new_size {
             return Err(Error::AuditVerification(format!(
                 "consistency proof is for sizes {} -> {} but the heads have sizes {} -> {}",

@@ -1827,6 +1827,14 @@ fn rotating_the_audit_key_chains_the_old_key_to_the_new() {
     store.verify_audit_against(&before).unwrap();
     store.verify_audit_against(&rotation).unwrap();
     store.verify_audit_against(&after).unwrap();
+    // Consistency across the rotation holds under the key the rotation leaf names only.
+    let across = store.prove_consistency(before.size, after.size).unwrap();
+    across.verify_rotated(&before, &after, &new_key).unwrap();
+    assert!(
+        across.verify(&before, &after).is_err(),
+        "two keys, one expected"
+    );
+    assert!(across.verify_rotated(&before, &after, &old_key).is_err());
     drop(store);
 
     // Reopened: the schedule stays, new heads keep the new key, a second rotation chains on.
