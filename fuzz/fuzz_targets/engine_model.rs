@@ -40,6 +40,8 @@ enum Op {
     Abort,
     /// Close the store cleanly and open it again.
     Reopen,
+    /// Replace the audit signing key (outside a write transaction: it needs the writer).
+    RotateAuditKey,
     /// Copy the files as they are now, open the copy and compare it with the committed model;
     /// with `switch`, the copy becomes the live database (a crash and restart).
     Crash { switch: bool },
@@ -273,6 +275,16 @@ fn epoch(run: &mut Run, ops: &[Op]) -> (usize, Option<PathBuf>) {
                     run.committed = working;
                 }
             },
+            Op::RotateAuditKey => {
+                if txn.is_none() {
+                    let before = store.audit_keys().expect("audit keys");
+                    let head = store.rotate_audit_key(&ctx()).expect("rotate the audit key");
+                    let after = store.audit_keys().expect("audit keys");
+                    assert_eq!(after.len(), before.len() + 1);
+                    assert_eq!(Some(head.public_key), before.last().map(|k| k.public_key));
+                    assert_eq!(after.last().map(|k| k.first_size), Some(head.size + 1));
+                }
+            }
             Op::Read { id } => check_read(&store, &run.committed, id),
             Op::VRead { id, version } => check_vread(&store, &run.committed, id, version),
             Op::History { id } => check_history(&store, &run.committed, id),
