@@ -61,13 +61,17 @@ pub fn compartment_patients(
     let Some(params) = patient_compartment().get(resource_type) else {
         return patients;
     };
+    let prefixes: Vec<String> = params
+        .iter()
+        .map(|code| crate::extract::term(code, "r", "Patient/"))
+        .collect();
     let (entries, _) = crate::extract::extract(registry, resource_type, resource);
     for term in &entries.terms {
-        for code in params {
-            let target = crate::extract::term(code, "r", "Patient/");
-            if let Some(id) = term.strip_prefix(target.as_str()) {
-                patients.insert(id.to_owned());
-            }
+        if let Some(id) = prefixes
+            .iter()
+            .find_map(|prefix| term.strip_prefix(prefix.as_str()))
+        {
+            patients.insert(id.to_owned());
         }
     }
     patients
