@@ -196,7 +196,11 @@ impl Bounds {
 
 fn parse_date(value: &str) -> Result<(Option<i64>, Option<i64>), ApiError> {
     let bad = || ApiError::bad_request("date must be ge, le, gt or lt and an instant with a zone");
-    let (prefix, text) = value.split_at(value.len().min(2));
+    // `get`, not `split_at`: the value is the client's, and its third byte may be inside a
+    // character.
+    let (Some(prefix), Some(text)) = (value.get(..2), value.get(2..)) else {
+        return Err(bad());
+    };
     // An unencoded `+` of the zone offset arrives as a space.
     let micros = DateTime::parse_from_rfc3339(&text.replace(' ', "+"))
         .map_err(|_| bad())?

@@ -28,10 +28,22 @@ const EC_KEY: &str = include_str!("../../tests/fixtures/test-only-ec-p256-privat
 const UNTRUSTED_KEY: &str =
     include_str!("../../tests/fixtures/test-only-untrusted-ec-p256-private.pem");
 
-struct Options {
+pub(super) struct Options {
     deny_status: StatusCode,
     require_mfa: bool,
     issuer: Option<String>,
+    /// The default per-client rate limit (off for tests that send thousands of requests).
+    rate_limited: bool,
+}
+
+impl Options {
+    /// The defaults without the rate limit.
+    pub(super) fn without_rate_limit() -> Options {
+        Options {
+            rate_limited: false,
+            ..Options::default()
+        }
+    }
 }
 
 impl Default for Options {
@@ -40,14 +52,15 @@ impl Default for Options {
             require_mfa: false,
             deny_status: StatusCode::NOT_FOUND,
             issuer: None,
+            rate_limited: true,
         }
     }
 }
 
-struct Harness {
+pub(super) struct Harness {
     _dir: TempDir,
     state: AppState,
-    app: Router,
+    pub(super) app: Router,
 }
 
 struct Reply {
@@ -89,12 +102,16 @@ impl Reply {
     }
 }
 
-fn harness_with(options: Options) -> Harness {
+pub(super) fn harness_with(options: Options) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let db = super::test_support::new_database(dir.path());
     seed(&db);
     let (jwks, skipped) = trusted_keys(&serde_json::from_str(JWKS).unwrap());
     assert_eq!((jwks.len(), skipped), (2, 0));
+    let mut hardening = super::hardening::Hardening::default();
+    if !options.rate_limited {
+        hardening.rate_limiter = None;
+    }
     let state = AppState::new(
         db,
         ServerConfig {
@@ -111,7 +128,7 @@ fn harness_with(options: Options) -> Harness {
                 },
             }),
             deny_status: options.deny_status,
-            ..ServerConfig::for_tests()
+            hardening,
         },
     );
     Harness {
@@ -138,6 +155,14 @@ fn observation(id: &str, patient: &str, category: &str) -> Value {
         "subject": {"reference": format!("Patient/{patient}")},
     })
 }
+
+/// What a token for p1 may see of [`seed`]: p1's compartment.
+pub(super) const P1_COMPARTMENT: &[&str] = &[
+    "Patient/p1",
+    "Observation/o1",
+    "Observation/o3",
+    "Observation/o4",
+];
 
 /// Two patients; p1 has a lab result (o1), a vital sign (o3) and an observation performed by
 /// p2 (o4, which `_include=Observation:performer` would pull p2 in through); p2 has o2.
@@ -214,7 +239,7 @@ fn sign(key: Key, kid: Option<&str>, claims: &Value) -> String {
 }
 
 /// A token of `scope` signed with the trusted EC key.
-fn token(scope: &str, patient: Option<&str>) -> String {
+pub(super) fn token(scope: &str, patient: Option<&str>) -> String {
     sign(Key::Ec, None, &claims(scope, patient))
 }
 

@@ -801,6 +801,11 @@ async fn audit_events_show_the_log_read_only() {
         .await
         .json();
     assert!(all["entry"].as_array().unwrap().len() >= 7);
+    // A value too short for a prefix, or whose second byte is inside a character: 400.
+    for value in ["g", "%F0%9F%98%80", "g%C3%A9", "ge"] {
+        let reply = h.get(&format!("/AuditEvent?date={value}"), None).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{value}");
+    }
 
     let body = json!({"resourceType": "AuditEvent", "id": "x"}).to_string();
     for (method, uri) in [

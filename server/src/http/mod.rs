@@ -25,6 +25,8 @@ pub(crate) use limits::RateLimiter;
 #[cfg(test)]
 mod ops_tests;
 mod patch;
+#[cfg(test)]
+mod random_requests_tests;
 mod response;
 mod scopes;
 #[cfg(test)]
