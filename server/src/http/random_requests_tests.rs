@@ -17,6 +17,7 @@ use axum::http::{Method, Request, StatusCode};
 use serde_json::{Map, Value, json};
 use tower::ServiceExt as _;
 
+use super::auth_tests::{Options, P1_COMPARTMENT, harness_with, token};
 use super::{AppState, ServerConfig, app};
 
 /// Requests per test run in CI: enough to reach every route with many shapes, a few seconds.
@@ -738,14 +739,16 @@ struct Answer {
     context: String,
 }
 
-/// Sends `count` random requests from `seed` (with `authorization` when given) and hands each
-/// answer to `check`; returns how often each status came back. Every answer is checked to be
-/// a FHIR answer first: no panic, no 500, every error an OperationOutcome.
+/// Sends `GET` of each of `first`, then `count` random requests from `seed` (each with
+/// `authorization` when given), and hands each answer to `check`; returns how often each
+/// status came back. Every answer is checked to be a FHIR answer first: no panic, no 500,
+/// every error an OperationOutcome.
 async fn send_random(
     app: &Router,
     seed: u64,
     count: u64,
     authorization: Option<&str>,
+    first: &[&str],
     mut check: impl FnMut(&Answer),
 ) -> std::collections::BTreeMap<u16, usize> {
     let mut generator = Generator {
@@ -754,8 +757,11 @@ async fn send_random(
     };
     assert!(generator.examples.len() > 100, "too few examples to mutate");
     let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
-    for n in 0..count {
-        let (method, uri, mut headers, body) = generator.request();
+    for n in 0..first.len() as u64 + count {
+        let (method, uri, mut headers, body) = match first.get(n as usize) {
+            Some(uri) => (Method::GET, (*uri).to_owned(), Vec::new(), Vec::new()),
+            None => generator.request(),
+        };
         if let Some(authorization) = authorization {
             headers.retain(|(name, _)| *name != "authorization");
             headers.push(("authorization", authorization.to_owned()));
@@ -830,7 +836,7 @@ async fn random_requests_get_fhir_answers() {
     seed_data(&h.app).await;
     let seed = env_number("FHIRKEEP_RANDOM_SEED", 20_261_130);
     let count = env_number("FHIRKEEP_RANDOM_REQUESTS", DEFAULT_REQUESTS as u64);
-    let statuses = send_random(&h.app, seed, count, None, |_| {}).await;
+    let statuses = send_random(&h.app, seed, count, None, &[], |_| {}).await;
     // The generator reaches both sides: successes and each kind of refusal.
     for expected in [200, 201, 400, 404, 405, 415] {
         assert!(
@@ -840,50 +846,74 @@ async fn random_requests_get_fhir_answers() {
     }
 }
 
-/// A token with a patient context and read access to everything: whatever it asks (searches,
-/// includes, reverse chains, compartments, history, operations), every answer it gets carries
-/// only resources of its patient's compartment and nothing of the other patient.
+/// Tokens of a patient context or with search restrictions, each with what of the seeded data
+/// it may see (see `auth_tests::seed`).
+const SCOPED_TOKENS: &[(&str, Option<&str>, &[&str])] = &[
+    ("patient/*.read launch/patient", Some("p1"), P1_COMPARTMENT),
+    (
+        "patient/Observation.rs?category=laboratory",
+        Some("p1"),
+        &["Observation/o1", "Observation/o4"],
+    ),
+    (
+        "user/Observation.rs?category=laboratory",
+        None,
+        &["Observation/o1", "Observation/o2", "Observation/o4"],
+    ),
+];
+
+/// Whatever a scoped token asks (searches, includes, reverse chains, compartments, history,
+/// operations, writes), every answer it gets carries only resources its scopes reach, and
+/// never the patient it may not see.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn random_requests_of_a_patient_token_see_only_its_compartment() {
-    use super::auth_tests::{Options, P1_COMPARTMENT, harness_with, token};
+async fn random_requests_of_scoped_tokens_see_only_what_the_scopes_reach() {
     let h = harness_with(Options::without_rate_limit());
-    let bearer = format!(
-        "Bearer {}",
-        token("patient/*.read launch/patient", Some("p1"))
-    );
-    let seed = env_number("FHIRKEEP_RANDOM_SEED", 20_261_130) + 1;
+    let seed = env_number("FHIRKEEP_RANDOM_SEED", 20_261_130);
     let count = env_number("FHIRKEEP_RANDOM_REQUESTS", DEFAULT_REQUESTS as u64);
-    let mut seen = std::collections::BTreeSet::new();
-    let statuses = send_random(&h.app, seed, count, Some(&bearer), |answer| {
-        if !answer.status.is_success() {
-            return;
-        }
-        let text = String::from_utf8_lossy(&answer.raw);
-        // The other patient's family name is in no resource of p1's compartment.
-        assert!(
-            !text.contains("\"Two\""),
-            "p2's data reached p1's token: {}",
-            answer.context
+    for (n, (scope, patient, allowed)) in SCOPED_TOKENS.iter().enumerate() {
+        let bearer = format!("Bearer {}", token(scope, *patient));
+        let mut seen = std::collections::BTreeSet::new();
+        // Plain reads first, which reach everything the token may see: the checks below are
+        // then not vacuous.
+        let first = ["/Patient/p1/$everything", "/Observation", "/Patient/p1"];
+        let statuses = send_random(
+            &h.app,
+            seed + 1 + n as u64,
+            count,
+            Some(&bearer),
+            &first,
+            |answer: &Answer| {
+                if !answer.status.is_success() {
+                    return;
+                }
+                // p2's family name is in no resource these tokens may see.
+                assert!(
+                    !String::from_utf8_lossy(&answer.raw).contains("\"Two\""),
+                    "p2 reached {scope}: {}",
+                    answer.context
+                );
+                let Ok(body) = serde_json::from_slice::<Value>(&answer.raw) else {
+                    return;
+                };
+                let mut carried = Vec::new();
+                carried_resources(&body, &mut carried);
+                for key in carried {
+                    assert!(
+                        allowed.contains(&key.as_str()),
+                        "{key} reached {scope}: {}",
+                        answer.context
+                    );
+                    seen.insert(key);
+                }
+            },
+        )
+        .await;
+        assert_eq!(
+            seen.iter()
+                .map(String::as_str)
+                .collect::<std::collections::BTreeSet<_>>(),
+            allowed.iter().copied().collect(),
+            "{scope}: statuses {statuses:?}"
         );
-        let Ok(body) = serde_json::from_slice::<Value>(&answer.raw) else {
-            return;
-        };
-        let mut carried = Vec::new();
-        carried_resources(&body, &mut carried);
-        for key in carried {
-            assert!(
-                P1_COMPARTMENT.contains(&key.as_str()),
-                "{key} reached p1's token: {}",
-                answer.context
-            );
-            seen.insert(key);
-        }
-    })
-    .await;
-    // The requests did read p1's compartment (the check above is not vacuous).
-    assert!(statuses.contains_key(&200), "no 200 among {statuses:?}");
-    assert!(
-        seen.len() >= 3,
-        "only {seen:?} of p1's compartment came back"
-    );
+    }
 }
