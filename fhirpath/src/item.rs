@@ -82,6 +82,13 @@ impl<'a> Node<'a> {
         Node::new(value, None, None)
     }
 
+    /// A node of JSON `value` of the FHIR type (or backbone element path, `Patient.contact`)
+    /// `type_name`, for evaluating an expression on an element found by other means (as
+    /// `$validate` does for invariants); untyped if the model does not know the name.
+    pub fn typed(value: &'a Value, type_name: &str) -> Node<'a> {
+        Node::new(value, None, model().type_id(type_name))
+    }
+
     /// The JSON value of this node (`None` for a resolved reference stand-in).
     pub fn json(&self) -> Option<&'a Value> {
         if self.stub { None } else { Some(self.value) }
