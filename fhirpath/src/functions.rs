@@ -681,7 +681,10 @@ fn call_simple<'a>(
             }
             _ => Vec::new(),
         }),
-        "htmlChecks" => boolean(true),
+        "htmlChecks" => match input_string(&input, name)? {
+            Some(text) => boolean(crate::xhtml::html_checks(text)),
+            None => Ok(Vec::new()),
+        },
         "conformsTo" => {
             let a = arg(0)?;
             let (Some(item), Some(url)) = (single(&input, name)?, singleton_string(&a)?) else {

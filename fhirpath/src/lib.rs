@@ -59,6 +59,7 @@ mod temporal;
 mod text;
 mod units;
 mod values;
+mod xhtml;
 
 pub use decimal::Decimal;
 pub use item::{Item, Node, Quantity, member};

@@ -11,9 +11,10 @@
 //! expression engine cannot decide) is not reported, so that the validator never refuses a
 //! valid resource. `%resource` and `%rootResource` are the resource being validated: a
 //! Bundle entry's or a Parameters value's own resource, the container for a contained one.
-//! Not checked (yet): the narrative's XHTML (`txt-1`, `txt-2`: the expression engine's
-//! `htmlChecks()` answers true), profiles other than the base definitions, other lexical forms
-//! (uri, oid, ...), reference targets, and bindings to value sets that cannot be enumerated
+//! The narrative's XHTML (`txt-1`, `txt-2`) is checked by the expression engine's
+//! `htmlChecks()`: basic formatting only, no scripts, forms, frames or event handlers.
+//! Not checked (yet): profiles other than the base definitions, other lexical forms (uri,
+//! oid, ...), reference targets, and bindings to value sets that cannot be enumerated
 //! (filters, external code systems).
 //!
 //! Issues name element paths, never values (which may be PHI).
@@ -817,12 +818,12 @@ mod tests {
 
     #[test]
     fn invariants_are_reported_where_they_break_and_not_where_they_hold() {
-        // (resource breaking one invariant, the same resource keeping it, key, path)
-        let cases = [
+        // (resource breaking an invariant, the same resource keeping it, keys, path)
+        let cases: Vec<(Value, Value, &[&str], &str)> = vec![
             (
                 json!({"resourceType": "Patient", "contact": [{"gender": "male"}]}),
                 json!({"resourceType": "Patient", "contact": [{"gender": "male", "name": {"family": "X"}}]}),
-                "pat-1",
+                &["pat-1"],
                 "Patient.contact[0]",
             ),
             (
@@ -830,7 +831,7 @@ mod tests {
                        "period": {"start": "2020-02-01", "end": "2020-01-01"}}),
                 json!({"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"},
                        "period": {"start": "2020-01-01", "end": "2020-02-01"}}),
-                "per-1",
+                &["per-1"],
                 "Encounter.period",
             ),
             (
@@ -838,7 +839,7 @@ mod tests {
                        "valueString": "a", "dataAbsentReason": {"text": "unknown"}}),
                 json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
                        "dataAbsentReason": {"text": "unknown"}}),
-                "obs-6",
+                &["obs-6"],
                 "Observation",
             ),
             (
@@ -846,7 +847,7 @@ mod tests {
                        "valueQuantity": {"value": 1, "code": "mg"}}),
                 json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
                        "valueQuantity": {"value": 1, "code": "mg", "system": "http://unitsofmeasure.org"}}),
-                "qty-3",
+                &["qty-3"],
                 "Observation.valueQuantity",
             ),
             (
@@ -855,7 +856,7 @@ mod tests {
                 // A value with only extensions is a value (the `_valueString` part).
                 json!({"resourceType": "Patient", "extension": [{"url": "http://x.org/e",
                        "_valueString": {"extension": [{"url": "http://x.org/f", "valueCode": "nl"}]}}]}),
-                "ext-1",
+                &["ext-1"],
                 "Patient.extension[0]",
             ),
             (
@@ -863,7 +864,7 @@ mod tests {
                 // A primitive with only extensions is not empty.
                 json!({"resourceType": "Patient", "maritalStatus": {"_text": {"extension": [
                        {"url": "http://x.org/f", "valueCode": "nl"}]}}}),
-                "ele-1",
+                &["ele-1"],
                 "Patient.maritalStatus",
             ),
             (
@@ -871,13 +872,22 @@ mod tests {
                        "contained": [{"resourceType": "Organization", "id": "o", "name": "O"}]}),
                 json!({"resourceType": "Patient", "managingOrganization": {"reference": "#o"},
                        "contained": [{"resourceType": "Organization", "id": "o", "name": "O"}]}),
-                "dom-3",
+                &["dom-3"],
                 "Patient",
+            ),
+            (
+                // A narrative with a script: `txt-1` and `txt-2` share R4's expression.
+                json!({"resourceType": "Patient", "text": {"status": "generated",
+                       "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\"><script>x</script></div>"}}),
+                json!({"resourceType": "Patient", "text": {"status": "generated",
+                       "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\"><b>x</b></div>"}}),
+                &["txt-1", "txt-2"],
+                "Patient.text",
             ),
             (
                 json!({"resourceType": "Patient", "photo": [{"data": "AAAA"}]}),
                 json!({"resourceType": "Patient", "photo": [{"data": "AAAA", "contentType": "image/png"}]}),
-                "att-1",
+                &["att-1"],
                 "Patient.photo[0]",
             ),
             (
@@ -885,7 +895,7 @@ mod tests {
                 // parent.
                 json!({"resourceType": "Organization", "name": "O", "address": [{"use": "home", "city": "X"}]}),
                 json!({"resourceType": "Organization", "name": "O", "address": [{"use": "work", "city": "X"}]}),
-                "org-2",
+                &["org-2"],
                 "Organization",
             ),
             (
@@ -898,7 +908,7 @@ mod tests {
                     {"linkId": "1", "type": "boolean"},
                     {"linkId": "2", "type": "string", "enableWhen": [
                         {"question": "1", "operator": "exists", "answerBoolean": true}]}]}),
-                "que-7",
+                &["que-7"],
                 "Questionnaire.item[1].enableWhen[0]",
             ),
             (
@@ -907,16 +917,16 @@ mod tests {
                     {"resource": {"resourceType": "Patient", "contact": [{"gender": "male"}]}}]}),
                 json!({"resourceType": "Bundle", "type": "collection", "entry": [
                     {"resource": {"resourceType": "Patient"}}]}),
-                "pat-1",
+                &["pat-1"],
                 "Bundle.entry[0].resource.contact[0]",
             ),
         ];
-        for (breaking, keeping, key, path) in cases {
-            assert_eq!(
-                invariants(&breaking),
-                [(key.to_owned(), path.to_owned())],
-                "{breaking}"
-            );
+        for (breaking, keeping, keys, path) in cases {
+            let expected: Vec<(String, String)> = keys
+                .iter()
+                .map(|key| ((*key).to_owned(), path.to_owned()))
+                .collect();
+            assert_eq!(invariants(&breaking), expected, "{breaking}");
             assert_eq!(invariants(&keeping), [], "{keeping}");
         }
     }
