@@ -11,9 +11,11 @@ Output format (one record per line; lines starting with "#" are comments):
   <name> <min> <max> <type>[,<type>...] [<value set url>]
                                     a child element of the current section: cardinality (max
                                     "*" or a number), its types ("@" = the anonymous type at
-                                    <section>.<name>, "#<path>" = a contentReference), and the
-                                    value set of a required binding, if any. A name ending in
-                                    "[x]" is a choice element.
+                                    <section>.<name>, "#<path>" = a contentReference,
+                                    "Reference(<type>|<type>...)" = a reference to those
+                                    resource types only), and the value set of a required
+                                    binding, if any. A name ending in "[x]" is a choice
+                                    element.
   !<element path>\t<key>\t<FHIRPath expression>\t<human description>
                                     an error-level invariant (constraint) a type defines on
                                     itself (its root, a backbone path, or a child element);
@@ -123,6 +125,19 @@ def invariants(src):
     return lines
 
 
+def reference_targets(type_name, el):
+    """"Reference(A|B)" for a Reference to some resource types only; the type name otherwise."""
+    if type_name != "Reference":
+        return type_name
+    targets = []
+    for t in el.get("type", []):
+        if t.get("code") == "Reference":
+            targets.extend(p.rsplit("/", 1)[-1] for p in t.get("targetProfile", []))
+    if not targets or "Resource" in targets:
+        return type_name
+    return "Reference(" + "|".join(dict.fromkeys(targets)) + ")"
+
+
 def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     src = sys.argv[1] if len(sys.argv) > 1 else os.path.join(root, "..", "shared", "fhir", "r4")
@@ -144,6 +159,7 @@ def main():
             lines.append(section_line(record))
             continue
         _, child, types, el = record
+        types = [reference_targets(t, el) for t in types]
         line = f"{child} {el.get('min', 0)} {el.get('max', '*')} " + ",".join(types)
         binding = el.get("binding", {})
         if binding.get("strength") == "required" and "valueSet" in binding:

@@ -13,9 +13,12 @@
 //! Bundle entry's or a Parameters value's own resource, the container for a contained one.
 //! The narrative's XHTML (`txt-1`, `txt-2`) is checked by the expression engine's
 //! `htmlChecks()`: basic formatting only, no scripts, forms, frames or event handlers.
+//! A Reference must point to a resource type its element allows, where the type can be told
+//! without resolving it: a relative or absolute `Type/id`, a conditional `Type?…`, a
+//! contained `#id`, or `Reference.type`.
 //! Not checked (yet): profiles other than the base definitions, other lexical forms (uri,
-//! oid, ...), reference targets, and bindings to value sets that cannot be enumerated
-//! (filters, external code systems).
+//! oid, ...), the targets of `urn:` references, and bindings to value sets that cannot be
+//! enumerated (filters, external code systems).
 //!
 //! Issues name element paths, never values (which may be PHI).
 
@@ -37,6 +40,8 @@ struct ElementDef {
     /// `None`: unbounded (`*`).
     max: Option<u32>,
     types: Vec<String>,
+    /// The resource types a Reference may point to (`None`: any).
+    reference_targets: Option<Vec<String>>,
     /// The URL of a required value set that could be enumerated.
     binding: Option<String>,
 }
@@ -138,7 +143,23 @@ fn model() -> &'static Model {
                 Some(stem) => (stem.to_owned(), true),
                 None => (name.to_owned(), false),
             };
-            let types: Vec<String> = types.split(',').map(str::to_owned).collect();
+            let mut reference_targets = None;
+            let types: Vec<String> = types
+                .split(',')
+                .map(|t| {
+                    match t
+                        .strip_prefix("Reference(")
+                        .and_then(|t| t.strip_suffix(')'))
+                    {
+                        Some(targets) => {
+                            reference_targets =
+                                Some(targets.split('|').map(str::to_owned).collect());
+                            "Reference".to_owned()
+                        }
+                        None => t.to_owned(),
+                    }
+                })
+                .collect();
             // An anonymous backbone type is a section of its own, based on its marker type.
             if let Some(marker) = types.first().and_then(|t| t.strip_prefix('@')) {
                 model
@@ -153,6 +174,7 @@ fn model() -> &'static Model {
                 min: min.parse().unwrap_or(0),
                 max: max.parse().ok(),
                 types,
+                reference_targets,
                 binding,
             };
             model
@@ -609,6 +631,11 @@ impl<'v> Validator<'v> {
             type_name.to_owned()
         };
         self.object(value, object, &section, path, false);
+        if type_name == "Reference"
+            && let Some(targets) = &m.element.reference_targets
+        {
+            self.reference_target(object, targets, path);
+        }
         if let Some(url) = &m.element.binding {
             match type_name {
                 "Coding" => self.coding(url, object, path),
@@ -624,6 +651,70 @@ impl<'v> Validator<'v> {
                 _ => {}
             }
         }
+    }
+
+    /// A Reference whose target type can be told (a relative or absolute `Type/id`, a
+    /// conditional `Type?…`, a contained `#id`, or `type`) must point to one of `targets`.
+    fn reference_target(
+        &mut self,
+        reference: &serde_json::Map<String, Value>,
+        targets: &[String],
+        path: &str,
+    ) {
+        let from_url = reference
+            .get("reference")
+            .and_then(Value::as_str)
+            .and_then(|url| self.referenced_type(url));
+        let from_type = reference
+            .get("type")
+            .and_then(Value::as_str)
+            .map(|t| t.rsplit('/').next().unwrap_or(t))
+            .filter(|t| fhirkeep_engine::resource::is_resource_type(t));
+        for found in [from_url, from_type].into_iter().flatten() {
+            if !targets.iter().any(|t| t == found) {
+                self.error(
+                    "value",
+                    path,
+                    format!(
+                        "the reference points to a {found}, which this element does not allow \
+                         (only {})",
+                        targets.join(", ")
+                    ),
+                );
+                return;
+            }
+        }
+    }
+
+    /// The resource type a reference URL names, when it can be told without resolving it.
+    fn referenced_type<'u>(&self, url: &'u str) -> Option<&'u str>
+    where
+        'v: 'u,
+    {
+        if let Some(id) = url.strip_prefix('#') {
+            let container = self.roots.last()?;
+            return container
+                .get("contained")?
+                .as_array()?
+                .iter()
+                .find(|r| r.get("id").and_then(Value::as_str) == Some(id))?
+                .get("resourceType")?
+                .as_str();
+        }
+        if url.starts_with("urn:") {
+            return None;
+        }
+        if let Some((resource_type, _)) = url.split_once('?') {
+            return Some(resource_type).filter(|t| fhirkeep_engine::resource::is_resource_type(t));
+        }
+        let segments: Vec<&str> = url.split('/').collect();
+        let n = segments.len();
+        let at = if n >= 4 && segments[n - 2] == "_history" {
+            n - 4
+        } else {
+            n.checked_sub(2)?
+        };
+        Some(segments[at]).filter(|t| fhirkeep_engine::resource::is_resource_type(t))
     }
 
     fn coding(&mut self, url: &str, coding: &serde_json::Map<String, Value>, path: &str) {
@@ -928,6 +1019,48 @@ mod tests {
                 .collect();
             assert_eq!(invariants(&breaking), expected, "{breaking}");
             assert_eq!(invariants(&keeping), [], "{keeping}");
+        }
+    }
+
+    #[test]
+    fn references_must_point_to_a_type_their_element_allows() {
+        let observation = |subject: Value| {
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                   "subject": subject, "focus": [{"reference": "Practitioner/1"}],
+                   "contained": [{"resourceType": "Practitioner", "id": "dr"},
+                                 {"resourceType": "Patient", "id": "pt"}]})
+        };
+        let targets = |subject: Value| -> Vec<String> {
+            validate_resource(&observation(subject))
+                .into_iter()
+                .filter(|i| i.message.starts_with("the reference points to"))
+                .map(|i| i.path)
+                .collect()
+        };
+        for allowed in [
+            json!({"reference": "Patient/1"}),
+            json!({"reference": "http://example.org/fhir/Group/1/_history/2"}),
+            json!({"reference": "Patient?identifier=a|b"}),
+            json!({"reference": "#pt"}),
+            json!({"reference": "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a"}),
+            json!({"reference": "not/a/type/we/know"}),
+            json!({"type": "Device", "identifier": {"value": "d"}}),
+        ] {
+            assert_eq!(targets(allowed.clone()), Vec::<String>::new(), "{allowed}");
+        }
+        for refused in [
+            json!({"reference": "Practitioner/1"}),
+            json!({"reference": "http://example.org/fhir/Practitioner/1/_history/2"}),
+            json!({"reference": "Practitioner?identifier=a|b"}),
+            json!({"reference": "#dr"}),
+            json!({"type": "Practitioner", "identifier": {"value": "d"}}),
+            json!({"reference": "Patient/1", "type": "Practitioner"}),
+        ] {
+            assert_eq!(
+                targets(refused.clone()),
+                ["Observation.subject"],
+                "{refused}"
+            );
         }
     }
 
