@@ -948,6 +948,69 @@ async fn validate_reports_the_issues_of_a_resource() {
 }
 
 #[tokio::test]
+async fn validate_says_which_profiles_it_did_not_check() {
+    let h = harness(false);
+    let all = |reply: &Reply| -> Vec<(String, String, String)> {
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        reply.body["issue"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["severity"].as_str().unwrap().to_owned(),
+                    i["code"].as_str().unwrap().to_owned(),
+                    i["expression"][0].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    };
+    let issue = |severity: &str, code: &str, path: &str| {
+        (severity.to_owned(), code.to_owned(), path.to_owned())
+    };
+    let body = patient("p1", "Chalmers");
+    let us_core = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient";
+    // The base definition asked for: checked, clean.
+    let base = "http://hl7.org/fhir/StructureDefinition/Patient";
+    let reply = h
+        .validate(&format!("/Patient/$validate?profile={base}"), &body, None)
+        .await;
+    assert_eq!(all(&reply), [issue("information", "informational", "")]);
+    // Another profile, in the URL or in Parameters: an error, not a clean answer.
+    let reply = h
+        .validate(
+            &format!("/Patient/$validate?profile={us_core}"),
+            &body,
+            None,
+        )
+        .await;
+    assert_eq!(all(&reply), [issue("error", "not-supported", "Patient")]);
+    let parameters = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "resource", "resource": body},
+        {"name": "profile", "valueCanonical": us_core}]});
+    let reply = h.validate("/Patient/$validate", &parameters, None).await;
+    assert_eq!(all(&reply), [issue("error", "not-supported", "Patient")]);
+    // A profile the resource declares: said to be unchecked.
+    let mut declaring = patient("p1", "Chalmers");
+    declaring["meta"] = json!({"profile": [us_core, base]});
+    let reply = h.validate("/Patient/$validate", &declaring, None).await;
+    assert_eq!(
+        all(&reply),
+        [issue(
+            "information",
+            "informational",
+            "Patient.meta.profile"
+        )]
+    );
+    assert!(
+        reply.body["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains(us_core)
+    );
+}
+
+#[tokio::test]
 async fn validate_checks_the_url_against_the_resource() {
     let h = harness(false);
     let found = issues(
