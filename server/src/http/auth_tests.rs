@@ -142,6 +142,13 @@ fn harness() -> Harness {
     harness_with(Options::default())
 }
 
+impl Harness {
+    /// The database behind the router (for checks that look past the API).
+    pub(super) fn database(&self) -> std::sync::Arc<Database> {
+        self.state.db()
+    }
+}
+
 fn observation(id: &str, patient: &str, category: &str) -> Value {
     json!({
         "resourceType": "Observation",

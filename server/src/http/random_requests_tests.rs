@@ -19,6 +19,8 @@ use tower::ServiceExt as _;
 
 use super::auth_tests::{Options, P1_COMPARTMENT, harness_with, token};
 use super::{AppState, ServerConfig, app};
+use fhirkeep_engine::store::AccessContext;
+use fhirkeep_query::compartment_patients;
 
 /// Requests per test run in CI: enough to reach every route with many shapes, a few seconds.
 const DEFAULT_REQUESTS: usize = 1_500;
@@ -287,6 +289,9 @@ fn examples(limit: usize) -> Vec<Value> {
 struct Generator {
     rng: fastrand::Rng,
     examples: Vec<Value>,
+    /// A patient that written resources often point to (`subject`), so that writes of a
+    /// token with this patient's context get past the compartment check now and then.
+    patient_hint: Option<&'static str>,
 }
 
 impl Generator {
@@ -444,7 +449,18 @@ impl Generator {
             n => of_type[self.rng.usize(..n)].clone(),
         };
         v["id"] = json!(id);
+        self.steer(&mut v);
         v
+    }
+
+    /// Points `resource` at the hinted patient half of the time.
+    fn steer(&mut self, resource: &mut Value) {
+        if let Some(patient) = self.patient_hint
+            && self.chance(50)
+            && resource["resourceType"] != "Patient"
+        {
+            resource["subject"] = json!({"reference": format!("Patient/{patient}")});
+        }
     }
 
     fn body(&mut self) -> Vec<u8> {
@@ -622,6 +638,11 @@ impl Generator {
     }
 
     fn request(&mut self) -> (Method, String, Vec<(&'static str, String)>, Vec<u8>) {
+        if let Some(patient) = self.patient_hint
+            && self.chance(25)
+        {
+            return self.write_for(patient);
+        }
         let (path, allowed, target) = self.route();
         let method = self.method(allowed);
         let uri = format!("{path}{}", self.query());
@@ -665,6 +686,35 @@ impl Generator {
             Vec::new()
         };
         (method, uri, headers, body)
+    }
+}
+
+impl Generator {
+    /// A plain write that names `patient`: a create, an update of a seeded or new id (the
+    /// other patient's among them), or a delete.
+    fn write_for(
+        &mut self,
+        patient: &str,
+    ) -> (Method, String, Vec<(&'static str, String)>, Vec<u8>) {
+        let headers = vec![("content-type", "application/fhir+json".to_owned())];
+        let t = self.pick(&["Observation", "Condition", "Encounter"]);
+        let id = self.pick(&["o1", "o2", "o3", "o4", "new1", "new2"]);
+        let mut resource = self.resource_for(t, id);
+        resource["subject"] = json!({"reference": format!("Patient/{patient}")});
+        if self.chance(20) {
+            self.mutate(&mut resource, 0);
+        }
+        let body = serde_json::to_vec(&resource).unwrap();
+        match self.rng.u8(..4) {
+            0 => (Method::POST, format!("/{t}"), headers, body),
+            1 => (
+                Method::DELETE,
+                format!("/Observation/{id}"),
+                Vec::new(),
+                Vec::new(),
+            ),
+            _ => (Method::PUT, format!("/{t}/{id}"), headers, body),
+        }
     }
 }
 
@@ -748,12 +798,14 @@ async fn send_random(
     seed: u64,
     count: u64,
     authorization: Option<&str>,
+    patient_hint: Option<&'static str>,
     first: &[&str],
     mut check: impl FnMut(&Answer),
 ) -> std::collections::BTreeMap<u16, usize> {
     let mut generator = Generator {
         rng: fastrand::Rng::with_seed(seed),
         examples: examples(400),
+        patient_hint,
     };
     assert!(generator.examples.len() > 100, "too few examples to mutate");
     let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
@@ -836,7 +888,7 @@ async fn random_requests_get_fhir_answers() {
     seed_data(&h.app).await;
     let seed = env_number("FHIRKEEP_RANDOM_SEED", 20_261_130);
     let count = env_number("FHIRKEEP_RANDOM_REQUESTS", DEFAULT_REQUESTS as u64);
-    let statuses = send_random(&h.app, seed, count, None, &[], |_| {}).await;
+    let statuses = send_random(&h.app, seed, count, None, None, &[], |_| {}).await;
     // The generator reaches both sides: successes and each kind of refusal.
     for expected in [200, 201, 400, 404, 405, 415] {
         assert!(
@@ -881,6 +933,7 @@ async fn random_requests_of_scoped_tokens_see_only_what_the_scopes_reach() {
             seed + 1 + n as u64,
             count,
             Some(&bearer),
+            None,
             &first,
             |answer: &Answer| {
                 if !answer.status.is_success() {
@@ -914,6 +967,81 @@ async fn random_requests_of_scoped_tokens_see_only_what_the_scopes_reach() {
                 .collect::<std::collections::BTreeSet<_>>(),
             allowed.iter().copied().collect(),
             "{scope}: statuses {statuses:?}"
+        );
+    }
+}
+
+/// A token with a patient context and write access: whatever it sends (creates, updates,
+/// patches, deletes, conditional writes, Bundles), every version that lands is in its
+/// patient's compartment, and so was the version it replaced; nothing else changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_writes_of_a_patient_token_stay_in_its_compartment() {
+    let h = harness_with(Options::without_rate_limit());
+    let db = h.database();
+    let ctx = AccessContext::local("test");
+    let seeded = db.store().last_change_seq().unwrap();
+    let bearer = format!("Bearer {}", token("patient/*.cruds", Some("p1")));
+    let seed = env_number("FHIRKEEP_RANDOM_SEED", 20_261_130) + 7;
+    let count = env_number("FHIRKEEP_RANDOM_REQUESTS", DEFAULT_REQUESTS as u64);
+    send_random(&h.app, seed, count, Some(&bearer), Some("p1"), &[], |_| {}).await;
+
+    let registry = db.registry().unwrap();
+    let in_p1 = |resource_type: &str, content: &Value| {
+        compartment_patients(&registry, resource_type, content).contains("p1")
+    };
+    let mut written = 0;
+    let mut after = Some(seeded);
+    loop {
+        let page = db.store().changes_after(&ctx, after, 500).unwrap();
+        for (seq, version) in &page.changes {
+            after = Some(*seq);
+            written += 1;
+            let key = format!(
+                "{}/{}/_history/{}",
+                version.resource_type, version.id, version.version
+            );
+            if !version.is_deleted() {
+                assert!(
+                    in_p1(&version.resource_type, &version.to_json().unwrap()),
+                    "{key} was written outside p1's compartment"
+                );
+            }
+            if version.version > 1 {
+                // A version after a deletion replaced nothing (vread answers Gone).
+                let before = db.store().vread(
+                    &ctx,
+                    &version.resource_type,
+                    &version.id,
+                    version.version - 1,
+                );
+                if let Ok(before) = before {
+                    assert!(
+                        in_p1(&version.resource_type, &before.to_json().unwrap()),
+                        "{key} replaced a version outside p1's compartment"
+                    );
+                } else {
+                    assert!(
+                        matches!(before, Err(fhirkeep_engine::Error::Gone { .. })),
+                        "{key}: {before:?}"
+                    );
+                }
+            }
+        }
+        if page.changes.is_empty() {
+            break;
+        }
+    }
+    // Writes did land (the checks above are not vacuous), and p2 is as seeded.
+    assert!(written > 50, "only {written} writes landed");
+    for (resource_type, id) in [
+        ("Patient", "p2"),
+        ("Observation", "o2"),
+        ("Practitioner", "dr1"),
+    ] {
+        let current = db.store().read(&ctx, resource_type, id);
+        assert!(
+            matches!(&current, Ok(stored) if stored.version == 1),
+            "{resource_type}/{id}: {current:?}"
         );
     }
 }
