@@ -16,9 +16,11 @@
 //! A Reference must point to a resource type its element allows, where the type can be told
 //! without resolving it: a relative or absolute `Type/id`, a conditional `Type?…`, a
 //! contained `#id`, or `Reference.type`.
-//! Not checked (yet): profiles other than the base definitions, other lexical forms (uri,
-//! oid, ...), the targets of `urn:` references, and bindings to value sets that cannot be
-//! enumerated (filters, external code systems).
+//! The lexical forms of string (not empty, no control characters but tab and line breaks),
+//! uri, url and canonical (no whitespace), oid, uuid and base64Binary are checked as well.
+//! Not checked (yet): profiles other than the base definitions, the targets of `urn:`
+//! references, and bindings to value sets that cannot be enumerated (filters, external code
+//! systems).
 //!
 //! Issues name element paths, never values (which may be PHI).
 
@@ -816,8 +818,62 @@ fn lexically_valid(type_name: &str, text: &str) -> bool {
         "time" => is_time(text),
         "id" => fhirkeep_engine::resource::is_valid_id(text),
         "code" => !text.is_empty() && text.trim() == text,
+        "string" => !text.is_empty() && !text.chars().any(is_forbidden_control),
+        "uri" | "url" | "canonical" => !text.is_empty() && !text.chars().any(char::is_whitespace),
+        "oid" => is_oid(text),
+        "uuid" => is_uuid(text),
+        "base64Binary" => is_base64(text),
         _ => true,
     }
+}
+
+/// Control characters a FHIR string may not hold (all but tab, line feed, carriage return).
+fn is_forbidden_control(c: char) -> bool {
+    c.is_control() && !matches!(c, '\t' | '\n' | '\r')
+}
+
+/// `urn:oid:[0-2](\.(0|[1-9][0-9]*))+`
+fn is_oid(text: &str) -> bool {
+    let Some(rest) = text.strip_prefix("urn:oid:") else {
+        return false;
+    };
+    let mut arcs = rest.split('.');
+    let first_ok = matches!(arcs.next(), Some("0" | "1" | "2"));
+    let mut count = 0;
+    let rest_ok = arcs.all(|arc| {
+        count += 1;
+        !arc.is_empty()
+            && arc.bytes().all(|b| b.is_ascii_digit())
+            && (arc == "0" || !arc.starts_with('0'))
+    });
+    first_ok && count > 0 && rest_ok
+}
+
+/// `urn:uuid:` and a lower-case 8-4-4-4-12 hexadecimal UUID.
+fn is_uuid(text: &str) -> bool {
+    let Some(rest) = text.strip_prefix("urn:uuid:") else {
+        return false;
+    };
+    let groups: Vec<&str> = rest.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
+/// Base64 (whitespace between groups allowed, as R4's expression does): groups of four of
+/// the alphabet, padding only at the end.
+fn is_base64(text: &str) -> bool {
+    let compact: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if compact.is_empty() || compact.len() % 4 != 0 {
+        return false;
+    }
+    let padding = compact.iter().rev().take_while(|b| **b == b'=').count();
+    padding <= 2
+        && compact[..compact.len() - padding]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
 }
 
 fn kind_name(type_name: &str, kind: Primitive) -> String {
@@ -1076,6 +1132,13 @@ mod tests {
             ("instant", "2020-02-29T10:00:00-05:00"),
             ("time", "23:59:59"),
             ("id", "a-b.C1"),
+            ("string", "line\nbreak\tand tab"),
+            ("uri", "urn:x"),
+            ("oid", "urn:oid:2.16.840.1.113883"),
+            ("uuid", "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a"),
+            ("base64Binary", "QUJD"),
+            ("base64Binary", "QU I= "),
+            ("base64Binary", "a/+="),
         ] {
             assert!(lexically_valid(t, ok), "{t} {ok}");
         }
@@ -1089,6 +1152,18 @@ mod tests {
             ("time", "24:00:00"),
             ("id", "a_b"),
             ("code", " male"),
+            ("string", ""),
+            ("string", "a\u{0}b"),
+            ("uri", "http://a b"),
+            ("uri", ""),
+            ("oid", "urn:oid:3.1"),
+            ("oid", "urn:oid:1.02"),
+            ("oid", "1.2.3"),
+            ("uuid", "urn:uuid:61EBE359-bfdc-4613-8bf2-c5e300945f0a"),
+            ("uuid", "61ebe359-bfdc-4613-8bf2-c5e300945f0a"),
+            ("base64Binary", "abc"),
+            ("base64Binary", "ab=c"),
+            ("base64Binary", "a!bc"),
         ] {
             assert!(!lexically_valid(t, bad), "{t} {bad}");
         }
