@@ -866,7 +866,7 @@ fn is_uuid(text: &str) -> bool {
 /// the alphabet, padding only at the end.
 fn is_base64(text: &str) -> bool {
     let compact: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if compact.is_empty() || compact.len() % 4 != 0 {
+    if compact.is_empty() || !compact.len().is_multiple_of(4) {
         return false;
     }
     let padding = compact.iter().rev().take_while(|b| **b == b'=').count();
