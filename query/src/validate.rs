@@ -335,8 +335,10 @@ impl<'v> Validator<'v> {
 
     /// Validates a resource (`path` is where it sits; its type for a root resource).
     fn resource(&mut self, value: &'v Value, path: &str, own_root: bool) {
+        // Where an issue of a root that is not a resource of a known type is: `Resource`.
+        let at = if path.is_empty() { "Resource" } else { path };
         let Some(object) = value.as_object() else {
-            self.error("structure", path, "a resource must be a JSON object".into());
+            self.error("structure", at, "a resource must be a JSON object".into());
             return;
         };
         let resource_type = match object.get("resourceType").and_then(Value::as_str) {
@@ -344,13 +346,13 @@ impl<'v> Validator<'v> {
             Some(_) => {
                 self.error(
                     "structure",
-                    path,
+                    at,
                     "resourceType is not an R4 resource type".into(),
                 );
                 return;
             }
             None => {
-                self.error("required", path, "the resource has no resourceType".into());
+                self.error("required", at, "the resource has no resourceType".into());
                 return;
             }
         };
@@ -1075,6 +1077,18 @@ mod tests {
                 .collect();
             assert_eq!(invariants(&breaking), expected, "{breaking}");
             assert_eq!(invariants(&keeping), [], "{keeping}");
+        }
+    }
+
+    #[test]
+    fn a_root_that_is_not_a_resource_is_reported_at_resource() {
+        for (value, code) in [
+            (json!({"id": "x"}), "required"),
+            (json!({"resourceType": "Nope"}), "structure"),
+            (json!([1]), "structure"),
+        ] {
+            let issues = validate_resource(&value);
+            assert_eq!(codes(&issues), [(code, "Resource")], "{value}");
         }
     }
 
