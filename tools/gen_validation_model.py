@@ -31,7 +31,7 @@ import json
 import os
 import sys
 
-from r4_structures import section_line, walk
+from r4_structures import section_line, structure_definitions, walk
 
 def concepts(concept_list):
     """Every code of a CodeSystem's (nested) concepts."""
@@ -91,37 +91,31 @@ ERRATA = {
 def invariants(src):
     """The "!" lines: each type's own error-level constraints with a FHIRPath expression."""
     lines = []
-    for name in ("profiles-types.json", "profiles-resources.json"):
-        with open(os.path.join(src, name), encoding="utf-8") as f:
-            bundle = json.load(f)
-        for entry in bundle["entry"]:
-            sd = entry["resource"]
-            if sd.get("resourceType") != "StructureDefinition" or sd.get("kind") == "logical":
-                continue
-            if sd.get("derivation") == "constraint":
-                continue
-            own = {None, sd["url"]}
-            elements = sd["snapshot"]["element"]
-            # Extension repeats ext-1 on Extension.extension, which is an Extension itself.
-            on_root = {c["key"] for c in elements[0].get("constraint", [])}
-            for el in elements:
-                for c in el.get("constraint", []):
-                    if c.get("severity") != "error" or "expression" not in c:
-                        continue
-                    if c.get("source") not in own:
-                        continue
-                    # Element repeats its own ele-1 on Element.id and Element.extension; an
-                    # element's ele-1 comes from its type's chain (every type is an Element).
-                    if "." in el["path"] and (c["key"] == "ele-1" or c["key"] in on_root):
-                        continue
-                    human = " ".join(c.get("human", "").split())
-                    expression = " ".join(c["expression"].split())
-                    erratum = ERRATA.get((el["path"], c["key"]))
-                    if erratum is not None:
-                        if expression != erratum[0]:
-                            sys.exit(f"erratum for {c['key']} no longer matches: {expression}")
-                        expression = erratum[1]
-                    lines.append("!" + "\t".join([el["path"], c["key"], expression, human]))
+    for sd in structure_definitions(src):
+        if sd.get("derivation") == "constraint":
+            continue
+        own = {None, sd["url"]}
+        elements = sd["snapshot"]["element"]
+        # Extension repeats ext-1 on Extension.extension, which is an Extension itself.
+        on_root = {c["key"] for c in elements[0].get("constraint", [])}
+        for el in elements:
+            for c in el.get("constraint", []):
+                if c.get("severity") != "error" or "expression" not in c:
+                    continue
+                if c.get("source") not in own:
+                    continue
+                # Element repeats its own ele-1 on Element.id and Element.extension; an
+                # element's ele-1 comes from its type's chain (every type is an Element).
+                if "." in el["path"] and (c["key"] == "ele-1" or c["key"] in on_root):
+                    continue
+                human = " ".join(c.get("human", "").split())
+                expression = " ".join(c["expression"].split())
+                erratum = ERRATA.get((el["path"], c["key"]))
+                if erratum is not None:
+                    if expression != erratum[0]:
+                        sys.exit(f"erratum for {c['key']} no longer matches: {expression}")
+                    expression = erratum[1]
+                lines.append("!" + "\t".join([el["path"], c["key"], expression, human]))
     return lines
 
 
