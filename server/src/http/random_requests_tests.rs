@@ -240,6 +240,7 @@ const HEADERS: &[(&str, &[&str])] = &[
 
 struct Harness {
     _dir: tempfile::TempDir,
+    state: AppState,
     app: Router,
 }
 
@@ -251,7 +252,8 @@ fn harness() -> Harness {
     config.hardening.rate_limiter = None;
     let state = AppState::new(db, config);
     Harness {
-        app: app(state),
+        app: app(state.clone()),
+        state,
         _dir: dir,
     }
 }
@@ -896,6 +898,40 @@ async fn random_requests_get_fhir_answers() {
             "no {expected} among {statuses:?}"
         );
     }
+}
+
+/// Four clients sending random requests at once (reads, searches, writes, Bundles, exports
+/// racing each other through group commits and index catch-ups): still only FHIR answers,
+/// and afterwards the database is consistent (the index answers searches, the audit log
+/// verifies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_requests_from_concurrent_clients_get_fhir_answers() {
+    let h = harness();
+    seed_data(&h.app).await;
+    let seed = env_number("FHIRKEEP_RANDOM_SEED", 20_261_130) + 100;
+    let count = env_number("FHIRKEEP_RANDOM_REQUESTS", DEFAULT_REQUESTS as u64) / 4;
+    let clients: Vec<_> = (0..4)
+        .map(|n| {
+            let app = h.app.clone();
+            tokio::spawn(async move {
+                send_random(&app, seed + n, count, None, None, &[], |_| {}).await
+            })
+        })
+        .collect();
+    for client in clients {
+        let statuses = client.await.unwrap();
+        assert!(statuses.contains_key(&200), "{statuses:?}");
+    }
+    let search = Request::builder()
+        .uri("/Patient?_count=1")
+        .body(Body::empty())
+        .unwrap();
+    let response = h.app.clone().oneshot(search).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let db = h.state.db();
+    db.store().flush_audit().unwrap();
+    let report = db.store().verify_audit().unwrap();
+    assert!(report.leaves > count, "{report:?}");
 }
 
 /// Tokens of a patient context or with search restrictions, each with what of the seeded data
