@@ -21,6 +21,25 @@ pub(crate) type Coll<'a> = Vec<Item<'a>>;
 /// Per-evaluation constants.
 pub(crate) struct Ctx<'a> {
     pub(crate) root: Item<'a>,
+    /// Work left before the evaluation stops with [`Error::Budget`].
+    budget: std::cell::Cell<u64>,
+}
+
+impl Ctx<'_> {
+    /// Spends `units` of the budget.
+    pub(crate) fn charge(&self, units: usize) -> Result<(), Error> {
+        let units = units as u64;
+        match self.budget.get().checked_sub(units) {
+            Some(left) => {
+                self.budget.set(left);
+                Ok(())
+            }
+            None => {
+                self.budget.set(0);
+                Err(Error::Budget)
+            }
+        }
+    }
 }
 
 /// Variables bound by the enclosing function iteration.
@@ -41,8 +60,9 @@ pub(crate) fn evaluate<'a>(
     ast: &Ast,
     resource: &'a Value,
     focus: Option<&Item<'a>>,
+    budget: &mut u64,
 ) -> Result<Coll<'a>, Error> {
-    evaluate_from(ast, Node::new(resource, None, None), focus)
+    evaluate_from(ast, Node::new(resource, None, None), focus, budget)
 }
 
 /// [`evaluate`] with the root node already made (its type looked up once for many
@@ -51,16 +71,22 @@ pub(crate) fn evaluate_from<'a>(
     ast: &Ast,
     root: Node<'a>,
     focus: Option<&Item<'a>>,
+    budget: &mut u64,
 ) -> Result<Coll<'a>, Error> {
     let root = Item::Node(root);
-    let ctx = Ctx { root: root.clone() };
+    let ctx = Ctx {
+        root: root.clone(),
+        budget: std::cell::Cell::new(*budget),
+    };
     let focus = [focus.cloned().unwrap_or(root)];
     let scope = Scope {
         this: &focus,
         index: None,
         total: None,
     };
-    eval(&ctx, ast, &focus, &scope)
+    let result = eval(&ctx, ast, &focus, &scope);
+    *budget = ctx.budget.get();
+    result
 }
 
 pub(crate) fn eval<'a>(
@@ -69,6 +95,7 @@ pub(crate) fn eval<'a>(
     focus: &[Item<'a>],
     scope: &Scope<'_, 'a>,
 ) -> Result<Coll<'a>, Error> {
+    ctx.charge(focus.len() + 1)?;
     match ast {
         Ast::Literal(lit) => Ok(literal(lit)),
         Ast::Ident(name) => {
@@ -102,6 +129,7 @@ pub(crate) fn eval<'a>(
         }
         Ast::Member(base, name) => {
             let input = eval(ctx, base, focus, scope)?;
+            ctx.charge(input.len())?;
             let mut out = Vec::new();
             for item in &input {
                 navigate(item, name, &mut out);
@@ -113,7 +141,10 @@ pub(crate) fn eval<'a>(
                 Some(b) => eval(ctx, b, focus, scope)?,
                 None => focus.to_vec(),
             };
-            functions::call(ctx, name, args, input, scope)
+            let out = functions::call(ctx, name, args, input, scope)?;
+            // What a function makes (`descendants()`, `repeat()`) is work too.
+            ctx.charge(out.len())?;
+            Ok(out)
         }
         Ast::Index(base, index) => {
             let input = eval(ctx, base, focus, scope)?;

@@ -82,6 +82,15 @@ pub enum Error {
     /// argument count, a collection where a single item was required, ...).
     #[error("FHIRPath evaluation error: {0}")]
     Eval(String),
+    /// The evaluation did more work than its budget allowed
+    /// ([`Expression::evaluate_on_within`]): it was stopped, and has no result.
+    #[error("FHIRPath evaluation stopped: it would take more work than allowed")]
+    Budget,
+}
+
+/// The budget of an evaluation without a bound (search indexing runs known expressions).
+fn unlimited() -> u64 {
+    u64::MAX
 }
 
 /// A parsed FHIRPath expression.
@@ -100,13 +109,13 @@ impl Expression {
 
     /// Evaluates with `%resource` / `%context` / `%rootResource` = `resource`.
     pub fn evaluate<'a>(&self, resource: &'a serde_json::Value) -> Result<Vec<Item<'a>>, Error> {
-        eval::evaluate(&self.ast, resource, None)
+        eval::evaluate(&self.ast, resource, None, &mut unlimited())
     }
 
     /// Evaluates on `root` ([`Node::resource`]), for many expressions over one resource: the
     /// resource's type is looked up once, not once per expression.
     pub fn evaluate_node<'a>(&self, root: Node<'a>) -> Result<Vec<Item<'a>>, Error> {
-        eval::evaluate_from(&self.ast, root, None)
+        eval::evaluate_from(&self.ast, root, None, &mut unlimited())
     }
 
     /// Evaluates relative to `focus` (an item from an earlier evaluation on `resource`), as
@@ -117,7 +126,23 @@ impl Expression {
         resource: &'a serde_json::Value,
         focus: &Item<'a>,
     ) -> Result<Vec<Item<'a>>, Error> {
-        eval::evaluate(&self.ast, resource, Some(focus))
+        eval::evaluate(&self.ast, resource, Some(focus), &mut unlimited())
+    }
+
+    /// [`Expression::evaluate_on`] paid from a budget of work: every step of the evaluation
+    /// costs the number of items it works on (and a function the items it makes), the cost
+    /// is taken from `budget`, and once it is spent the evaluation stops with
+    /// [`Error::Budget`] (leaving `budget` at 0). For expressions from elsewhere run on
+    /// input from elsewhere (`$validate`'s invariants on a client's resource), where some
+    /// expressions scan the whole resource once per item and a large input would make that
+    /// quadratic. One budget can pay for many evaluations.
+    pub fn evaluate_on_within<'a>(
+        &self,
+        resource: &'a serde_json::Value,
+        focus: &Item<'a>,
+        budget: &mut u64,
+    ) -> Result<Vec<Item<'a>>, Error> {
+        eval::evaluate(&self.ast, resource, Some(focus), budget)
     }
 }
 
@@ -134,6 +159,33 @@ mod tests {
             .iter()
             .map(|i| format!("{}:{}", i.fhir_type().unwrap_or("?"), i))
             .collect()
+    }
+
+    #[test]
+    fn an_evaluation_stops_when_its_budget_is_spent() {
+        let names: Vec<serde_json::Value> = (0..100)
+            .map(|i| json!({"family": format!("f{i}")}))
+            .collect();
+        let patient = json!({"resourceType": "Patient", "name": names});
+        let root = Item::Node(Node::resource(&patient));
+        // Every name scans every name again: quadratic.
+        let quadratic = Expression::parse("name.all(%resource.name.family.count() = 100)").unwrap();
+        let mut budget = 1_000;
+        assert!(matches!(
+            quadratic.evaluate_on_within(&patient, &root, &mut budget),
+            Err(Error::Budget)
+        ));
+        assert_eq!(budget, 0);
+        let mut budget = 1_000_000;
+        let result = quadratic
+            .evaluate_on_within(&patient, &root, &mut budget)
+            .unwrap();
+        assert!(matches!(result.as_slice(), [Item::Boolean(true)]));
+        let spent = 1_000_000 - budget;
+        assert!(spent > 100 * 100, "spent only {spent}");
+        // The same result without a budget.
+        let unbounded = quadratic.evaluate_on(&patient, &root).unwrap();
+        assert!(matches!(unbounded.as_slice(), [Item::Boolean(true)]));
     }
 
     #[test]

@@ -263,12 +263,25 @@ fn upper_first(name: &str) -> String {
 /// recursion, whatever a patched or hand-made resource looks like).
 const MAX_DEPTH: usize = 200;
 
+/// The FHIRPath work all invariants of one validation may do together (units of
+/// [`Expression::evaluate_on_within`], about an item each). Some R4 invariants scan the whole
+/// resource once per element they check (`dom-3` per contained resource, `ref-1` per
+/// reference), which is quadratic in a large resource; past this budget the remaining
+/// invariants are not evaluated and the answer says which. About a second of one core.
+const INVARIANT_BUDGET: u64 = 10_000_000;
+
 struct Validator<'v> {
     issues: Vec<Issue>,
     depth: usize,
+    /// FHIRPath work left for invariants.
+    budget: u64,
+    /// Keys of the invariants the budget did not reach.
+    unevaluated: std::collections::BTreeSet<&'static str>,
     /// The resources being validated, innermost last (a Bundle entry's resource is one of its
     /// own; a contained resource is its container's): `%resource` of their invariants.
     roots: Vec<&'v Value>,
+    /// For each of `roots`, the type of each contained resource by id (`#id` references).
+    contained_types: Vec<HashMap<&'v str, &'v str>>,
 }
 
 /// An element of a section chain matched by a JSON key, with the type the key selects.
@@ -363,10 +376,21 @@ impl<'v> Validator<'v> {
         };
         if own_root {
             self.roots.push(value);
+            let contained = object.get("contained").and_then(Value::as_array);
+            self.contained_types.push(
+                contained
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|r| {
+                        Some((r.get("id")?.as_str()?, r.get("resourceType")?.as_str()?))
+                    })
+                    .collect(),
+            );
         }
         self.object(value, object, resource_type, &path, true);
         if own_root {
             self.roots.pop();
+            self.contained_types.pop();
         }
     }
 
@@ -408,7 +432,9 @@ impl<'v> Validator<'v> {
             for group in groups {
                 let targets = match &group.child {
                     None => vec![node.clone()],
-                    Some(child) => child.evaluate_on(root, &node).unwrap_or_default(),
+                    Some(child) => child
+                        .evaluate_on_within(root, &node, &mut self.budget)
+                        .unwrap_or_default(),
                 };
                 for target in &targets {
                     for invariant in &group.list {
@@ -423,12 +449,20 @@ impl<'v> Validator<'v> {
                                     .any(|key| key.trim_start_matches('_').starts_with("value"));
                                 object.contains_key("extension") == has_value
                             }
-                            _ => invariant.expression.as_ref().is_some_and(|expression| {
-                                matches!(
-                                    expression.evaluate_on(root, target).as_deref(),
-                                    Ok([Item::Boolean(false)])
-                                )
-                            }),
+                            _ => match &invariant.expression {
+                                Some(expression) => {
+                                    let result = expression.evaluate_on_within(
+                                        root,
+                                        target,
+                                        &mut self.budget,
+                                    );
+                                    if matches!(result, Err(fhirkeep_fhirpath::Error::Budget)) {
+                                        self.unevaluated.insert(invariant.key.as_str());
+                                    }
+                                    matches!(result.as_deref(), Ok([Item::Boolean(false)]))
+                                }
+                                None => false,
+                            },
                         };
                         if failed {
                             self.issues.push(Issue {
@@ -696,14 +730,7 @@ impl<'v> Validator<'v> {
         'v: 'u,
     {
         if let Some(id) = url.strip_prefix('#') {
-            let container = self.roots.last()?;
-            return container
-                .get("contained")?
-                .as_array()?
-                .iter()
-                .find(|r| r.get("id").and_then(Value::as_str) == Some(id))?
-                .get("resourceType")?
-                .as_str();
+            return self.contained_types.last()?.get(id).copied();
         }
         if url.starts_with("urn:") {
             return None;
@@ -900,12 +927,37 @@ pub(crate) fn element_repeats(section: &str, name: &str) -> Option<bool> {
 
 /// Validates `resource` against the base R4 definitions; an empty list means no issues.
 pub fn validate_resource(resource: &Value) -> Vec<Issue> {
+    validate_within(resource, INVARIANT_BUDGET)
+}
+
+/// [`validate_resource`] with `budget` units of FHIRPath work for the invariants.
+fn validate_within(resource: &Value, budget: u64) -> Vec<Issue> {
     let mut validator = Validator {
         issues: Vec::new(),
         depth: 0,
+        budget,
+        unevaluated: Default::default(),
         roots: Vec::new(),
+        contained_types: Vec::new(),
     };
     validator.resource(resource, "", true);
+    if !validator.unevaluated.is_empty() {
+        let keys: Vec<&str> = validator.unevaluated.iter().copied().collect();
+        let path = resource
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or("Resource");
+        validator.issues.push(Issue {
+            severity: "warning",
+            code: "too-costly",
+            path: path.to_owned(),
+            message: format!(
+                "the resource is too large to evaluate every invariant within the validator's \
+                 limit; not evaluated (at least once): {}",
+                keys.join(", ")
+            ),
+        });
+    }
     validator.issues
 }
 
@@ -1078,6 +1130,24 @@ mod tests {
             assert_eq!(invariants(&breaking), expected, "{breaking}");
             assert_eq!(invariants(&keeping), [], "{keeping}");
         }
+    }
+
+    #[test]
+    fn invariants_past_the_budget_are_said_not_evaluated() {
+        // dom-3 scans the whole resource once per contained resource: quadratic.
+        let contained: Vec<Value> = (0..200)
+            .map(|i| json!({"resourceType": "Organization", "id": format!("o{i}"), "name": "x"}))
+            .collect();
+        let references: Vec<Value> = (0..200)
+            .map(|i| json!({"reference": format!("#o{i}")}))
+            .collect();
+        let patient = json!({"resourceType": "Patient", "contained": contained,
+                             "generalPractitioner": references});
+        assert_eq!(validate_within(&patient, INVARIANT_BUDGET), Vec::new());
+        let issues = validate_within(&patient, 10_000);
+        assert_eq!(codes(&issues), [("too-costly", "Patient")]);
+        assert_eq!(issues[0].severity, "warning");
+        assert!(issues[0].message.contains("dom-3"), "{}", issues[0].message);
     }
 
     #[test]
