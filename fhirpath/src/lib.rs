@@ -118,6 +118,16 @@ impl Expression {
         eval::evaluate_from(&self.ast, root, None, &mut unlimited())
     }
 
+    /// [`Expression::evaluate_node`] paid from `budget` (see
+    /// [`Expression::evaluate_on_within`]).
+    pub fn evaluate_node_within<'a>(
+        &self,
+        root: Node<'a>,
+        budget: &mut u64,
+    ) -> Result<Vec<Item<'a>>, Error> {
+        eval::evaluate_from(&self.ast, root, None, budget)
+    }
+
     /// Evaluates relative to `focus` (an item from an earlier evaluation on `resource`), as
     /// composite search parameter components are: `$this` is `focus` and keeps its FHIR type;
     /// `%resource` is `resource`.

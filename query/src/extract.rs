@@ -76,6 +76,11 @@ pub struct IndexEntries {
     pub sort_keys: Vec<String>,
 }
 
+/// The FHIRPath work one parameter's expression may do on one resource (about an item each):
+/// far beyond what an R4 expression needs on the largest resource a request can carry, so only
+/// an expression that goes quadratic is stopped (counted as an expression failure).
+const EXPRESSION_BUDGET: u64 = 4_000_000;
+
 /// A term for `code` of the given kind and value.
 pub fn term(code: &str, kind: &str, value: &str) -> String {
     let mut out = String::with_capacity(code.len() + kind.len() + value.len() + 2);
@@ -133,7 +138,10 @@ pub fn extract(
         let Some(expression) = &param.expression else {
             continue;
         };
-        let items = match expression.evaluate_node(root) {
+        // Bounded, as a stored SearchParameter's expression is a user's: one written to scan
+        // the resource per item would otherwise stall indexing on a large resource.
+        let mut budget = EXPRESSION_BUDGET;
+        let items = match expression.evaluate_node_within(root, &mut budget) {
             Ok(items) => items,
             Err(_) => {
                 failures += 1;

@@ -554,6 +554,40 @@ mod tests {
     }
 
     #[test]
+    fn a_custom_expression_that_goes_quadratic_is_stopped_and_counted() {
+        let mut registry = Registry::r4().unwrap();
+        // For each name, every name again, and for each of those every name again.
+        registry
+            .add_definition(&serde_json::json!({"url": "http://example.org/sp/slow",
+                "code": "slow", "type": "string", "base": ["Patient"],
+                "expression": "Patient.name.where(%resource.name.where(%resource.name.family.exists()).exists()).family"}))
+            .unwrap();
+        let few: Vec<Value> = (0..3)
+            .map(|i| serde_json::json!({"family": format!("f{i}")}))
+            .collect();
+        let many: Vec<Value> = (0..400)
+            .map(|i| serde_json::json!({"family": format!("f{i}")}))
+            .collect();
+        let (small, failures) = crate::extract::extract(
+            &registry,
+            "Patient",
+            &serde_json::json!({"resourceType": "Patient", "name": few}),
+        );
+        assert_eq!(failures, 0);
+        assert!(
+            small.terms.iter().any(|t| t.starts_with("slow")),
+            "{:?}",
+            small.terms
+        );
+        let (_, failures) = crate::extract::extract(
+            &registry,
+            "Patient",
+            &serde_json::json!({"resourceType": "Patient", "name": many}),
+        );
+        assert_eq!(failures, 1);
+    }
+
+    #[test]
     fn a_custom_parameter_can_be_derived_and_a_replaced_member_ends_the_derivation() {
         let mut registry = Registry::r4().unwrap();
         registry
