@@ -953,7 +953,8 @@ fn validate_within(resource: &Value, budget: u64) -> Vec<Issue> {
             path: path.to_owned(),
             message: format!(
                 "the resource is too large to evaluate every invariant within the validator's \
-                 limit; not evaluated (at least once): {}",
+                 limit; not evaluated (at least once): {}. Validate it in smaller parts (fewer \
+                 contained resources, entries or references per request) to have them checked",
                 keys.join(", ")
             ),
         });
