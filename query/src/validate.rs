@@ -424,11 +424,11 @@ impl<'v> Validator<'v> {
             return;
         };
         let model = model();
+        let node = Item::Node(Node::typed(value, section));
         for (name, _) in Self::chain(section) {
             let Some(groups) = model.invariants.get(name) else {
                 continue;
             };
-            let node = Item::Node(Node::typed(value, section));
             for group in groups {
                 let targets = match &group.child {
                     None => vec![node.clone()],
