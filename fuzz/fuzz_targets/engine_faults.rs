@@ -103,6 +103,9 @@ fn open(dir: &std::path::Path, key: &KeySource, disk: &CountdownDisk) -> Result<
         .read_audit(ReadAudit::GroupCommit {
             max_delay: std::time::Duration::from_secs(3600),
         })
+        // Pending versions (ids m0..m7 land among each other) merge every few writes, so
+        // that merges run between, and fail among, the other operations.
+        .merge_threshold(3)
         .open_on_backend(disk.clone(), keyring)
 }
 

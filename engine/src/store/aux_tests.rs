@@ -587,6 +587,8 @@ fn compaction_packs_half_empty_leaves_and_keeps_every_version_and_leaf() {
                 Ok(())
             })
             .unwrap();
+        // Into `versions` at once, out of key order, as before pending versions existed.
+        super::tests::merge_now(&store);
     }
     let versions_before = |tables: &[TableSpace]| {
         tables

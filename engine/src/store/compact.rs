@@ -42,6 +42,8 @@ impl Store {
     /// Compacts the store file and every auxiliary file in the directory (the search
     /// index, export files), so that each file holds its live pages only. Every page is
     /// rewritten through the encrypting backend, so nothing is ever written in plaintext.
+    /// Pending versions (docs/design.md, "Pending versions") are merged into the versions
+    /// table first, whatever their number.
     ///
     /// Needs the store to itself: no auxiliary database of it may be open (a `Database`
     /// holds its index open, so compact through a `Store` opened alone, as `fhirkeep compact`
@@ -51,6 +53,8 @@ impl Store {
     /// second `compact` leaf with outcome `error`.
     pub fn compact(&mut self, ctx: &AccessContext) -> Result<CompactReport> {
         let action = AuditAction::Other(COMPACT_ACTION.into());
+        // Pending versions join `versions` first, so that it is packed whole.
+        self.inner.merge_pending()?;
         self.record_access(ctx, AccessRecord::succeeded(action.clone()))?;
         let result = self.compact_files();
         if result.is_err() {

@@ -88,6 +88,7 @@ impl Store {
         txn.commit()?;
         target.inner.retire_read_snapshot();
         target.inner.reload_clock()?;
+        target.inner.reload_pending()?;
         target.inner.reload_watermarks()?;
         target.record_access(ctx, AccessRecord::succeeded(AuditAction::Rekey))?;
         target.verify_audit()?;

@@ -9,6 +9,9 @@
 //!
 //! The model-based test drives random operations against the engine and an in-memory
 //! model in lockstep, under an I/O-failure countdown, and compares every answer.
+//!
+//! Both run with merges of pending versions (`pending.rs`) every couple of versions, so that
+//! the cut-offs and failures land inside merges as well as inside writes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -60,6 +63,9 @@ impl Rig {
         Store::builder(&self.keys_dir)
             .read_audit(read_audit)
             .cache_size(1 << 20)
+            // Merges of pending versions after most commits, so that crash points and I/O
+            // failures fall inside them too.
+            .merge_threshold(2)
             .open_on_backend(disk.clone(), keyring)
     }
 }

@@ -184,14 +184,20 @@ impl Store {
                 page.next_after = seq;
                 continue;
             }
-            let bytes = versions
-                .get((
-                    change.resource_type.as_str(),
-                    change.id.as_str(),
-                    change.version,
-                ))?
-                .ok_or_else(|| Error::Corrupted("change names a missing version".into()))?;
-            let record = VersionRecord::decode(bytes.value())?;
+            let stored_record;
+            let record = match change.pending_record(seq) {
+                Some(record) => record,
+                None => {
+                    stored_record = versions
+                        .get((
+                            change.resource_type.as_str(),
+                            change.id.as_str(),
+                            change.version,
+                        ))?
+                        .ok_or_else(|| Error::Corrupted("change names a missing version".into()))?;
+                    VersionRecord::decode(stored_record.value())?
+                }
+            };
             page.changes.push((
                 seq,
                 FeedItem::Read(StoredResource::from_record(

@@ -3,7 +3,10 @@
 use chrono::{DateTime, Utc};
 use redb::ReadableDatabase;
 
-use super::record::{BODIES, CHANGES, Change, TYPE_CHANGES, VERSIONS, VersionRecord};
+use std::sync::RwLock;
+
+use super::pending::{SharedPending, SnapshotPending};
+use super::record::{BODIES, CHANGES, Change, META, TYPE_CHANGES, VERSIONS, VersionRecord};
 use super::{AccessContext, Store, StoredResource};
 use crate::audit::{AuditAction, AuditRecord};
 use crate::resource::{check_id, check_resource_type};
@@ -91,47 +94,74 @@ impl Store {
         let txn = self.inner.db.begin_read()?;
         let versions = txn.open_table(VERSIONS)?;
         let bodies = txn.open_table(BODIES)?;
+        let changes = txn.open_table(CHANGES)?;
+        let snapshot = SnapshotPending::of(&txn.open_table(META)?, &changes)?;
+        let pending = snapshot.candidates(&self.inner.pending, &changes, resource_type, id)?;
         let upper = query.cursor.map_or(u64::MAX, |c| c.saturating_sub(1));
         let mut entries = Vec::new();
         let mut next = None;
         let mut newer_micros: Option<i64> = None;
-        let range = versions.range((resource_type, id, 0)..=(resource_type, id, u64::MAX))?;
         let mut any = false;
-        for entry in range.rev() {
-            let (key, value) = entry?;
+        // Newest first; `false` stops the walk.
+        let mut visit = |version: u64, record: &VersionRecord<'_>| -> Result<bool> {
             any = true;
-            let version = key.value().2;
-            let record = VersionRecord::decode(value.value())?;
             let superseded_by = newer_micros.replace(record.last_updated_micros);
             if version > upper {
-                continue;
+                return Ok(true);
             }
             if !query.admits(record.last_updated_micros) {
-                if query
+                let before_since = query
                     .since
-                    .is_some_and(|s| record.last_updated_micros < s.timestamp_micros())
-                {
-                    break;
-                }
-                continue;
+                    .is_some_and(|s| record.last_updated_micros < s.timestamp_micros());
+                return Ok(!before_since);
             }
             if let Some(at) = query.at {
                 // Current at `at` only if the next version came after it.
                 if superseded_by.is_some_and(|newer| newer <= at.timestamp_micros()) {
-                    continue;
+                    return Ok(true);
                 }
             }
             if entries.len() == query.limit() {
                 next = Some(version + 1);
-                break;
+                return Ok(false);
             }
             entries.push(StoredResource::from_record(
                 resource_type,
                 id,
                 version,
-                &record,
+                record,
                 &bodies,
             )?);
+            Ok(true)
+        };
+        // The stored versions and the pending ones (all newer than any stored one, unless a
+        // later version went to `versions` at once), interleaved newest first.
+        let mut stored = versions
+            .range((resource_type, id, 0)..=(resource_type, id, u64::MAX))?
+            .rev()
+            .peekable();
+        let mut pending = pending.iter().rev().copied().peekable();
+        loop {
+            let take_pending = match (stored.peek(), pending.peek()) {
+                (None, None) => break,
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(Ok((key, _))), Some(newest)) => newest.version > key.value().2,
+                // The error comes out of `next` below.
+                (Some(Err(_)), Some(_)) => false,
+            };
+            let go_on = if take_pending {
+                let Some(version) = pending.next() else { break };
+                let record = super::pending_record(&changes, resource_type, id, version)?;
+                visit(version.version, &record)?
+            } else {
+                let Some(entry) = stored.next() else { break };
+                let (key, value) = entry?;
+                visit(key.value().2, &VersionRecord::decode(value.value())?)?
+            };
+            if !go_on {
+                break;
+            }
         }
         if !any {
             return Err(Error::NotFound);
@@ -154,7 +184,7 @@ impl Store {
                 .range((resource_type, 0)..(resource_type, upper))?
                 .rev()
                 .map(|entry| entry.map(|(key, _)| key.value().1).map_err(Error::from));
-            collect_changes(&txn, seqs, query)
+            collect_changes(&self.inner.pending, &txn, seqs, query)
         });
         let known_type = check_resource_type(resource_type)
             .is_ok()
@@ -180,7 +210,7 @@ impl Store {
                 .range(0..upper)?
                 .rev()
                 .map(|entry| entry.map(|(key, _)| key.value()).map_err(Error::from));
-            collect_changes(&txn, seqs, query)
+            collect_changes(&self.inner.pending, &txn, seqs, query)
         })();
         self.audit_history(ctx, AuditAction::HistorySystem, None, None, query, &result)?;
         result
@@ -212,6 +242,7 @@ impl Store {
 
 /// Walks change seqs newest first, applying `since`, `at` and `count`.
 fn collect_changes(
+    shared: &RwLock<SharedPending>,
     txn: &redb::ReadTransaction,
     seqs: impl Iterator<Item = Result<u64>>,
     query: &HistoryQuery,
@@ -219,6 +250,7 @@ fn collect_changes(
     let changes = txn.open_table(CHANGES)?;
     let versions = txn.open_table(VERSIONS)?;
     let bodies = txn.open_table(BODIES)?;
+    let snapshot = SnapshotPending::of(&txn.open_table(META)?, &changes)?;
     let mut entries = Vec::new();
     let mut next = None;
     for seq in seqs {
@@ -237,15 +269,20 @@ fn collect_changes(
             continue;
         }
         if let Some(at) = query.at {
-            let newer = versions.get((
-                change.resource_type.as_str(),
-                change.id.as_str(),
-                change.version + 1,
-            ))?;
-            if let Some(newer) = newer
-                && VersionRecord::decode(newer.value())?.last_updated_micros
-                    <= at.timestamp_micros()
-            {
+            let (resource_type, id) = (change.resource_type.as_str(), change.id.as_str());
+            let newer = change.version + 1;
+            let pending = snapshot.candidates(shared, &changes, resource_type, id)?;
+            let newer_micros = match pending.iter().find(|p| p.version == newer) {
+                Some(&pending) => Some(
+                    super::pending_record(&changes, resource_type, id, pending)?
+                        .last_updated_micros,
+                ),
+                None => match versions.get((resource_type, id, newer))? {
+                    Some(guard) => Some(VersionRecord::decode(guard.value())?.last_updated_micros),
+                    None => None,
+                },
+            };
+            if newer_micros.is_some_and(|newer| newer <= at.timestamp_micros()) {
                 continue;
             }
         }
@@ -253,14 +290,20 @@ fn collect_changes(
             next = Some(seq + 1);
             break;
         }
-        let bytes = versions
-            .get((
-                change.resource_type.as_str(),
-                change.id.as_str(),
-                change.version,
-            ))?
-            .ok_or_else(|| Error::Corrupted("change names a missing version".into()))?;
-        let record = VersionRecord::decode(bytes.value())?;
+        let stored_record;
+        let record = match change.pending_record(seq) {
+            Some(record) => record,
+            None => {
+                stored_record = versions
+                    .get((
+                        change.resource_type.as_str(),
+                        change.id.as_str(),
+                        change.version,
+                    ))?
+                    .ok_or_else(|| Error::Corrupted("change names a missing version".into()))?;
+                VersionRecord::decode(stored_record.value())?
+            }
+        };
         entries.push(StoredResource::from_record(
             &change.resource_type,
             &change.id,

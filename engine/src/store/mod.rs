@@ -13,6 +13,7 @@ mod compact;
 mod copy;
 mod feed;
 mod history;
+mod pending;
 mod record;
 mod redb_error;
 mod search_read;
@@ -21,7 +22,7 @@ mod txn;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -46,6 +47,9 @@ pub use record::VersionKind;
 use record::{VERSIONS, VersionRecord};
 pub use space::{SPACE_ACTION, TableSpace};
 pub use txn::{DeleteOutcome, DurableTicket, UpdateOutcome, Upsert, WriteTxn};
+
+/// Pending versions (`pending.rs`) that make a merge due, unless the builder says otherwise.
+const DEFAULT_MERGE_THRESHOLD: usize = 65_536;
 
 /// File name of the encrypted redb database inside a database directory.
 pub const DATABASE_FILE: &str = "fhirkeep.redb";
@@ -213,6 +217,7 @@ pub struct StoreBuilder {
     cache_size: usize,
     read_audit: ReadAudit,
     verify_on_open: bool,
+    merge_threshold: usize,
     #[cfg(feature = "bench-plaintext")]
     plaintext: bool,
 }
@@ -251,6 +256,15 @@ impl StoreBuilder {
     /// but no longer matches the checksum its parent holds. Default: off.
     pub fn verify_on_open(mut self, enabled: bool) -> Self {
         self.verify_on_open = enabled;
+        self
+    }
+
+    /// How many versions written among random keys may wait in the change table before a
+    /// merge moves them into the versions table (default 65,536; at least 1). Larger batches
+    /// make each leaf of the versions table rewritten less often, and cost about 200 bytes of
+    /// memory per waiting version (twice the threshold at most). Reads are exact either way.
+    pub fn merge_threshold(mut self, versions: usize) -> Self {
+        self.merge_threshold = versions.max(1);
         self
     }
 
@@ -355,6 +369,8 @@ impl StoreBuilder {
             durable_seq: AtomicU64::new(0),
             sync_leader: Mutex::new(()),
             counters: CounterGuard(keyring),
+            pending: RwLock::new(pending::SharedPending::default()),
+            merge_threshold: self.merge_threshold,
         });
         inner.initialize()?;
         let flusher = Some(Flusher::start(&inner, flush_delay(self.read_audit)));
@@ -374,11 +390,50 @@ impl Drop for CounterGuard {
     }
 }
 
-/// The `versions` and `bodies` tables of one committed state (opened in one read
+/// The tables of one committed state that reads of versions need (opened in one read
 /// transaction), kept open for the reads that follow it.
 struct VersionTables {
     versions: redb::ReadOnlyTable<(&'static str, &'static str, u64), &'static [u8]>,
     bodies: redb::ReadOnlyTable<u64, &'static [u8]>,
+    changes: redb::ReadOnlyTable<u64, &'static [u8]>,
+    pending: pending::SnapshotPending,
+}
+
+impl VersionTables {
+    fn open(txn: &redb::ReadTransaction) -> Result<Self> {
+        let changes = txn.open_table(record::CHANGES)?;
+        let pending = pending::SnapshotPending::of(&txn.open_table(record::META)?, &changes)?;
+        Ok(VersionTables {
+            versions: txn.open_table(VERSIONS)?,
+            bodies: txn.open_table(record::BODIES)?,
+            changes,
+            pending,
+        })
+    }
+
+    /// The version of `Type/id` that `which` names, as this snapshot holds it.
+    fn find(
+        &self,
+        shared: &RwLock<pending::SharedPending>,
+        resource_type: &str,
+        id: &str,
+        which: Lookup,
+    ) -> Result<Option<(u64, StoredResource)>> {
+        let candidates = self
+            .pending
+            .candidates(shared, &self.changes, resource_type, id)?;
+        find_version(
+            &VersionSources {
+                versions: &self.versions,
+                bodies: &self.bodies,
+                changes: &self.changes,
+                pending: &candidates,
+            },
+            resource_type,
+            id,
+            which,
+        )
+    }
 }
 
 /// The read snapshot reads share; see [`Inner::versions_snapshot`].
@@ -429,6 +484,10 @@ struct Inner {
     sync_leader: Mutex<()>,
     /// The keyring (shared with auxiliary databases) and its counters, persisted on close.
     counters: CounterGuard,
+    /// The pending versions of the database by `Type/id` (`pending.rs`).
+    pending: RwLock<pending::SharedPending>,
+    /// Pending versions that make a merge due.
+    merge_threshold: usize,
 }
 
 /// The last change seq committed, and the last one durable (on disk after a sync).
@@ -468,6 +527,7 @@ impl Store {
             cache_size: 256 << 20,
             read_audit: ReadAudit::default(),
             verify_on_open: false,
+            merge_threshold: DEFAULT_MERGE_THRESHOLD,
             #[cfg(feature = "bench-plaintext")]
             plaintext: false,
         }
@@ -603,13 +663,7 @@ impl Store {
         check_resource_type(resource_type)?;
         check_id(id)?;
         let versions = self.inner.versions_snapshot()?;
-        let found = find_version(
-            &versions.versions,
-            &versions.bodies,
-            resource_type,
-            id,
-            which,
-        )?;
+        let found = versions.find(&self.inner.pending, resource_type, id, which)?;
         let (version, stored) = found.ok_or(Error::NotFound)?;
         if stored.is_deleted() {
             return Err(Error::Gone { version });
@@ -680,7 +734,7 @@ impl Store {
     pub fn audit_head(&self) -> Result<SignedTreeHead> {
         let txn = self.inner.begin_write_txn()?;
         self.inner
-            .commit_audited(txn, Vec::new(), None, CommitSync::Now)
+            .commit_audited(txn, Vec::new(), &[], None, CommitSync::Now)
     }
 
     /// Replaces the key that signs the audit log's tree heads (on a schedule, or when the old
@@ -706,7 +760,7 @@ impl Store {
         let head = audit::log::rotate_signing_key(&txn, record, self.inner.tick())?;
         // The one commit path: buffered leaves follow the rotation, under the new key.
         self.inner
-            .commit_audited(txn, Vec::new(), None, CommitSync::Now)?;
+            .commit_audited(txn, Vec::new(), &[], None, CommitSync::Now)?;
         Ok(head)
     }
 
@@ -846,8 +900,9 @@ impl Store {
 
     /// Checks every stored version against the other tables: its body (inline, or its row in
     /// `bodies`) decompresses to JSON whose BLAKE3 is the record's content hash, its change
-    /// row names it, and `bodies` holds no row that no version refers to. Returns the number
-    /// of versions checked.
+    /// row names it, and `bodies` holds no row that no version refers to; and every pending
+    /// version (`pending.rs`) the same way, and that it is not in `versions` yet. Returns the
+    /// number of versions checked.
     ///
     /// Why, beyond redb's checksums: each table is consistent on its own after a page of one
     /// of them is swapped for an older copy of itself, but the tables no longer agree.
@@ -887,6 +942,34 @@ impl Store {
                     record.change_seq
                 )));
             }
+            checked += 1;
+        }
+        // The pending versions: the change row is the record.
+        let merged_through = pending::merged_through(&txn.open_table(record::META)?)?;
+        for entry in changes.range(merged_through.saturating_add(1)..)? {
+            let (seq, bytes) = entry?;
+            let seq = seq.value();
+            let change = record::Change::decode(bytes.value())?;
+            let Some(record) = change.pending_record(seq) else {
+                continue;
+            };
+            let key = (
+                change.resource_type.as_str(),
+                change.id.as_str(),
+                change.version,
+            );
+            if versions.get(key)?.is_some() {
+                return Err(Error::Corrupted(format!(
+                    "change {seq} is pending, but its version is in the versions table"
+                )));
+            }
+            let body = record.body(&bodies)?;
+            if *blake3::hash(&body).as_bytes() != record.content_hash {
+                return Err(Error::Corrupted(format!(
+                    "a stored body does not match its content hash (change {seq})"
+                )));
+            }
+            body_rows_used += 1;
             checked += 1;
         }
         if redb::ReadableTableMetadata::len(&bodies)? != body_rows_used {
@@ -963,50 +1046,112 @@ enum Lookup {
     AsOf(i64),
 }
 
-fn find_version(
-    versions: &impl ReadableTable<(&'static str, &'static str, u64), &'static [u8]>,
-    bodies: &impl ReadableTable<u64, &'static [u8]>,
+/// Where the versions of one snapshot are: `versions`, and the pending versions of the
+/// resource looked up (`pending.rs`), whose records are in their change rows.
+struct VersionSources<'a, V, B, C> {
+    versions: &'a V,
+    bodies: &'a B,
+    changes: &'a C,
+    /// The resource's pending versions in this snapshot, oldest first.
+    pending: &'a [pending::PendingVersion],
+}
+
+type VersionsTable = (&'static str, &'static str, u64);
+
+/// The record of a pending version of `Type/id`, from its change row.
+fn pending_record(
+    changes: &impl ReadableTable<u64, &'static [u8]>,
+    resource_type: &str,
+    id: &str,
+    pending: pending::PendingVersion,
+) -> Result<VersionRecord<'static>> {
+    let missing = || Error::Corrupted(format!("change {} is not a pending version", pending.seq));
+    let bytes = changes.get(pending.seq)?.ok_or_else(missing)?;
+    let change = record::Change::decode(bytes.value())?;
+    if change.resource_type != resource_type || change.id != id || change.version != pending.version
+    {
+        return Err(missing());
+    }
+    change.pending_record(pending.seq).ok_or_else(missing)
+}
+
+fn find_version<V, B, C>(
+    sources: &VersionSources<'_, V, B, C>,
     resource_type: &str,
     id: &str,
     which: Lookup,
-) -> Result<Option<(u64, StoredResource)>> {
-    let decode = |version: u64, bytes: &[u8]| -> Result<(u64, StoredResource)> {
-        let record = VersionRecord::decode(bytes)?;
-        Ok((
-            version,
-            StoredResource::from_record(resource_type, id, version, &record, bodies)?,
-        ))
+) -> Result<Option<(u64, StoredResource)>>
+where
+    V: ReadableTable<VersionsTable, &'static [u8]>,
+    B: ReadableTable<u64, &'static [u8]>,
+    C: ReadableTable<u64, &'static [u8]>,
+{
+    let found =
+        |version: u64, record: &VersionRecord<'_>| -> Result<Option<(u64, StoredResource)>> {
+            Ok(Some((
+                version,
+                StoredResource::from_record(resource_type, id, version, record, sources.bodies)?,
+            )))
+        };
+    let from_pending = |pending: pending::PendingVersion| {
+        let record = pending_record(sources.changes, resource_type, id, pending)?;
+        found(pending.version, &record)
     };
+    let all_versions = (resource_type, id, 0)..=(resource_type, id, u64::MAX);
     match which {
-        Lookup::Version(version) => match versions.get((resource_type, id, version))? {
-            Some(guard) => decode(version, guard.value()).map(Some),
-            None => Ok(None),
-        },
-        Lookup::Current => {
-            let mut range =
-                versions.range((resource_type, id, 0)..=(resource_type, id, u64::MAX))?;
-            match range.next_back() {
-                Some(entry) => {
-                    let (key, value) = entry?;
-                    decode(key.value().2, value.value()).map(Some)
-                }
+        Lookup::Version(version) => {
+            if let Some(&pending) = sources.pending.iter().find(|p| p.version == version) {
+                return from_pending(pending);
+            }
+            match sources.versions.get((resource_type, id, version))? {
+                Some(guard) => found(version, &VersionRecord::decode(guard.value())?),
                 None => Ok(None),
             }
         }
-        Lookup::AsOf(micros) => {
-            let range = versions.range((resource_type, id, 0)..=(resource_type, id, u64::MAX))?;
-            for entry in range.rev() {
-                let (key, value) = entry?;
-                let record = VersionRecord::decode(value.value())?;
-                if record.last_updated_micros <= micros {
+        Lookup::Current => {
+            let newest_pending = sources.pending.last().copied();
+            let mut range = sources.versions.range(all_versions)?;
+            match range.next_back() {
+                Some(entry) => {
+                    let (key, value) = entry?;
                     let version = key.value().2;
-                    return Ok(Some((
-                        version,
-                        StoredResource::from_record(resource_type, id, version, &record, bodies)?,
-                    )));
+                    match newest_pending {
+                        Some(pending) if pending.version > version => from_pending(pending),
+                        _ => found(version, &VersionRecord::decode(value.value())?),
+                    }
+                }
+                None => newest_pending.map_or(Ok(None), from_pending),
+            }
+        }
+        Lookup::AsOf(micros) => {
+            // Version ids grow with time, so the newest version at or before `micros` is the
+            // newer of the newest such pending one and the newest such stored one.
+            let mut pending_hit = None;
+            for &pending in sources.pending.iter().rev() {
+                let record = pending_record(sources.changes, resource_type, id, pending)?;
+                if record.last_updated_micros <= micros {
+                    pending_hit = Some((pending.version, record));
+                    break;
                 }
             }
-            Ok(None)
+            let range = sources.versions.range(all_versions)?;
+            for entry in range.rev() {
+                let (key, value) = entry?;
+                let version = key.value().2;
+                if let Some((pending_version, record)) = &pending_hit
+                    && *pending_version > version
+                {
+                    return found(*pending_version, record);
+                }
+                let record = VersionRecord::decode(value.value())?;
+                if record.last_updated_micros <= micros {
+                    return found(version, &record);
+                }
+            }
+            match pending_hit {
+                Some((version, record)) => found(version, &record),
+                None => Ok(None),
+            }
         }
     }
 }
@@ -1073,13 +1218,44 @@ impl Inner {
             self.clock.store(clock, Ordering::SeqCst);
             txn.open_table(VERSIONS)?;
             txn.open_table(record::BODIES)?;
-            txn.open_table(record::CHANGES)?;
+            let changes = txn.open_table(record::CHANGES)?;
             txn.open_table(record::TYPE_CHANGES)?;
+            if meta.get(record::META_MERGED_THROUGH)?.is_none() {
+                // A new database, or one of format 3 or older, whose changes carry no record:
+                // nothing is pending, and opening need not look at its changes again.
+                let last = changes.last()?.map_or(0, |(seq, _)| seq.value());
+                meta.insert(record::META_MERGED_THROUGH, &last.to_le_bytes()[..])?;
+            }
         }
         audit::log::initialize(&txn)?;
         txn.commit()?;
         self.retire_read_snapshot();
+        self.reload_pending()?;
         self.reload_watermarks()
+    }
+
+    /// Loads the pending versions of the file (at open, or after a bulk copy).
+    fn reload_pending(&self) -> Result<()> {
+        let txn = self.db.begin_read()?;
+        pending::SharedPending::reload(&self.pending, &txn)
+    }
+
+    /// Merges the pending versions into `versions` if enough have gathered. Called after a
+    /// commit, whose success a failed merge does not change: its versions stay pending, read
+    /// exactly as before, and the next commit tries again.
+    fn merge_if_due(&self) {
+        if pending::SharedPending::merge_due(&self.pending, self.merge_threshold) {
+            let _ = self.merge_pending();
+        }
+    }
+
+    /// Moves every pending version into `versions` (`pending.rs`), in a durable commit.
+    fn merge_pending(&self) -> Result<()> {
+        let txn = self.begin_write_txn()?;
+        let (old_merged_through, rows) = pending::merge_into(&txn)?;
+        self.commit_audited(txn, Vec::new(), &[], None, CommitSync::Now)?;
+        pending::SharedPending::merged(&self.pending, old_merged_through, rows);
+        Ok(())
     }
 
     /// Everything in the file at open (or after a bulk copy) is durable.
@@ -1107,7 +1283,7 @@ impl Inner {
             return Ok(());
         }
         let txn = self.begin_write_txn()?;
-        self.commit_audited(txn, Vec::new(), None, CommitSync::Now)
+        self.commit_audited(txn, Vec::new(), &[], None, CommitSync::Now)
             .map(drop)
     }
 
@@ -1136,10 +1312,7 @@ impl Inner {
             return Ok(Arc::clone(table));
         }
         let txn = self.db.begin_read()?;
-        let table = Arc::new(VersionTables {
-            versions: txn.open_table(VERSIONS)?,
-            bodies: txn.open_table(record::BODIES)?,
-        });
+        let table = Arc::new(VersionTables::open(&txn)?);
         let mut current = lock(&self.read_snapshot.current);
         if self.read_snapshot.generation.load(Ordering::SeqCst) == generation {
             *current = Some((generation, Arc::clone(&table)));
@@ -1184,7 +1357,7 @@ impl Inner {
         match self.read_audit {
             ReadAudit::Durable => {
                 let txn = self.begin_write_txn()?;
-                self.commit_audited(txn, vec![leaf], None, CommitSync::Now)
+                self.commit_audited(txn, vec![leaf], &[], None, CommitSync::Now)
                     .map(drop)
             }
             ReadAudit::GroupCommit { .. } => {
@@ -1210,6 +1383,7 @@ impl Inner {
         &self,
         txn: redb::WriteTransaction,
         extra: Vec<AuditRecord>,
+        new_pending: &[pending::NewPending],
         written_through: Option<u64>,
         sync: CommitSync,
     ) -> Result<SignedTreeHead> {
@@ -1235,7 +1409,14 @@ impl Inner {
             // Held across the commit: redb runs one write transaction at a time, so the
             // marks move in commit order, and a synced commit covers every one before it.
             let mut marks = lock(&self.watermarks);
-            txn.commit()?;
+            // In the cache before the commit is visible (a snapshot that sees the commit finds
+            // them), out again if it fails; under the marks lock, so that the next writer's
+            // versions (which may reuse the seqs of a failed commit) come after.
+            pending::SharedPending::publish(&self.pending, new_pending);
+            if let Err(error) = txn.commit() {
+                pending::SharedPending::withdraw(&self.pending, new_pending);
+                return Err(error.into());
+            }
             self.retire_read_snapshot();
             if let Some(seq) = written_through {
                 marks.committed = marks.committed.max(seq);
@@ -1282,7 +1463,7 @@ impl Inner {
             txn.abort()?;
             return Ok(());
         }
-        self.commit_audited(txn, Vec::new(), None, CommitSync::Now)
+        self.commit_audited(txn, Vec::new(), &[], None, CommitSync::Now)
             .map(drop)
     }
 
@@ -1299,7 +1480,7 @@ impl Inner {
             }
         }
         let txn = self.begin_write_txn()?;
-        self.commit_audited(txn, Vec::new(), None, CommitSync::Now)
+        self.commit_audited(txn, Vec::new(), &[], None, CommitSync::Now)
             .map(drop)
     }
 }

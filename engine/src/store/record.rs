@@ -57,13 +57,18 @@ pub(crate) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("
 
 pub(crate) const META_FORMAT: &str = "format";
 pub(crate) const META_CLOCK: &str = "clock";
+/// The last change seq whose pending version (`pending.rs`) is in `versions`: every change
+/// row that carries a record at or below it has been merged, none above it has.
+pub(crate) const META_MERGED_THROUGH: &str = "merged_through";
 
 /// The on-disk format version of the engine's tables. 2: audit leaves in rows
 /// (`audit_leaf_chunks`). A build that knows only 1 refuses a database of format 2 rather
 /// than starting an empty audit log beside its rows. 3: bodies of new versions in `bodies`
 /// (record format 3); a build that knows only 2 would fail on every such record, so it
-/// refuses the database at open instead.
-pub(crate) const FORMAT_VERSION: u32 = 3;
+/// refuses the database at open instead. 4: versions written among random keys wait in
+/// `changes` (rows that carry their record) until a merge moves them into `versions`; a
+/// build that knows only 3 would not find them.
+pub(crate) const FORMAT_VERSION: u32 = 4;
 /// The oldest format that opening upgrades (1: one audit leaf per row in `audit_leaves`).
 pub(crate) const OLDEST_UPGRADABLE_FORMAT: u32 = 1;
 
@@ -317,6 +322,26 @@ pub(crate) fn encode_inline_record(
 /// format 3.
 #[cfg(test)]
 pub(crate) fn inline_layout_for_tests(txn: &redb::WriteTransaction) {
+    // Format 2 had no pending versions, nor change rows that carry a record.
+    super::pending::merge_into(txn).unwrap();
+    txn.open_table(META)
+        .unwrap()
+        .remove(META_MERGED_THROUGH)
+        .unwrap();
+    let mut changes = txn.open_table(CHANGES).unwrap();
+    let rows: Vec<(u64, Change)> = changes
+        .iter()
+        .unwrap()
+        .map(|entry| {
+            let (seq, bytes) = entry.unwrap();
+            (seq.value(), Change::decode(bytes.value()).unwrap())
+        })
+        .collect();
+    for (seq, mut change) in rows {
+        change.pending = None;
+        changes.insert(seq, change.encode().as_slice()).unwrap();
+    }
+    drop(changes);
     let mut versions = txn.open_table(VERSIONS).unwrap();
     let mut bodies = txn.open_table(BODIES).unwrap();
     let rows: Vec<((String, String, u64), Vec<u8>)> = versions
@@ -357,18 +382,48 @@ pub(crate) struct Change {
     pub(crate) id: String,
     pub(crate) version: u64,
     pub(crate) last_updated_micros: i64,
+    /// For a version written among random keys (`pending.rs`): the rest of its record, which
+    /// `versions` gets only when the merge moves it there.
+    pub(crate) pending: Option<PendingRecord>,
 }
 
+/// The part of a version record a pending change row carries beyond [`Change`]'s fields (its
+/// body is in `bodies` under the change seq, as for record format 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PendingRecord {
+    pub(crate) kind: VersionKind,
+    pub(crate) content_hash: [u8; 32],
+}
+
+/// Set in the type length byte of a change row that carries its version's record. Type
+/// names are at most 40 bytes, so the bit is never part of a length.
+const CHANGE_CARRIES_RECORD: u8 = 0x80;
+
 impl Change {
-    /// `version u64 | last_updated i64 | type len u8 | type | id`.
+    /// `version u64 | last_updated i64 | type len u8 | type | id`, or for a pending version
+    /// `version u64 | last_updated i64 | 0x80 + type len u8 | type | id len u8 | id | kind
+    /// u8 | content hash [32]`.
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(17 + self.resource_type.len() + self.id.len());
+        let mut out = Vec::with_capacity(17 + self.resource_type.len() + self.id.len() + 34);
         out.extend_from_slice(&self.version.to_le_bytes());
         out.extend_from_slice(&self.last_updated_micros.to_le_bytes());
-        // Resource type names are at most 40 bytes, ids at most 64: both fit a u8 length.
-        out.push(u8::try_from(self.resource_type.len()).unwrap_or(u8::MAX));
-        out.extend_from_slice(self.resource_type.as_bytes());
-        out.extend_from_slice(self.id.as_bytes());
+        // Resource type names are at most 40 bytes, ids at most 64: both fit in 7 bits.
+        let type_len = u8::try_from(self.resource_type.len()).unwrap_or(u8::MAX) & 0x7f;
+        match &self.pending {
+            None => {
+                out.push(type_len);
+                out.extend_from_slice(self.resource_type.as_bytes());
+                out.extend_from_slice(self.id.as_bytes());
+            }
+            Some(record) => {
+                out.push(type_len | CHANGE_CARRIES_RECORD);
+                out.extend_from_slice(self.resource_type.as_bytes());
+                out.push(u8::try_from(self.id.len()).unwrap_or(u8::MAX));
+                out.extend_from_slice(self.id.as_bytes());
+                out.push(record.kind.to_byte());
+                out.extend_from_slice(&record.content_hash);
+            }
+        }
         out
     }
 
@@ -379,17 +434,39 @@ impl Change {
         }
         let version = u64::from_le_bytes(fixed(&bytes[0..8])?);
         let last_updated_micros = i64::from_le_bytes(fixed(&bytes[8..16])?);
-        let type_len = usize::from(bytes[16]);
+        let carries_record = bytes[16] & CHANGE_CARRIES_RECORD != 0;
+        let type_len = usize::from(bytes[16] & !CHANGE_CARRIES_RECORD);
         let rest = &bytes[17..];
-        if rest.len() < type_len {
-            return Err(bad());
-        }
-        let (resource_type, id) = rest.split_at(type_len);
+        let (resource_type, rest) = rest.split_at_checked(type_len).ok_or_else(bad)?;
+        let (id, pending) = if carries_record {
+            let (&id_len, rest) = rest.split_first().ok_or_else(bad)?;
+            let (id, rest) = rest.split_at_checked(usize::from(id_len)).ok_or_else(bad)?;
+            let (&kind, hash) = rest.split_first().ok_or_else(bad)?;
+            let record = PendingRecord {
+                kind: VersionKind::from_byte(kind)?,
+                content_hash: fixed(hash)?,
+            };
+            (id, Some(record))
+        } else {
+            (rest, None)
+        };
         Ok(Change {
             resource_type: String::from_utf8(resource_type.to_vec()).map_err(|_| bad())?,
             id: String::from_utf8(id.to_vec()).map_err(|_| bad())?,
             version,
             last_updated_micros,
+            pending,
+        })
+    }
+
+    /// The version record of a pending change row at `change_seq`, if it carries one.
+    pub(crate) fn pending_record(&self, change_seq: u64) -> Option<VersionRecord<'static>> {
+        self.pending.map(|record| VersionRecord {
+            kind: record.kind,
+            last_updated_micros: self.last_updated_micros,
+            change_seq,
+            content_hash: record.content_hash,
+            body: RecordBody::InBodies,
         })
     }
 }
@@ -503,12 +580,29 @@ mod tests {
 
     #[test]
     fn change_roundtrips() {
-        let change = Change {
+        let mut change = Change {
             resource_type: "Observation".into(),
             id: "a.b-c".into(),
             version: 3,
             last_updated_micros: 99,
+            pending: None,
         };
         assert_eq!(Change::decode(&change.encode()).unwrap(), change);
+        change.pending = Some(PendingRecord {
+            kind: VersionKind::CreatedWithId,
+            content_hash: [9; 32],
+        });
+        let encoded = change.encode();
+        assert_eq!(Change::decode(&encoded).unwrap(), change);
+        let record = change.pending_record(12).unwrap();
+        assert_eq!(
+            (record.kind, record.change_seq, record.last_updated_micros),
+            (VersionKind::CreatedWithId, 12, 99)
+        );
+        assert!(record.body_in_table());
+        // Cut anywhere, a row that carries a record is an error, never a shorter id.
+        for len in 0..encoded.len() {
+            assert!(Change::decode(&encoded[..len]).is_err(), "cut at {len}");
+        }
     }
 }

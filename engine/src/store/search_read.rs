@@ -1,6 +1,6 @@
 //! Reading the resources a search found, under one audit leaf for the whole search.
 
-use super::{AccessContext, Lookup, Store, StoredResource, find_version, now_micros, outcome_of};
+use super::{AccessContext, Lookup, Store, StoredResource, now_micros, outcome_of};
 use crate::Result;
 use crate::audit::{AuditAction, AuditRecord};
 use crate::resource::{check_id, check_resource_type};
@@ -23,13 +23,8 @@ impl Store {
             for (resource_type, id) in keys {
                 check_resource_type(resource_type)?;
                 check_id(id)?;
-                let found = find_version(
-                    &versions.versions,
-                    &versions.bodies,
-                    resource_type,
-                    id,
-                    Lookup::Current,
-                )?;
+                let found =
+                    versions.find(&self.inner.pending, resource_type, id, Lookup::Current)?;
                 out.push(found.map(|(_, s)| s).filter(|s| !s.is_deleted()));
             }
             Ok(out)

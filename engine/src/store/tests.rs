@@ -37,6 +37,12 @@ fn ctx() -> AccessContext {
     AccessContext::new("tester", "unit-test", "local", "req-1")
 }
 
+/// Moves every pending version into `versions` now (`pending.rs`), for tests that look at
+/// the table's layout.
+pub(crate) fn merge_now(store: &Store) {
+    store.inner.merge_pending().unwrap();
+}
+
 fn patient(family: &str) -> Value {
     json!({"resourceType": "Patient", "name": [{"family": family}], "birthDate": "1970-01-01"})
 }
@@ -1235,6 +1241,7 @@ fn appended_versions_keep_their_body_inline_and_others_use_the_bodies_table() {
         .update(&c, "Patient", "d", patient("d2"), None)
         .unwrap();
     store.delete(&c, "Patient", "m", None).unwrap();
+    merge_now(&store);
     let (bodies, formats) = layout(&store);
     let expected: Vec<(String, u64, u8)> = [
         ("a", 1, 2),
@@ -1417,6 +1424,7 @@ fn long_lived_resources_get_their_next_version_and_layout_right() {
         })
     ));
     assert!(results[4..].iter().all(|r| r.as_ref().unwrap().created));
+    merge_now(&store);
     let txn = store.inner.db.begin_read().unwrap();
     let versions = txn.open_table(VERSIONS).unwrap();
     let format_of = |id: &str, version: u64| {
@@ -1469,6 +1477,7 @@ fn check_finds_versions_that_disagree_with_their_bodies_or_changes() {
         for id in ["r5", "r1", "r3", "z"] {
             store.update(&c, "Patient", id, patient(id), None).unwrap();
         }
+        merge_now(&store);
     }
     let report = Store::check(&c, &db_dir, key_for(dir.path())).unwrap();
     assert_eq!(report.versions, 4);
@@ -1921,4 +1930,438 @@ fn a_tampered_audit_key_schedule_fails_verification() {
     rewrite(&store, Some(&genuine));
     store.verify_audit().unwrap();
     store.verify_audit_against(&rotation).unwrap();
+}
+
+/// A store that merges only when a test says so.
+fn store_without_merges(dir: &Path) -> Store {
+    Store::builder(dir.join("db"))
+        .key(key_for(dir))
+        .read_audit(ReadAudit::Durable)
+        .cache_size(8 << 20)
+        .merge_threshold(usize::MAX)
+        .open_or_create()
+        .unwrap()
+}
+
+/// Ids that land among each other in no particular order, as random client ids do.
+fn scattered_ids(count: u32) -> Vec<String> {
+    (0..count)
+        .map(|i| format!("s{:08x}", i.wrapping_mul(2_654_435_761)))
+        .collect()
+}
+
+/// How many versions are pending in the store's cache (`pending.rs`).
+fn pending_in_cache(store: &Store) -> usize {
+    store.inner.pending.read().unwrap().unmerged_for_tests()
+}
+
+/// Everything a reader can learn about `ids` through every read path, as text.
+fn every_read(store: &Store, ids: &[String]) -> Vec<String> {
+    let c = ctx();
+    let mut seen = Vec::new();
+    let describe = |result: Result<StoredResource>| match result {
+        Ok(stored) => format!(
+            "{} v{} {:?} {} {}",
+            stored.id,
+            stored.version,
+            stored.kind,
+            stored.last_updated.timestamp_micros(),
+            String::from_utf8_lossy(stored.json_bytes())
+        ),
+        Err(error) => format!("error {error}"),
+    };
+    for id in ids {
+        seen.push(describe(store.read(&c, "Patient", id)));
+        let history = store.history_instance(&c, "Patient", id, &HistoryQuery::default());
+        let versions = history.as_ref().map_or(0, |page| page.entries.len() as u64);
+        for version in 0..=versions + 1 {
+            seen.push(describe(store.vread(&c, "Patient", id, version)));
+        }
+        if let Ok(page) = &history {
+            for stored in &page.entries {
+                seen.push(describe(store.read_as_of(
+                    &c,
+                    "Patient",
+                    id,
+                    stored.last_updated,
+                )));
+                let just_before = stored.last_updated - chrono::Duration::microseconds(1);
+                seen.push(describe(store.read_as_of(&c, "Patient", id, just_before)));
+            }
+            // Paged two at a time, and as of the instant of each version.
+            let mut cursor = None;
+            loop {
+                let query = HistoryQuery {
+                    count: Some(2),
+                    cursor,
+                    ..HistoryQuery::default()
+                };
+                let page = store.history_instance(&c, "Patient", id, &query).unwrap();
+                seen.extend(page.entries.into_iter().map(|s| describe(Ok(s))));
+                match page.next {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
+            }
+            for stored in &page.entries {
+                let query = HistoryQuery {
+                    at: Some(stored.last_updated),
+                    ..HistoryQuery::default()
+                };
+                let at = store.history_instance(&c, "Patient", id, &query).unwrap();
+                seen.extend(at.entries.into_iter().map(|s| describe(Ok(s))));
+            }
+        }
+        if let Err(error) = &history {
+            seen.push(format!("history: error {error}"));
+        }
+    }
+    let mut history_at = Vec::new();
+    for query in [
+        HistoryQuery::default(),
+        HistoryQuery {
+            count: Some(7),
+            ..HistoryQuery::default()
+        },
+    ] {
+        for page in [
+            store.history_type(&c, "Patient", &query).unwrap(),
+            store.history_system(&c, &query).unwrap(),
+        ] {
+            history_at.extend(page.entries.iter().map(|s| s.last_updated));
+            seen.extend(page.entries.into_iter().map(|s| describe(Ok(s))));
+        }
+    }
+    for at in history_at.into_iter().step_by(5) {
+        let query = HistoryQuery {
+            at: Some(at),
+            ..HistoryQuery::default()
+        };
+        let page = store.history_system(&c, &query).unwrap();
+        seen.extend(page.entries.into_iter().map(|s| describe(Ok(s))));
+    }
+    let feed = store.changes_after(&c, None, usize::MAX).unwrap();
+    seen.extend(
+        feed.changes
+            .into_iter()
+            .map(|(seq, s)| format!("{seq}: {}", describe(Ok(s)))),
+    );
+    let keys: Vec<(&str, &str)> = ids.iter().map(|id| ("Patient", id.as_str())).collect();
+    let many = store
+        .read_many(&c, AuditAction::Other("search".into()), [0; 32], &keys)
+        .unwrap();
+    seen.extend(
+        many.into_iter()
+            .map(|found| found.map_or_else(|| "none".into(), |s| describe(Ok(s)))),
+    );
+    seen
+}
+
+/// Versions written among random keys wait in the change table (`pending.rs`); every read
+/// path answers the same before a merge moves them into `versions`, after it, after more
+/// versions of the same resources wait again, and after a reopen; `check` passes throughout.
+#[test]
+fn pending_versions_read_the_same_by_every_path_before_and_after_merges() {
+    let dir = TempDir::new().unwrap();
+    let c = ctx();
+    let ids = scattered_ids(40);
+    let mut store = store_without_merges(dir.path());
+    let write_round = |store: &Store, round: u32| {
+        // Singles, a batch, deletions and re-creations, all out of key order.
+        for id in ids.iter().take(10) {
+            store
+                .update(&c, "Patient", id, patient(&format!("{id}-{round}")), None)
+                .unwrap();
+        }
+        let items = ids
+            .iter()
+            .skip(10)
+            .map(|id| Upsert {
+                resource_type: "Patient".into(),
+                id: Some(id.clone()),
+                resource: patient(&format!("{id}-{round}")),
+                expected_version: None,
+            })
+            .collect();
+        for result in store.write(&c, |txn| txn.update_many(items)).unwrap() {
+            result.unwrap();
+        }
+        for id in ids.iter().skip(usize::try_from(round).unwrap()).step_by(7) {
+            store.delete(&c, "Patient", id, None).unwrap();
+        }
+    };
+    write_round(&store, 1);
+    write_round(&store, 2);
+    assert!(
+        pending_in_cache(&store) > 40,
+        "scattered ids are written as pending versions"
+    );
+    let before = every_read(&store, &ids);
+    merge_now(&store);
+    assert_eq!(pending_in_cache(&store), 0);
+    assert_eq!(every_read(&store, &ids), before, "after the merge");
+    // Merged versions and new pending ones of the same resources, side by side.
+    write_round(&store, 3);
+    assert!(pending_in_cache(&store) > 0);
+    let mixed = every_read(&store, &ids);
+    assert_ne!(mixed, before);
+    let versions = store
+        .changes_after(&c, None, usize::MAX)
+        .unwrap()
+        .changes
+        .len();
+    drop(store);
+    let report = Store::check(&c, dir.path().join("db"), key_for(dir.path())).unwrap();
+    assert_eq!(
+        report.versions,
+        u64::try_from(versions).unwrap(),
+        "check counts pending versions too"
+    );
+    store = store_without_merges(dir.path());
+    assert!(pending_in_cache(&store) > 0, "reopening finds them again");
+    assert_eq!(every_read(&store, &ids), mixed, "after a reopen");
+    let copy_key = dir.path().join("copy.key");
+    create_key_file(&copy_key).unwrap();
+    store
+        .copy_to(
+            &c,
+            &dir.path().join("copy"),
+            KeySource::KeyFile(copy_key.clone()),
+            KdfParams::fast_insecure(),
+        )
+        .unwrap();
+    store.compact(&c).unwrap();
+    assert_eq!(pending_in_cache(&store), 0, "compaction merges first");
+    assert_eq!(every_read(&store, &ids), mixed, "after compaction");
+    let copy = Store::builder(dir.path().join("copy"))
+        .key(KeySource::KeyFile(copy_key))
+        .merge_threshold(usize::MAX)
+        .open()
+        .unwrap();
+    assert!(pending_in_cache(&copy) > 0, "a copy keeps them pending");
+    assert_eq!(every_read(&copy, &ids), mixed, "in a copy");
+    merge_now(&copy);
+    assert_eq!(every_read(&copy, &ids), mixed, "in a copy, merged");
+}
+
+/// A write transaction sees the pending versions committed before it and its own: versions
+/// and deletions decide right, its reads find them, and a tombstone (written to `versions`
+/// at once) after pending versions is the current version.
+#[test]
+fn a_write_transaction_sees_pending_versions_old_and_its_own() {
+    let dir = TempDir::new().unwrap();
+    let c = ctx();
+    let store = store_without_merges(dir.path());
+    let ids = scattered_ids(6);
+    for id in &ids {
+        store
+            .update(&c, "Patient", id, patient("one"), None)
+            .unwrap();
+    }
+    // One that landed among the others (not after them all) is pending.
+    let id = ids
+        .iter()
+        .find(|id| {
+            !pending::SharedPending::candidates_for_writer(
+                &store.inner.pending,
+                "Patient",
+                id,
+                0,
+                u64::MAX,
+            )
+            .is_empty()
+        })
+        .unwrap();
+    store
+        .write(&c, |txn| {
+            assert_eq!(txn.read("Patient", id)?.version, 1);
+            let second = txn.update("Patient", id, patient("two"), Some(1))?;
+            assert_eq!((second.resource.version, second.created), (2, false));
+            let third = txn.update("Patient", id, patient("three"), Some(2))?;
+            assert_eq!(third.resource.version, 3);
+            assert!(matches!(
+                txn.update("Patient", id, patient("stale"), Some(2)),
+                Err(Error::VersionConflict {
+                    expected: 2,
+                    current: 3
+                })
+            ));
+            assert_eq!(
+                txn.read("Patient", id)?.to_json()?["name"][0]["family"],
+                "three"
+            );
+            let deleted = txn.delete("Patient", id, Some(3))?;
+            assert_eq!(deleted.version, 4);
+            assert!(matches!(
+                txn.read("Patient", id),
+                Err(Error::Gone { version: 4 })
+            ));
+            let again = txn.update("Patient", id, patient("five"), Some(4))?;
+            assert_eq!((again.resource.version, again.created), (5, true));
+            Ok(())
+        })
+        .unwrap();
+    // An aborted transaction's pending versions leave no trace.
+    let mut txn = store.begin_write(&c).unwrap();
+    txn.update("Patient", &ids[1], patient("aborted"), None)
+        .unwrap();
+    txn.abort().unwrap();
+    let families = |store: &Store| -> Vec<(u64, Value)> {
+        store
+            .history_instance(&c, "Patient", id, &HistoryQuery::default())
+            .unwrap()
+            .entries
+            .iter()
+            .map(|v| (v.version, v.to_json().unwrap()["name"][0]["family"].clone()))
+            .collect()
+    };
+    let expected = vec![
+        (5, json!("five")),
+        (4, Value::Null),
+        (3, json!("three")),
+        (2, json!("two")),
+        (1, json!("one")),
+    ];
+    assert_eq!(families(&store), expected);
+    assert_eq!(store.read(&c, "Patient", &ids[1]).unwrap().version, 1);
+    merge_now(&store);
+    assert_eq!(families(&store), expected);
+    assert_eq!(store.read(&c, "Patient", &ids[1]).unwrap().version, 1);
+}
+
+/// A read snapshot keeps reading exactly what it saw while merges run: from the shared
+/// cache after one merge, and from its own change rows once two merges have made the cache
+/// forget versions it still sees.
+#[test]
+fn a_snapshot_reads_its_pending_versions_across_merges() {
+    let dir = TempDir::new().unwrap();
+    let c = ctx();
+    let store = store_without_merges(dir.path());
+    let ids = scattered_ids(8);
+    for id in &ids {
+        store
+            .update(&c, "Patient", id, patient("seen"), None)
+            .unwrap();
+    }
+    let snapshot = store.inner.versions_snapshot().unwrap();
+    let family_in = |snapshot: &VersionTables, id: &str| -> (u64, Value) {
+        let (version, stored) = snapshot
+            .find(&store.inner.pending, "Patient", id, Lookup::Current)
+            .unwrap()
+            .unwrap();
+        (
+            version,
+            stored.to_json().unwrap()["name"][0]["family"].clone(),
+        )
+    };
+    let seen: Vec<(u64, Value)> = ids.iter().map(|id| family_in(&snapshot, id)).collect();
+    assert!(seen.iter().all(|(v, f)| *v == 1 && f == "seen"));
+    for round in ["later", "latest"] {
+        for id in &ids {
+            store
+                .update(&c, "Patient", id, patient(round), None)
+                .unwrap();
+        }
+        merge_now(&store);
+        let now: Vec<(u64, Value)> = ids.iter().map(|id| family_in(&snapshot, id)).collect();
+        assert_eq!(now, seen, "after the merge of the {round} versions");
+    }
+    assert!(
+        snapshot.pending.read_its_own_rows(),
+        "two merges later, the cache no longer reaches back to the snapshot"
+    );
+    let fresh = store.inner.versions_snapshot().unwrap();
+    assert!(!fresh.pending.read_its_own_rows());
+    assert!(
+        ids.iter()
+            .all(|id| family_in(&fresh, id) == (3, json!("latest")))
+    );
+}
+
+/// `check` finds a pending version whose body is not the one its change row hashed, and
+/// one that is in `versions` as well as pending.
+#[test]
+fn check_finds_pending_versions_that_disagree_with_the_other_tables() {
+    let dir = TempDir::new().unwrap();
+    let c = ctx();
+    let db_dir = dir.path().join("db");
+    let ids = scattered_ids(12);
+    {
+        let store = store_without_merges(dir.path());
+        for id in &ids {
+            store.update(&c, "Patient", id, patient(id), None).unwrap();
+        }
+        assert!(pending_in_cache(&store) >= 2);
+    }
+    let saved = dir.path().join("saved");
+    std::fs::create_dir(&saved).unwrap();
+    for file in std::fs::read_dir(&db_dir).unwrap() {
+        let file = file.unwrap();
+        std::fs::copy(file.path(), saved.join(file.file_name())).unwrap();
+    }
+    type Damage = fn(&redb::WriteTransaction);
+    let damages: [(&str, Damage); 2] = [
+        ("does not match its content hash", |txn| {
+            let mut bodies = txn.open_table(record::BODIES).unwrap();
+            let (seq, other) = {
+                let mut rows = bodies.iter().unwrap();
+                let (first, _) = rows.next().unwrap().unwrap();
+                let (_, second) = rows.next().unwrap().unwrap();
+                (first.value(), second.value().to_vec())
+            };
+            bodies.insert(seq, other.as_slice()).unwrap();
+        }),
+        (
+            "is pending, but its version is in the versions table",
+            |txn| {
+                let changes = txn.open_table(record::CHANGES).unwrap();
+                let (seq, change) = changes
+                    .iter()
+                    .unwrap()
+                    .map(|entry| {
+                        let (seq, bytes) = entry.unwrap();
+                        (seq.value(), record::Change::decode(bytes.value()).unwrap())
+                    })
+                    .find(|(_, change)| change.pending.is_some())
+                    .unwrap();
+                let header = change.pending_record(seq).unwrap();
+                let encoded = record::encode_record(
+                    header.kind,
+                    header.last_updated_micros,
+                    seq,
+                    &header.content_hash,
+                    b"",
+                )
+                .unwrap();
+                txn.open_table(VERSIONS)
+                    .unwrap()
+                    .insert(
+                        (
+                            change.resource_type.as_str(),
+                            change.id.as_str(),
+                            change.version,
+                        ),
+                        encoded.record.as_slice(),
+                    )
+                    .unwrap();
+            },
+        ),
+    ];
+    for (expected, damage) in damages {
+        for file in std::fs::read_dir(&saved).unwrap() {
+            let file = file.unwrap();
+            std::fs::copy(file.path(), db_dir.join(file.file_name())).unwrap();
+        }
+        {
+            let store = store_without_merges(dir.path());
+            let txn = store.inner.db.begin_write().unwrap();
+            damage(&txn);
+            txn.commit().unwrap();
+        }
+        let error = Store::check(&c, &db_dir, key_for(dir.path())).unwrap_err();
+        assert!(
+            matches!(&error, Error::Corrupted(m) if m.contains(expected)),
+            "{expected}: {error}"
+        );
+    }
 }

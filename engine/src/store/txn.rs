@@ -3,13 +3,15 @@
 use redb::ReadableTable;
 use serde_json::Value;
 
+use super::pending::{NewPending, PendingIndex, PendingVersion, SharedPending};
+use super::record::META;
 use super::record::{
-    BODIES, CHANGES, Change, EncodedVersion, MAX_BODY, TYPE_CHANGES, VERSIONS, VersionKind,
-    VersionRecord, encode_record, set_record_change_seq,
+    BODIES, CHANGES, Change, EncodedVersion, MAX_BODY, PendingRecord, TYPE_CHANGES, VERSIONS,
+    VersionKind, VersionRecord, encode_record, set_record_change_seq,
 };
 use super::{
-    AccessContext, Lookup, Store, StoredResource, find_version, format_instant, micros_to_datetime,
-    outcome_of,
+    AccessContext, Lookup, Store, StoredResource, VersionSources, find_version, format_instant,
+    micros_to_datetime, outcome_of,
 };
 use crate::audit::{AuditAction, AuditRecord};
 use crate::resource::{check_id, check_resource_type, inspect, stamp};
@@ -43,6 +45,13 @@ pub struct WriteTxn<'s> {
     last_micros: i64,
     writes: usize,
     write_leaves: Vec<AuditRecord>,
+    /// The last change seq committed before this transaction began.
+    committed_through: u64,
+    /// The `merged_through` of the state this transaction began from (`pending.rs`).
+    merged_through: u64,
+    /// This transaction's own pending versions, which the shared cache gets at commit.
+    own_pending: PendingIndex,
+    new_pending: Vec<NewPending>,
 }
 
 impl std::fmt::Debug for WriteTxn<'_> {
@@ -56,19 +65,23 @@ impl std::fmt::Debug for WriteTxn<'_> {
 impl<'s> WriteTxn<'s> {
     pub(super) fn begin(store: &'s Store, ctx: AccessContext) -> Result<Self> {
         let txn = store.inner.begin_write_txn()?;
-        let next_change = {
+        let committed_through = {
             let changes = txn.open_table(CHANGES)?;
-            let last = changes.last()?.map(|(key, _)| key.value());
-            last.map_or(1, |seq| seq + 1)
+            changes.last()?.map_or(0, |(key, _)| key.value())
         };
+        let merged_through = super::pending::merged_through(&txn.open_table(META)?)?;
         Ok(WriteTxn {
             store,
             txn,
             ctx,
-            next_change,
+            next_change: committed_through + 1,
             last_micros: 0,
             writes: 0,
             write_leaves: Vec::new(),
+            committed_through,
+            merged_through,
+            own_pending: PendingIndex::default(),
+            new_pending: Vec::new(),
         })
     }
 
@@ -217,7 +230,50 @@ impl<'s> WriteTxn<'s> {
     fn current(&self, resource_type: &str, id: &str) -> Result<Option<StoredResource>> {
         let versions = self.txn.open_table(VERSIONS)?;
         let bodies = self.txn.open_table(BODIES)?;
-        Ok(find_version(&versions, &bodies, resource_type, id, Lookup::Current)?.map(|(_, s)| s))
+        let changes = self.txn.open_table(CHANGES)?;
+        let pending = self.pending_versions(resource_type, id);
+        let sources = VersionSources {
+            versions: &versions,
+            bodies: &bodies,
+            changes: &changes,
+            pending: &pending,
+        };
+        Ok(find_version(&sources, resource_type, id, Lookup::Current)?.map(|(_, s)| s))
+    }
+
+    /// The pending versions of `Type/id` this transaction sees: committed before it began
+    /// and not merged, and its own. Oldest first.
+    fn pending_versions(&self, resource_type: &str, id: &str) -> Vec<PendingVersion> {
+        let mut pending = SharedPending::candidates_for_writer(
+            &self.store.inner.pending,
+            resource_type,
+            id,
+            self.merged_through,
+            self.committed_through,
+        );
+        if !self.own_pending.is_empty() {
+            pending.extend(self.own_pending.candidates(resource_type, id, 0, u64::MAX));
+        }
+        pending
+    }
+
+    /// `current`, the newest version in `versions` and whether it is a deletion, with the
+    /// resource's pending versions: the newest of all. A pending version is never a deletion
+    /// (a tombstone has no body, and goes to `versions` at once).
+    fn with_pending(
+        &self,
+        resource_type: &str,
+        id: &str,
+        current: Option<(u64, bool)>,
+    ) -> Option<(u64, bool)> {
+        let newest_pending = self.pending_versions(resource_type, id).last().copied();
+        match (current, newest_pending) {
+            (Some((version, _)), Some(pending)) if pending.version > version => {
+                Some((pending.version, false))
+            }
+            (None, Some(pending)) => Some((pending.version, false)),
+            (current, _) => current,
+        }
     }
 
     /// The current version id and whether it is a deletion, as this transaction sees it:
@@ -225,14 +281,15 @@ impl<'s> WriteTxn<'s> {
     fn current_version(&self, resource_type: &str, id: &str) -> Result<Option<(u64, bool)>> {
         let versions = self.txn.open_table(VERSIONS)?;
         let mut range = versions.range((resource_type, id, 0)..=(resource_type, id, u64::MAX))?;
-        match range.next_back() {
+        let stored = match range.next_back() {
             Some(entry) => {
                 let (key, value) = entry?;
                 let record = VersionRecord::decode(value.value())?;
-                Ok(Some((key.value().2, record.kind == VersionKind::Deleted)))
+                Some((key.value().2, record.kind == VersionKind::Deleted))
             }
-            None => Ok(None),
-        }
+            None => None,
+        };
+        Ok(self.with_pending(resource_type, id, stored))
     }
 
     /// The current version of `Type/id` (as [`WriteTxn::current_version`]) and whether its
@@ -255,7 +312,7 @@ impl<'s> WriteTxn<'s> {
             let Some(entry) = range.next() else {
                 // Nothing sorts after this id: it appends.
                 return Ok(Located {
-                    current,
+                    current: self.with_pending(resource_type, id, current),
                     dense: true,
                 });
             };
@@ -263,7 +320,7 @@ impl<'s> WriteTxn<'s> {
             let (next_type, next_id, version) = key.value();
             if next_type != resource_type || next_id != id {
                 return Ok(Located {
-                    current,
+                    current: self.with_pending(resource_type, id, current),
                     dense: is_dense_neighbour(resource_type, id, next_type, next_id),
                 });
             }
@@ -272,6 +329,7 @@ impl<'s> WriteTxn<'s> {
         }
         drop(range);
         drop(versions);
+        // Includes the pending versions.
         let current = self.current_version(resource_type, id)?;
         let versions = self.txn.open_table(VERSIONS)?;
         let after_last = (
@@ -320,14 +378,27 @@ impl<'s> WriteTxn<'s> {
             changes: &mut changes,
             type_changes: &mut type_changes,
         };
-        let stored = insert_into(&mut tables, self.next_change, prepared)?;
+        let (stored, pending) = insert_into(&mut tables, self.next_change, prepared)?;
         drop((versions, bodies, changes, type_changes));
-        self.record_written(&stored, action);
+        self.record_written(&stored, action, pending);
         Ok(stored)
     }
 
     /// Queues the leaf of a written version and advances the transaction's counters.
-    fn record_written(&mut self, stored: &StoredResource, action: AuditAction) {
+    fn record_written(&mut self, stored: &StoredResource, action: AuditAction, pending: bool) {
+        if pending {
+            let version = PendingVersion {
+                version: stored.version,
+                seq: self.next_change,
+            };
+            self.own_pending
+                .insert(&stored.resource_type, &stored.id, version);
+            self.new_pending.push(NewPending {
+                resource_type: stored.resource_type.clone(),
+                id: stored.id.clone(),
+                pending: version,
+            });
+        }
         // The leaf joins this transaction at commit (one batch append); it is never separated
         // from its write: both commit, or both vanish with an abort.
         self.write_leaves.push(AuditRecord {
@@ -442,12 +513,12 @@ impl<'s> WriteTxn<'s> {
                                 changes: &mut changes,
                                 type_changes: &mut type_changes,
                             };
-                            let stored = insert_into(
+                            let (stored, pending) = insert_into(
                                 &mut tables,
                                 self.next_change + written.len() as u64,
                                 prepared,
                             )?;
-                            written.push((index, item.action, item.created, stored));
+                            written.push((index, item.action, item.created, stored, pending));
                         }
                         Err(error) => {
                             // Refused while prepared (too large): on record like any refusal.
@@ -473,8 +544,8 @@ impl<'s> WriteTxn<'s> {
             }
             inserted
         })?;
-        for (index, action, created, stored) in written {
-            self.record_written(&stored, action);
+        for (index, action, created, stored, pending) in written {
+            self.record_written(&stored, action, pending);
             results[index] = Some(Ok(UpdateOutcome {
                 resource: stored,
                 created,
@@ -624,15 +695,15 @@ impl<'s> WriteTxn<'s> {
     /// and signs a new tree head.
     pub fn commit(self) -> Result<()> {
         let written_through = self.written_through();
-        self.store
-            .inner
-            .commit_audited(
-                self.txn,
-                self.write_leaves,
-                written_through,
-                super::CommitSync::Now,
-            )
-            .map(drop)
+        self.store.inner.commit_audited(
+            self.txn,
+            self.write_leaves,
+            &self.new_pending,
+            written_through,
+            super::CommitSync::Now,
+        )?;
+        self.store.inner.merge_if_due();
+        Ok(())
     }
 
     /// Commits every write and its audit leaves without waiting for the disk: the writes are
@@ -655,9 +726,11 @@ impl<'s> WriteTxn<'s> {
         self.store.inner.commit_audited(
             self.txn,
             self.write_leaves,
+            &self.new_pending,
             written_through,
             super::CommitSync::Deferred,
         )?;
+        self.store.inner.merge_if_due();
         Ok(DurableTicket { seq })
     }
 
@@ -831,12 +904,13 @@ fn shared_prefix(a: &str, b: &str) -> usize {
     a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count()
 }
 
-/// Writes a prepared version under change seq `change_seq`.
+/// Writes a prepared version under change seq `change_seq`; returns it, and whether it is
+/// pending (written only to the change table, see `pending.rs`).
 fn insert_into(
     tables: &mut Tables<'_, '_>,
     change_seq: u64,
     mut prepared: Prepared,
-) -> Result<StoredResource> {
+) -> Result<(StoredResource, bool)> {
     set_record_change_seq(&mut prepared.encoded.record, change_seq);
     let stored = prepared.stored;
     let key = (
@@ -844,22 +918,26 @@ fn insert_into(
         stored.id.as_str(),
         stored.version,
     );
-    if prepared.body_inline || prepared.encoded.body.is_empty() {
-        let record = prepared.encoded.into_inline_record();
-        tables.versions.insert(key, record.as_slice())?;
-    } else {
-        tables
-            .versions
-            .insert(key, prepared.encoded.record.as_slice())?;
+    // Among dense keys (and for tombstones, which have no body) the record goes to `versions`
+    // at once; among random keys the change row carries it until a merge.
+    let pending = !(prepared.body_inline || prepared.encoded.body.is_empty());
+    if pending {
         tables
             .bodies
             .insert(change_seq, prepared.encoded.body.as_slice())?;
+    } else {
+        let record = prepared.encoded.into_inline_record();
+        tables.versions.insert(key, record.as_slice())?;
     }
     let change = Change {
         resource_type: stored.resource_type.clone(),
         id: stored.id.clone(),
         version: stored.version,
         last_updated_micros: stored.last_updated.timestamp_micros(),
+        pending: pending.then_some(PendingRecord {
+            kind: stored.kind,
+            content_hash: stored.content_hash,
+        }),
     };
     tables
         .changes
@@ -867,7 +945,7 @@ fn insert_into(
     tables
         .type_changes
         .insert((stored.resource_type.as_str(), change_seq), ())?;
-    Ok(stored)
+    Ok((stored, pending))
 }
 
 /// A prepared plan on its way back to the inserting thread.
