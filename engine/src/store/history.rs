@@ -152,8 +152,7 @@ impl Store {
             };
             let go_on = if take_pending {
                 let Some(version) = pending.next() else { break };
-                let record = super::pending_record(&changes, resource_type, id, version)?;
-                visit(version.version, &record)?
+                visit(version.version, &version.version_record())?
             } else {
                 let Some(entry) = stored.next() else { break };
                 let (key, value) = entry?;
@@ -273,10 +272,7 @@ fn collect_changes(
             let newer = change.version + 1;
             let pending = snapshot.candidates(shared, &changes, resource_type, id)?;
             let newer_micros = match pending.iter().find(|p| p.version == newer) {
-                Some(&pending) => Some(
-                    super::pending_record(&changes, resource_type, id, pending)?
-                        .last_updated_micros,
-                ),
+                Some(pending) => Some(pending.last_updated_micros),
                 None => match versions.get((resource_type, id, newer))? {
                     Some(guard) => Some(VersionRecord::decode(guard.value())?.last_updated_micros),
                     None => None,

@@ -426,7 +426,6 @@ impl VersionTables {
             &VersionSources {
                 versions: &self.versions,
                 bodies: &self.bodies,
-                changes: &self.changes,
                 pending: &candidates,
             },
             resource_type,
@@ -1047,36 +1046,18 @@ enum Lookup {
 }
 
 /// Where the versions of one snapshot are: `versions`, and the pending versions of the
-/// resource looked up (`pending.rs`), whose records are in their change rows.
-struct VersionSources<'a, V, B, C> {
+/// resource looked up (`pending.rs`).
+struct VersionSources<'a, V, B> {
     versions: &'a V,
     bodies: &'a B,
-    changes: &'a C,
     /// The resource's pending versions in this snapshot, oldest first.
     pending: &'a [pending::PendingVersion],
 }
 
 type VersionsTable = (&'static str, &'static str, u64);
 
-/// The record of a pending version of `Type/id`, from its change row.
-fn pending_record(
-    changes: &impl ReadableTable<u64, &'static [u8]>,
-    resource_type: &str,
-    id: &str,
-    pending: pending::PendingVersion,
-) -> Result<VersionRecord<'static>> {
-    let missing = || Error::Corrupted(format!("change {} is not a pending version", pending.seq));
-    let bytes = changes.get(pending.seq)?.ok_or_else(missing)?;
-    let change = record::Change::decode(bytes.value())?;
-    if change.resource_type != resource_type || change.id != id || change.version != pending.version
-    {
-        return Err(missing());
-    }
-    change.pending_record(pending.seq).ok_or_else(missing)
-}
-
-fn find_version<V, B, C>(
-    sources: &VersionSources<'_, V, B, C>,
+fn find_version<V, B>(
+    sources: &VersionSources<'_, V, B>,
     resource_type: &str,
     id: &str,
     which: Lookup,
@@ -1084,7 +1065,6 @@ fn find_version<V, B, C>(
 where
     V: ReadableTable<VersionsTable, &'static [u8]>,
     B: ReadableTable<u64, &'static [u8]>,
-    C: ReadableTable<u64, &'static [u8]>,
 {
     let found =
         |version: u64, record: &VersionRecord<'_>| -> Result<Option<(u64, StoredResource)>> {
@@ -1093,10 +1073,8 @@ where
                 StoredResource::from_record(resource_type, id, version, record, sources.bodies)?,
             )))
         };
-    let from_pending = |pending: pending::PendingVersion| {
-        let record = pending_record(sources.changes, resource_type, id, pending)?;
-        found(pending.version, &record)
-    };
+    let from_pending =
+        |pending: pending::PendingVersion| found(pending.version, &pending.version_record());
     let all_versions = (resource_type, id, 0)..=(resource_type, id, u64::MAX);
     match which {
         Lookup::Version(version) => {
@@ -1127,10 +1105,9 @@ where
             // Version ids grow with time, so the newest version at or before `micros` is the
             // newer of the newest such pending one and the newest such stored one.
             let mut pending_hit = None;
-            for &pending in sources.pending.iter().rev() {
-                let record = pending_record(sources.changes, resource_type, id, pending)?;
-                if record.last_updated_micros <= micros {
-                    pending_hit = Some((pending.version, record));
+            for pending in sources.pending.iter().rev() {
+                if pending.last_updated_micros <= micros {
+                    pending_hit = Some((pending.version, pending.version_record()));
                     break;
                 }
             }

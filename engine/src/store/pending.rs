@@ -33,14 +33,28 @@ use std::sync::{OnceLock, RwLock};
 
 use redb::ReadableTable;
 
-use super::record::{CHANGES, Change, META, META_MERGED_THROUGH, VERSIONS, encode_record};
+use super::record::{
+    CHANGES, Change, META, META_MERGED_THROUGH, PendingRecord, VERSIONS, VersionRecord,
+    encode_record,
+};
 use crate::{Error, Result};
 
-/// One pending version of a resource: its version id and change seq.
+/// One pending version of a resource: its version id, change seq and the rest of its record
+/// (held here so that a read needs no look-up in `changes`: versions never change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PendingVersion {
     pub(crate) version: u64,
     pub(crate) seq: u64,
+    pub(crate) last_updated_micros: i64,
+    pub(crate) record: PendingRecord,
+}
+
+impl PendingVersion {
+    /// Its version record (format 3: the body is in `bodies` under the seq).
+    pub(crate) fn version_record(&self) -> VersionRecord<'static> {
+        self.record
+            .version_record(self.seq, self.last_updated_micros)
+    }
 }
 
 /// Pending versions by `Type/id`, each list in increasing version order.
@@ -118,14 +132,14 @@ impl PendingIndex {
             for entry in changes.range(after + 1..=through)? {
                 let (seq, bytes) = entry?;
                 let change = Change::decode(bytes.value())?;
-                if change.pending.is_some() {
-                    let version = change.version;
-                    let seq = seq.value();
-                    index.insert(
-                        &change.resource_type,
-                        &change.id,
-                        PendingVersion { version, seq },
-                    );
+                if let Some(record) = change.pending {
+                    let pending = PendingVersion {
+                        version: change.version,
+                        seq: seq.value(),
+                        last_updated_micros: change.last_updated_micros,
+                        record,
+                    };
+                    index.insert(&change.resource_type, &change.id, pending);
                     rows += 1;
                 }
             }
@@ -375,7 +389,15 @@ mod tests {
     use super::*;
 
     fn at(version: u64, seq: u64) -> PendingVersion {
-        PendingVersion { version, seq }
+        PendingVersion {
+            version,
+            seq,
+            last_updated_micros: i64::try_from(seq).unwrap(),
+            record: PendingRecord {
+                kind: super::super::VersionKind::Updated,
+                content_hash: [0; 32],
+            },
+        }
     }
 
     #[test]

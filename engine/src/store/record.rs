@@ -395,6 +395,23 @@ pub(crate) struct PendingRecord {
     pub(crate) content_hash: [u8; 32],
 }
 
+impl PendingRecord {
+    /// The version record this is part of: a format-3 record (body in `bodies`).
+    pub(crate) fn version_record(
+        self,
+        change_seq: u64,
+        last_updated_micros: i64,
+    ) -> VersionRecord<'static> {
+        VersionRecord {
+            kind: self.kind,
+            last_updated_micros,
+            change_seq,
+            content_hash: self.content_hash,
+            body: RecordBody::InBodies,
+        }
+    }
+}
+
 /// Set in the type length byte of a change row that carries its version's record. Type
 /// names are at most 40 bytes, so the bit is never part of a length.
 const CHANGE_CARRIES_RECORD: u8 = 0x80;
@@ -461,13 +478,8 @@ impl Change {
 
     /// The version record of a pending change row at `change_seq`, if it carries one.
     pub(crate) fn pending_record(&self, change_seq: u64) -> Option<VersionRecord<'static>> {
-        self.pending.map(|record| VersionRecord {
-            kind: record.kind,
-            last_updated_micros: self.last_updated_micros,
-            change_seq,
-            content_hash: record.content_hash,
-            body: RecordBody::InBodies,
-        })
+        self.pending
+            .map(|record| record.version_record(change_seq, self.last_updated_micros))
     }
 }
 

@@ -230,12 +230,10 @@ impl<'s> WriteTxn<'s> {
     fn current(&self, resource_type: &str, id: &str) -> Result<Option<StoredResource>> {
         let versions = self.txn.open_table(VERSIONS)?;
         let bodies = self.txn.open_table(BODIES)?;
-        let changes = self.txn.open_table(CHANGES)?;
         let pending = self.pending_versions(resource_type, id);
         let sources = VersionSources {
             versions: &versions,
             bodies: &bodies,
-            changes: &changes,
             pending: &pending,
         };
         Ok(find_version(&sources, resource_type, id, Lookup::Current)?.map(|(_, s)| s))
@@ -390,6 +388,11 @@ impl<'s> WriteTxn<'s> {
             let version = PendingVersion {
                 version: stored.version,
                 seq: self.next_change,
+                last_updated_micros: stored.last_updated.timestamp_micros(),
+                record: PendingRecord {
+                    kind: stored.kind,
+                    content_hash: stored.content_hash,
+                },
             };
             self.own_pending
                 .insert(&stored.resource_type, &stored.id, version);
