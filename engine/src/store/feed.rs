@@ -10,10 +10,10 @@
 
 use redb::ReadableDatabase;
 
-use super::record::{BODIES, CHANGES, Change, VERSIONS, VersionRecord};
-use super::{AccessContext, Store, StoredResource};
+use super::record::{BODIES, CHANGES, Change, VERSIONS};
+use super::{AccessContext, Store, StoredResource, version_of_change};
+use crate::Result;
 use crate::audit::{AuditAction, AuditRecord};
-use crate::{Error, Result};
 
 /// The audit action of a change-feed read.
 const INDEX_SYNC_ACTION: &str = "index-sync";
@@ -184,30 +184,8 @@ impl Store {
                 page.next_after = seq;
                 continue;
             }
-            let stored_record;
-            let record = match change.pending_record(seq) {
-                Some(record) => record,
-                None => {
-                    stored_record = versions
-                        .get((
-                            change.resource_type.as_str(),
-                            change.id.as_str(),
-                            change.version,
-                        ))?
-                        .ok_or_else(|| Error::Corrupted("change names a missing version".into()))?;
-                    VersionRecord::decode(stored_record.value())?
-                }
-            };
-            page.changes.push((
-                seq,
-                FeedItem::Read(StoredResource::from_record(
-                    &change.resource_type,
-                    &change.id,
-                    change.version,
-                    &record,
-                    &bodies,
-                )?),
-            ));
+            let stored = version_of_change(&versions, &bodies, seq, &change)?;
+            page.changes.push((seq, FeedItem::Read(stored)));
             page.next_after = seq;
         }
         Ok(page)

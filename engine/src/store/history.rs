@@ -286,27 +286,7 @@ fn collect_changes(
             next = Some(seq + 1);
             break;
         }
-        let stored_record;
-        let record = match change.pending_record(seq) {
-            Some(record) => record,
-            None => {
-                stored_record = versions
-                    .get((
-                        change.resource_type.as_str(),
-                        change.id.as_str(),
-                        change.version,
-                    ))?
-                    .ok_or_else(|| Error::Corrupted("change names a missing version".into()))?;
-                VersionRecord::decode(stored_record.value())?
-            }
-        };
-        entries.push(StoredResource::from_record(
-            &change.resource_type,
-            &change.id,
-            change.version,
-            &record,
-            &bodies,
-        )?);
+        entries.push(super::version_of_change(&versions, &bodies, seq, &change)?);
     }
     Ok(HistoryPage { entries, next })
 }

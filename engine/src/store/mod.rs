@@ -1056,6 +1056,29 @@ struct VersionSources<'a, V, B> {
 
 type VersionsTable = (&'static str, &'static str, u64);
 
+/// The version that change `seq` wrote: from the change row if it carries the record (a
+/// pending version, merged or not: its body stays in `bodies`), else from `versions`.
+fn version_of_change(
+    versions: &impl ReadableTable<VersionsTable, &'static [u8]>,
+    bodies: &impl ReadableTable<u64, &'static [u8]>,
+    seq: u64,
+    change: &record::Change,
+) -> Result<StoredResource> {
+    let (resource_type, id, version) = (
+        change.resource_type.as_str(),
+        change.id.as_str(),
+        change.version,
+    );
+    if let Some(record) = change.pending_record(seq) {
+        return StoredResource::from_record(resource_type, id, version, &record, bodies);
+    }
+    let bytes = versions
+        .get((resource_type, id, version))?
+        .ok_or_else(|| Error::Corrupted("change names a missing version".into()))?;
+    let record = VersionRecord::decode(bytes.value())?;
+    StoredResource::from_record(resource_type, id, version, &record, bodies)
+}
+
 fn find_version<V, B>(
     sources: &VersionSources<'_, V, B>,
     resource_type: &str,

@@ -37,6 +37,14 @@ fn ctx() -> AccessContext {
     AccessContext::new("tester", "unit-test", "local", "req-1")
 }
 
+/// Copies every file of directory `from` into `to` (a database's files, to damage and restore).
+fn copy_files(from: &Path, to: &Path) {
+    for file in std::fs::read_dir(from).unwrap() {
+        let file = file.unwrap();
+        std::fs::copy(file.path(), to.join(file.file_name())).unwrap();
+    }
+}
+
 /// Moves every pending version into `versions` now (`pending.rs`), for tests that look at
 /// the table's layout.
 pub(crate) fn merge_now(store: &Store) {
@@ -1485,16 +1493,8 @@ fn check_finds_versions_that_disagree_with_their_bodies_or_changes() {
     // and undone by the next one's setup from a saved copy of the files.
     let saved = dir.path().join("saved");
     std::fs::create_dir(&saved).unwrap();
-    for file in std::fs::read_dir(&db_dir).unwrap() {
-        let file = file.unwrap();
-        std::fs::copy(file.path(), saved.join(file.file_name())).unwrap();
-    }
-    let restore = || {
-        for file in std::fs::read_dir(&saved).unwrap() {
-            let file = file.unwrap();
-            std::fs::copy(file.path(), db_dir.join(file.file_name())).unwrap();
-        }
-    };
+    copy_files(&db_dir, &saved);
+    let restore = || copy_files(&saved, &db_dir);
     type Damage = fn(&redb::WriteTransaction);
     let damages: [(&str, Damage); 4] = [
         ("content hash", |txn| {
@@ -2295,10 +2295,7 @@ fn check_finds_pending_versions_that_disagree_with_the_other_tables() {
     }
     let saved = dir.path().join("saved");
     std::fs::create_dir(&saved).unwrap();
-    for file in std::fs::read_dir(&db_dir).unwrap() {
-        let file = file.unwrap();
-        std::fs::copy(file.path(), saved.join(file.file_name())).unwrap();
-    }
+    copy_files(&db_dir, &saved);
     type Damage = fn(&redb::WriteTransaction);
     let damages: [(&str, Damage); 2] = [
         ("does not match its content hash", |txn| {
@@ -2348,10 +2345,7 @@ fn check_finds_pending_versions_that_disagree_with_the_other_tables() {
         ),
     ];
     for (expected, damage) in damages {
-        for file in std::fs::read_dir(&saved).unwrap() {
-            let file = file.unwrap();
-            std::fs::copy(file.path(), db_dir.join(file.file_name())).unwrap();
-        }
+        copy_files(&saved, &db_dir);
         {
             let store = store_without_merges(dir.path());
             let txn = store.inner.db.begin_write().unwrap();
