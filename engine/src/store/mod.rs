@@ -1245,13 +1245,25 @@ impl Inner {
     /// exactly as before, and the next commit tries again.
     fn merge_if_due(&self) {
         if pending::SharedPending::merge_due(&self.pending, self.merge_threshold) {
-            let _ = self.merge_pending();
+            let _ = self.merge(false);
         }
     }
 
     /// Moves every pending version into `versions` (`pending.rs`), in a durable commit.
     fn merge_pending(&self) -> Result<()> {
+        self.merge(true)
+    }
+
+    fn merge(&self, even_if_not_due: bool) -> Result<()> {
         let txn = self.begin_write_txn()?;
+        // Committers that found a merge due at once queue for the writer; the first merges,
+        // and the others find nothing left to do.
+        if !even_if_not_due
+            && !pending::SharedPending::merge_due(&self.pending, self.merge_threshold)
+        {
+            txn.abort()?;
+            return Ok(());
+        }
         let (old_merged_through, rows) = pending::merge_into(&txn)?;
         self.commit_audited(txn, Vec::new(), &[], None, CommitSync::Now)?;
         pending::SharedPending::merged(&self.pending, old_merged_through, rows);
