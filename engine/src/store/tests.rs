@@ -45,6 +45,18 @@ fn copy_files(from: &Path, to: &Path) {
     }
 }
 
+/// Damage for `check` to find: the first row of `bodies` gets the bytes of the second.
+fn give_the_first_body_the_seconds_bytes(txn: &redb::WriteTransaction) {
+    let mut bodies = txn.open_table(record::BODIES).unwrap();
+    let (seq, other) = {
+        let mut rows = bodies.iter().unwrap();
+        let (first, _) = rows.next().unwrap().unwrap();
+        let (_, second) = rows.next().unwrap().unwrap();
+        (first.value(), second.value().to_vec())
+    };
+    bodies.insert(seq, other.as_slice()).unwrap();
+}
+
 /// Moves every pending version into `versions` now (`pending.rs`), for tests that look at
 /// the table's layout.
 pub(crate) fn merge_now(store: &Store) {
@@ -1497,16 +1509,7 @@ fn check_finds_versions_that_disagree_with_their_bodies_or_changes() {
     let restore = || copy_files(&saved, &db_dir);
     type Damage = fn(&redb::WriteTransaction);
     let damages: [(&str, Damage); 4] = [
-        ("content hash", |txn| {
-            let mut bodies = txn.open_table(record::BODIES).unwrap();
-            let (seq, other) = {
-                let mut rows = bodies.iter().unwrap();
-                let (first, _) = rows.next().unwrap().unwrap();
-                let (_, second) = rows.next().unwrap().unwrap();
-                (first.value(), second.value().to_vec())
-            };
-            bodies.insert(seq, other.as_slice()).unwrap();
-        }),
+        ("content hash", give_the_first_body_the_seconds_bytes),
         ("missing", |txn| {
             let mut bodies = txn.open_table(record::BODIES).unwrap();
             let seq = bodies.first().unwrap().unwrap().0.value();
@@ -2298,16 +2301,10 @@ fn check_finds_pending_versions_that_disagree_with_the_other_tables() {
     copy_files(&db_dir, &saved);
     type Damage = fn(&redb::WriteTransaction);
     let damages: [(&str, Damage); 2] = [
-        ("does not match its content hash", |txn| {
-            let mut bodies = txn.open_table(record::BODIES).unwrap();
-            let (seq, other) = {
-                let mut rows = bodies.iter().unwrap();
-                let (first, _) = rows.next().unwrap().unwrap();
-                let (_, second) = rows.next().unwrap().unwrap();
-                (first.value(), second.value().to_vec())
-            };
-            bodies.insert(seq, other.as_slice()).unwrap();
-        }),
+        (
+            "does not match its content hash",
+            give_the_first_body_the_seconds_bytes,
+        ),
         (
             "is pending, but its version is in the versions table",
             |txn| {
