@@ -57,6 +57,21 @@ fn give_the_first_body_the_seconds_bytes(txn: &redb::WriteTransaction) {
     bodies.insert(seq, other.as_slice()).unwrap();
 }
 
+/// Copies `store` into `DIR/copy` under a new key file, whose source it returns.
+fn copy_into(store: &Store, dir: &Path) -> KeySource {
+    let copy_key = dir.join("copy.key");
+    create_key_file(&copy_key).unwrap();
+    store
+        .copy_to(
+            &ctx(),
+            &dir.join("copy"),
+            KeySource::KeyFile(copy_key.clone()),
+            KdfParams::fast_insecure(),
+        )
+        .unwrap();
+    KeySource::KeyFile(copy_key)
+}
+
 /// Moves every pending version into `versions` now (`pending.rs`), for tests that look at
 /// the table's layout.
 pub(crate) fn merge_now(store: &Store) {
@@ -1647,21 +1662,12 @@ fn records_with_inline_bodies_are_read_beside_records_with_bodies_in_their_table
     store.compact(&c).unwrap();
     assert_eq!(store.read(&c, "Patient", "o5").unwrap(), before[4]);
     assert_eq!(store.read(&c, "Patient", "n1").unwrap().version, 1);
-    let copy_key = dir.path().join("copy.key");
-    create_key_file(&copy_key).unwrap();
-    store
-        .copy_to(
-            &c,
-            &dir.path().join("copy"),
-            KeySource::KeyFile(copy_key.clone()),
-            KdfParams::fast_insecure(),
-        )
-        .unwrap();
+    let copy_key = copy_into(&store, dir.path());
     drop(store);
     let report = Store::check(&c, dir.path().join("db"), key_for(dir.path())).unwrap();
     assert!(report.redb_integrity_ok);
     let copy = Store::builder(dir.path().join("copy"))
-        .key(KeySource::KeyFile(copy_key))
+        .key(copy_key)
         .open()
         .unwrap();
     assert_eq!(copy.read(&c, "Patient", "o7").unwrap(), before[6]);
@@ -2123,21 +2129,12 @@ fn pending_versions_read_the_same_by_every_path_before_and_after_merges() {
     store = store_without_merges(dir.path());
     assert!(pending_in_cache(&store) > 0, "reopening finds them again");
     assert_eq!(every_read(&store, &ids), mixed, "after a reopen");
-    let copy_key = dir.path().join("copy.key");
-    create_key_file(&copy_key).unwrap();
-    store
-        .copy_to(
-            &c,
-            &dir.path().join("copy"),
-            KeySource::KeyFile(copy_key.clone()),
-            KdfParams::fast_insecure(),
-        )
-        .unwrap();
+    let copy_key = copy_into(&store, dir.path());
     store.compact(&c).unwrap();
     assert_eq!(pending_in_cache(&store), 0, "compaction merges first");
     assert_eq!(every_read(&store, &ids), mixed, "after compaction");
     let copy = Store::builder(dir.path().join("copy"))
-        .key(KeySource::KeyFile(copy_key))
+        .key(copy_key)
         .merge_threshold(usize::MAX)
         .open()
         .unwrap();
