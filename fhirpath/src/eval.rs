@@ -261,15 +261,54 @@ fn push_values<'a>(
         Value::Array(items) => {
             let exts = ext.and_then(Value::as_array);
             for (i, v) in items.iter().enumerate() {
-                if v.is_null() {
-                    continue;
-                }
                 let e = exts.and_then(|a| a.get(i)).filter(|e| !e.is_null());
-                out.push(Item::Node(Node::new(v, e, ty)));
+                // `[null]` with an extension sibling is a repetition that has no value but
+                // does exist (FHIR JSON's alignment of `given` and `_given`).
+                if !v.is_null() || e.is_some() {
+                    out.push(Item::Node(Node::new(v, e, ty)));
+                }
+            }
+            // Repetitions that only `_name` has (`_given` longer than `given`).
+            if let Some(exts) = exts {
+                for e in exts.iter().skip(items.len()).filter(|e| !e.is_null()) {
+                    out.push(Item::Node(Node::new(&NO_VALUE, Some(e), ty)));
+                }
             }
         }
-        Value::Null => {}
+        Value::Null => push_ext_only(ext, ty, out),
         v => out.push(Item::Node(Node::new(v, ext, ty))),
+    }
+}
+
+/// The value of a primitive that has only its `_name` sibling (an id or extensions, such as
+/// a data-absent-reason): the element exists, `hasValue()` is false, and operators treat it
+/// as empty.
+static NO_VALUE: Value = Value::Null;
+
+/// Appends the primitives that `ext` (a `_name` sibling whose `name` is absent or null)
+/// says exist without a value.
+fn push_ext_only<'a>(ext: Option<&'a Value>, ty: Option<TypeId>, out: &mut Coll<'a>) {
+    match ext {
+        Some(Value::Array(exts)) => {
+            for e in exts.iter().filter(|e| !e.is_null()) {
+                out.push(Item::Node(Node::new(&NO_VALUE, Some(e), ty)));
+            }
+        }
+        Some(e @ Value::Object(_)) => out.push(Item::Node(Node::new(&NO_VALUE, Some(e), ty))),
+        _ => {}
+    }
+}
+
+/// `items` without value-less primitives: operators compute on values, and FHIRPath treats
+/// a primitive without one as empty there.
+fn values_only(items: Coll<'_>) -> Coll<'_> {
+    if items.iter().any(Item::is_valueless) {
+        items
+            .into_iter()
+            .filter(|item| !item.is_valueless())
+            .collect()
+    } else {
+        items
     }
 }
 
@@ -345,13 +384,25 @@ pub(crate) fn navigate<'a>(item: &Item<'a>, name: &str, out: &mut Coll<'a>) {
                     && let Some(t) = suffix_type(Some(&def.types), suffix)
                 {
                     push_values(value, primitive_ext(obj, key, value), Some(t), out);
+                } else if let Some(choice) = key.strip_prefix('_')
+                    && let Some(suffix) = choice.strip_prefix(name)
+                    && first_upper(suffix)
+                    && !obj.contains_key(choice)
+                    && let Some(t) = suffix_type(Some(&def.types), suffix)
+                {
+                    push_ext_only(Some(value), Some(t), out);
                 }
             }
         }
         Some(def) => {
-            if let Some(value) = crate::item::member(obj, name) {
-                let ty = def.types.first().copied();
-                push_values(value, primitive_ext(obj, name, value), ty, out);
+            let ty = def.types.first().copied();
+            match crate::item::member(obj, name) {
+                Some(value) => push_values(value, primitive_ext(obj, name, value), ty, out),
+                // Only primitives have a `_name` sibling, so only their look-up can find one.
+                None if ty.is_some_and(|t| m.is_primitive(t)) => {
+                    push_ext_only(ext_key(obj, name), ty, out);
+                }
+                None => {}
             }
         }
         None => {
@@ -497,6 +548,10 @@ fn binary<'a>(
         _ => {}
     }
     let b = eval(ctx, rhs, focus, scope)?;
+    let (a, b) = match op {
+        BinOp::Union => (a, b),
+        _ => (values_only(a), values_only(b)),
+    };
     match op {
         BinOp::Union => {
             let mut out = Vec::with_capacity(a.len() + b.len());

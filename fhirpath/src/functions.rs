@@ -177,6 +177,7 @@ fn input_string<'x>(input: &'x [Item<'_>], name: &str) -> Result<Option<&'x str>
         None => Ok(None),
         Some(item) => match prim(item) {
             Prim::Str(s) => Ok(Some(s)),
+            Prim::Complex(Value::Null) => Ok(None),
             _ => err(format!("{name}() needs a String input")),
         },
     }

@@ -109,6 +109,12 @@ impl<'a> Item<'a> {
         }
     }
 
+    /// Whether this is a primitive element that exists without a value: its JSON has only
+    /// the `_name` sibling (an id or extensions, such as a data-absent-reason).
+    pub fn is_valueless(&self) -> bool {
+        matches!(self, Item::Node(n) if !n.stub && n.value.is_null())
+    }
+
     /// The FHIR type name when known; for resources the resource type. Computed values report
     /// the matching FHIR primitive name (`boolean`, `integer`, `decimal`, `string`, `date`,
     /// `dateTime`, `time`) or `Quantity`.
@@ -133,6 +139,7 @@ impl fmt::Display for Item<'_> {
         match self {
             Item::Node(n) => match n.value {
                 Value::String(s) => f.write_str(s),
+                Value::Null => Ok(()),
                 other => write!(f, "{other}"),
             },
             Item::Boolean(b) => write!(f, "{b}"),

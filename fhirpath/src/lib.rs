@@ -328,6 +328,72 @@ mod tests {
     }
 
     #[test]
+    fn a_primitive_with_only_its_extension_sibling_exists_without_a_value() {
+        let absent = json!({"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}]});
+        let p = json!({"resourceType": "Patient",
+            "_birthDate": absent,
+            "name": [{"given": ["Ann", null], "_given": [null, absent]}],
+            "_active": absent});
+        let dar = "extension('http://hl7.org/fhir/StructureDefinition/data-absent-reason').value";
+        assert_eq!(
+            texts("Patient.birthDate.exists()", &p),
+            vec!["boolean:true"]
+        );
+        assert_eq!(
+            texts("Patient.birthDate.hasValue()", &p),
+            vec!["boolean:false"]
+        );
+        assert_eq!(
+            texts(&format!("Patient.birthDate.{dar}"), &p),
+            vec!["code:unknown"]
+        );
+        assert_eq!(texts("Patient.birthDate", &p), vec!["date:"]);
+        // Operators and functions compute on values: a value-less primitive is empty there.
+        assert!(texts("Patient.birthDate = @1970-01-01", &p).is_empty());
+        assert!(texts("Patient.birthDate < @1970-01-01", &p).is_empty());
+        assert!(texts("Patient.birthDate.toString()", &p).is_empty());
+        assert!(texts("Patient.active.not()", &p).is_empty());
+        assert_eq!(
+            texts("Patient.where(active).exists()", &p),
+            vec!["boolean:false"]
+        );
+        assert_eq!(texts("Patient.name.given.count()", &p), vec!["integer:2"]);
+        assert_eq!(
+            texts("Patient.name.given.where(hasValue())", &p),
+            vec!["string:Ann"]
+        );
+        assert_eq!(
+            texts(&format!("Patient.name.given.{dar}"), &p),
+            vec!["code:unknown"]
+        );
+        assert!(texts("Patient.name.given.last().startsWith('A')", &p).is_empty());
+        // `_given` longer than `given`, and a choice element known only by `_valueString`.
+        let longer = json!({"resourceType": "Patient",
+            "name": [{"given": ["Ann"], "_given": [null, absent]}]});
+        assert_eq!(
+            texts("Patient.name.given.count()", &longer),
+            vec!["integer:2"]
+        );
+        let obs = json!({"resourceType": "Observation", "status": "final",
+            "code": {"text": "x"}, "_valueString": absent});
+        assert_eq!(
+            texts("Observation.value.exists()", &obs),
+            vec!["boolean:true"]
+        );
+        assert_eq!(
+            texts("Observation.value.ofType(string).hasValue()", &obs),
+            vec!["boolean:false"]
+        );
+        // A present value keeps its own extension sibling as before.
+        let both = json!({"resourceType": "Patient", "birthDate": "1970", "_birthDate": absent});
+        assert_eq!(texts("Patient.birthDate", &both), vec!["date:1970"]);
+        assert_eq!(
+            texts(&format!("Patient.birthDate.{dar}"), &both),
+            vec!["code:unknown"]
+        );
+    }
+
+    #[test]
     fn unions_indexers_and_errors_without_content() {
         let p = json!({"resourceType": "Patient", "name": [{"given": ["Ann", "Bo"]}, {"given": ["Ann"]}]});
         assert_eq!(

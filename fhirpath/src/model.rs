@@ -36,6 +36,9 @@ pub(crate) struct Model {
     /// Per type: whether it is `Resource` or derives from it (a JSON object of that type
     /// names its concrete type in `resourceType`).
     resource_types: Vec<bool>,
+    /// Per type: whether it is a FHIR primitive (`string`, `date`, ...: the names that start
+    /// in lower case), whose JSON may carry a `_name` sibling.
+    primitive_types: Vec<bool>,
     /// Per type: its children and those of its bases (the nearest definition of a name wins),
     /// so that a look-up is one hash probe instead of a binary search per level of the type
     /// hierarchy: `child` runs for every step of every search parameter's path.
@@ -60,6 +63,7 @@ impl Model {
             types: Vec::new(),
             by_path: FxHashMap::default(),
             resource_types: Vec::new(),
+            primitive_types: Vec::new(),
             all_children: Vec::new(),
         };
         let mut bases: Vec<(TypeId, String)> = Vec::new();
@@ -143,6 +147,11 @@ impl Model {
         model.resource_types = (0..model.types.len())
             .map(|id| model.is_a(id as TypeId, "Resource"))
             .collect();
+        model.primitive_types = model
+            .types
+            .iter()
+            .map(|info| info.name.starts_with(|c: char| c.is_ascii_lowercase()))
+            .collect();
         model.all_children = (0..model.types.len())
             .map(|id| model.inherited_children(id as TypeId))
             .collect();
@@ -172,6 +181,14 @@ impl Model {
             .get(id as usize)
             .copied()
             .unwrap_or(true)
+    }
+
+    /// Whether `id` is a FHIR primitive type.
+    pub(crate) fn is_primitive(&self, id: TypeId) -> bool {
+        self.primitive_types
+            .get(id as usize)
+            .copied()
+            .unwrap_or(false)
     }
 
     fn intern(&mut self, path: &str) -> TypeId {

@@ -276,6 +276,8 @@ pub(crate) fn singleton_bool(items: &[Item<'_>]) -> Result<Option<bool>, Error> 
         [] => Ok(None),
         [item] => match prim(item) {
             Prim::Bool(b) => Ok(Some(b)),
+            // A primitive that exists without a value counts as empty.
+            Prim::Complex(Value::Null) => Ok(None),
             _ => Ok(Some(true)),
         },
         _ => err("expected a single Boolean but got a collection"),
@@ -287,6 +289,8 @@ pub(crate) fn singleton_integer(items: &[Item<'_>]) -> Result<Option<i64>, Error
         [] => Ok(None),
         [item] => match prim(item) {
             Prim::Int(i) => Ok(Some(i)),
+            // A primitive that exists without a value counts as empty.
+            Prim::Complex(Value::Null) => Ok(None),
             _ => err("expected an Integer"),
         },
         _ => err("expected a single Integer but got a collection"),
@@ -298,6 +302,8 @@ pub(crate) fn singleton_string<'x>(items: &'x [Item<'_>]) -> Result<Option<&'x s
         [] => Ok(None),
         [item] => match prim(item) {
             Prim::Str(s) => Ok(Some(s)),
+            // A primitive that exists without a value counts as empty.
+            Prim::Complex(Value::Null) => Ok(None),
             _ => err("expected a String"),
         },
         _ => err("expected a single String but got a collection"),

@@ -206,6 +206,9 @@ fn locate_all(doc: &Value, expression: &Expression, op: usize) -> Result<Vec<Vec
     })?;
     items
         .iter()
+        // A primitive with only its `_name` sibling has no node of its own to change; such
+        // an element is out of this implementation's reach and is left as it is.
+        .filter(|item| !item.is_valueless())
         .map(|item| {
             item.json()
                 .and_then(|target| locate(doc, target))

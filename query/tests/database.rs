@@ -611,6 +611,32 @@ fn every_parameter_type_and_modifier() {
 }
 
 #[test]
+fn a_value_absent_for_a_reason_is_missing_and_matches_no_value() {
+    let t = new_db();
+    let absent = json!({"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "asked-declined"}]});
+    put(
+        &t.db,
+        json!({"resourceType": "Patient", "id": "declined", "_birthDate": absent,
+            "name": [{"family": "Doe", "given": [null], "_given": [absent]}]}),
+    );
+    put(&t.db, patient("known", "Roe", "1970-01-01"));
+    assert_eq!(
+        keys(&t.db, "Patient?birthdate:missing=true"),
+        ["Patient/declined"]
+    );
+    assert_eq!(
+        keys(&t.db, "Patient?birthdate:missing=false"),
+        ["Patient/known"]
+    );
+    assert_eq!(keys(&t.db, "Patient?birthdate=le2100"), ["Patient/known"]);
+    assert_eq!(
+        keys(&t.db, "Patient?given:missing=true"),
+        ["Patient/declined"]
+    );
+    assert_eq!(keys(&t.db, "Patient?family=doe"), ["Patient/declined"]);
+}
+
+#[test]
 fn lists_and_uris() {
     let t = clinical_db();
     put(
