@@ -20,6 +20,11 @@ fn resources() -> &'static [Value] {
                    "subject": {"reference": "Patient/p"}, "valueQuantity": {"value": 185, "unit": "lbs", "code": "[lb_av]"},
                    "effectivePeriod": {"start": "2013-04-02T10:30:10+01:00"},
                    "component": [{"code": {"text": "x"}, "valueString": "y"}]}),
+            // Primitives that exist without a value (only their `_name` sibling).
+            json!({"resourceType": "Patient", "id": "q",
+                   "_birthDate": {"extension": [{"url": "http://x", "valueCode": "unknown"}]},
+                   "name": [{"given": ["Ann", null], "_given": [null, {"id": "g2"}, {"id": "g3"}]}],
+                   "_deceasedBoolean": {"id": "d"}, "_active": {"extension": []}}),
         ]
     })
 }
