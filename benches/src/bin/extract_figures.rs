@@ -53,12 +53,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut terms = 0usize;
     let mut distinct = HashSet::new();
+    let mut distinct_words: HashSet<String> = HashSet::new();
     let (mut narrative_words, mut content_words, mut references, mut sort_keys) = (0, 0, 0, 0);
     for (resource_type, resource) in &resources {
         let (entries, _) = extract(&registry, resource_type, resource);
         terms += entries.terms.len();
         narrative_words += words(&entries.narrative);
         content_words += words(&entries.content);
+        distinct_words.extend(
+            entries
+                .content
+                .split(|c: char| !c.is_alphanumeric())
+                .filter(|word| !word.is_empty())
+                .map(str::to_lowercase),
+        );
         references += entries.references.len();
         sort_keys += entries.sort_keys.len();
         distinct.extend(entries.terms);
@@ -103,6 +111,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "| `_content` words per resource | {:.2} |",
         per(content_words)
+    );
+    println!(
+        "| distinct `_content` words per resource | {:.3} |",
+        per(distinct_words.len())
+    );
+    println!(
+        "| distinct `_content` word bytes | {} |",
+        distinct_words.iter().map(String::len).sum::<usize>()
     );
     println!(
         "| reference column values per resource | {:.2} |",
