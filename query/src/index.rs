@@ -33,12 +33,13 @@ use crate::extract::IndexEntries;
 use crate::priority;
 use crate::{Error, Result};
 
-/// The schema version, stored in the commit payload; a different one means "rebuild" (9: no
+/// The schema version, stored in the commit payload; a different one means "rebuild" (10:
+/// tantivy's sorted-table term dictionary instead of its FST, see ARCHITECTURE.md; 9: no
 /// `system|` token terms; 8: composites of one focus indexed by component, values to the
 /// second as one term; 7: no
 /// terms of derived parameters, no bare-id reference terms, minute and second buckets only on
 /// crowded days; 6: `_content` holds `string` and `markdown` values only).
-const SCHEMA_VERSION: u32 = 9;
+const SCHEMA_VERSION: u32 = 10;
 
 const TEXT_TOKENIZER: &str = "fhir_text";
 
@@ -232,6 +233,13 @@ impl SearchIndex {
             Ok(_) | Err(tantivy::TantivyError::SchemaError(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
+        // An index of another version can hold segments this build cannot read (version 10
+        // changed the term dictionary's format), so it is refused before a segment is opened.
+        if let Some(payload) = index.load_metas()?.payload
+            && parse_payload(&payload).is_none_or(|state| !Self::is_current_schema(&state))
+        {
+            return Ok(None);
+        }
         index.tokenizers().register(
             TEXT_TOKENIZER,
             TextAnalyzer::builder(SimpleTokenizer::default())
@@ -708,6 +716,44 @@ mod tests {
             tantivy::IndexSettings::default(),
         )
         .unwrap();
+        assert!(SearchIndex::open(Box::new(directory)).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_index_of_another_version_with_the_same_fields_is_refused_before_its_segments_open() {
+        let directory = RamDirectory::create();
+        {
+            let index = SearchIndex::open(Box::new(directory.clone()))
+                .unwrap()
+                .unwrap();
+            let entries = IndexEntries {
+                terms: vec!["gender\u{1f}t\u{1f}female".into()],
+                ..IndexEntries::default()
+            };
+            index
+                .apply([DocumentChange {
+                    key: "Patient/p".into(),
+                    replaces: false,
+                    document: Some(index.document("Patient/p", "Patient", &entries)),
+                }])
+                .unwrap();
+            index.commit(Some(1)).unwrap();
+        }
+        let reopened = SearchIndex::open(Box::new(directory.clone()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(reopened.state().unwrap().store_seq, Some(1));
+        let searcher = reopened.searcher();
+        let query = reopened.term("gender\u{1f}t\u{1f}female");
+        assert_eq!(reopened.count(&searcher, query.as_ref()).unwrap(), 1);
+        drop(reopened);
+        // The same fields, committed by the previous version (an FST term dictionary).
+        let index = Index::open(directory.clone()).unwrap();
+        let mut writer: IndexWriter = index.writer_with_num_threads(1, 15_000_000).unwrap();
+        let mut prepared = writer.prepare_commit().unwrap();
+        prepared.set_payload("fhirkeep-index v9 seq 1");
+        prepared.commit().unwrap();
+        drop(writer);
         assert!(SearchIndex::open(Box::new(directory)).unwrap().is_none());
     }
 
