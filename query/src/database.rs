@@ -1070,13 +1070,8 @@ impl Database {
     }
 
     fn catch_up(&self, ctx: &AccessContext, visibility: Visibility) -> Result<SyncReport> {
-        let mut state = self.index.state()?;
-        let cleared = !SearchIndex::is_current_schema(&state);
-        if cleared {
-            tracing::info!("index schema changed: rebuilding the index");
-            self.index.clear()?;
-            state.store_seq = None;
-        }
+        // An index of another schema never gets here: opening refuses it, and it is rebuilt.
+        let state = self.index.state()?;
         let mut progress = *self.lock_progress()?;
         let mut after = progress.applied.or(state.store_seq);
         let mut report = SyncReport::default();
@@ -1143,10 +1138,6 @@ impl Database {
                 self.commit_index()?;
                 progress = *self.lock_progress()?;
             }
-        }
-        if cleared {
-            progress.uncommitted = progress.uncommitted.max(1);
-            *self.lock_progress()? = progress;
         }
         if visibility == Visibility::Now || progress.commit_due() {
             self.commit_index()?;

@@ -1266,6 +1266,41 @@ fn a_deleted_index_is_rebuilt_from_the_store_on_open() {
     assert_eq!(keys(&db, "Patient?_count=2"), ["Patient/p1", "Patient/p2"]);
 }
 
+#[test]
+fn an_index_of_the_previous_schema_version_is_rebuilt_from_the_store_on_open() {
+    let TestDb { dir, db } = clinical_db();
+    drop(db);
+    {
+        // Mark the index as written by schema version 9 (the FST term dictionary), as a
+        // database from before version 10 has it, and as holding every change but no
+        // document: only a rebuild from the store answers the searches below.
+        let store = fhirkeep_engine::store::Store::builder(dir.path().join("db"))
+            .key(key_source(dir.path()))
+            .open()
+            .unwrap();
+        let directory = fhirkeep_query::directory::RedbDirectory::new(
+            store.open_aux_database("index").unwrap(),
+        )
+        .unwrap();
+        let index = tantivy::Index::open(directory).unwrap();
+        let mut writer: tantivy::IndexWriter =
+            index.writer_with_num_threads(1, 15_000_000).unwrap();
+        writer.delete_all_documents().unwrap();
+        let mut prepared = writer.prepare_commit().unwrap();
+        prepared.set_payload(&format!("fhirkeep-index v9 seq {}", u64::MAX));
+        prepared.commit().unwrap();
+    }
+    let db = Database::builder(dir.path().join("db"))
+        .key(key_source(dir.path()))
+        .open()
+        .unwrap();
+    assert_eq!(
+        keys(&db, "Observation?patient=p1"),
+        ["Observation/o1", "Observation/o2"]
+    );
+    assert_eq!(keys(&db, "Patient?_count=2"), ["Patient/p1", "Patient/p2"]);
+}
+
 /// Every page of `query` (`_count` in it), following next links.
 fn all_pages(db: &Database, query: &str) -> Vec<String> {
     let mut request = parse_search_url(&db.registry().unwrap(), query, Handling::Strict).unwrap();
