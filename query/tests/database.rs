@@ -1248,13 +1248,12 @@ fn in_and_not_in_use_stored_value_sets() {
     ));
 }
 
-#[test]
-fn a_deleted_index_is_rebuilt_from_the_store_on_open() {
+/// Builds the clinical database, does `damage` to its index while it is closed (given the
+/// test directory), reopens it, and checks that searches answer from the store's data.
+fn assert_rebuilt_on_open(damage: impl FnOnce(&Path)) {
     let TestDb { dir, db } = clinical_db();
     drop(db);
-    let index_file = dir.path().join("db").join("index.redb");
-    assert!(index_file.exists());
-    std::fs::remove_file(&index_file).unwrap();
+    damage(dir.path());
     let db = Database::builder(dir.path().join("db"))
         .key(key_source(dir.path()))
         .open()
@@ -1267,15 +1266,22 @@ fn a_deleted_index_is_rebuilt_from_the_store_on_open() {
 }
 
 #[test]
+fn a_deleted_index_is_rebuilt_from_the_store_on_open() {
+    assert_rebuilt_on_open(|dir| {
+        let index_file = dir.join("db").join("index.redb");
+        assert!(index_file.exists());
+        std::fs::remove_file(&index_file).unwrap();
+    });
+}
+
+#[test]
 fn an_index_of_the_previous_schema_version_is_rebuilt_from_the_store_on_open() {
-    let TestDb { dir, db } = clinical_db();
-    drop(db);
-    {
+    assert_rebuilt_on_open(|dir| {
         // Mark the index as written by schema version 9 (the FST term dictionary), as a
         // database from before version 10 has it, and as holding every change but no
-        // document: only a rebuild from the store answers the searches below.
-        let store = fhirkeep_engine::store::Store::builder(dir.path().join("db"))
-            .key(key_source(dir.path()))
+        // document: only a rebuild from the store answers the searches.
+        let store = fhirkeep_engine::store::Store::builder(dir.join("db"))
+            .key(key_source(dir))
             .open()
             .unwrap();
         let directory = fhirkeep_query::directory::RedbDirectory::new(
@@ -1289,16 +1295,7 @@ fn an_index_of_the_previous_schema_version_is_rebuilt_from_the_store_on_open() {
         let mut prepared = writer.prepare_commit().unwrap();
         prepared.set_payload(&format!("fhirkeep-index v9 seq {}", u64::MAX));
         prepared.commit().unwrap();
-    }
-    let db = Database::builder(dir.path().join("db"))
-        .key(key_source(dir.path()))
-        .open()
-        .unwrap();
-    assert_eq!(
-        keys(&db, "Observation?patient=p1"),
-        ["Observation/o1", "Observation/o2"]
-    );
-    assert_eq!(keys(&db, "Patient?_count=2"), ["Patient/p1", "Patient/p2"]);
+    });
 }
 
 /// Every page of `query` (`_count` in it), following next links.
