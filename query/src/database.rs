@@ -283,6 +283,10 @@ type Handoff = HashMap<(String, String, u64), StoredResource>;
 /// from the store instead (only if catch-ups stopped taking them, e.g. after an index error).
 const HANDOFF_LIMIT: usize = 50_000;
 
+/// The most versions in the hand-off that keep the writer's parsed JSON (which saves the
+/// catch-up parsing the body again, but takes several times its memory).
+const HANDOFF_PARSED_LIMIT: usize = 10_000;
+
 /// The longest the index writer holds a change uncommitted while writes keep coming, so
 /// that a crash leaves little for the catch-up at the next open. Why not commit per write:
 /// every tantivy commit makes a segment, and merging many small segments took most of the CPU
@@ -567,7 +571,11 @@ impl Database {
                 stored.id.clone(),
                 stored.version,
             );
-            handoff.insert(key, stored.clone());
+            let mut stored = stored.clone();
+            if handoff.len() >= HANDOFF_PARSED_LIMIT {
+                stored.drop_parsed();
+            }
+            handoff.insert(key, stored);
         }
         Ok(())
     }
@@ -1101,22 +1109,26 @@ impl Database {
                         .ok_or_else(|| Error::Internal("a handed-off version is missing".into())),
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let last_seq = changes.last().map(|(seq, _)| *seq);
             // A stored SearchParameter is in effect for itself and every later change, so
             // the page is cut into runs that each start with one and share a registry.
-            let mut rest = changes.as_slice();
+            let mut rest = changes;
             while let Some(first) = rest.first() {
                 let run_len = 1 + rest[1..]
                     .iter()
                     .position(|(_, stored)| is_search_parameter(stored))
                     .unwrap_or(rest.len() - 1);
-                let (run, tail) = rest.split_at(run_len);
-                rest = tail;
                 if is_search_parameter(&first.1) {
                     self.add_parameter(&first.1.to_json()?);
                 }
+                let tail = rest.split_off(run_len);
+                let run = std::mem::replace(&mut rest, tail);
+                let run_len = run.len();
                 let registry = self.registry()?;
+                // Each version is consumed where it is indexed, so that the (large) parsed
+                // resources are freed in parallel rather than by this thread afterwards.
                 let extract_run = || {
-                    run.par_iter()
+                    run.into_par_iter()
                         .map(|(_, stored)| self.document_change(&registry, stored))
                         .collect::<Result<Vec<_>>>()
                 };
@@ -1128,10 +1140,10 @@ impl Database {
                 report.expression_failures += prepared.iter().map(|(_, f)| *f).sum::<u64>();
                 self.index
                     .apply(prepared.into_iter().map(|(change, _)| change))?;
-                report.changes += run.len() as u64;
-                progress.uncommitted += run.len();
+                report.changes += run_len as u64;
+                progress.uncommitted += run_len;
             }
-            after = changes.last().map(|(seq, _)| *seq).or(after);
+            after = last_seq.or(after);
             progress.applied = after;
             *self.lock_progress()? = progress;
             if progress.commit_due() {
@@ -1152,7 +1164,7 @@ impl Database {
     fn document_change(
         &self,
         registry: &Registry,
-        stored: &StoredResource,
+        stored: StoredResource,
     ) -> Result<(DocumentChange, u64)> {
         let key = format!("{}/{}", stored.resource_type, stored.id);
         let replaces = stored.version > 1;
@@ -1166,10 +1178,11 @@ impl Database {
                 0,
             ));
         }
-        let json = stored.to_json()?;
+        let json = stored.shared_json()?;
         let (entries, failures) = extract(registry, &stored.resource_type, &json);
         drop(json);
         let document = self.index.document(&key, &stored.resource_type, &entries);
+        drop(stored);
         Ok((
             DocumentChange {
                 key,

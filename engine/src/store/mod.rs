@@ -122,7 +122,7 @@ impl Default for ReadAudit {
 }
 
 /// One stored version of a resource, as readers get it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct StoredResource {
     /// The resource type.
     pub resource_type: String,
@@ -137,7 +137,25 @@ pub struct StoredResource {
     /// blake3 of [`Self::json_bytes`], as recorded in the audit log.
     pub content_hash: [u8; 32],
     body: Vec<u8>,
+    /// The body parsed, kept from the write that made this version (the writer had it
+    /// parsed already); `None` for versions read back from the file.
+    parsed: Option<Arc<Value>>,
 }
+
+/// Two versions are equal when their stored parts are: `parsed` is the body, parsed.
+impl PartialEq for StoredResource {
+    fn eq(&self, other: &Self) -> bool {
+        self.resource_type == other.resource_type
+            && self.id == other.id
+            && self.version == other.version
+            && self.last_updated == other.last_updated
+            && self.kind == other.kind
+            && self.content_hash == other.content_hash
+            && self.body == other.body
+    }
+}
+
+impl Eq for StoredResource {}
 
 impl StoredResource {
     /// The resource JSON, with `id` and `meta` set by the engine; empty for a deletion.
@@ -152,11 +170,29 @@ impl StoredResource {
 
     /// The resource JSON parsed; `Value::Null` for a deletion.
     pub fn to_json(&self) -> Result<Value> {
+        if let Some(parsed) = &self.parsed {
+            return Ok(Value::clone(parsed));
+        }
         if self.body.is_empty() {
             return Ok(Value::Null);
         }
         serde_json::from_slice(&self.body)
             .map_err(|_| Error::Corrupted("stored resource is not valid JSON".into()))
+    }
+
+    /// The resource JSON parsed, shared: the writer's own copy for a version this process
+    /// just wrote (no parsing), else parsed from the body. `Value::Null` for a deletion.
+    pub fn shared_json(&self) -> Result<Arc<Value>> {
+        match &self.parsed {
+            Some(parsed) => Ok(Arc::clone(parsed)),
+            None => self.to_json().map(Arc::new),
+        }
+    }
+
+    /// Drops the writer's parsed copy (see [`Self::shared_json`]), which takes several
+    /// times the body's memory, for a version kept a while.
+    pub fn drop_parsed(&mut self) {
+        self.parsed = None;
     }
 
     /// Whether this version is a deletion tombstone.
@@ -186,6 +222,7 @@ impl StoredResource {
             kind: record.kind,
             content_hash: record.content_hash,
             body: record.body(bodies)?,
+            parsed: None,
         })
     }
 }

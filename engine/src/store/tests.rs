@@ -99,6 +99,39 @@ fn create_assigns_unguessable_id_and_meta() {
 }
 
 #[test]
+fn a_written_version_keeps_its_parsed_json_equal_to_its_bytes() {
+    let (_dir, store) = temp_store(ReadAudit::Durable);
+    let resource = json!({
+        "resourceType": "Observation",
+        "status": "final",
+        "valueQuantity": {"value": 1.50, "unit": "mg"},
+        "note": [{"text": "quote \" and \u{00e9}"}]
+    });
+    let mut written = store.create(&ctx(), resource).unwrap();
+    let from_bytes: Value = serde_json::from_slice(written.json_bytes()).unwrap();
+    let shared = written.shared_json().unwrap();
+    assert_eq!(
+        *shared, from_bytes,
+        "the writer's copy is the stored bytes, parsed"
+    );
+    assert_eq!(
+        shared["meta"]["versionId"], "1",
+        "the copy is the stamped one"
+    );
+    assert_eq!(
+        serde_json::to_vec(&*shared).unwrap(),
+        written.json_bytes(),
+        "numbers keep their text"
+    );
+    let read = store.read(&ctx(), "Observation", &written.id).unwrap();
+    assert_eq!(read, written, "equality is of the stored parts");
+    assert_eq!(*read.shared_json().unwrap(), from_bytes);
+    written.drop_parsed();
+    assert_eq!(*written.shared_json().unwrap(), from_bytes);
+    assert_eq!(written.to_json().unwrap(), from_bytes);
+}
+
+#[test]
 fn update_delete_and_versions() {
     let (_dir, store) = temp_store(ReadAudit::Durable);
     let c = ctx();

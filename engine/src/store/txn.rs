@@ -352,7 +352,7 @@ impl<'s> WriteTxn<'s> {
         id: &str,
         version: u64,
         kind: VersionKind,
-        resource: Option<&mut Value>,
+        resource: Option<Value>,
         action: AuditAction,
     ) -> Result<StoredResource> {
         let micros = self.store.inner.tick();
@@ -802,7 +802,7 @@ impl Plan {
             self.version,
             self.kind,
             self.micros,
-            Some(&mut self.resource),
+            Some(std::mem::take(&mut self.resource)),
         )?;
         prepared.body_inline = self.body_inline;
         Ok(prepared)
@@ -852,22 +852,25 @@ fn validate_update(resource_type: &str, id: &str, resource: &Value) -> Result<()
 }
 
 /// Stamps `id` and `meta`, serializes, hashes and compresses one version (no table access).
+/// The stamped resource is kept with the version, so that whoever indexes it next need not
+/// parse the body again.
 fn prepare(
     resource_type: &str,
     id: &str,
     version: u64,
     kind: VersionKind,
     micros: i64,
-    resource: Option<&mut Value>,
+    resource: Option<Value>,
 ) -> Result<Prepared> {
     let last_updated = micros_to_datetime(micros)?;
-    let body = match resource {
-        Some(resource) => {
-            stamp(resource, id, version, &format_instant(last_updated));
-            serde_json::to_vec(resource)
-                .map_err(|_| Error::InvalidResource("resource cannot be serialized".into()))?
+    let (body, parsed) = match resource {
+        Some(mut resource) => {
+            stamp(&mut resource, id, version, &format_instant(last_updated));
+            let body = serde_json::to_vec(&resource)
+                .map_err(|_| Error::InvalidResource("resource cannot be serialized".into()))?;
+            (body, Some(std::sync::Arc::new(resource)))
         }
-        None => Vec::new(),
+        None => (Vec::new(), None),
     };
     if body.len() > MAX_BODY {
         return Err(Error::InvalidResource(format!(
@@ -888,6 +891,7 @@ fn prepare(
             kind,
             content_hash,
             body,
+            parsed,
         },
         body_inline: true,
     })
