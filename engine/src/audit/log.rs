@@ -57,6 +57,19 @@ pub(crate) const NODES: TableDefinition<'static, (u8, u64), [u8; 32]> =
 /// Signed tree heads: size → encoded head.
 pub(crate) const HEADS: TableDefinition<'static, u64, &'static [u8]> =
     TableDefinition::new("audit_heads");
+/// The time range of each block of [`LEAVES_PER_TIME_BLOCK`] leaves: block → earliest time ‖
+/// latest time (`i64` LE µs each) ‖ number of the block's leaves the range covers (`u64` LE).
+/// Leaf times follow the log's order only roughly (a read's leaf carries the time of the
+/// read and joins the log at the next group commit, after writes that came later), so a
+/// search by time cannot bisect the log; it skips the blocks whose range misses its own.
+/// A block whose range does not cover all its leaves (begun before the table existed) is
+/// read leaf by leaf.
+pub(crate) const TIME_BLOCKS: TableDefinition<'static, u64, [u8; 24]> =
+    TableDefinition::new("audit_time_blocks");
+/// Leaves per block of [`TIME_BLOCKS`]: a search by time reads one row per 1,024 leaves it
+/// skips, and a block's range is updated once per appended batch.
+pub(crate) const LEAVES_PER_TIME_BLOCK: u64 = 1024;
+
 /// Log metadata (the signing key).
 pub(crate) const META: TableDefinition<'static, &'static str, &'static [u8]> =
     TableDefinition::new("audit_meta");
@@ -437,6 +450,51 @@ fn for_each_leaf<T: ReadableTable<u64, &'static [u8]>>(
 /// [`LEAVES_PER_ROW`], in key order, inside `txn`; does nothing for a log that has none.
 /// A gap in the old table (leaves deleted) is closed up, not refused: every leaf carries its
 /// own seq, so `verify` still reports the leaves that moved.
+/// Computes [`TIME_BLOCKS`] from the leaves, for a log written before the table existed (a new
+/// log starts with it empty); once, at the first open that has the table.
+fn build_time_blocks_if_missing(txn: &WriteTransaction) -> Result<()> {
+    let exists = txn
+        .list_tables()
+        .map_err(storage)?
+        .any(|table| redb::TableHandle::name(&table) == redb::TableHandle::name(&TIME_BLOCKS));
+    if exists {
+        return Ok(());
+    }
+    let mut time_blocks = txn.open_table(TIME_BLOCKS).map_err(storage)?;
+    let leaves = txn.open_table(LEAVES).map_err(storage)?;
+    let mut current: Option<(u64, (i64, i64, u64))> = None;
+    let mut seq = 0u64;
+    for entry in leaves.iter().map_err(storage)? {
+        let (row, bytes) = entry.map_err(storage)?;
+        for leaf_bytes in row_leaves(row.value(), bytes.value())? {
+            let time = AuditLeaf::decode(leaf_bytes)?.record.time_micros;
+            let block = seq / LEAVES_PER_TIME_BLOCK;
+            match &mut current {
+                Some((at, range)) if *at == block => {
+                    range.0 = range.0.min(time);
+                    range.1 = range.1.max(time);
+                    range.2 += 1;
+                }
+                _ => {
+                    if let Some((at, range)) = current.take() {
+                        time_blocks
+                            .insert(at, encode_time_block(range))
+                            .map_err(storage)?;
+                    }
+                    current = Some((block, (time, time, 1)));
+                }
+            }
+            seq += 1;
+        }
+    }
+    if let Some((at, range)) = current {
+        time_blocks
+            .insert(at, encode_time_block(range))
+            .map_err(storage)?;
+    }
+    Ok(())
+}
+
 fn move_legacy_leaves(txn: &WriteTransaction) -> Result<()> {
     let legacy_exists = txn
         .list_tables()
@@ -510,6 +568,7 @@ pub(crate) fn legacy_layout_for_tests(txn: &WriteTransaction) {
 /// Creates the audit tables and a fresh signing key if they do not exist yet.
 pub(crate) fn initialize(txn: &WriteTransaction) -> Result<()> {
     move_legacy_leaves(txn)?;
+    build_time_blocks_if_missing(txn)?;
     txn.open_table(LEAVES).map_err(storage)?;
     txn.open_table(NODES).map_err(storage)?;
     txn.open_table(HEADS).map_err(storage)?;
@@ -550,6 +609,9 @@ pub(crate) fn append_many(
     // Until a row is written the table still holds its earlier leaves; this batch's leaves
     // are read from `produced`.
     let mut rows = RowWriter::resume(&leaves, first)?;
+    // This batch's time range per block: (earliest, latest, leaves).
+    let mut blocks: std::collections::BTreeMap<u64, (i64, i64, u64)> =
+        std::collections::BTreeMap::new();
     // The right edge of the nodes produced in this batch (level 0 included): appending reads
     // its left siblings, which are mostly from this batch, so they come from memory instead
     // of being re-read (and, for level 0, re-hashed). It holds O(log n) nodes.
@@ -567,6 +629,14 @@ pub(crate) fn append_many(
         };
         let new_nodes = nodes_to_store_on_append(seq, leaf_hash(&bytes), &source)?;
         rows.push(&mut leaves, &bytes)?;
+        let block = blocks.entry(seq / LEAVES_PER_TIME_BLOCK).or_insert((
+            record.time_micros,
+            record.time_micros,
+            0,
+        ));
+        block.0 = block.0.min(record.time_micros);
+        block.1 = block.1.max(record.time_micros);
+        block.2 += 1;
         for (level, index, hash) in new_nodes {
             if level > 0 {
                 if level >= FIRST_STORED_LEVEL {
@@ -580,7 +650,93 @@ pub(crate) fn append_many(
         }
         on_seq(seq);
     }
-    rows.finish(&mut leaves)
+    rows.finish(&mut leaves)?;
+    let mut time_blocks = txn.open_table(TIME_BLOCKS).map_err(storage)?;
+    for (block, (earliest, latest, added)) in blocks {
+        let merged = match time_blocks.get(block).map_err(storage)? {
+            Some(row) => {
+                let (old_earliest, old_latest, covered) = decode_time_block(&row.value());
+                (
+                    earliest.min(old_earliest),
+                    latest.max(old_latest),
+                    covered + added,
+                )
+            }
+            None => (earliest, latest, added),
+        };
+        time_blocks
+            .insert(block, encode_time_block(merged))
+            .map_err(storage)?;
+    }
+    Ok(())
+}
+
+fn encode_time_block((earliest, latest, covered): (i64, i64, u64)) -> [u8; 24] {
+    let mut row = [0u8; 24];
+    row[..8].copy_from_slice(&earliest.to_le_bytes());
+    row[8..16].copy_from_slice(&latest.to_le_bytes());
+    row[16..].copy_from_slice(&covered.to_le_bytes());
+    row
+}
+
+fn decode_time_block(row: &[u8; 24]) -> (i64, i64, u64) {
+    let field = |at: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&row[at..at + 8]);
+        bytes
+    };
+    (
+        i64::from_le_bytes(field(0)),
+        i64::from_le_bytes(field(8)),
+        u64::from_le_bytes(field(16)),
+    )
+}
+
+/// Up to `count` leaves from seq `from` on whose time is within `times`, in log order, and
+/// the seq to continue from if there are more. Blocks whose recorded time range misses
+/// `times` are skipped unread.
+pub(crate) fn leaves_in_time_range(
+    txn: &ReadTransaction,
+    times: std::ops::RangeInclusive<i64>,
+    from: u64,
+    count: usize,
+) -> Result<(Vec<AuditLeaf>, Option<u64>)> {
+    let size = self::size(txn)?;
+    let time_blocks = match txn.open_table(TIME_BLOCKS) {
+        Ok(table) => Some(table),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(storage(e)),
+    };
+    let mut found = Vec::new();
+    let mut seq = from;
+    while seq < size {
+        let block = seq / LEAVES_PER_TIME_BLOCK;
+        let block_start = block * LEAVES_PER_TIME_BLOCK;
+        let block_end = size.min(block_start + LEAVES_PER_TIME_BLOCK);
+        if let Some(table) = &time_blocks
+            && let Some(row) = table.get(block).map_err(storage)?
+        {
+            let (earliest, latest, covered) = decode_time_block(&row.value());
+            let whole = covered == block_end - block_start;
+            if whole && (latest < *times.start() || earliest > *times.end()) {
+                seq = block_end;
+                continue;
+            }
+        }
+        for at in seq..block_end {
+            let leaf = leaf(txn, at)?.ok_or_else(|| {
+                Error::Corrupted(format!("audit leaf {at} is missing below the log size"))
+            })?;
+            if times.contains(&leaf.record.time_micros) {
+                if found.len() == count {
+                    return Ok((found, Some(at)));
+                }
+                found.push(leaf);
+            }
+        }
+        seq = block_end;
+    }
+    Ok((found, None))
 }
 
 /// Stored nodes, preferring those produced earlier in the same batch.
@@ -1183,6 +1339,110 @@ mod tests {
         let r = f(&txn);
         txn.commit().unwrap();
         r
+    }
+
+    /// Every page of a search by time, from `from`, in pages of `count`.
+    fn all_in_time_range(
+        db: &Database,
+        times: std::ops::RangeInclusive<i64>,
+        count: usize,
+    ) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        let mut from = Some(0);
+        while let Some(start) = from {
+            let txn = db.begin_read().unwrap();
+            let (page, next) = leaves_in_time_range(&txn, times.clone(), start, count).unwrap();
+            assert!(page.len() <= count);
+            assert!(
+                next.is_none() || page.len() == count,
+                "a short page is the last"
+            );
+            seqs.extend(page.iter().map(|leaf| leaf.seq));
+            from = next;
+        }
+        seqs
+    }
+
+    #[test]
+    fn searches_by_time_skip_blocks_and_find_what_a_scan_finds() {
+        let (_file, db) = new_db();
+        // Times that go back and forth within a block and across blocks (as read leaves
+        // join the log after later writes), in batches that straddle block boundaries.
+        let time_of = |i: u64| (i as i64 * 7_919) % 10_007 + (i / 3_000) as i64 * 20_000;
+        let total = 3 * LEAVES_PER_TIME_BLOCK + 200;
+        let mut i = 0;
+        while i < total {
+            let batch = 300.min(total - i);
+            write(&db, |txn| {
+                let records: Vec<AuditRecord> = (i..i + batch)
+                    .map(|j| AuditRecord {
+                        time_micros: time_of(j),
+                        ..record(j)
+                    })
+                    .collect();
+                append_many(txn, &records, |_| {}).unwrap();
+            });
+            i += batch;
+        }
+        let scan = |times: &std::ops::RangeInclusive<i64>| -> Vec<u64> {
+            (0..total)
+                .filter(|&j| times.contains(&time_of(j)))
+                .collect()
+        };
+        for times in [
+            0..=i64::MAX,
+            5_000..=5_100,
+            20_000..=25_000,
+            30_010..=30_010,
+            -5..=-1,
+        ] {
+            for count in [1, 7, 1_000] {
+                assert_eq!(all_in_time_range(&db, times.clone(), count), scan(&times));
+            }
+        }
+        // Every block's range is exactly its leaves' (the last block, 200 leaves all at
+        // 20,000 or later, is skipped for earlier times).
+        let check_blocks = |db: &Database| {
+            let txn = db.begin_read().unwrap();
+            let blocks = txn.open_table(TIME_BLOCKS).unwrap();
+            assert_eq!(blocks.len().unwrap(), 4);
+            for block in 0..4 {
+                let (earliest, latest, covered) =
+                    decode_time_block(&blocks.get(block).unwrap().unwrap().value());
+                let leaves =
+                    block * LEAVES_PER_TIME_BLOCK..total.min((block + 1) * LEAVES_PER_TIME_BLOCK);
+                assert_eq!(covered, leaves.end - leaves.start);
+                assert_eq!(earliest, leaves.clone().map(time_of).min().unwrap());
+                assert_eq!(latest, leaves.map(time_of).max().unwrap());
+            }
+        };
+        check_blocks(&db);
+
+        // A block whose range does not cover all its leaves (the table began mid-block, or
+        // rows were lost) is read leaf by leaf: still every match, none missed.
+        write(&db, |txn| {
+            let mut blocks = txn.open_table(TIME_BLOCKS).unwrap();
+            blocks.insert(1, encode_time_block((-10, -10, 5))).unwrap();
+            blocks.remove(2).unwrap();
+        });
+        for times in [0..=i64::MAX, 5_000..=5_100, 20_000..=25_000] {
+            assert_eq!(all_in_time_range(&db, times.clone(), 100), scan(&times));
+        }
+        // A log without the table at all (written before it existed) is still searched
+        // whole; opening it builds the table from the leaves.
+        write(&db, |txn| {
+            txn.delete_table(TIME_BLOCKS).unwrap();
+        });
+        assert_eq!(
+            all_in_time_range(&db, 5_000..=5_100, 3),
+            scan(&(5_000..=5_100))
+        );
+        write(&db, |txn| initialize(txn).unwrap());
+        check_blocks(&db);
+        assert_eq!(
+            all_in_time_range(&db, 5_000..=5_100, 3),
+            scan(&(5_000..=5_100))
+        );
     }
 
     #[test]

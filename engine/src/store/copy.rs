@@ -74,16 +74,24 @@ impl Store {
         rows += copy_table(&source, &txn, META)?;
         // The new database made its own (empty) audit log and signing key; replace them.
         {
-            use crate::audit::log::{HEADS, LEAVES, META as AUDIT_META, NODES};
+            use crate::audit::log::{HEADS, LEAVES, META as AUDIT_META, NODES, TIME_BLOCKS};
             for table in [LEAVES, HEADS] {
                 txn.delete_table(table)?;
             }
             txn.delete_table(NODES)?;
             txn.delete_table(AUDIT_META)?;
+            txn.delete_table(TIME_BLOCKS)?;
             rows += copy_table(&source, &txn, LEAVES)?;
             rows += copy_table(&source, &txn, NODES)?;
             rows += copy_table(&source, &txn, HEADS)?;
             rows += copy_table(&source, &txn, AUDIT_META)?;
+            // A log written before the time blocks has none; its searches by time read it
+            // leaf by leaf, in the copy as in the original.
+            match source.open_table(TIME_BLOCKS) {
+                Ok(from) => rows += copy_rows(&from, &mut txn.open_table(TIME_BLOCKS)?)?,
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         txn.commit()?;
         target.inner.retire_read_snapshot();

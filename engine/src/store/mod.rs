@@ -814,6 +814,21 @@ impl Store {
         audit::log::size(&txn)
     }
 
+    /// Up to `count` audit leaves from seq `from` on whose time is within `times` (µs since
+    /// the epoch), in log order (after flushing buffered read leaves), and the seq to continue
+    /// from if there are more. Leaf times follow the log's order only roughly, so this reads
+    /// the log in blocks, skipping those whose recorded time range misses `times`.
+    pub fn audit_leaves_in_time_range(
+        &self,
+        times: std::ops::RangeInclusive<i64>,
+        from: u64,
+        count: usize,
+    ) -> Result<(Vec<audit::AuditLeaf>, Option<u64>)> {
+        self.flush_audit()?;
+        let txn = self.inner.db.begin_read()?;
+        audit::log::leaves_in_time_range(&txn, times, from, count)
+    }
+
     /// The audit leaf with sequence number `seq`.
     pub fn audit_leaf(&self, seq: u64) -> Result<audit::AuditLeaf> {
         let txn = self.inner.db.begin_read()?;

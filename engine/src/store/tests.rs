@@ -1710,6 +1710,66 @@ fn records_with_inline_bodies_are_read_beside_records_with_bodies_in_their_table
     );
 }
 
+#[test]
+fn audit_leaves_are_found_by_time_and_a_copy_keeps_the_time_blocks() {
+    let dir = TempDir::new().unwrap();
+    let store = open_store(dir.path(), ReadAudit::Durable);
+    let c = ctx();
+    for i in 0..20 {
+        store
+            .update(&c, "Patient", &format!("t{i}"), patient("Time"), None)
+            .unwrap();
+        store.read(&c, "Patient", &format!("t{i}")).unwrap();
+    }
+    let size = store.audit_size().unwrap();
+    let all: Vec<audit::AuditLeaf> = (0..size)
+        .map(|seq| store.audit_leaf(seq).unwrap())
+        .collect();
+    let middle = all[size as usize / 2].record.time_micros;
+    let expected: Vec<u64> = all
+        .iter()
+        .filter(|leaf| leaf.record.time_micros >= middle)
+        .map(|leaf| leaf.seq)
+        .collect();
+    let (found, next) = store
+        .audit_leaves_in_time_range(middle..=i64::MAX, 0, 1_000)
+        .unwrap();
+    assert_eq!(
+        found.iter().map(|leaf| leaf.seq).collect::<Vec<_>>(),
+        expected
+    );
+    assert_eq!(next, None);
+    let (first, next) = store
+        .audit_leaves_in_time_range(middle..=i64::MAX, 0, 2)
+        .unwrap();
+    assert_eq!(first.len(), 2);
+    assert_eq!(next, Some(expected[2]));
+
+    let copy_key = copy_into(&store, dir.path());
+    drop(store);
+    let copy = Store::builder(dir.path().join("copy"))
+        .key(copy_key)
+        .open()
+        .unwrap();
+    let (in_copy, _) = copy
+        .audit_leaves_in_time_range(middle..=i64::MAX, 0, 1_000)
+        .unwrap();
+    assert_eq!(
+        in_copy
+            .iter()
+            .map(|leaf| leaf.seq)
+            .take(expected.len())
+            .collect::<Vec<_>>(),
+        expected
+    );
+    // The copy's one time block covers every leaf, the copied ones and its own since.
+    let copy_size = copy.audit_size().unwrap();
+    let txn = copy.inner.db.begin_read().unwrap();
+    let blocks = txn.open_table(crate::audit::log::TIME_BLOCKS).unwrap();
+    let row = blocks.get(0).unwrap().unwrap().value();
+    assert_eq!(u64::from_le_bytes(row[16..].try_into().unwrap()), copy_size);
+}
+
 /// A database written in page format 1 (before format 2 existed) opens, reads, takes writes
 /// and passes `check` in its own format; `copy_to` rewrites it in format 2.
 #[test]
