@@ -66,6 +66,9 @@ pub(crate) const HEADS: TableDefinition<'static, u64, &'static [u8]> =
 /// read leaf by leaf.
 pub(crate) const TIME_BLOCKS: TableDefinition<'static, u64, [u8; 24]> =
     TableDefinition::new("audit_time_blocks");
+/// A block's earliest and latest leaf time (µs) and the number of its leaves they cover.
+type TimeRange = (i64, i64, u64);
+
 /// Leaves per block of [`TIME_BLOCKS`]: a search by time reads one row per 1,024 leaves it
 /// skips, and a block's range is updated once per appended batch.
 pub(crate) const LEAVES_PER_TIME_BLOCK: u64 = 1024;
@@ -460,39 +463,64 @@ fn build_time_blocks_if_missing(txn: &WriteTransaction) -> Result<()> {
     if exists {
         return Ok(());
     }
+    let blocks = time_blocks_of_leaves(&txn.open_table(LEAVES).map_err(storage)?)?;
     let mut time_blocks = txn.open_table(TIME_BLOCKS).map_err(storage)?;
-    let leaves = txn.open_table(LEAVES).map_err(storage)?;
-    let mut current: Option<(u64, (i64, i64, u64))> = None;
+    for (block, range) in blocks {
+        time_blocks
+            .insert(block, encode_time_block(range))
+            .map_err(storage)?;
+    }
+    Ok(())
+}
+
+/// Each block's time range, computed from the leaves: (block, (earliest, latest, leaves)).
+fn time_blocks_of_leaves(
+    leaves: &impl ReadableTable<u64, &'static [u8]>,
+) -> Result<Vec<(u64, TimeRange)>> {
+    let mut blocks: Vec<(u64, TimeRange)> = Vec::new();
     let mut seq = 0u64;
     for entry in leaves.iter().map_err(storage)? {
         let (row, bytes) = entry.map_err(storage)?;
         for leaf_bytes in row_leaves(row.value(), bytes.value())? {
             let time = AuditLeaf::decode(leaf_bytes)?.record.time_micros;
             let block = seq / LEAVES_PER_TIME_BLOCK;
-            match &mut current {
+            match blocks.last_mut() {
                 Some((at, range)) if *at == block => {
                     range.0 = range.0.min(time);
                     range.1 = range.1.max(time);
                     range.2 += 1;
                 }
-                _ => {
-                    if let Some((at, range)) = current.take() {
-                        time_blocks
-                            .insert(at, encode_time_block(range))
-                            .map_err(storage)?;
-                    }
-                    current = Some((block, (time, time, 1)));
-                }
+                _ => blocks.push((block, (time, time, 1))),
             }
             seq += 1;
         }
     }
-    if let Some((at, range)) = current {
-        time_blocks
-            .insert(at, encode_time_block(range))
-            .map_err(storage)?;
+    Ok(blocks)
+}
+
+/// Checks [`TIME_BLOCKS`] against the leaves: one row per block, each with its leaves' exact
+/// time range. Returns the number of blocks checked. A wrong row would hide leaves from
+/// searches by time (it cannot change a leaf: those are checked by [`verify_log`]).
+pub(crate) fn verify_time_blocks(txn: &ReadTransaction) -> Result<u64> {
+    let expected = time_blocks_of_leaves(&txn.open_table(LEAVES).map_err(storage)?)?;
+    let stored = txn.open_table(TIME_BLOCKS).map_err(storage)?;
+    if stored.len().map_err(storage)? != expected.len() as u64 {
+        return Err(fail(format!(
+            "the audit log has {} time blocks of leaves but {} stored ranges",
+            expected.len(),
+            stored.len().map_err(storage)?
+        )));
     }
-    Ok(())
+    for &(block, range) in &expected {
+        let row = stored.get(block).map_err(storage)?.map(|row| row.value());
+        if row != Some(encode_time_block(range)) {
+            return Err(fail(format!(
+                "the stored time range of audit leaves {}.. does not match the leaves",
+                block * LEAVES_PER_TIME_BLOCK
+            )));
+        }
+    }
+    Ok(expected.len() as u64)
 }
 
 fn move_legacy_leaves(txn: &WriteTransaction) -> Result<()> {
@@ -610,8 +638,7 @@ pub(crate) fn append_many(
     // are read from `produced`.
     let mut rows = RowWriter::resume(&leaves, first)?;
     // This batch's time range per block: (earliest, latest, leaves).
-    let mut blocks: std::collections::BTreeMap<u64, (i64, i64, u64)> =
-        std::collections::BTreeMap::new();
+    let mut blocks: std::collections::BTreeMap<u64, TimeRange> = std::collections::BTreeMap::new();
     // The right edge of the nodes produced in this batch (level 0 included): appending reads
     // its left siblings, which are mostly from this batch, so they come from memory instead
     // of being re-read (and, for level 0, re-hashed). It holds O(log n) nodes.
@@ -671,7 +698,7 @@ pub(crate) fn append_many(
     Ok(())
 }
 
-fn encode_time_block((earliest, latest, covered): (i64, i64, u64)) -> [u8; 24] {
+fn encode_time_block((earliest, latest, covered): TimeRange) -> [u8; 24] {
     let mut row = [0u8; 24];
     row[..8].copy_from_slice(&earliest.to_le_bytes());
     row[8..16].copy_from_slice(&latest.to_le_bytes());
@@ -679,7 +706,7 @@ fn encode_time_block((earliest, latest, covered): (i64, i64, u64)) -> [u8; 24] {
     row
 }
 
-fn decode_time_block(row: &[u8; 24]) -> (i64, i64, u64) {
+fn decode_time_block(row: &[u8; 24]) -> TimeRange {
     let field = |at: usize| {
         let mut bytes = [0u8; 8];
         bytes.copy_from_slice(&row[at..at + 8]);
@@ -1439,6 +1466,17 @@ mod tests {
         );
         write(&db, |txn| initialize(txn).unwrap());
         check_blocks(&db);
+        assert_eq!(verify_time_blocks(&db.begin_read().unwrap()).unwrap(), 4);
+        // A damaged range is found by the check.
+        write(&db, |txn| {
+            let mut blocks = txn.open_table(TIME_BLOCKS).unwrap();
+            let (earliest, latest, covered) =
+                decode_time_block(&blocks.get(3).unwrap().unwrap().value());
+            blocks
+                .insert(3, encode_time_block((earliest + 1, latest, covered)))
+                .unwrap();
+        });
+        assert!(verify_time_blocks(&db.begin_read().unwrap()).is_err());
         assert_eq!(
             all_in_time_range(&db, 5_000..=5_100, 3),
             scan(&(5_000..=5_100))

@@ -918,6 +918,10 @@ impl Store {
             )));
         }
         let audit = store.verify_audit().map_err(reachable_fault)?;
+        {
+            let txn = store.inner.db.begin_read()?;
+            audit::log::verify_time_blocks(&txn).map_err(reachable_fault)?;
+        }
         let versions = store.verify_versions().map_err(reachable_fault)?;
         let mut warnings = failed_pages
             .map(|pages| {
