@@ -453,16 +453,19 @@ fn for_each_leaf<T: ReadableTable<u64, &'static [u8]>>(
 /// [`LEAVES_PER_ROW`], in key order, inside `txn`; does nothing for a log that has none.
 /// A gap in the old table (leaves deleted) is closed up, not refused: every leaf carries its
 /// own seq, so `verify` still reports the leaves that moved.
-/// Computes [`TIME_BLOCKS`] from the leaves, for a log written before the table existed (a new
-/// log starts with it empty); once, at the first open that has the table.
+/// Computes [`TIME_BLOCKS`] from the leaves if they do not cover the log: for a log written
+/// before the table existed (a new log starts with it empty), or appended to since by a
+/// binary that did not know it (after a downgrade); such appends only ever leave the last
+/// blocks short, which is what is looked at.
 fn build_time_blocks_if_missing(txn: &WriteTransaction) -> Result<()> {
     let exists = txn
         .list_tables()
         .map_err(storage)?
         .any(|table| redb::TableHandle::name(&table) == redb::TableHandle::name(&TIME_BLOCKS));
-    if exists {
+    if exists && time_blocks_cover_the_log(txn)? {
         return Ok(());
     }
+    txn.delete_table(TIME_BLOCKS).map_err(storage)?;
     let blocks = time_blocks_of_leaves(&txn.open_table(LEAVES).map_err(storage)?)?;
     let mut time_blocks = txn.open_table(TIME_BLOCKS).map_err(storage)?;
     for (block, range) in blocks {
@@ -471,6 +474,23 @@ fn build_time_blocks_if_missing(txn: &WriteTransaction) -> Result<()> {
             .map_err(storage)?;
     }
     Ok(())
+}
+
+/// Whether [`TIME_BLOCKS`] has a row for every block, the last one covering all its leaves.
+fn time_blocks_cover_the_log(txn: &WriteTransaction) -> Result<bool> {
+    let size = leaf_count(&txn.open_table(LEAVES).map_err(storage)?)?;
+    let blocks = size.div_ceil(LEAVES_PER_TIME_BLOCK);
+    let time_blocks = txn.open_table(TIME_BLOCKS).map_err(storage)?;
+    if time_blocks.len().map_err(storage)? != blocks {
+        return Ok(false);
+    }
+    let Some(last) = blocks.checked_sub(1) else {
+        return Ok(true);
+    };
+    Ok(match time_blocks.get(last).map_err(storage)? {
+        Some(row) => decode_time_block(&row.value()).2 == size - last * LEAVES_PER_TIME_BLOCK,
+        None => false,
+    })
 }
 
 /// Each block's time range, computed from the leaves: (block, (earliest, latest, leaves)).
@@ -1477,6 +1497,31 @@ mod tests {
                 .unwrap();
         });
         assert!(verify_time_blocks(&db.begin_read().unwrap()).is_err());
+
+        // A binary that did not know the table appended 1,000 more leaves (after a
+        // downgrade): the next open finds the last blocks short and builds them again.
+        write(&db, |txn| initialize(txn).unwrap());
+        assert!(
+            verify_time_blocks(&db.begin_read().unwrap()).is_err(),
+            "a whole table is not rebuilt on open, even with a wrong range"
+        );
+        let before_downgrade: Vec<[u8; 24]> = {
+            let txn = db.begin_read().unwrap();
+            let blocks = txn.open_table(TIME_BLOCKS).unwrap();
+            (0..4)
+                .map(|b| blocks.get(b).unwrap().unwrap().value())
+                .collect()
+        };
+        write(&db, |txn| {
+            append_many(txn, (total..total + 1_000).map(record), |_| {}).unwrap();
+            let mut blocks = txn.open_table(TIME_BLOCKS).unwrap();
+            for (b, row) in before_downgrade.iter().enumerate() {
+                blocks.insert(b as u64, row).unwrap();
+            }
+            blocks.remove(4).unwrap();
+        });
+        write(&db, |txn| initialize(txn).unwrap());
+        assert_eq!(verify_time_blocks(&db.begin_read().unwrap()).unwrap(), 5);
         assert_eq!(
             all_in_time_range(&db, 5_000..=5_100, 3),
             scan(&(5_000..=5_100))
