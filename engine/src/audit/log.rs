@@ -466,7 +466,10 @@ fn build_time_blocks_if_missing(txn: &WriteTransaction) -> Result<()> {
         return Ok(());
     }
     txn.delete_table(TIME_BLOCKS).map_err(storage)?;
-    let blocks = time_blocks_of_leaves(&txn.open_table(LEAVES).map_err(storage)?)?;
+    // A log whose leaves cannot be read back in order is damaged: opening it must still work,
+    // for `check` to report it. Without rows its searches by time read it leaf by leaf.
+    let blocks =
+        time_blocks_of_leaves(&txn.open_table(LEAVES).map_err(storage)?).unwrap_or_default();
     let mut time_blocks = txn.open_table(TIME_BLOCKS).map_err(storage)?;
     for (block, range) in blocks {
         time_blocks
@@ -498,23 +501,19 @@ fn time_blocks_of_leaves(
     leaves: &impl ReadableTable<u64, &'static [u8]>,
 ) -> Result<Vec<(u64, TimeRange)>> {
     let mut blocks: Vec<(u64, TimeRange)> = Vec::new();
-    let mut seq = 0u64;
-    for entry in leaves.iter().map_err(storage)? {
-        let (row, bytes) = entry.map_err(storage)?;
-        for leaf_bytes in row_leaves(row.value(), bytes.value())? {
-            let time = AuditLeaf::decode(leaf_bytes)?.record.time_micros;
-            let block = seq / LEAVES_PER_TIME_BLOCK;
-            match blocks.last_mut() {
-                Some((at, range)) if *at == block => {
-                    range.0 = range.0.min(time);
-                    range.1 = range.1.max(time);
-                    range.2 += 1;
-                }
-                _ => blocks.push((block, (time, time, 1))),
+    for_each_leaf(leaves, 0, |seq, bytes| {
+        let time = decode_leaf_at(seq, bytes)?.record.time_micros;
+        let block = seq / LEAVES_PER_TIME_BLOCK;
+        match blocks.last_mut() {
+            Some((at, range)) if *at == block => {
+                range.0 = range.0.min(time);
+                range.1 = range.1.max(time);
+                range.2 += 1;
             }
-            seq += 1;
+            _ => blocks.push((block, (time, time, 1))),
         }
-    }
+        Ok(ControlFlow::Continue(()))
+    })?;
     Ok(blocks)
 }
 
@@ -754,6 +753,7 @@ pub(crate) fn leaves_in_time_range(
         Err(redb::TableError::TableDoesNotExist(_)) => None,
         Err(e) => return Err(storage(e)),
     };
+    let leaves = txn.leaves()?;
     let mut found = Vec::new();
     let mut seq = from;
     while seq < size {
@@ -770,16 +770,23 @@ pub(crate) fn leaves_in_time_range(
                 continue;
             }
         }
-        for at in seq..block_end {
-            let leaf = leaf(txn, at)?.ok_or_else(|| {
-                Error::Corrupted(format!("audit leaf {at} is missing below the log size"))
-            })?;
+        let mut next = None;
+        for_each_leaf(&leaves, seq, |at, bytes| {
+            if at >= block_end {
+                return Ok(ControlFlow::Break(()));
+            }
+            let leaf = decode_leaf_at(at, bytes)?;
             if times.contains(&leaf.record.time_micros) {
                 if found.len() == count {
-                    return Ok((found, Some(at)));
+                    next = Some(at);
+                    return Ok(ControlFlow::Break(()));
                 }
                 found.push(leaf);
             }
+            Ok(ControlFlow::Continue(()))
+        })?;
+        if next.is_some() {
+            return Ok((found, next));
         }
         seq = block_end;
     }
@@ -899,17 +906,20 @@ pub(crate) fn head_at(txn: &impl AuditTxn, size: u64) -> Result<Option<SignedTre
 pub(crate) fn leaf(txn: &impl AuditTxn, seq: u64) -> Result<Option<AuditLeaf>> {
     match leaf_bytes(&txn.leaves()?, seq)? {
         None => Ok(None),
-        Some(bytes) => {
-            let leaf = AuditLeaf::decode(&bytes)?;
-            if leaf.seq != seq {
-                return Err(Error::Corrupted(format!(
-                    "audit leaf stored at {seq} claims seq {}",
-                    leaf.seq
-                )));
-            }
-            Ok(Some(leaf))
-        }
+        Some(bytes) => decode_leaf_at(seq, &bytes).map(Some),
     }
+}
+
+/// The leaf stored at `seq`, which must say so.
+fn decode_leaf_at(seq: u64, bytes: &[u8]) -> Result<AuditLeaf> {
+    let leaf = AuditLeaf::decode(bytes)?;
+    if leaf.seq != seq {
+        return Err(Error::Corrupted(format!(
+            "audit leaf stored at {seq} claims seq {}",
+            leaf.seq
+        )));
+    }
+    Ok(leaf)
 }
 
 /// Proof that leaf `seq` is in the tree of `size` leaves; its leaf hash is computed from the
