@@ -504,13 +504,11 @@ fn time_blocks_of_leaves(
     for_each_leaf(leaves, 0, |seq, bytes| {
         let time = decode_leaf_at(seq, bytes)?.record.time_micros;
         let block = seq / LEAVES_PER_TIME_BLOCK;
-        match blocks.last_mut() {
-            Some((at, range)) if *at == block => {
-                range.0 = range.0.min(time);
-                range.1 = range.1.max(time);
-                range.2 += 1;
-            }
-            _ => blocks.push((block, (time, time, 1))),
+        if blocks.last().is_none_or(|(at, _)| *at != block) {
+            blocks.push((block, (time, time, 0)));
+        }
+        if let Some((_, range)) = blocks.last_mut() {
+            widen(range, time);
         }
         Ok(ControlFlow::Continue(()))
     })?;
@@ -675,14 +673,13 @@ pub(crate) fn append_many(
         };
         let new_nodes = nodes_to_store_on_append(seq, leaf_hash(&bytes), &source)?;
         rows.push(&mut leaves, &bytes)?;
-        let block = blocks.entry(seq / LEAVES_PER_TIME_BLOCK).or_insert((
-            record.time_micros,
-            record.time_micros,
-            0,
-        ));
-        block.0 = block.0.min(record.time_micros);
-        block.1 = block.1.max(record.time_micros);
-        block.2 += 1;
+        let time = record.time_micros;
+        widen(
+            blocks
+                .entry(seq / LEAVES_PER_TIME_BLOCK)
+                .or_insert((time, time, 0)),
+            time,
+        );
         for (level, index, hash) in new_nodes {
             if level > 0 {
                 if level >= FIRST_STORED_LEVEL {
@@ -715,6 +712,13 @@ pub(crate) fn append_many(
             .map_err(storage)?;
     }
     Ok(())
+}
+
+/// Takes one more leaf, of time `time`, into `range`.
+fn widen(range: &mut TimeRange, time: i64) {
+    range.0 = range.0.min(time);
+    range.1 = range.1.max(time);
+    range.2 += 1;
 }
 
 fn encode_time_block((earliest, latest, covered): TimeRange) -> [u8; 24] {
