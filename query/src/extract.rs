@@ -28,12 +28,14 @@
 //! A derived parameter ([`SearchParam::derived_from`]) has only its `p` term and its sort
 //! keys: its values are its members', already indexed under their codes.
 
+use std::borrow::Cow;
+
 use fhirkeep_fhirpath::{Item, member};
 use serde_json::Value;
 
 use crate::registry::{Component, ParamType, Registry, SearchParam};
 use crate::values::{
-    DAY_MICROS, InstantRange, MAX_MICROS, MIN_MICROS, date_buckets, normalize_string, ordered_f64,
+    DAY_MICROS, DateBuckets, InstantRange, MAX_MICROS, MIN_MICROS, normalize_string, ordered_f64,
     ordered_i64, parse_fhir_date, sub_day_buckets,
 };
 
@@ -207,40 +209,41 @@ fn derived_entries(param: &SearchParam, present: &[&str], entries: &mut IndexEnt
     entries.sort_keys.extend(renamed);
 }
 
-/// One typed value found for a parameter.
+/// One typed value found for a parameter. Text borrows from the resource where it can:
+/// extraction makes ~30 values per resource, and a copy of each was as many allocations.
 #[derive(Debug, Clone, PartialEq)]
-pub enum IndexValue {
+pub enum IndexValue<'a> {
     /// A string value (string parameters).
-    Text(String),
+    Text(Cow<'a, str>),
     /// A token: optional system, code, optional display text.
     Token {
         /// The code system (or identifier system).
-        system: Option<String>,
+        system: Option<Cow<'a, str>>,
         /// The code (or identifier value).
-        code: String,
+        code: Cow<'a, str>,
     },
     /// Display text of a token (`:text`).
-    TokenText(String),
+    TokenText(Cow<'a, str>),
     /// An identifier's type and value (`:of-type`).
     OfType {
         /// `type.coding.system`.
-        system: String,
+        system: Cow<'a, str>,
         /// `type.coding.code`.
-        code: String,
+        code: Cow<'a, str>,
         /// `Identifier.value`.
-        value: String,
+        value: Cow<'a, str>,
     },
     /// A reference target as written.
-    Reference(String),
+    Reference(Cow<'a, str>),
     /// A logical reference by identifier.
     ReferenceIdentifier {
         /// The identifier system.
-        system: Option<String>,
+        system: Option<Cow<'a, str>>,
         /// The identifier value.
-        value: String,
+        value: Cow<'a, str>,
     },
     /// A uri.
-    Uri(String),
+    Uri(Cow<'a, str>),
     /// A range of instants.
     Date(InstantRange),
     /// A number.
@@ -250,18 +253,63 @@ pub enum IndexValue {
         /// The value.
         value: f64,
         /// The unit system.
-        system: Option<String>,
+        system: Option<Cow<'a, str>>,
         /// The unit code.
-        code: Option<String>,
+        code: Option<Cow<'a, str>>,
         /// The human unit.
-        unit: Option<String>,
+        unit: Option<Cow<'a, str>>,
     },
+}
+
+impl IndexValue<'_> {
+    /// The value with its text owned, free of the JSON it was found in.
+    pub fn into_owned(self) -> IndexValue<'static> {
+        fn own(text: Cow<'_, str>) -> Cow<'static, str> {
+            Cow::Owned(text.into_owned())
+        }
+        match self {
+            IndexValue::Text(text) => IndexValue::Text(own(text)),
+            IndexValue::Token { system, code } => IndexValue::Token {
+                system: system.map(own),
+                code: own(code),
+            },
+            IndexValue::TokenText(text) => IndexValue::TokenText(own(text)),
+            IndexValue::OfType {
+                system,
+                code,
+                value,
+            } => IndexValue::OfType {
+                system: own(system),
+                code: own(code),
+                value: own(value),
+            },
+            IndexValue::Reference(reference) => IndexValue::Reference(own(reference)),
+            IndexValue::ReferenceIdentifier { system, value } => IndexValue::ReferenceIdentifier {
+                system: system.map(own),
+                value: own(value),
+            },
+            IndexValue::Uri(uri) => IndexValue::Uri(own(uri)),
+            IndexValue::Date(range) => IndexValue::Date(range),
+            IndexValue::Number(number) => IndexValue::Number(number),
+            IndexValue::Quantity {
+                value,
+                system,
+                code,
+                unit,
+            } => IndexValue::Quantity {
+                value,
+                system: system.map(own),
+                code: code.map(own),
+                unit: unit.map(own),
+            },
+        }
+    }
 }
 
 /// The days (in days since 1970, UTC) that hold two or more date values each lying within
 /// one day: on those the values get minute and second buckets, since their bounds alone
 /// cannot tell which low goes with which high (see [`emit`]).
-fn crowded_days(values: &[IndexValue]) -> Vec<i64> {
+fn crowded_days(values: &[IndexValue<'_>]) -> Vec<i64> {
     let mut days: Vec<i64> = values
         .iter()
         .filter_map(|value| match value {
@@ -290,7 +338,7 @@ fn within_one_day(range: InstantRange) -> Option<i64> {
 
 /// Appends the terms and sort keys of one value of parameter `code`; `crowded` are the days
 /// holding more than one of the parameter's date values (see [`crowded_days`]).
-fn emit(code: &str, value: &IndexValue, crowded: &[i64], entries: &mut IndexEntries) {
+fn emit(code: &str, value: &IndexValue<'_>, crowded: &[i64], entries: &mut IndexEntries) {
     let terms = &mut entries.terms;
     let sort = &mut entries.sort_keys;
     match value {
@@ -341,11 +389,12 @@ fn emit(code: &str, value: &IndexValue, crowded: &[i64], entries: &mut IndexEntr
             value,
         } => terms.push(term_of(code, "o", &[system, "|", type_code, "|", value])),
         IndexValue::Reference(reference) => {
-            for form in reference_forms(reference) {
+            let (other_form, _) = reference_forms_and_id(reference);
+            for form in std::iter::once(&**reference).chain(other_form.as_deref()) {
                 if form.matches('/').count() == 1 && !form.contains(':') {
-                    entries.references.push(keyed(code, &form));
+                    entries.references.push(keyed(code, form));
                 }
-                terms.push(term(code, "r", &form));
+                terms.push(term(code, "r", form));
             }
             sort.push(keyed(code, reference));
         }
@@ -361,11 +410,11 @@ fn emit(code: &str, value: &IndexValue, crowded: &[i64], entries: &mut IndexEntr
             sort.push(keyed(code, uri));
         }
         IndexValue::Date(range) => {
-            let buckets = date_buckets(*range);
+            let buckets = DateBuckets::of(*range);
             // The bounds are filed under the finest calendar unit that holds the whole value
             // (day, month, year, or S for spanning years), so a range search scans the bound
             // terms of one unit only and takes whole later or earlier units as bucket terms.
-            let class = date_class(&buckets);
+            let class = date_class_of(buckets.len());
             let (low_kind, high_kind) = match class {
                 'D' => ("dlD", "dhD"),
                 'M' => ("dlM", "dhM"),
@@ -403,8 +452,8 @@ fn emit(code: &str, value: &IndexValue, crowded: &[i64], entries: &mut IndexEntr
                     terms.push(term(code, "db", &bucket));
                 }
             }
-            for bucket in buckets {
-                terms.push(term(code, "db", &bucket));
+            for bucket in buckets.iter() {
+                terms.push(term(code, "db", bucket));
             }
             sort.push(keyed(code, &low));
         }
@@ -420,10 +469,18 @@ fn emit(code: &str, value: &IndexValue, crowded: &[i64], entries: &mut IndexEntr
             unit,
         } => {
             let ordered = ordered_f64(*value);
-            for key in quantity_unit_keys(system.as_deref(), unit_code.as_deref(), unit.as_deref())
-            {
-                terms.push(term_of(code, "q", &[&key, SEP_STR, &ordered]));
-            }
+            for_each_quantity_unit_key(
+                system.as_deref(),
+                unit_code.as_deref(),
+                unit.as_deref(),
+                |key| {
+                    let mut parts = [""; 5];
+                    parts[..key.len()].copy_from_slice(key);
+                    parts[key.len()] = SEP_STR;
+                    parts[key.len() + 1] = &ordered;
+                    terms.push(term_of(code, "q", &parts[..key.len() + 2]));
+                },
+            );
             sort.push(keyed(code, &ordered));
         }
     }
@@ -432,7 +489,12 @@ fn emit(code: &str, value: &IndexValue, crowded: &[i64], entries: &mut IndexEntr
 /// The finest calendar unit wholly holding a date value, from its buckets: `D`, `M`, `Y`, or
 /// `S` (spans years, or open-ended).
 pub fn date_class(buckets: &[String]) -> char {
-    match buckets.len() {
+    date_class_of(buckets.len())
+}
+
+/// [`date_class`] from the number of buckets.
+fn date_class_of(bucket_count: usize) -> char {
+    match bucket_count {
         0 => 'S',
         1 => 'Y',
         2 => 'M',
@@ -446,19 +508,31 @@ pub fn quantity_unit_keys(
     code: Option<&str>,
     unit: Option<&str>,
 ) -> Vec<String> {
-    let mut keys = vec![String::new()];
+    let mut keys = Vec::with_capacity(4);
+    for_each_quantity_unit_key(system, code, unit, |parts| keys.push(parts.concat()));
+    keys
+}
+
+/// Calls `key` with the parts of each of [`quantity_unit_keys`]: `''`, `|code`,
+/// `system|code`, `|unit`. In parts, so that a term is written without the key's own string.
+fn for_each_quantity_unit_key(
+    system: Option<&str>,
+    code: Option<&str>,
+    unit: Option<&str>,
+    mut key: impl FnMut(&[&str]),
+) {
+    key(&[]);
     if let Some(code) = code {
-        keys.push(format!("|{code}"));
+        key(&["|", code]);
         if let Some(system) = system {
-            keys.push(format!("{system}|{code}"));
+            key(&[system, "|", code]);
         }
     }
     if let Some(unit) = unit
         && Some(unit) != code
     {
-        keys.push(format!("|{unit}"));
+        key(&["|", unit]);
     }
-    keys
 }
 
 /// The forms under which a reference value is findable: as written, `Type/id` without
@@ -469,46 +543,57 @@ pub fn quantity_unit_keys(
 /// typical resource's terms and 7 % of the distinct ones, paid on every write for a rare
 /// search.
 pub fn reference_forms(reference: &str) -> Vec<String> {
-    reference_forms_and_id(reference).0
+    let (other_form, _) = reference_forms_and_id(reference);
+    std::iter::once(reference.to_string())
+        .chain(other_form.map(Cow::into_owned))
+        .collect()
 }
 
-/// [`reference_forms`], and the bare id of a `Type/id` reference.
-fn reference_forms_and_id(reference: &str) -> (Vec<String>, Option<String>) {
-    let mut forms = vec![reference.to_string()];
+/// The form of a reference other than as written (see [`reference_forms`]), if it has one,
+/// and the bare id of a `Type/id` reference. Borrowed where it can be: extraction asks this
+/// of every reference it indexes.
+fn reference_forms_and_id(reference: &str) -> (Option<Cow<'_, str>>, Option<&str>) {
     if reference.starts_with('#') || reference.starts_with("urn:") {
-        return (forms, None);
+        return (None, None);
     }
     if let Some((canonical, _version)) = reference.split_once('|') {
-        forms.push(canonical.to_string());
-        return (forms, None);
+        return (Some(Cow::Borrowed(canonical)), None);
     }
     let path = reference.split(['?', '#']).next().unwrap_or(reference);
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    // [base/]Type/id[/_history/vid]
-    let tail = match segments.as_slice() {
-        [.., t, i, h, _] if *h == "_history" => Some((*t, *i)),
-        [.., t, i] => Some((*t, *i)),
+    // [base/]Type/id[/_history/vid], read from the end.
+    let mut segments = path.rsplit('/').filter(|segment| !segment.is_empty());
+    let last = segments.next();
+    let second = segments.next();
+    let tail = match (last, second, segments.next(), segments.next()) {
+        (Some(_), Some("_history"), Some(id), Some(resource_type)) => Some((resource_type, id)),
+        (Some(id), Some(resource_type), _, _) => Some((resource_type, id)),
         _ => None,
     };
     if let Some((resource_type, id)) = tail
         && fhirkeep_engine::resource::is_resource_type(resource_type)
         && fhirkeep_engine::resource::is_valid_id(id)
     {
-        let local = format!("{resource_type}/{id}");
-        if local != reference {
-            forms.push(local);
-        }
-        return (forms, Some(id.to_string()));
+        let written_local = reference.len() == resource_type.len() + 1 + id.len()
+            && reference.starts_with(resource_type)
+            && reference[resource_type.len()..].starts_with('/')
+            && reference.ends_with(id);
+        let local = (!written_local).then(|| Cow::Owned(format!("{resource_type}/{id}")));
+        return (local, Some(id));
     }
-    (forms, None)
+    (None, None)
 }
 
 /// The typed values of one evaluated item, for a parameter of type `kind`.
-pub fn item_values(kind: ParamType, item: &Item<'_>, out: &mut Vec<IndexValue>) {
+pub fn item_values<'a>(kind: ParamType, item: &Item<'a>, out: &mut Vec<IndexValue<'a>>) {
     let Some(json) = item.json() else {
         // A computed value (e.g. the boolean of `deceased.exists() and ...`).
         if let Some(text) = computed_text(item) {
-            json_values(kind, None, &Value::String(text), out);
+            let computed = Value::String(text);
+            let mut values = Vec::new();
+            json_values(kind, None, &computed, &mut values);
+            for value in values {
+                out.push(value.into_owned());
+            }
         }
         return;
     };
@@ -524,11 +609,11 @@ fn computed_text(item: &Item<'_>) -> Option<String> {
 }
 
 /// The typed values of a JSON node of FHIR type `fhir_type` (when known).
-pub fn json_values(
+pub fn json_values<'a>(
     kind: ParamType,
     fhir_type: Option<&str>,
-    json: &Value,
-    out: &mut Vec<IndexValue>,
+    json: &'a Value,
+    out: &mut Vec<IndexValue<'a>>,
 ) {
     match kind {
         ParamType::String => string_values(json, out),
@@ -536,7 +621,7 @@ pub fn json_values(
         ParamType::Reference => reference_values(json, out),
         ParamType::Uri => {
             if let Some(uri) = json.as_str() {
-                out.push(IndexValue::Uri(uri.to_string()));
+                out.push(IndexValue::Uri(Cow::Borrowed(uri)));
             }
         }
         ParamType::Date => date_values(json, out),
@@ -559,9 +644,9 @@ fn json_number(json: &Value) -> Option<f64> {
     number.is_finite().then_some(number)
 }
 
-fn string_values(json: &Value, out: &mut Vec<IndexValue>) {
+fn string_values<'a>(json: &'a Value, out: &mut Vec<IndexValue<'a>>) {
     match json {
-        Value::String(s) => out.push(IndexValue::Text(s.clone())),
+        Value::String(s) => out.push(IndexValue::Text(Cow::Borrowed(s))),
         Value::Object(map) => {
             // HumanName, Address and other structures: every string part is searchable.
             for (key, value) in map {
@@ -569,11 +654,11 @@ fn string_values(json: &Value, out: &mut Vec<IndexValue>) {
                     continue;
                 }
                 match value {
-                    Value::String(s) => out.push(IndexValue::Text(s.clone())),
+                    Value::String(s) => out.push(IndexValue::Text(Cow::Borrowed(s))),
                     Value::Array(items) => {
                         for item in items {
                             if let Value::String(s) = item {
-                                out.push(IndexValue::Text(s.clone()));
+                                out.push(IndexValue::Text(Cow::Borrowed(s)));
                             }
                         }
                     }
@@ -589,24 +674,29 @@ fn text_of<'a>(json: &'a Value, key: &str) -> Option<&'a str> {
     field(json, key).and_then(Value::as_str)
 }
 
+/// [`text_of`], borrowed as a value's text.
+fn cow_of<'a>(json: &'a Value, key: &str) -> Option<Cow<'a, str>> {
+    text_of(json, key).map(Cow::Borrowed)
+}
+
 /// `json[key]` for an object (see [`member`]), `None` for anything else.
 fn field<'a>(json: &'a Value, key: &str) -> Option<&'a Value> {
     json.as_object().and_then(|object| member(object, key))
 }
 
-fn token_values(fhir_type: Option<&str>, json: &Value, out: &mut Vec<IndexValue>) {
+fn token_values<'a>(fhir_type: Option<&str>, json: &'a Value, out: &mut Vec<IndexValue<'a>>) {
     match json {
         Value::String(s) => out.push(IndexValue::Token {
             system: None,
-            code: s.clone(),
+            code: Cow::Borrowed(s),
         }),
         Value::Bool(b) => out.push(IndexValue::Token {
             system: None,
-            code: b.to_string(),
+            code: Cow::Borrowed(if *b { "true" } else { "false" }),
         }),
         Value::Number(n) => out.push(IndexValue::Token {
             system: None,
-            code: n.to_string(),
+            code: Cow::Owned(n.to_string()),
         }),
         Value::Object(map) => {
             if let Some(codings) = member(map, "coding").and_then(Value::as_array) {
@@ -614,8 +704,8 @@ fn token_values(fhir_type: Option<&str>, json: &Value, out: &mut Vec<IndexValue>
                 for coding in codings {
                     coding_values(coding, out);
                 }
-                if let Some(text) = text_of(json, "text") {
-                    out.push(IndexValue::TokenText(text.to_string()));
+                if let Some(text) = cow_of(json, "text") {
+                    out.push(IndexValue::TokenText(text));
                 }
             } else if fhir_type == Some("Identifier")
                 || (map.contains_key("value")
@@ -624,8 +714,8 @@ fn token_values(fhir_type: Option<&str>, json: &Value, out: &mut Vec<IndexValue>
             {
                 if let Some(value) = text_of(json, "value") {
                     out.push(IndexValue::Token {
-                        system: text_of(json, "system").map(String::from),
-                        code: value.to_string(),
+                        system: cow_of(json, "system"),
+                        code: Cow::Borrowed(value),
                     });
                     if let Some(codings) = json
                         .get("type")
@@ -634,25 +724,25 @@ fn token_values(fhir_type: Option<&str>, json: &Value, out: &mut Vec<IndexValue>
                     {
                         for coding in codings {
                             if let (Some(system), Some(code)) =
-                                (text_of(coding, "system"), text_of(coding, "code"))
+                                (cow_of(coding, "system"), cow_of(coding, "code"))
                             {
                                 out.push(IndexValue::OfType {
-                                    system: system.to_string(),
-                                    code: code.to_string(),
-                                    value: value.to_string(),
+                                    system,
+                                    code,
+                                    value: Cow::Borrowed(value),
                                 });
                             }
                         }
                     }
                 }
-                if let Some(text) = field(json, "type").and_then(|t| text_of(t, "text")) {
-                    out.push(IndexValue::TokenText(text.to_string()));
+                if let Some(text) = field(json, "type").and_then(|t| cow_of(t, "text")) {
+                    out.push(IndexValue::TokenText(text));
                 }
             } else if fhir_type == Some("ContactPoint") {
-                if let Some(value) = text_of(json, "value") {
+                if let Some(value) = cow_of(json, "value") {
                     out.push(IndexValue::Token {
                         system: None,
-                        code: value.to_string(),
+                        code: value,
                     });
                 }
             } else {
@@ -664,34 +754,34 @@ fn token_values(fhir_type: Option<&str>, json: &Value, out: &mut Vec<IndexValue>
     }
 }
 
-fn coding_values(coding: &Value, out: &mut Vec<IndexValue>) {
-    if let Some(code) = text_of(coding, "code") {
+fn coding_values<'a>(coding: &'a Value, out: &mut Vec<IndexValue<'a>>) {
+    if let Some(code) = cow_of(coding, "code") {
         out.push(IndexValue::Token {
-            system: text_of(coding, "system").map(String::from),
-            code: code.to_string(),
+            system: cow_of(coding, "system"),
+            code,
         });
     }
-    if let Some(display) = text_of(coding, "display") {
-        out.push(IndexValue::TokenText(display.to_string()));
+    if let Some(display) = cow_of(coding, "display") {
+        out.push(IndexValue::TokenText(display));
     }
 }
 
-fn reference_values(json: &Value, out: &mut Vec<IndexValue>) {
+fn reference_values<'a>(json: &'a Value, out: &mut Vec<IndexValue<'a>>) {
     match json {
         // canonical and uri references
-        Value::String(s) => out.push(IndexValue::Reference(s.clone())),
+        Value::String(s) => out.push(IndexValue::Reference(Cow::Borrowed(s))),
         Value::Object(_) => {
             if let Some(reference) = text_of(json, "reference")
                 && !reference.starts_with('#')
             {
-                out.push(IndexValue::Reference(reference.to_string()));
+                out.push(IndexValue::Reference(Cow::Borrowed(reference)));
             }
             if let Some(identifier) = field(json, "identifier")
-                && let Some(value) = text_of(identifier, "value")
+                && let Some(value) = cow_of(identifier, "value")
             {
                 out.push(IndexValue::ReferenceIdentifier {
-                    system: text_of(identifier, "system").map(String::from),
-                    value: value.to_string(),
+                    system: cow_of(identifier, "system"),
+                    value,
                 });
             }
         }
@@ -699,7 +789,7 @@ fn reference_values(json: &Value, out: &mut Vec<IndexValue>) {
     }
 }
 
-fn date_values(json: &Value, out: &mut Vec<IndexValue>) {
+fn date_values(json: &Value, out: &mut Vec<IndexValue<'_>>) {
     match json {
         Value::String(s) => {
             if let Some(date) = parse_fhir_date(s) {
@@ -734,18 +824,17 @@ fn date_values(json: &Value, out: &mut Vec<IndexValue>) {
     }
 }
 
-fn quantity_values(json: &Value, out: &mut Vec<IndexValue>) {
+fn quantity_values<'a>(json: &'a Value, out: &mut Vec<IndexValue<'a>>) {
     match json {
         Value::Object(map) => {
             if let Some(value) = member(map, "value").and_then(json_number) {
                 let currency = text_of(json, "currency");
                 out.push(IndexValue::Quantity {
                     value,
-                    system: text_of(json, "system")
-                        .map(String::from)
-                        .or_else(|| currency.map(|_| "urn:iso:std:iso:4217".to_string())),
-                    code: text_of(json, "code").or(currency).map(String::from),
-                    unit: text_of(json, "unit").map(String::from),
+                    system: cow_of(json, "system")
+                        .or_else(|| currency.map(|_| Cow::Borrowed("urn:iso:std:iso:4217"))),
+                    code: text_of(json, "code").or(currency).map(Cow::Borrowed),
+                    unit: cow_of(json, "unit"),
                 });
             } else if map.contains_key("low") || map.contains_key("high") {
                 // Range: findable by both ends.
@@ -771,22 +860,28 @@ fn quantity_values(json: &Value, out: &mut Vec<IndexValue>) {
 }
 
 /// The equality forms of a composite component value (all but the last component).
-pub fn component_equality_forms(value: &IndexValue) -> Vec<String> {
+pub fn component_equality_forms(value: &IndexValue<'_>) -> Vec<String> {
     match value {
         // `system|` (any code of a system) is left out here: as a composite's leading part it
         // is rarely asked for, and every form multiplies the composite's terms.
-        IndexValue::Token { system, code } => match system {
-            Some(system) => vec![code.clone(), format!("{system}|{code}")],
-            None => vec![code.clone(), format!("|{code}")],
-        },
+        IndexValue::Token { system, code } => {
+            let system = system.as_deref().unwrap_or("");
+            let mut qualified = String::with_capacity(system.len() + 1 + code.len());
+            qualified.push_str(system);
+            qualified.push('|');
+            qualified.push_str(code);
+            vec![code.to_string(), qualified]
+        }
         IndexValue::Text(text) => vec![normalize_string(text)],
         // A composite's search value is matched as written, so a bare id is a form here.
         IndexValue::Reference(reference) => {
-            let (mut forms, id) = reference_forms_and_id(reference);
-            forms.extend(id);
-            forms
+            let (other_form, id) = reference_forms_and_id(reference);
+            std::iter::once(reference.to_string())
+                .chain(other_form.map(Cow::into_owned))
+                .chain(id.map(String::from))
+                .collect()
         }
-        IndexValue::Uri(uri) => vec![uri.clone()],
+        IndexValue::Uri(uri) => vec![uri.to_string()],
         _ => Vec::new(),
     }
 }
@@ -807,20 +902,29 @@ fn component_terms(param: &SearchParam, items: &[Item<'_>], terms: &mut Vec<Stri
             if forms.is_empty() {
                 continue 'items;
             }
-            let kind = format!("c{position}");
+            let kind = component_kind(position);
             own.extend(forms.iter().map(|form| term(&param.code, &kind, form)));
         }
         let last_terms = last_component_terms(last, node);
         if last_terms.is_empty() {
             continue;
         }
-        let last_kind = format!("c{}", leading.len());
+        let last_kind = component_kind(leading.len());
         for last_term in &last_terms {
             // `last_term` is `␟kind␟value` (empty code): the term is `code␟cN␟kind␟value`.
             let value_term = last_term.strip_prefix(SEP).unwrap_or(last_term);
             own.push(term_of(&param.code, &last_kind, &[value_term]));
         }
         terms.append(&mut own);
+    }
+}
+
+/// The term kind of a composite's component at `position` (`c0`, `c1`, …).
+fn component_kind(position: usize) -> Cow<'static, str> {
+    const KINDS: [&str; 8] = ["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7"];
+    match KINDS.get(position) {
+        Some(kind) => Cow::Borrowed(kind),
+        None => Cow::Owned(format!("c{position}")),
     }
 }
 

@@ -17,6 +17,29 @@ pub const MAX_MICROS: i64 = i64::MAX;
 
 /// A string as FHIR string search compares it: lower case, accents removed.
 pub fn normalize_string(text: &str) -> String {
+    if text.is_ascii() {
+        // ASCII has no accents to fold: one pass gives what the analyzer gives, without its
+        // allocations (extraction normalizes every string and token text it indexes).
+        let mut out = String::with_capacity(text.len());
+        for word in text
+            .split(char::is_whitespace)
+            .filter(|word| !word.is_empty())
+        {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.extend(
+                word.bytes()
+                    .map(|byte| char::from(byte.to_ascii_lowercase())),
+            );
+        }
+        return out;
+    }
+    normalize_with_analyzer(text)
+}
+
+/// [`normalize_string`] for any text: tantivy's lower-casing and ASCII folding.
+fn normalize_with_analyzer(text: &str) -> String {
     static ANALYZER: OnceLock<TextAnalyzer> = OnceLock::new();
     let analyzer = ANALYZER.get_or_init(|| {
         TextAnalyzer::builder(RawTokenizer::default())
@@ -225,31 +248,118 @@ pub const DAY_MICROS: i64 = 86_400_000_000;
 /// terms, so that `eq` search at one of those precisions is a single term lookup. Minutes
 /// and seconds are in [`sub_day_buckets`].
 pub fn date_buckets(range: InstantRange) -> Vec<String> {
-    let mut out = Vec::with_capacity(3);
-    let (Some(low), Some(high)) = (
-        DateTime::<Utc>::from_timestamp_micros(range.low),
-        DateTime::<Utc>::from_timestamp_micros(range.high),
-    ) else {
-        return out;
-    };
-    if low.year() != high.year() {
-        return out;
+    DateBuckets::of(range).iter().map(String::from).collect()
+}
+
+/// The texts of [`date_buckets`], kept in place: extraction writes them for every date value
+/// it indexes, and `format!` with a `String` per bucket was a visible share of that.
+#[derive(Debug, Clone, Copy)]
+pub struct DateBuckets {
+    texts: [[u8; BUCKET_TEXT_MAX]; 3],
+    lens: [usize; 3],
+    count: usize,
+}
+
+/// The longest bucket text: `D-262143-12-31` (chrono's earliest year).
+const BUCKET_TEXT_MAX: usize = 16;
+
+impl DateBuckets {
+    /// The buckets of `range`.
+    pub fn of(range: InstantRange) -> DateBuckets {
+        let mut buckets = DateBuckets {
+            texts: [[0; BUCKET_TEXT_MAX]; 3],
+            lens: [0; 3],
+            count: 0,
+        };
+        let (Some(low), Some(high)) = (
+            DateTime::<Utc>::from_timestamp_micros(range.low),
+            DateTime::<Utc>::from_timestamp_micros(range.high),
+        ) else {
+            return buckets;
+        };
+        if low.year() != high.year() {
+            return buckets;
+        }
+        let mut year = [0u8; 8];
+        let year = write_year(low.year(), &mut year);
+        buckets.push(&[b"Y", year]);
+        if low.month() != high.month() {
+            return buckets;
+        }
+        let month = two_digits(low.month());
+        buckets.push(&[b"M", year, b"-", &month]);
+        if low.day() != high.day() {
+            return buckets;
+        }
+        buckets.push(&[b"D", year, b"-", &month, b"-", &two_digits(low.day())]);
+        buckets
     }
-    out.push(format!("Y{:04}", low.year()));
-    if low.month() != high.month() {
-        return out;
+
+    fn push(&mut self, parts: &[&[u8]]) {
+        let text = &mut self.texts[self.count];
+        let mut len = 0;
+        for part in parts {
+            text[len..len + part.len()].copy_from_slice(part);
+            len += part.len();
+        }
+        self.lens[self.count] = len;
+        self.count += 1;
     }
-    out.push(format!("M{:04}-{:02}", low.year(), low.month()));
-    if low.day() != high.day() {
-        return out;
+
+    /// How many buckets there are: 0 (the range spans years), 1 (year), 2 (month) or 3 (day).
+    pub fn len(&self) -> usize {
+        self.count
     }
-    out.push(format!(
-        "D{:04}-{:02}-{:02}",
-        low.year(),
-        low.month(),
-        low.day()
-    ));
-    out
+
+    /// Whether the range spans years (or is open-ended): no bucket holds it.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The buckets, year first.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        (0..self.count).map(|i| {
+            std::str::from_utf8(&self.texts[i][..self.lens[i]])
+                .expect("bucket texts are ASCII digits, letters and dashes")
+        })
+    }
+
+    /// The finest bucket (the day's, when there are three).
+    pub fn last(&self) -> Option<&str> {
+        self.iter().last()
+    }
+}
+
+/// `year` as `format!("{year:04}")` writes it, into `buffer`.
+fn write_year(year: i32, buffer: &mut [u8; 8]) -> &[u8] {
+    let mut digits = [0u8; 6];
+    let mut start = digits.len();
+    let mut rest = year.unsigned_abs();
+    // chrono's years stay within ±262,143: six digits at most.
+    while start > 0 && (rest > 0 || start == digits.len()) {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    let digits = &digits[start..];
+    let width = if year < 0 { 3 } else { 4 };
+    let mut len = 0;
+    if year < 0 {
+        buffer[0] = b'-';
+        len = 1;
+    }
+    for _ in digits.len()..width {
+        buffer[len] = b'0';
+        len += 1;
+    }
+    buffer[len..len + digits.len()].copy_from_slice(digits);
+    len += digits.len();
+    &buffer[..len]
+}
+
+/// `value` (a month or a day) as two digits.
+fn two_digits(value: u32) -> [u8; 2] {
+    [b'0' + (value / 10 % 10) as u8, b'0' + (value % 10) as u8]
 }
 
 /// The minute and second buckets (`m…`, `S…`) that wholly contain `range`, if any.
@@ -415,6 +525,133 @@ mod tests {
 
     fn day_terms(date: &FhirDate) -> Vec<String> {
         date_buckets(date.range)
+    }
+
+    /// What the buckets were before they were written by hand.
+    fn formatted_buckets(range: InstantRange) -> Vec<String> {
+        let mut out = Vec::new();
+        let (Some(low), Some(high)) = (
+            DateTime::<Utc>::from_timestamp_micros(range.low),
+            DateTime::<Utc>::from_timestamp_micros(range.high),
+        ) else {
+            return out;
+        };
+        if low.year() != high.year() {
+            return out;
+        }
+        out.push(format!("Y{:04}", low.year()));
+        if low.month() != high.month() {
+            return out;
+        }
+        out.push(format!("M{:04}-{:02}", low.year(), low.month()));
+        if low.day() != high.day() {
+            return out;
+        }
+        out.push(format!(
+            "D{:04}-{:02}-{:02}",
+            low.year(),
+            low.month(),
+            low.day()
+        ));
+        out
+    }
+
+    #[test]
+    fn bucket_texts_are_what_formatting_writes() {
+        let earliest = DateTime::<Utc>::MIN_UTC.timestamp_micros();
+        let latest = DateTime::<Utc>::MAX_UTC.timestamp_micros();
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            state
+        };
+        let mut ranges = vec![
+            InstantRange {
+                low: earliest,
+                high: earliest,
+            },
+            InstantRange {
+                low: latest,
+                high: latest,
+            },
+            InstantRange {
+                low: MIN_MICROS,
+                high: MAX_MICROS,
+            },
+            InstantRange { low: 0, high: 0 },
+            InstantRange { low: -1, high: -1 },
+        ];
+        for year in [
+            -10_000, -999, -99, -9, -1, 0, 1, 9, 99, 999, 1969, 2024, 9999, 10_000,
+        ] {
+            let start = NaiveDate::from_ymd_opt(year, 12, 31)
+                .unwrap()
+                .and_hms_opt(23, 59, 59)
+                .unwrap()
+                .and_utc()
+                .timestamp_micros();
+            ranges.push(InstantRange {
+                low: start,
+                high: start,
+            });
+            ranges.push(InstantRange {
+                low: start,
+                high: start + 1,
+            });
+            ranges.push(InstantRange {
+                low: start - DAY_MICROS * 40,
+                high: start,
+            });
+        }
+        for _ in 0..20_000 {
+            // The span exceeds i64; the wrapping sum still lands between the two.
+            let low = earliest.wrapping_add((next() % latest.abs_diff(earliest)) as i64);
+            let span = [0, 1_000_000, DAY_MICROS, 40 * DAY_MICROS, 400 * DAY_MICROS]
+                [(next() % 5) as usize];
+            let high = low.saturating_add((next() % (span as u64 + 1)) as i64);
+            ranges.push(InstantRange { low, high });
+        }
+        for range in ranges {
+            let buckets = DateBuckets::of(range);
+            assert_eq!(date_buckets(range), formatted_buckets(range), "{range:?}");
+            assert_eq!(buckets.len(), formatted_buckets(range).len());
+            assert_eq!(buckets.is_empty(), formatted_buckets(range).is_empty());
+            assert_eq!(
+                buckets.last().map(String::from),
+                formatted_buckets(range).pop()
+            );
+        }
+    }
+
+    #[test]
+    fn ascii_strings_normalize_as_the_analyzer_does() {
+        let mut samples: Vec<String> = vec![
+            String::new(),
+            " ".into(),
+            "  Chalmers  ".into(),
+            "Peter\tJames\n\r\x0bCHALMERS".into(),
+            "a\x0cb\x1fc\x1ed".into(),
+            "MRN-P3 / 12,34".into(),
+        ];
+        // Every ASCII character, alone, between letters and beside whitespace.
+        for byte in 0u8..=127 {
+            let c = char::from(byte);
+            samples.push(c.to_string());
+            samples.push(format!("Ab{c}Cd"));
+            samples.push(format!(" {c} x{c}{c}Y "));
+        }
+        for sample in samples {
+            assert!(sample.is_ascii());
+            assert_eq!(
+                normalize_string(&sample),
+                normalize_with_analyzer(&sample),
+                "{sample:?}"
+            );
+        }
+        // Beyond ASCII the analyzer folds accents.
+        assert_eq!(normalize_string("  Zoë  Ørsted "), "zoe orsted");
     }
 
     #[test]
