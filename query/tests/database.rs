@@ -461,6 +461,50 @@ fn paging_is_stable_while_data_changes() {
 }
 
 #[test]
+fn a_value_written_twice_in_one_resource_matches_and_counts_once() {
+    let t = new_db();
+    let coding = json!({"system": "http://loinc.org", "code": "29463-7", "display": "Body weight"});
+    let mut twice = observation("twice", "p1", "29463-7", 70.0, "kg", "2024-05-01");
+    twice["code"]["coding"] = json!([coding.clone(), coding]);
+    twice["identifier"] =
+        json!([{"system": "urn:x", "value": "same"}, {"system": "urn:x", "value": "same"}]);
+    put(&t.db, twice);
+    put(
+        &t.db,
+        observation("once", "p1", "29463-7", 80.0, "kg", "2024-05-02"),
+    );
+    put(
+        &t.db,
+        observation("other", "p1", "8867-4", 60.0, "/min", "2024-05-03"),
+    );
+    let mut found = keys(&t.db, "Observation?code=http://loinc.org|29463-7");
+    found.sort();
+    assert_eq!(found, ["Observation/once", "Observation/twice"]);
+    assert_eq!(
+        run(&t.db, "Observation?code=29463-7&_total=accurate").total,
+        Some(2)
+    );
+    assert_eq!(
+        run(&t.db, "Observation?identifier=urn:x|same&_total=accurate").total,
+        Some(1)
+    );
+    assert_eq!(
+        keys(&t.db, "Observation?code:not=29463-7"),
+        ["Observation/other"]
+    );
+    // After an update that writes the value once, the old document's terms are gone.
+    put(
+        &t.db,
+        observation("twice", "p1", "8867-4", 61.0, "/min", "2024-05-04"),
+    );
+    assert_eq!(
+        keys(&t.db, "Observation?code=29463-7"),
+        ["Observation/once"]
+    );
+    assert!(keys(&t.db, "Observation?identifier=urn:x|same").is_empty());
+}
+
+#[test]
 fn totals_summary_and_elements() {
     let t = clinical_db();
     let count = run(&t.db, "Observation?_summary=count");
