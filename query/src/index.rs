@@ -5,7 +5,8 @@
 //! One document per current (not deleted) resource. Fields:
 //! - `key` (`Type/id`, raw, fast): identity, deletes, paging order;
 //! - `type` (raw);
-//! - `terms` (raw, many values): every parameter's terms, see [`crate::extract`];
+//! - `terms` (one value per document, split at [`TERM_BREAK`] into its terms): every
+//!   parameter's terms, see [`crate::extract`];
 //! - `narrative`, `content` (tokenized, lower-cased, accent-folded): `_text`, `_content`;
 //! - `refs`, `sort` (fast only): reference targets and sort keys per parameter.
 //!
@@ -25,7 +26,8 @@ use tantivy::directory::Directory;
 use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, RangeQuery, RegexQuery, TermQuery};
 use tantivy::schema::{Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions};
 use tantivy::tokenizer::{
-    AsciiFoldingFilter, LowerCaser, RemoveLongFilter, SimpleTokenizer, TextAnalyzer,
+    AsciiFoldingFilter, LowerCaser, RemoveLongFilter, SimpleTokenizer, TextAnalyzer, Token,
+    TokenStream, Tokenizer,
 };
 use tantivy::{DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
 
@@ -33,13 +35,89 @@ use crate::extract::IndexEntries;
 use crate::priority;
 use crate::{Error, Result};
 
-/// The schema version, stored in the commit payload; a different one means "rebuild" (10:
+/// The schema version, stored in the commit payload; a different one means "rebuild" (11:
+/// a document's terms in one value of the `terms` field; 10:
 /// tantivy's sorted-table term dictionary instead of its FST, see ARCHITECTURE.md; 9: no
 /// `system|` token terms; 8: composites of one focus indexed by component, values to the
 /// second as one term; 7: no
 /// terms of derived parameters, no bare-id reference terms, minute and second buckets only on
 /// crowded days; 6: `_content` holds `string` and `markdown` values only).
-const SCHEMA_VERSION: u32 = 10;
+const SCHEMA_VERSION: u32 = 11;
+
+/// The tokenizer of the `terms` field (see [`TermListTokenizer`]).
+const TERMS_TOKENIZER: &str = "fhir_terms";
+
+/// What separates a document's terms in its one `terms` value (U+001E, record separator).
+/// FHIR strings may not hold it; a term that does anyway has it replaced (see
+/// [`indexable_term`]), so that no value can add a term of another parameter.
+pub const TERM_BREAK: char = '\u{1e}';
+
+/// `term` as the `terms` field holds it: [`TERM_BREAK`] replaced by U+FFFD. Applied to the
+/// terms of documents and of queries alike.
+fn indexable_term(term: &str) -> std::borrow::Cow<'_, str> {
+    if term.contains(TERM_BREAK) {
+        std::borrow::Cow::Owned(term.replace(TERM_BREAK, "\u{fffd}"))
+    } else {
+        std::borrow::Cow::Borrowed(term)
+    }
+}
+
+/// Splits a document's one `terms` value at [`TERM_BREAK`], each piece a term as written.
+///
+/// Why one value rather than one per term: tantivy's per-value work (a value written into the
+/// document, a token stream made and run for it) cost about as much as indexing the term
+/// itself, for the ~40 terms of a typical resource.
+#[derive(Debug, Clone, Default)]
+struct TermListTokenizer {
+    token: Token,
+}
+
+/// The terms of one `terms` value, as tokens.
+struct TermListStream<'a> {
+    pieces: std::str::Split<'a, char>,
+    offset: usize,
+    token: &'a mut Token,
+}
+
+impl Tokenizer for TermListTokenizer {
+    type TokenStream<'a> = TermListStream<'a>;
+
+    fn token_stream<'a>(&'a mut self, text: &'a str) -> TermListStream<'a> {
+        self.token.reset();
+        TermListStream {
+            pieces: text.split(TERM_BREAK),
+            offset: 0,
+            token: &mut self.token,
+        }
+    }
+}
+
+impl TokenStream for TermListStream<'_> {
+    fn advance(&mut self) -> bool {
+        for piece in self.pieces.by_ref() {
+            let start = self.offset;
+            self.offset += piece.len() + TERM_BREAK.len_utf8();
+            if piece.is_empty() {
+                continue;
+            }
+            self.token.text.clear();
+            self.token.text.push_str(piece);
+            self.token.offset_from = start;
+            self.token.offset_to = start + piece.len();
+            self.token.position = self.token.position.wrapping_add(1);
+            return true;
+        }
+        false
+    }
+
+    fn token(&self) -> &Token {
+        self.token
+    }
+
+    fn token_mut(&mut self) -> &mut Token {
+        self.token
+    }
+}
 
 const TEXT_TOKENIZER: &str = "fhir_text";
 
@@ -92,7 +170,15 @@ fn schema() -> (Schema, Fields) {
         // Indexed for deletes and key lookups, a column for paging order and reading keys.
         key: builder.add_text_field("key", raw.clone().set_fast("raw")),
         resource_type: builder.add_text_field("type", raw.clone()),
-        terms: builder.add_text_field("terms", raw),
+        terms: builder.add_text_field(
+            "terms",
+            raw.clone().set_indexing_options(
+                TextFieldIndexing::default()
+                    .set_tokenizer(TERMS_TOKENIZER)
+                    .set_fieldnorms(false)
+                    .set_index_option(IndexRecordOption::Basic),
+            ),
+        ),
         narrative: builder.add_text_field("narrative", text.clone()),
         content: builder.add_text_field("content", text),
         refs: builder.add_text_field("refs", column.clone()),
@@ -248,6 +334,9 @@ impl SearchIndex {
                 .filter(AsciiFoldingFilter)
                 .build(),
         );
+        index
+            .tokenizers()
+            .register(TERMS_TOKENIZER, TermListTokenizer::default());
         // One indexing thread: the machine has few cores and the store needs them too. It (and
         // tantivy's merge threads) start here and inherit the index priority.
         let writer = priority::on_index_thread(|| index.writer_with_num_threads(1, WRITER_MEMORY))?;
@@ -304,8 +393,16 @@ impl SearchIndex {
         let mut doc = TantivyDocument::new();
         doc.add_text(f.key, key);
         doc.add_text(f.resource_type, resource_type);
-        for term in &entries.terms {
-            doc.add_text(f.terms, term);
+        if !entries.terms.is_empty() {
+            let length = entries.terms.iter().map(|term| term.len() + 1).sum();
+            let mut terms = String::with_capacity(length);
+            for term in &entries.terms {
+                if !terms.is_empty() {
+                    terms.push(TERM_BREAK);
+                }
+                terms.push_str(&indexable_term(term));
+            }
+            doc.add_text(f.terms, &terms);
         }
         if !entries.narrative.is_empty() {
             doc.add_text(f.narrative, &entries.narrative);
@@ -523,7 +620,7 @@ impl SearchIndex {
     /// A query for one exact term of the `terms` field.
     pub fn term(&self, text: &str) -> Box<dyn Query> {
         Box::new(TermQuery::new(
-            Term::from_field_text(self.fields.terms, text),
+            Term::from_field_text(self.fields.terms, &indexable_term(text)),
             IndexRecordOption::Basic,
         ))
     }
@@ -539,8 +636,14 @@ impl SearchIndex {
     /// Terms of the `terms` field in a range.
     pub fn range(&self, lower: Bound<String>, upper: Bound<String>) -> Box<dyn Query> {
         let to_term = |b: Bound<String>| match b {
-            Bound::Included(t) => Bound::Included(Term::from_field_text(self.fields.terms, &t)),
-            Bound::Excluded(t) => Bound::Excluded(Term::from_field_text(self.fields.terms, &t)),
+            Bound::Included(t) => Bound::Included(Term::from_field_text(
+                self.fields.terms,
+                &indexable_term(&t),
+            )),
+            Bound::Excluded(t) => Bound::Excluded(Term::from_field_text(
+                self.fields.terms,
+                &indexable_term(&t),
+            )),
             Bound::Unbounded => Bound::Unbounded,
         };
         Box::new(RangeQuery::new(to_term(lower), to_term(upper)))
@@ -755,6 +858,46 @@ mod tests {
         prepared.commit().unwrap();
         drop(writer);
         assert!(SearchIndex::open(Box::new(directory)).unwrap().is_none());
+    }
+
+    #[test]
+    fn each_term_of_the_one_value_is_found_and_a_term_break_in_a_value_adds_no_term() {
+        let index = SearchIndex::open(Box::new(RamDirectory::create()))
+            .unwrap()
+            .unwrap();
+        let planted = "name\u{1f}s\u{1f}x\u{1e}gender\u{1f}t\u{1f}male";
+        let entries = IndexEntries {
+            terms: vec![
+                "gender\u{1f}t\u{1f}female".into(),
+                planted.into(),
+                "name\u{1f}p\u{1f}".into(),
+                "gender\u{1f}t\u{1f}female".into(),
+            ],
+            ..IndexEntries::default()
+        };
+        let other = IndexEntries {
+            terms: vec!["gender\u{1f}t\u{1f}other".into()],
+            ..IndexEntries::default()
+        };
+        let changes =
+            [("Patient/a", entries), ("Patient/b", other)].map(|(key, entries)| DocumentChange {
+                key: key.into(),
+                replaces: false,
+                document: Some(index.document(key, "Patient", &entries)),
+            });
+        index.apply(changes).unwrap();
+        index.commit(Some(1)).unwrap();
+        let searcher = index.searcher();
+        let count = |query: Box<dyn Query>| index.count(&searcher, query.as_ref()).unwrap();
+        assert_eq!(count(index.term("gender\u{1f}t\u{1f}female")), 1);
+        assert_eq!(count(index.term("gender\u{1f}t\u{1f}other")), 1);
+        assert_eq!(count(index.term("name\u{1f}p\u{1f}")), 1);
+        // The value with a term break is found as written, and plants nothing.
+        assert_eq!(count(index.term(planted)), 1);
+        assert_eq!(count(index.term("gender\u{1f}t\u{1f}male")), 0);
+        assert_eq!(count(index.prefix("gender\u{1f}t\u{1f}")), 2);
+        assert_eq!(count(index.prefix("name\u{1f}s\u{1f}x")), 1);
+        assert_eq!(count(index.term("name\u{1f}s\u{1f}x")), 0);
     }
 
     #[test]
