@@ -701,10 +701,16 @@ fn token_values<'a>(fhir_type: Option<&str>, json: &'a Value, out: &mut Vec<Inde
         Value::Object(map) => {
             if let Some(codings) = member(map, "coding").and_then(Value::as_array) {
                 // CodeableConcept
+                let first = out.len();
                 for coding in codings {
                     coding_values(coding, out);
                 }
-                if let Some(text) = cow_of(json, "text") {
+                // The text often repeats a coding's display: it would be the same term again.
+                if let Some(text) = cow_of(json, "text")
+                    && !out[first..].iter().any(
+                        |value| matches!(value, IndexValue::TokenText(display) if *display == text),
+                    )
+                {
                     out.push(IndexValue::TokenText(text));
                 }
             } else if fhir_type == Some("Identifier")
@@ -1034,13 +1040,31 @@ pub fn strip_markup(xhtml: &str) -> String {
         .replace("&amp;", "&")
 }
 
+/// How many of the last strings taken into `_content` a new one is compared with.
+const RECENT_TEXTS: usize = 16;
+
 /// The text of `_content`: every `string` and `markdown` value and the narrative (see
 /// [`fhirkeep_fhirpath::visit_text`] for what is left out and why), space-separated.
+///
+/// A string that repeats one of the last [`RECENT_TEXTS`] taken (a CodeableConcept's text
+/// and its coding's display, the same unit on every component) is left out: `_content`
+/// matches words and phrases, never counts them, and tantivy would record each word's
+/// positions again. Only recent ones, so that a resource of many strings stays linear.
 fn content_text(resource: &Value) -> String {
     let mut out = String::new();
+    let mut recent: std::collections::VecDeque<&str> = std::collections::VecDeque::new();
     fhirkeep_fhirpath::visit_text(resource, &mut |text| {
         match text {
-            fhirkeep_fhirpath::Text::Plain(s) => out.push_str(s),
+            fhirkeep_fhirpath::Text::Plain(s) => {
+                if recent.contains(&s) {
+                    return;
+                }
+                if recent.len() == RECENT_TEXTS {
+                    recent.pop_front();
+                }
+                recent.push_back(s);
+                out.push_str(s);
+            }
             fhirkeep_fhirpath::Text::Xhtml(div) => out.push_str(&strip_markup(div)),
         }
         out.push(' ');
@@ -1052,4 +1076,63 @@ fn content_text(resource: &Value) -> String {
 pub fn last_updated_range(resource: &Value) -> Option<InstantRange> {
     let text = resource.get("meta")?.get("lastUpdated")?.as_str()?;
     parse_fhir_date(text).map(|d| d.range)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn content_keeps_each_string_once_and_every_word_of_the_resource() {
+        let mut notes: Vec<Value> = (0..40)
+            .map(|i| json!({"text": format!("note {i}")}))
+            .collect();
+        // A repeat far after its first occurrence is kept: only recent strings are compared.
+        notes.push(json!({"text": "note 0"}));
+        let observation = json!({
+            "resourceType": "Observation", "id": "o", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9",
+                                 "display": "Blood pressure panel"}],
+                     "text": "Blood pressure panel"},
+            "component": [
+                {"code": {"text": "Systolic"}, "valueQuantity": {"value": 107, "unit": "mm[Hg]"}},
+                {"code": {"text": "Diastolic"}, "valueQuantity": {"value": 83, "unit": "mm[Hg]"}}
+            ],
+            "note": notes
+        });
+        let content = content_text(&observation);
+        assert_eq!(
+            content.matches("Blood pressure panel").count(),
+            1,
+            "{content}"
+        );
+        assert_eq!(content.matches("mm[Hg]").count(), 1, "{content}");
+        for word in ["Systolic", "Diastolic", "note 39", "note 1 "] {
+            assert!(content.contains(word), "{word} missing from {content}");
+        }
+        assert_eq!(content.matches("note 0 ").count(), 2, "{content}");
+    }
+
+    #[test]
+    fn a_concept_text_equal_to_a_display_is_one_text_term() {
+        let registry = Registry::r4().unwrap();
+        let observation = json!({
+            "resourceType": "Observation", "id": "o", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6",
+                                 "display": "Systolic blood pressure"}],
+                     "text": "Systolic blood pressure"},
+            "category": [{"coding": [{"code": "vital-signs", "display": "Vital Signs"}],
+                          "text": "Vitals"}]
+        });
+        let (entries, failures) = extract(&registry, "Observation", &observation);
+        assert_eq!(failures, 0);
+        let count = |term: &str| entries.terms.iter().filter(|t| *t == term).count();
+        assert_eq!(
+            count(&self::term("code", "x", "systolic blood pressure")),
+            1
+        );
+        assert_eq!(count(&self::term("category", "x", "vital signs")), 1);
+        assert_eq!(count(&self::term("category", "x", "vitals")), 1);
+    }
 }
