@@ -58,7 +58,8 @@ const _: () = assert!(TERM_BREAK.is_ascii());
 /// `term` as the `terms` field holds it: [`TERM_BREAK`] replaced by U+FFFD. Applied to the
 /// terms of documents and of queries alike.
 fn indexable_term(term: &str) -> std::borrow::Cow<'_, str> {
-    if term.contains(TERM_BREAK) {
+    // `memchr`: `str::contains` with a `char` cost ~90 instructions per short term.
+    if memchr::memchr(TERM_BREAK as u8, term.as_bytes()).is_some() {
         std::borrow::Cow::Owned(term.replace(TERM_BREAK, "\u{fffd}"))
     } else {
         std::borrow::Cow::Borrowed(term)
