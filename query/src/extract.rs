@@ -389,12 +389,18 @@ fn emit(code: &str, value: &IndexValue<'_>, crowded: &[i64], entries: &mut Index
             value,
         } => terms.push(term_of(code, "o", &[system, "|", type_code, "|", value])),
         IndexValue::Reference(reference) => {
-            let (other_form, _) = reference_forms_and_id(reference);
-            for form in std::iter::once(&**reference).chain(other_form.as_deref()) {
-                if form.matches('/').count() == 1 && !form.contains(':') {
-                    entries.references.push(keyed(code, form));
+            if plain_local_reference(reference).is_some() {
+                // `Type/id` as written, most references: its only form, and a target.
+                entries.references.push(keyed(code, reference));
+                terms.push(term(code, "r", reference));
+            } else {
+                let (other_form, _) = reference_forms_and_id(reference);
+                for form in std::iter::once(&**reference).chain(other_form.as_deref()) {
+                    if form.matches('/').count() == 1 && !form.contains(':') {
+                        entries.references.push(keyed(code, form));
+                    }
+                    terms.push(term(code, "r", form));
                 }
-                terms.push(term(code, "r", form));
             }
             sort.push(keyed(code, reference));
         }
@@ -549,10 +555,23 @@ pub fn reference_forms(reference: &str) -> Vec<String> {
         .collect()
 }
 
+/// `Type/id` and its two parts, when `reference` is exactly that (no base URL, no version,
+/// nothing to strip): one slash, and the parts checked, is the whole parse.
+fn plain_local_reference(reference: &str) -> Option<(&str, &str)> {
+    let (resource_type, id) = reference.split_at(memchr::memchr(b'/', reference.as_bytes())?);
+    let id = &id[1..];
+    (fhirkeep_engine::resource::is_valid_id(id)
+        && fhirkeep_engine::resource::is_resource_type(resource_type))
+    .then_some((resource_type, id))
+}
+
 /// The form of a reference other than as written (see [`reference_forms`]), if it has one,
 /// and the bare id of a `Type/id` reference. Borrowed where it can be: extraction asks this
 /// of every reference it indexes.
 fn reference_forms_and_id(reference: &str) -> (Option<Cow<'_, str>>, Option<&str>) {
+    if let Some((_, id)) = plain_local_reference(reference) {
+        return (None, Some(id));
+    }
     if reference.starts_with('#') || reference.starts_with("urn:") {
         return (None, None);
     }
@@ -1112,6 +1131,57 @@ mod tests {
             assert!(content.contains(word), "{word} missing from {content}");
         }
         assert_eq!(content.matches("note 0 ").count(), 2, "{content}");
+    }
+
+    #[test]
+    fn reference_forms_and_targets() {
+        let forms = |reference: &str| reference_forms(reference);
+        assert_eq!(forms("Patient/123"), ["Patient/123"]);
+        assert_eq!(
+            forms("http://example.org/fhir/Patient/123"),
+            ["http://example.org/fhir/Patient/123", "Patient/123"]
+        );
+        assert_eq!(
+            forms("Patient/123/_history/2"),
+            ["Patient/123/_history/2", "Patient/123"]
+        );
+        assert_eq!(
+            forms("http://x.org/vs|1.0"),
+            ["http://x.org/vs|1.0", "http://x.org/vs"]
+        );
+        for unchanged in [
+            "#contained",
+            "urn:uuid:1",
+            "Nonsense/123",
+            "Patient/bad id",
+            "Patient/",
+        ] {
+            assert_eq!(forms(unchanged), [unchanged]);
+        }
+        assert_eq!(reference_forms_and_id("Patient/123").1, Some("123"));
+        assert_eq!(reference_forms_and_id("Patient/1/_history/2").1, Some("1"));
+        assert_eq!(reference_forms_and_id("Patient/").1, None);
+
+        let registry = Registry::r4().unwrap();
+        let observation = json!({
+            "resourceType": "Observation", "id": "o", "status": "final", "code": {"text": "x"},
+            "subject": {"reference": "Patient/p1"},
+            "encounter": {"reference": "http://example.org/fhir/Encounter/e1"}
+        });
+        let (entries, _) = extract(&registry, "Observation", &observation);
+        for (code, target) in [("subject", "Patient/p1"), ("encounter", "Encounter/e1")] {
+            assert!(
+                entries.terms.contains(&self::term(code, "r", target)),
+                "{code}"
+            );
+            assert!(entries.references.contains(&keyed(code, target)), "{code}");
+        }
+        assert!(entries.terms.contains(&self::term(
+            "encounter",
+            "r",
+            "http://example.org/fhir/Encounter/e1"
+        )));
+        assert!(!entries.references.iter().any(|r| r.contains("http:")));
     }
 
     #[test]

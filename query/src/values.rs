@@ -21,17 +21,19 @@ pub fn normalize_string(text: &str) -> String {
         // ASCII has no accents to fold: one pass gives what the analyzer gives, without its
         // allocations (extraction normalizes every string and token text it indexes).
         let mut out = String::with_capacity(text.len());
-        for word in text
-            .split(char::is_whitespace)
-            .filter(|word| !word.is_empty())
-        {
-            if !out.is_empty() {
-                out.push(' ');
+        let mut space_pending = false;
+        for byte in text.bytes() {
+            // ASCII's Unicode white space: tab, line feed, vertical tab, form feed, carriage
+            // return and space (what `char::is_whitespace` says of ASCII).
+            if matches!(byte, b'\t'..=b'\r' | b' ') {
+                space_pending = !out.is_empty();
+            } else {
+                if space_pending {
+                    out.push(' ');
+                    space_pending = false;
+                }
+                out.push(char::from(byte.to_ascii_lowercase()));
             }
-            out.extend(
-                word.bytes()
-                    .map(|byte| char::from(byte.to_ascii_lowercase())),
-            );
         }
         return out;
     }
