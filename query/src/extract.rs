@@ -127,11 +127,18 @@ pub fn extract(
     resource_type: &str,
     resource: &Value,
 ) -> (IndexEntries, usize) {
-    let mut entries = IndexEntries::default();
+    // Sized for a typical resource (~40 terms, ~11 sort keys), so the vectors rarely grow.
+    let mut entries = IndexEntries {
+        terms: Vec::with_capacity(64),
+        sort_keys: Vec::with_capacity(16),
+        ..IndexEntries::default()
+    };
     let mut failures = 0;
     let root = fhirkeep_fhirpath::Node::resource(resource);
     let mut derived = Vec::new();
     let mut present: Vec<&str> = Vec::new();
+    // One buffer for every parameter's values: a resource has ~40 parameters.
+    let mut values: Vec<IndexValue<'_>> = Vec::new();
     for param in registry.for_type(resource_type) {
         if !param.derived_from.is_empty() {
             derived.push(param);
@@ -156,7 +163,7 @@ pub fn extract(
         } else if param.kind == ParamType::Composite {
             composite_terms(param, &items, &mut entries.terms);
         } else {
-            let mut values = Vec::new();
+            values.clear();
             for item in &items {
                 item_values(param.kind, item, &mut values);
             }
