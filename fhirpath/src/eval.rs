@@ -128,6 +128,22 @@ pub(crate) fn eval<'a>(
                 .collect())
         }
         Ast::Member(base, name) => {
+            if let Ast::Ident(type_name) = &**base
+                && first_upper(type_name)
+            {
+                // `Type.element`, the first step of most search parameters' paths: the focus
+                // filtered by type and navigated in one pass, without the filtered collection
+                // in between (the same work is charged as for the two steps).
+                ctx.charge(focus.len() + 1)?;
+                let mut out = Vec::new();
+                for item in focus {
+                    if is_type_name_of(item, type_name) {
+                        ctx.charge(1)?;
+                        navigate(item, name, &mut out);
+                    }
+                }
+                return Ok(out);
+            }
             let input = eval(ctx, base, focus, scope)?;
             ctx.charge(input.len())?;
             let mut out = Vec::new();
