@@ -49,7 +49,7 @@ const TERMS_TOKENIZER: &str = "fhir_terms";
 
 /// What separates a document's terms in its one `terms` value (U+001E, record separator).
 /// FHIR strings may not hold it; a term that does anyway has it replaced (see
-/// [`indexable_term`]), so that no value can add a term of another parameter.
+/// `indexable_term`), so that no value can add a term of another parameter.
 pub const TERM_BREAK: char = '\u{1e}';
 
 // The tokenizer searches for the break as one byte.
