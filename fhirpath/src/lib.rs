@@ -172,6 +172,32 @@ mod tests {
     }
 
     #[test]
+    fn unions_keep_each_value_once_whichever_side_is_empty() {
+        let observation = json!({
+            "resourceType": "Observation",
+            "code": {"coding": [{"code": "a"}, {"code": "a"}, {"code": "b"}]},
+            "valueQuantity": {"value": 1.50, "unit": "kg"},
+            "component": [{"code": {"coding": [{"code": "b"}]}}]
+        });
+        let codes = |expr: &str| texts(expr, &observation);
+        assert_eq!(
+            codes("(Observation.value as Quantity) | (Observation.value as SampledData)"),
+            [r#"Quantity:{"value":1.5,"unit":"kg"}"#]
+        );
+        assert_eq!(
+            codes("(Observation.value as SampledData) | (Observation.value as Quantity)"),
+            [r#"Quantity:{"value":1.5,"unit":"kg"}"#]
+        );
+        assert!(codes("Observation.method | Observation.device").is_empty());
+        assert_eq!(
+            codes("Observation.code.coding.code | Observation.component.code.coding.code"),
+            ["code:a", "code:b"]
+        );
+        assert_eq!(codes("Observation.code.coding[0].code | 'a'"), ["code:a"]);
+        assert_eq!(codes("'a' | 'a'"), ["string:a"]);
+    }
+
+    #[test]
     fn an_evaluation_stops_when_its_budget_is_spent() {
         let names: Vec<serde_json::Value> = (0..100)
             .map(|i| json!({"family": format!("f{i}")}))

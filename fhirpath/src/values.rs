@@ -358,6 +358,22 @@ fn hash_key(item: &Item<'_>) -> Option<u64> {
 
 /// Appends `items` to `out` skipping duplicates (of each other and of what `out` holds).
 pub(crate) fn push_distinct<'a>(out: &mut Coll<'a>, items: impl IntoIterator<Item = Item<'a>>) {
+    let mut items = items.into_iter();
+    let Some(first) = items.next() else {
+        return;
+    };
+    match items.next() {
+        // One item into nothing cannot repeat: most unions of search parameter paths have an
+        // empty side (`(value as Quantity) | (value as SampledData)`), and hashing was half
+        // of their evaluation.
+        None if out.is_empty() => out.push(first),
+        None => push_distinct_hashed(out, std::iter::once(first)),
+        Some(second) => push_distinct_hashed(out, [first, second].into_iter().chain(items)),
+    }
+}
+
+/// [`push_distinct`] by the hashes of the values compared by value.
+fn push_distinct_hashed<'a>(out: &mut Coll<'a>, items: impl IntoIterator<Item = Item<'a>>) {
     let mut index: std::collections::HashMap<u64, Vec<usize>> = Default::default();
     let mut others: Vec<usize> = Vec::new();
     for (i, item) in out.iter().enumerate() {
