@@ -802,7 +802,7 @@ fn is_within(container: &Value, node: &Value) -> bool {
 fn resolve<'a>(ctx: &Ctx<'a>, item: &Item<'a>) -> Option<Item<'a>> {
     let (reference, anchor) = match item {
         Item::Node(n) if !n.stub => match n.value {
-            Value::Object(o) => (o.get("reference")?.as_str()?, n.value),
+            Value::Object(o) => (crate::item::member(o, "reference")?.as_str()?, n.value),
             Value::String(s) => (s.as_str(), n.value),
             _ => return None,
         },
@@ -820,24 +820,31 @@ fn resolve<'a>(ctx: &Ctx<'a>, item: &Item<'a>) -> Option<Item<'a>> {
             .find(|r| r.get("id").and_then(Value::as_str) == Some(id))?;
         return Some(Item::Node(Node::new(found, None, None)));
     }
-    let path = reference.split(['?', '#']).next().unwrap_or(reference);
-    let segments: Vec<&str> = path.split('/').collect();
+    // Every `subject.where(resolve() is Patient)` of every resource resolves: no allocation.
+    let path_end = reference
+        .bytes()
+        .position(|b| b == b'?' || b == b'#')
+        .unwrap_or(reference.len());
     // The type is the segment before the id, skipping a trailing `_history/<vid>`.
-    let end = match segments.len() {
-        n if n >= 4 && segments[n - 2] == "_history" => n - 2,
-        n => n,
+    let mut segments = reference[..path_end].rsplit('/');
+    let (rtype, id) = match (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) {
+        (Some(_), Some("_history"), Some(id), Some(rtype)) => (rtype, id),
+        (Some(id), Some(rtype), _, _) => (rtype, id),
+        _ => return None,
     };
-    if end < 2 {
+    if id.is_empty() {
         return None;
     }
-    let rtype = segments[end - 2];
-    if !m.is_resource_type(rtype) || segments[end - 1].is_empty() {
-        return None;
-    }
+    let ty = m.type_id(rtype).filter(|&t| m.is_resource_like(t))?;
     Some(Item::Node(Node {
         value: anchor,
         ext: None,
-        ty: m.type_id(rtype),
+        ty: Some(ty),
         stub: true,
     }))
 }

@@ -302,6 +302,29 @@ mod tests {
         assert!(out[0].json().is_some());
         assert_eq!(out[1].fhir_type(), Some("Practitioner"));
         assert!(out[1].json().is_none());
+        // Which reference shapes resolve to a typed stand-in, and to which type.
+        for (reference, resolved) in [
+            ("Patient/1", Some("Patient")),
+            ("Patient/1?_format=json", Some("Patient")),
+            ("http://x/fhir/Encounter/1/_history/3#x", Some("Encounter")),
+            ("x/_history/1", None),
+            ("Patient/", None),
+            ("Patient", None),
+            ("Nothing/1", None),
+            ("HumanName/1", None),
+            ("", None),
+        ] {
+            let r = json!({"resourceType": "Observation", "subject": {"reference": reference}});
+            let out = Expression::parse("Observation.subject.resolve()")
+                .unwrap()
+                .evaluate(&r)
+                .unwrap();
+            assert_eq!(
+                out.first().and_then(Item::fhir_type),
+                resolved,
+                "{reference}"
+            );
+        }
     }
 
     #[test]
