@@ -427,7 +427,7 @@ fn emit(code: &str, value: &IndexValue<'_>, crowded: &[i64], entries: &mut Index
             // The bounds are filed under the finest calendar unit that holds the whole value
             // (day, month, year, or S for spanning years), so a range search scans the bound
             // terms of one unit only and takes whole later or earlier units as bucket terms.
-            let class = date_class_of(buckets.len());
+            let class = date_class(buckets.len());
             let (low_kind, high_kind) = match class {
                 'D' => ("dlD", "dhD"),
                 'M' => ("dlM", "dhM"),
@@ -499,14 +499,9 @@ fn emit(code: &str, value: &IndexValue<'_>, crowded: &[i64], entries: &mut Index
     }
 }
 
-/// The finest calendar unit wholly holding a date value, from its buckets: `D`, `M`, `Y`, or
-/// `S` (spans years, or open-ended).
-pub fn date_class(buckets: &[String]) -> char {
-    date_class_of(buckets.len())
-}
-
-/// [`date_class`] from the number of buckets.
-fn date_class_of(bucket_count: usize) -> char {
+/// The finest calendar unit wholly holding a date value, from how many calendar buckets hold
+/// it: `D`, `M`, `Y`, or `S` (spans years, or open-ended).
+pub fn date_class(bucket_count: usize) -> char {
     match bucket_count {
         0 => 'S',
         1 => 'Y',
@@ -515,18 +510,7 @@ fn date_class_of(bucket_count: usize) -> char {
     }
 }
 
-/// The unit namespaces a quantity is findable under.
-pub fn quantity_unit_keys(
-    system: Option<&str>,
-    code: Option<&str>,
-    unit: Option<&str>,
-) -> Vec<String> {
-    let mut keys = Vec::with_capacity(4);
-    for_each_quantity_unit_key(system, code, unit, |parts| keys.push(parts.concat()));
-    keys
-}
-
-/// Calls `key` with the parts of each of [`quantity_unit_keys`]: `''`, `|code`,
+/// Calls `key` with the parts of each unit key a quantity is findable under: `''`, `|code`,
 /// `system|code`, `|unit`. In parts, so that a term is written without the key's own string.
 fn for_each_quantity_unit_key(
     system: Option<&str>,
