@@ -138,6 +138,15 @@ impl Samples {
     }
 }
 
+/// CPU time of the whole process so far (all threads).
+fn process_cpu() -> Duration {
+    let spent = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(
+        u64::try_from(spent.tv_sec).unwrap_or(0),
+        u32::try_from(spent.tv_nsec).unwrap_or(0),
+    )
+}
+
 fn per_second(count: u64, time: Duration) -> f64 {
     count as f64 / time.as_secs_f64().max(1e-9)
 }
@@ -320,27 +329,37 @@ fn run(args: &Args) -> AnyResult<()> {
 
         // ---- B: store and index, load_many per batch, one flush_index at the end. ----
         let mut times = Samples::default();
+        let mut load_cpu = Duration::ZERO;
         let mut last_report = Instant::now();
         for (k, chunk) in resources.chunks(args.batch).enumerate() {
             let items = upserts(parse(chunk)?);
             let t = Instant::now();
+            let cpu = process_cpu();
             for result in bdb.db.load_many(&ctx, items)? {
                 result?;
             }
             times.0.push(t.elapsed());
+            load_cpu += process_cpu().saturating_sub(cpu);
             if last_report.elapsed() > Duration::from_secs(10) {
                 eprintln!("  indexed {} / {n} ...", (k + 1) * args.batch);
                 last_report = Instant::now();
             }
         }
         let t = Instant::now();
+        let cpu = process_cpu();
         bdb.db.flush_index()?;
         let flush = t.elapsed();
+        load_cpu += process_cpu().saturating_sub(cpu);
         bdb.db.store().flush_audit()?;
+        // The CPU time of the timed part tells a slow machine from a slow build; the busy
+        // cores tell whether the work spreads over both.
+        let timed = times.total() + flush;
         eprintln!(
-            "  indexed: {} resources/s (flush {:.1} s)",
-            fmt_int(per_second(n, times.total() + flush)),
-            flush.as_secs_f64()
+            "  indexed: {} resources/s (flush {:.1} s; {:.1} s of CPU, {:.2} cores busy)",
+            fmt_int(per_second(n, timed)),
+            flush.as_secs_f64(),
+            load_cpu.as_secs_f64(),
+            load_cpu.as_secs_f64() / timed.as_secs_f64()
         );
         load = Some(LoadFigures {
             times,
