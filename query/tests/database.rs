@@ -137,6 +137,37 @@ fn writes_leave_the_index_commit_to_the_next_search() {
 }
 
 #[test]
+fn a_bulk_load_commits_the_index_by_count_not_by_the_clock() {
+    let t = new_db();
+    let before = t.db.index_stats().unwrap();
+    // Each load's catch-up indexes the loads before it but commits only every 200,000
+    // changes: a commit holds the load while tantivy writes the segment out. (That the clock
+    // does not commit them either is the unit test of the commit policy.)
+    for load in 0..3 {
+        let items: Vec<_> = (0..50)
+            .map(|i| upsert(patient(&format!("k{load}-{i}"), "Kept", "1980")))
+            .collect();
+        assert!(
+            t.db.load_many(&ctx(), items)
+                .unwrap()
+                .iter()
+                .all(Result::is_ok)
+        );
+    }
+    let loaded = t.db.index_stats().unwrap();
+    assert_eq!(loaded.documents, before.documents, "{loaded:?}");
+    assert_eq!(loaded.committed_seq, before.committed_seq);
+    // Searches see every load all the same: they catch the index up and commit first.
+    assert_eq!(keys(&t.db, "Patient?family=kept&_count=500").len(), 150);
+    let searched = t.db.index_stats().unwrap();
+    assert_eq!(searched.documents, before.documents + 150);
+    assert_eq!(
+        searched.committed_seq,
+        Some(t.db.store().last_change_seq().unwrap())
+    );
+}
+
+#[test]
 fn searches_catch_the_index_up_with_writes_it_missed_and_it_survives_reopening() {
     let t = new_db();
     put(&t.db, patient("p1", "Chalmers", "1974-12-25"));
