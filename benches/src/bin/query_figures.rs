@@ -140,11 +140,7 @@ impl Samples {
 
 /// CPU time of the whole process so far (all threads).
 fn process_cpu() -> Duration {
-    let spent = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
-    Duration::new(
-        u64::try_from(spent.tv_sec).unwrap_or(0),
-        u32::try_from(spent.tv_nsec).unwrap_or(0),
-    )
+    cpu_time::ProcessTime::now().as_duration()
 }
 
 fn per_second(count: u64, time: Duration) -> f64 {
