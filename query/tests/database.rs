@@ -137,7 +137,7 @@ fn writes_leave_the_index_commit_to_the_next_search() {
 }
 
 #[test]
-fn a_bulk_load_commits_the_index_by_count_not_by_the_clock() {
+fn a_bulk_load_leaves_the_index_commit_to_the_next_search() {
     let t = new_db();
     let before = t.db.index_stats().unwrap();
     // Each load's catch-up indexes the loads before it but commits only every 200,000
